@@ -1,0 +1,136 @@
+"""What a site sends back. Aggregates only: counts, sums, means, quantiles, histograms.
+
+Never pixel data, masks, per-slice values, file names, identifiers or dates. The site's
+release policy validates every reply against these schemas (an allow-list of fields).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from protocols.base import Schema
+from protocols.findings import Finding
+
+PAYLOAD_SCHEMA_VERSION = "1"
+
+
+class Distribution(Schema):
+    """Summary of a per-slice value over the slices where it is defined."""
+
+    n: int = Field(ge=0)
+    mean: float | None = None
+    sd: float | None = None
+    median: float | None = None
+    q1: float | None = None
+    q3: float | None = None
+
+
+class ClassScores(Schema):
+    """The seed's per-class table column, plus what pooling across sites needs."""
+
+    bins: dict[str, int] = Field(description="slice count per IoU bin, keys = protocols.classes.IOU_BINS")
+    undefined: int = Field(ge=0, description="slices where the class is empty in both masks (no IoU)")
+    iou: Distribution
+    dice: Distribution
+    intersection_px: int = Field(ge=0, description="pooled over pixels")
+    union_px: int = Field(ge=0, description="pooled over pixels")
+
+
+class AreaAgreement(Schema):
+    """Area agreement for one tissue (test = model or reference, versus the site label).
+
+    Differences are test - label, in cm^2, over ``n`` slices. ``sum_diff`` and
+    ``sum_sq_diff`` let the coordinator pool Bland-Altman limits across sites exactly.
+    """
+
+    n: int = Field(ge=0)
+    mean_label_cm2: float | None = None
+    mean_test_cm2: float | None = None
+    mean_diff_cm2: float | None = None
+    sd_diff_cm2: float | None = None
+    sum_diff_cm2: float = 0.0
+    sum_sq_diff_cm2: float = 0.0
+    mean_hu_label: float | None = None
+    mean_hu_test: float | None = None
+
+
+class SmiAgreement(Schema):
+    """Skeletal muscle index (cm^2/m^2) agreement over slices with a known height."""
+
+    n: int = Field(ge=0)
+    mean_label: float | None = None
+    mean_test: float | None = None
+    mean_diff: float | None = None
+    sd_diff: float | None = None
+    sum_diff: float = 0.0
+    sum_sq_diff: float = 0.0
+
+
+class SarcopeniaConfusion(Schema):
+    """Sarcopenia calls, site label (truth) versus test, under a named cut-off set."""
+
+    cutoff_set: str
+    both_sarcopenic: int = Field(ge=0)
+    label_only: int = Field(ge=0, description="label says sarcopenic, test does not")
+    test_only: int = Field(ge=0, description="test says sarcopenic, label does not")
+    neither: int = Field(ge=0)
+    unknown: int = Field(ge=0, description="slices without height or sex")
+
+
+class HuRanges(Schema):
+    """HU ranges used for density checks and harmonised rescoring."""
+
+    muscle: tuple[float, float] = (-29.0, 150.0)
+    subcutaneous_fat: tuple[float, float] = (-190.0, -30.0)
+    visceral_fat: tuple[float, float] = (-150.0, -50.0)
+
+
+class PolarMap(Schema):
+    """Discordant area (cm^2) summed over slices, angle x normalised radius, per class and direction."""
+
+    n_angle: int
+    n_radius: int
+    n_slices: int
+    maps: dict[str, list[list[float]]] = Field(
+        description="key '<class>:<direction>' -> n_angle x n_radius summed cm^2"
+    )
+
+
+class DiscrepancySummary(Schema):
+    """Aggregate discrepancy statistics of one site (see protocols.findings)."""
+
+    n_slices: int
+    findings: list[Finding]
+    #: Share of the class's reference area, per '<class>:<direction>:<region>', mean over slices.
+    region_area_share: dict[str, float] = Field(default_factory=dict)
+    polar: PolarMap | None = None
+    suppressed: list[str] = Field(default_factory=list)
+
+
+class EvaluationPayload(Schema):
+    """Everything a site sends after scoring a model (``evaluate``) or two label sets (``compare``)."""
+
+    schema_version: Literal["1"] = "1"
+    task: Literal["evaluate", "compare"]
+    site: str
+    dataset_fingerprint: str
+    model_hash: str | None = None
+    n_listed: int = Field(ge=0, description="rows in manifest.csv")
+    n_used: int = Field(ge=0, description="slices scored")
+    n_groups: int = Field(ge=0, description="distinct patients (manifest 'group') among scored slices")
+    excluded: dict[str, int] = Field(default_factory=dict, description="ExclusionReason -> count")
+    scores: dict[str, ClassScores] = Field(description="keys = protocols.classes.METRIC_CLASSES")
+    areas: dict[str, AreaAgreement] = Field(description="keys = protocols.classes.TISSUES")
+    smi: SmiAgreement | None = None
+    sarcopenia: SarcopeniaConfusion | None = None
+    hu_ranges: HuRanges = HuRanges()
+    harmonised_scores: dict[str, ClassScores] | None = Field(
+        default=None, description="scores after applying the HU ranges to both masks"
+    )
+    discrepancy: DiscrepancySummary | None = None
+    findings: list[Finding] = Field(default_factory=list)
+    suppressed: list[str] = Field(
+        default_factory=list, description="cells suppressed by the site's policy (never silently zeroed)"
+    )

@@ -1,0 +1,109 @@
+"""The site-dataset contract: ``site.toml`` and the rows of ``manifest.csv``.
+
+See ``shared/docs/PRODUCT.md`` ("The site dataset"). Parsing files lives in
+``common.dataset``; these models only say what a valid site dataset is.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MANIFEST_REQUIRED: tuple[str, ...] = ("image", "label")
+MANIFEST_OPTIONAL: tuple[str, ...] = ("reference", "group", "height_m", "sex")
+
+
+class LabelMap(BaseModel):
+    """Which integer values in this site's masks mean which canonical class.
+
+    0 is always background and need not be listed. ``background`` lists values that are
+    labelled but are not a study class (IMAT, for example).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    muscle: list[int] = Field(min_length=1)
+    subcutaneous_fat: list[int] = Field(min_length=1)
+    visceral_fat: list[int] = Field(min_length=1)
+    background: list[int] = Field(default_factory=list)
+
+    @field_validator("muscle", "subcutaneous_fat", "visceral_fat", "background")
+    @classmethod
+    def _non_negative(cls, values: list[int]) -> list[int]:
+        bad = [v for v in values if v < 0 or v > 65535]
+        if bad:
+            raise ValueError(f"label values must be integers 0..65535, got {bad}")
+        return values
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> LabelMap:
+        seen: dict[int, str] = {}
+        for name in ("muscle", "subcutaneous_fat", "visceral_fat", "background"):
+            for value in getattr(self, name):
+                if value in seen:
+                    raise ValueError(
+                        f"value {value} is declared for both '{seen[value]}' and '{name}'"
+                    )
+                seen[value] = name
+        for name in ("muscle", "subcutaneous_fat", "visceral_fat"):
+            if 0 in getattr(self, name):
+                raise ValueError(f"value 0 is always background; remove it from '{name}'")
+        return self
+
+    def lookup(self) -> dict[int, int]:
+        """Site value -> canonical class value (0 background, 1-3 tissues)."""
+        table = {0: 0}
+        for value in self.background:
+            table[value] = 0
+        for canonical, name in enumerate(("muscle", "subcutaneous_fat", "visceral_fat"), 1):
+            for value in getattr(self, name):
+                table[value] = canonical
+        return table
+
+
+class SiteConfig(BaseModel):
+    """``site.toml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=80)
+    description: str | None = None
+    labels: LabelMap
+
+
+class ManifestRow(BaseModel):
+    """One row of ``manifest.csv``: a labelled axial slice."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    image: str = Field(min_length=1)
+    label: str = Field(min_length=1)
+    reference: str | None = None
+    group: str | None = None
+    height_m: float | None = Field(default=None, gt=0.5, lt=2.8)
+    sex: Literal["M", "F"] | None = None
+
+    @field_validator("reference", "group", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
+
+    @field_validator("height_m", mode="before")
+    @classmethod
+    def _blank_height(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
+
+    @field_validator("sex", mode="before")
+    @classmethod
+    def _sex(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, str):
+            v = value.strip().upper()
+            return {"MALE": "M", "FEMALE": "F"}.get(v, v)
+        return value
