@@ -1,0 +1,146 @@
+"""The study configuration: the run config of ``[tool.flwr.app.config]``, parsed once.
+
+Flower run-config values are flat, dotted, kebab-case keys (``train.lr``) holding only
+bool/int/float/str. ``StudyConfig.from_run_config`` turns them into typed sections and
+rejects unknown keys with the list of valid ones, so a typo never silently falls back
+to a default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Scalar = bool | int | float | str
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _csv(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class StudySection(_Section):
+    name: str = "demo-study"
+    #: what the ServerApp does: train, then validate ("train+evaluate"), or only one part.
+    mode: Literal["train+evaluate", "train", "evaluate", "compare"] = "train+evaluate"
+    num_rounds: int = Field(3, ge=1, le=1000)
+    min_sites: int = Field(2, ge=1)
+    round_timeout: float = Field(900.0, gt=0)
+    #: sites (by site.toml name) to validate on; empty = every connected site.
+    sites: tuple[str, ...] = ()
+    #: sites that are validated but never teach the model their label convention.
+    exclude_from_training: tuple[str, ...] = ()
+    #: where run folders go; "" = $SARCOFED_HOME/studies (default ~/sarcofed/studies).
+    output_dir: str = ""
+    #: run folder name; "" = "<name>-<run id>". Give a name to resume a stopped study.
+    run_name: str = ""
+    resume: bool = False
+    #: evaluate-only studies: the model.pt to validate (coordinator-side path).
+    model: str = ""
+    cutoff_set: Literal["prado2008", "martin2013", "korean"] = "prado2008"
+    discrepancy: bool = True
+    harmonised: bool = True
+
+    _split = field_validator("sites", "exclude_from_training", mode="before")(_csv)
+
+
+class ModelSection(_Section):
+    arch: str = "unet"
+    encoder: str = "resnet34"
+    image_size: int = Field(512, ge=32, le=2048)
+
+
+class TrainSection(_Section):
+    """The seed's recipe: 0.5 Dice + 0.5 CE, RMSprop, lr 2e-4, batch 4, patience 10."""
+
+    local_epochs: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+    optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
+    dice_weight: float = Field(0.5, ge=0, le=1)
+    patience: int = Field(10, ge=1, description="rounds without pooled val-loss improvement")
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    seed: int = 0
+
+
+class StrategySection(_Section):
+    name: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0)
+
+
+class DpSection(_Section):
+    """Central DP with server-side fixed clipping (Flower's own wrapper)."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(0.1, ge=0)
+    clipping_norm: float = Field(10.0, gt=0)
+
+
+class DemoSection(_Section):
+    """Simulation only: where the demo hospitals live and how big they are."""
+
+    dir: str = ""
+    slices: int = Field(12, ge=2)
+    size: int = Field(128, ge=32)
+
+
+class EvalSection(_Section):
+    batch_size: int = Field(4, ge=1)
+
+
+class StudyConfig(_Section):
+    study: StudySection = StudySection()
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    strategy: StrategySection = StrategySection()
+    dp: DpSection = DpSection()
+    demo: DemoSection = DemoSection()
+    eval: EvalSection = EvalSection()
+
+    @classmethod
+    def valid_keys(cls) -> list[str]:
+        """Every run-config key, as written in pyproject.toml (``train.local-epochs``)."""
+        keys = []
+        for section, field in cls.model_fields.items():
+            sub = field.annotation
+            assert isinstance(sub, type) and issubclass(sub, BaseModel)
+            keys += [f"{section}.{name.replace('_', '-')}" for name in sub.model_fields]
+        return keys
+
+    @classmethod
+    def from_run_config(cls, flat: Mapping[str, Scalar]) -> StudyConfig:
+        """Parse Flower's flat run config; unknown keys raise with the valid list."""
+        valid = set(cls.valid_keys())
+        unknown = sorted(k for k in flat if k not in valid)
+        if unknown:
+            raise ValueError(
+                f"unknown run-config key(s) {unknown}; valid keys are: {', '.join(sorted(valid))}"
+            )
+        nested: dict[str, dict[str, Scalar]] = {}
+        for key, value in flat.items():
+            section, name = key.split(".", 1)
+            nested.setdefault(section, {})[name.replace("-", "_")] = value
+        try:
+            return cls.model_validate(nested)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p).replace('_', '-') for p in e['loc'])}: {e['msg']}" for e in err.errors()
+            )
+            raise ValueError(f"invalid run config: {problems}") from err
+
+    def to_flat(self, *sections: str) -> dict[str, Scalar]:
+        """Flatten (some) sections back to run-config keys, for a ConfigRecord."""
+        out: dict[str, Scalar] = {}
+        for section in sections or tuple(type(self).model_fields):
+            for name, value in getattr(self, section).model_dump().items():
+                if isinstance(value, tuple):
+                    value = ",".join(value)
+                out[f"{section}.{name.replace('_', '-')}"] = value
+        return out
