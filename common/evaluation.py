@@ -1,0 +1,582 @@
+"""Score a site: a model against the site's labels (``evaluate``) or two label sets (``compare``).
+
+Per-slice values (:class:`SliceRecord`) stay in memory at the site. Only the aggregate
+:class:`~protocols.payloads.EvaluationPayload` built by :func:`aggregate` may leave it.
+
+Pooling conventions (every pooled number names its pooling):
+
+- ``ClassScores.iou`` / ``.dice`` are distributions of per-slice values over the slices where
+  the class is defined; ``intersection_px`` / ``union_px`` are pooled over pixels.
+- ``AreaAgreement`` and ``SmiAgreement`` are over slices; differences are test - label.
+- ``SarcopeniaConfusion`` counts slices (a patient with several slices counts several times;
+  ``n_groups`` says how many patients there are).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+import numpy as np
+
+from common.cutoffs import get_cutoff_set, is_sarcopenic
+from common.errors import SliceError
+from common.metrics import (
+    ClassOverlap,
+    bin_counts,
+    confusion_matrix,
+    overlap_counts,
+    overlap_from_confusion,
+    pixel_area_cm2,
+    smi,
+    summarise,
+    total_overlap,
+)
+from protocols.classes import IOU_BINS, METRIC_CLASSES, TISSUES, ExclusionReason
+from protocols.payloads import (
+    AreaAgreement,
+    ClassScores,
+    Distribution,
+    EvaluationPayload,
+    HuRanges,
+    SarcopeniaConfusion,
+    SmiAgreement,
+)
+
+if TYPE_CHECKING:
+    from common.dataset import LoadedSlice
+
+log = logging.getLogger(__name__)
+
+#: Called once per scored slice with the loaded slice (HU, spacing, label) and the test mask,
+#: so a discrepancy analysis can run without reading the data twice.
+SliceHook = Callable[["LoadedSlice", np.ndarray], None]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    """Everything scored on one slice. Kept in memory at the site only; never sent.
+
+    ``overlap``, ``iou`` and ``dice`` are keyed by METRIC_CLASSES (None where the class is
+    empty in both masks); areas and mean HU are keyed by TISSUES (mean HU None where the
+    tissue is absent). ``harmonised`` holds the overlap after :func:`harmonise` of both masks.
+    """
+
+    group: str | None
+    overlap: dict[str, ClassOverlap]
+    iou: dict[str, float | None]
+    dice: dict[str, float | None]
+    label_cm2: dict[str, float]
+    test_cm2: dict[str, float]
+    label_hu: dict[str, float | None]
+    test_hu: dict[str, float | None]
+    height_m: float | None
+    sex: str | None
+    smi_label: float | None
+    smi_test: float | None
+    harmonised: dict[str, ClassOverlap] | None = None
+
+
+def harmonise(mask: np.ndarray, hu: np.ndarray, hu_ranges: HuRanges) -> np.ndarray:
+    """Keep a tissue pixel only when its HU lies in that tissue's range (inclusive); else 0.
+
+    This is the "harmonised rescoring" of body-composition tools: it removes contour and
+    density conventions (e.g. intramuscular fat left inside muscle) before comparing masks.
+    """
+    if mask.shape != hu.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from HU image shape {hu.shape}")
+    ranges = [hu_ranges.muscle, hu_ranges.subcutaneous_fat, hu_ranges.visceral_fat]
+    lower = np.array([-np.inf] + [r[0] for r in ranges], dtype=np.float32)
+    upper = np.array([np.inf] + [r[1] for r in ranges], dtype=np.float32)
+    index = mask.astype(np.intp, copy=False)
+    if mask.size and (int(index.min()) < 0 or int(index.max()) > 3):
+        raise ValueError(f"mask holds values outside 0..3: {sorted(np.unique(mask).tolist())}")
+    keep = (hu >= lower[index]) & (hu <= upper[index])
+    return np.where(keep, mask, 0).astype(mask.dtype, copy=False)
+
+
+def score_slice(
+    test_mask: np.ndarray,
+    label_mask: np.ndarray,
+    hu: np.ndarray,
+    spacing_mm: tuple[float, float],
+    *,
+    group: str | None,
+    height_m: float | None,
+    sex: str | None,
+    hu_ranges: HuRanges | None = None,
+) -> SliceRecord:
+    """Score one slice (test versus label, canonical masks); harmonised too when ``hu_ranges`` is given."""
+    counts = confusion_matrix(test_mask, label_mask)
+    hu_sums = confusion_matrix(test_mask, label_mask, weights=hu)
+    overlap = overlap_from_confusion(counts).classes
+    px = pixel_area_cm2(spacing_mm)
+    label_cm2: dict[str, float] = {}
+    test_cm2: dict[str, float] = {}
+    label_hu: dict[str, float | None] = {}
+    test_hu: dict[str, float | None] = {}
+    for value, name in enumerate(TISSUES, start=1):
+        n_label, n_test = int(counts[:, value].sum()), int(counts[value, :].sum())
+        label_cm2[name] = n_label * px
+        test_cm2[name] = n_test * px
+        label_hu[name] = float(hu_sums[:, value].sum() / n_label) if n_label else None
+        test_hu[name] = float(hu_sums[value, :].sum() / n_test) if n_test else None
+    smi_label = smi_test = None
+    if height_m is not None:
+        smi_label = smi(label_cm2["muscle"], height_m)
+        smi_test = smi(test_cm2["muscle"], height_m)
+    harmonised = None
+    if hu_ranges is not None:
+        harmonised = overlap_counts(
+            harmonise(test_mask, hu, hu_ranges), harmonise(label_mask, hu, hu_ranges)
+        ).classes
+    return SliceRecord(
+        group=group,
+        overlap=overlap,
+        iou={name: overlap[name].iou for name in METRIC_CLASSES},
+        dice={name: overlap[name].dice for name in METRIC_CLASSES},
+        label_cm2=label_cm2,
+        test_cm2=test_cm2,
+        label_hu=label_hu,
+        test_hu=test_hu,
+        height_m=height_m,
+        sex=sex,
+        smi_label=smi_label,
+        smi_test=smi_test,
+        harmonised=harmonised,
+    )
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def class_scores(overlaps: Sequence[ClassOverlap]) -> ClassScores:
+    """The seed's table column for one class: bins (exact I/U), undefined, IoU/Dice, pooled pixels."""
+    bins, undefined = bin_counts(o.iou_exact for o in overlaps)
+    total = total_overlap(overlaps)
+    return ClassScores(
+        bins=bins,
+        undefined=undefined,
+        iou=summarise(o.iou for o in overlaps if o.iou is not None),
+        dice=summarise(o.dice for o in overlaps if o.dice is not None),
+        intersection_px=total.intersection,
+        union_px=total.union,
+    )
+
+
+@dataclass(frozen=True)
+class _Paired:
+    """Label/test means and difference moments over n paired values."""
+
+    n: int
+    mean_label: float | None = None
+    mean_test: float | None = None
+    mean_diff: float | None = None
+    sd_diff: float | None = None
+    sum_diff: float = 0.0
+    sum_sq_diff: float = 0.0
+
+
+def _paired(label: Sequence[float], test: Sequence[float]) -> _Paired:
+    if not label:
+        return _Paired(n=0)
+    a, b = np.asarray(label, dtype=np.float64), np.asarray(test, dtype=np.float64)
+    diff = b - a
+    return _Paired(
+        n=len(a),
+        mean_label=float(a.mean()),
+        mean_test=float(b.mean()),
+        mean_diff=float(diff.mean()),
+        sd_diff=float(diff.std(ddof=1)) if len(a) >= 2 else None,
+        sum_diff=float(diff.sum()),
+        sum_sq_diff=float(np.square(diff).sum()),
+    )
+
+
+def _mean_or_none(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def area_agreement(records: Sequence[SliceRecord], tissue: str) -> AreaAgreement:
+    """Area agreement of one tissue over all records.
+
+    ``mean_hu_label`` / ``mean_hu_test`` are means over slices of the per-slice mean HU, over
+    the slices where that mask has the tissue.
+    """
+    p = _paired([r.label_cm2[tissue] for r in records], [r.test_cm2[tissue] for r in records])
+    return AreaAgreement(
+        n=p.n,
+        mean_label_cm2=p.mean_label,
+        mean_test_cm2=p.mean_test,
+        mean_diff_cm2=p.mean_diff,
+        sd_diff_cm2=p.sd_diff,
+        sum_diff_cm2=p.sum_diff,
+        sum_sq_diff_cm2=p.sum_sq_diff,
+        mean_hu_label=_mean_or_none(r.label_hu[tissue] for r in records),
+        mean_hu_test=_mean_or_none(r.test_hu[tissue] for r in records),
+    )
+
+
+def smi_agreement(records: Sequence[SliceRecord]) -> SmiAgreement:
+    """SMI agreement (cm^2/m^2, test - label) over the records with a known height."""
+    known = [r for r in records if r.smi_label is not None and r.smi_test is not None]
+    p = _paired([r.smi_label for r in known], [r.smi_test for r in known])  # type: ignore[misc]
+    return SmiAgreement(
+        n=p.n,
+        mean_label=p.mean_label,
+        mean_test=p.mean_test,
+        mean_diff=p.mean_diff,
+        sd_diff=p.sd_diff,
+        sum_diff=p.sum_diff,
+        sum_sq_diff=p.sum_sq_diff,
+    )
+
+
+def sarcopenia_confusion(records: Sequence[SliceRecord], cutoff_set: str) -> SarcopeniaConfusion:
+    """Sarcopenia calls per slice, label = truth; unknown when height, sex (or BMI) is missing."""
+    name = get_cutoff_set(cutoff_set).name.value
+    tally: Counter[str] = Counter()
+    for r in records:
+        truth = is_sarcopenic(r.smi_label, r.sex, name)
+        test = is_sarcopenic(r.smi_test, r.sex, name)
+        if truth is None or test is None:
+            tally["unknown"] += 1
+        elif truth and test:
+            tally["both_sarcopenic"] += 1
+        elif truth:
+            tally["label_only"] += 1
+        elif test:
+            tally["test_only"] += 1
+        else:
+            tally["neither"] += 1
+    return SarcopeniaConfusion(
+        cutoff_set=name,
+        both_sarcopenic=tally["both_sarcopenic"],
+        label_only=tally["label_only"],
+        test_only=tally["test_only"],
+        neither=tally["neither"],
+        unknown=tally["unknown"],
+    )
+
+
+def count_groups(records: Sequence[SliceRecord]) -> int:
+    """Distinct patients: distinct ``group`` values, plus one per slice without a group."""
+    return len({r.group for r in records if r.group is not None}) + sum(r.group is None for r in records)
+
+
+def aggregate(
+    records: Sequence[SliceRecord],
+    *,
+    task: Literal["evaluate", "compare"],
+    site: str,
+    fingerprint: str,
+    model_hash: str | None,
+    n_listed: int,
+    excluded: Counter[str] | dict[str, int],
+    cutoff_set: str = "prado2008",
+    hu_ranges: HuRanges | None = None,
+    harmonised: bool = False,
+) -> EvaluationPayload:
+    """The site's payload from its slice records (aggregates only; no per-slice value).
+
+    With ``harmonised=True`` every record must carry harmonised overlap counts (score the
+    slices with ``hu_ranges``), and ``harmonised_scores`` is filled.
+    """
+    hu_ranges = hu_ranges or HuRanges()
+    get_cutoff_set(cutoff_set)  # an unknown name fails even when there is no record
+    harmonised_scores = None
+    if harmonised:
+        missing = sum(r.harmonised is None for r in records)
+        if missing:
+            raise ValueError(
+                f"harmonised scores asked but {missing} of {len(records)} slice records were scored "
+                "without hu_ranges; pass hu_ranges to score_slice"
+            )
+        harmonised_scores = {
+            name: class_scores([r.harmonised[name] for r in records])  # type: ignore[index]
+            for name in METRIC_CLASSES
+        }
+    return EvaluationPayload(
+        task=task,
+        site=site,
+        dataset_fingerprint=fingerprint,
+        model_hash=model_hash,
+        n_listed=n_listed,
+        n_used=len(records),
+        n_groups=count_groups(records),
+        excluded={reason: int(n) for reason, n in sorted(excluded.items()) if n},
+        scores={name: class_scores([r.overlap[name] for r in records]) for name in METRIC_CLASSES},
+        areas={tissue: area_agreement(records, tissue) for tissue in TISSUES},
+        smi=smi_agreement(records),
+        sarcopenia=sarcopenia_confusion(records, cutoff_set),
+        hu_ranges=hu_ranges,
+        harmonised_scores=harmonised_scores,
+    )
+
+
+# --------------------------------------------------------------------------- pooling (coordinator)
+
+
+def pool_distributions(parts: Sequence[Distribution]) -> Distribution:
+    """n, mean and sd of the concatenated values, exactly, from each part's (n, mean, sd).
+
+    The pooled sd uses the parallel-variance identity SS = sum((n_i - 1) sd_i^2 +
+    n_i (mean_i - mean)^2) (a part with n_i = 1 has no sd and contributes 0 within). The median
+    and quartiles cannot be pooled from summaries: they are None, unless a single part holds
+    all the values (then it is returned unchanged).
+    """
+    nonempty = [d for d in parts if d.n > 0]
+    if not nonempty:
+        return Distribution(n=0)
+    if len(nonempty) == 1:
+        return nonempty[0]
+    for d in nonempty:
+        if d.mean is None or (d.n >= 2 and d.sd is None):
+            raise ValueError(f"cannot pool a distribution of n={d.n} without mean/sd: {d}")
+    n = sum(d.n for d in nonempty)
+    mean = sum(d.n * d.mean for d in nonempty) / n  # type: ignore[operator]
+    ss = sum((d.n - 1) * (d.sd or 0.0) ** 2 + d.n * (d.mean - mean) ** 2 for d in nonempty)  # type: ignore[operator]
+    return Distribution(n=n, mean=mean, sd=math.sqrt(ss / (n - 1)))
+
+
+def pool_class_scores(parts: Sequence[ClassScores]) -> ClassScores:
+    """Pool one class across sites: bins, undefined and pixel counts add; IoU/Dice via
+    :func:`pool_distributions` (n, mean, sd exact; median/quartiles None)."""
+    bins = dict.fromkeys(IOU_BINS, 0)
+    for part in parts:
+        for name, count in part.bins.items():
+            bins[name] = bins.get(name, 0) + count
+    return ClassScores(
+        bins=bins,
+        undefined=sum(p.undefined for p in parts),
+        iou=pool_distributions([p.iou for p in parts]),
+        dice=pool_distributions([p.dice for p in parts]),
+        intersection_px=sum(p.intersection_px for p in parts),
+        union_px=sum(p.union_px for p in parts),
+    )
+
+
+def _pool_moments(n: int, sum_diff: float, sum_sq_diff: float) -> tuple[float | None, float | None]:
+    if n == 0:
+        return None, None
+    mean = sum_diff / n
+    if n < 2:
+        return mean, None
+    var = max(sum_sq_diff - sum_diff * sum_diff / n, 0.0) / (n - 1)
+    return mean, math.sqrt(var)
+
+
+def _weighted_mean(pairs: Iterable[tuple[int, float | None]]) -> float | None:
+    known = [(n, v) for n, v in pairs if v is not None and n > 0]
+    total = sum(n for n, _ in known)
+    return sum(n * v for n, v in known) / total if total else None
+
+
+def pool_area_agreement(parts: Sequence[AreaAgreement]) -> AreaAgreement:
+    """Pool one tissue's area agreement across sites.
+
+    Exact for n, means of areas, mean and sd of the differences (from ``sum_diff`` and
+    ``sum_sq_diff``). Mean HU is weighted by each part's n, which is exact only when the
+    tissue is present on every slice (the payload does not carry how many slices had it).
+    """
+    n = sum(p.n for p in parts)
+    sum_diff = sum(p.sum_diff_cm2 for p in parts)
+    sum_sq = sum(p.sum_sq_diff_cm2 for p in parts)
+    mean_diff, sd_diff = _pool_moments(n, sum_diff, sum_sq)
+    return AreaAgreement(
+        n=n,
+        mean_label_cm2=_weighted_mean((p.n, p.mean_label_cm2) for p in parts),
+        mean_test_cm2=_weighted_mean((p.n, p.mean_test_cm2) for p in parts),
+        mean_diff_cm2=mean_diff,
+        sd_diff_cm2=sd_diff,
+        sum_diff_cm2=sum_diff,
+        sum_sq_diff_cm2=sum_sq,
+        mean_hu_label=_weighted_mean((p.n, p.mean_hu_label) for p in parts),
+        mean_hu_test=_weighted_mean((p.n, p.mean_hu_test) for p in parts),
+    )
+
+
+def pool_smi_agreement(parts: Sequence[SmiAgreement]) -> SmiAgreement:
+    """Pool SMI agreement across sites, exactly (from ``sum_diff`` and ``sum_sq_diff``)."""
+    n = sum(p.n for p in parts)
+    sum_diff = sum(p.sum_diff for p in parts)
+    sum_sq = sum(p.sum_sq_diff for p in parts)
+    mean_diff, sd_diff = _pool_moments(n, sum_diff, sum_sq)
+    return SmiAgreement(
+        n=n,
+        mean_label=_weighted_mean((p.n, p.mean_label) for p in parts),
+        mean_test=_weighted_mean((p.n, p.mean_test) for p in parts),
+        mean_diff=mean_diff,
+        sd_diff=sd_diff,
+        sum_diff=sum_diff,
+        sum_sq_diff=sum_sq,
+    )
+
+
+# --------------------------------------------------------------------------- site runs
+
+
+class _SiteRun:
+    """Accumulates records and exclusion counts while a site is scored (one batch in memory)."""
+
+    def __init__(self, hu_ranges: HuRanges | None, on_slice: SliceHook | None) -> None:
+        self.hu_ranges = hu_ranges
+        self.on_slice = on_slice
+        self.records: list[SliceRecord] = []
+        self.excluded: Counter[str] = Counter()
+
+    def exclude(self, reason: ExclusionReason) -> None:
+        self.excluded[reason.value] += 1
+
+    def score(self, item: LoadedSlice, test_mask: np.ndarray) -> None:
+        """Score one slice; a failure is counted as ``evaluation_error`` and the site goes on.
+
+        Exceptions raised by ``on_slice`` propagate: the hook's owner decides how to isolate them.
+        """
+        try:
+            record = score_slice(
+                test_mask,
+                item.label,
+                item.ct.hu,
+                item.ct.spacing_mm,
+                group=item.group,
+                height_m=item.height_m,
+                sex=item.sex,
+                hu_ranges=self.hu_ranges,
+            )
+        except Exception as exc:  # one bad slice must never stop the site
+            log.warning("manifest row %s: scoring failed (%s); counted as evaluation_error", item.index, exc)
+            self.exclude(ExclusionReason.evaluation_error)
+            return
+        self.records.append(record)
+        if self.on_slice is not None:
+            self.on_slice(item, test_mask)
+
+
+def _with_progress(items: Iterable[_T], total: int, enabled: bool, desc: str) -> Iterator[_T]:
+    if not enabled:
+        yield from items
+        return
+    from tqdm import tqdm
+
+    yield from tqdm(items, total=total, desc=desc, unit="slice")
+
+
+def evaluate_site(
+    site_root: Path | str,
+    model_path: Path | str,
+    *,
+    cutoff_set: str = "prado2008",
+    batch_size: int = 4,
+    progress: bool = False,
+    harmonised: bool = True,
+    hu_ranges: HuRanges | None = None,
+    on_slice: SliceHook | None = None,
+) -> tuple[EvaluationPayload, list[SliceRecord]]:
+    """Run the model on every usable slice of a site and score it against the site's labels.
+
+    Streams: reads ``batch_size`` slices, predicts, scores, drops the images. Unusable rows
+    are counted by their ExclusionReason; a batch whose prediction fails is retried slice by
+    slice, and a slice that still fails (or fails scoring) counts as ``evaluation_error``.
+    ``on_slice(loaded_slice, predicted_mask)`` is called for every scored slice.
+    """
+    from common.dataset import dataset_fingerprint, iter_slices, load_site
+    from common.inference import predict_masks
+    from common.model import load_model
+
+    get_cutoff_set(cutoff_set)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    hu_ranges = hu_ranges or HuRanges()
+    site = load_site(site_root)
+    loaded = load_model(model_path)
+    run = _SiteRun(hu_ranges if harmonised else None, on_slice)
+
+    def predict(batch: list[LoadedSlice]) -> None:
+        try:
+            masks = predict_masks(loaded.model, loaded.spec, [s.ct.hu for s in batch], batch_size=batch_size)
+        except Exception as exc:
+            if len(batch) == 1:
+                log.warning("manifest row %s: prediction failed (%s)", batch[0].index, exc)
+                run.exclude(ExclusionReason.evaluation_error)
+                return
+            log.warning("prediction failed on a batch of %d (%s); retrying slice by slice", len(batch), exc)
+            for one in batch:
+                predict([one])
+            return
+        for item, mask in zip(batch, masks, strict=True):
+            run.score(item, mask)
+
+    batch: list[LoadedSlice] = []
+    for item in _with_progress(iter_slices(site), len(site.rows), progress, "evaluate"):
+        if isinstance(item, SliceError):
+            run.exclude(item.reason)
+            continue
+        batch.append(item)
+        if len(batch) >= batch_size:
+            predict(batch)
+            batch = []
+    if batch:
+        predict(batch)
+    payload = aggregate(
+        run.records,
+        task="evaluate",
+        site=site.config.name,
+        fingerprint=dataset_fingerprint(site),
+        model_hash=loaded.weights_hash,
+        n_listed=len(site.rows),
+        excluded=run.excluded,
+        cutoff_set=cutoff_set,
+        hu_ranges=hu_ranges,
+        harmonised=harmonised,
+    )
+    return payload, run.records
+
+
+def compare_site(
+    site_root: Path | str,
+    *,
+    cutoff_set: str = "prado2008",
+    progress: bool = False,
+    harmonised: bool = True,
+    hu_ranges: HuRanges | None = None,
+    on_slice: SliceHook | None = None,
+) -> tuple[EvaluationPayload, list[SliceRecord]]:
+    """Score the site's ``reference`` masks (test) against its ``label`` masks (truth), no model.
+
+    Rows without a reference count as excluded ``no_reference``. ``on_slice(loaded_slice,
+    reference_mask)`` is called for every scored slice.
+    """
+    from common.dataset import dataset_fingerprint, iter_slices, load_site
+
+    get_cutoff_set(cutoff_set)
+    hu_ranges = hu_ranges or HuRanges()
+    site = load_site(site_root)
+    run = _SiteRun(hu_ranges if harmonised else None, on_slice)
+    for item in _with_progress(iter_slices(site, with_reference=True), len(site.rows), progress, "compare"):
+        if isinstance(item, SliceError):
+            run.exclude(item.reason)
+        elif item.reference is None:
+            run.exclude(ExclusionReason.no_reference)
+        else:
+            run.score(item, item.reference)
+    payload = aggregate(
+        run.records,
+        task="compare",
+        site=site.config.name,
+        fingerprint=dataset_fingerprint(site),
+        model_hash=None,
+        n_listed=len(site.rows),
+        excluded=run.excluded,
+        cutoff_set=cutoff_set,
+        hu_ranges=hu_ranges,
+        harmonised=harmonised,
+    )
+    return payload, run.records

@@ -1,0 +1,216 @@
+"""common.evaluation: per-slice scoring, aggregation, pooling, harmonising, site runs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from common.evaluation import (
+    SliceRecord,
+    aggregate,
+    harmonise,
+    pool_area_agreement,
+    pool_class_scores,
+    pool_smi_agreement,
+    score_slice,
+)
+from protocols.payloads import EvaluationPayload, HuRanges
+
+M, S, V = 1, 2, 3
+SPACING = (1.0, 1.0)  # 0.01 cm^2 per pixel
+
+
+def _record(test: np.ndarray, label: np.ndarray, **kw: object) -> SliceRecord:
+    hu = kw.pop("hu", np.zeros(label.shape, dtype=np.float32))
+    defaults: dict[str, object] = {"group": None, "height_m": None, "sex": None}
+    defaults.update(kw)
+    return score_slice(test, label, hu, SPACING, **defaults)  # type: ignore[arg-type]
+
+
+def _square(size: int, value: int, n_px: int) -> np.ndarray:
+    """A size x size mask whose first ``n_px`` pixels (row-major) are ``value``."""
+    mask = np.zeros(size * size, dtype=np.uint8)
+    mask[:n_px] = value
+    return mask.reshape(size, size)
+
+
+def test_score_slice_areas_hu_and_smi() -> None:
+    label = np.array([[M, M], [S, 0]], dtype=np.uint8)
+    test = np.array([[M, 0], [S, S]], dtype=np.uint8)
+    hu = np.array([[40.0, 60.0], [-100.0, -80.0]], dtype=np.float32)
+    r = score_slice(test, label, hu, (10.0, 20.0), group="p1", height_m=2.0, sex="M")  # 2 cm^2 / px
+    assert r.label_cm2 == {"muscle": 4.0, "subcutaneous_fat": 2.0, "visceral_fat": 0.0}
+    assert r.test_cm2 == {"muscle": 2.0, "subcutaneous_fat": 4.0, "visceral_fat": 0.0}
+    assert r.label_hu == {"muscle": 50.0, "subcutaneous_fat": -100.0, "visceral_fat": None}
+    assert r.test_hu == {"muscle": 40.0, "subcutaneous_fat": -90.0, "visceral_fat": None}
+    assert (r.smi_label, r.smi_test) == (1.0, 0.5)
+    assert r.iou["muscle"] == 0.5 and r.iou["visceral_fat"] is None and r.dice["visceral_fat"] is None
+    assert r.harmonised is None
+    assert score_slice(test, label, hu, SPACING, group=None, height_m=None, sex="F").smi_label is None
+
+
+def test_harmonise_keeps_tissue_pixels_only_inside_their_hu_range() -> None:
+    mask = np.array([[M, M, S, S], [V, V, 0, M]], dtype=np.uint8)
+    hu = np.array([[-29.0, -30.0, -190.0, -29.0], [-50.0, -49.0, 100.0, 150.0]], dtype=np.float32)
+    out = harmonise(mask, hu, HuRanges())
+    assert out.tolist() == [[M, 0, S, 0], [V, 0, 0, M]]  # edges inclusive
+    assert mask.tolist()[0][1] == M  # input untouched
+    wide_vat = HuRanges(visceral_fat=(-190.0, -30.0))
+    assert harmonise(mask, hu, wide_vat)[1, 1] == V
+
+
+def test_harmonised_rescoring_ignores_fat_density_pixels_left_in_muscle() -> None:
+    # The label keeps an intramuscular fat pixel (-80 HU) inside muscle; the test leaves it out.
+    label = np.array([[M, M], [M, 0]], dtype=np.uint8)
+    test = np.array([[M, M], [0, 0]], dtype=np.uint8)
+    hu = np.array([[40.0, 40.0], [-80.0, 0.0]], dtype=np.float32)
+    r = score_slice(test, label, hu, SPACING, group=None, height_m=None, sex=None, hu_ranges=HuRanges())
+    assert r.iou["muscle"] == pytest.approx(2 / 3)
+    assert r.harmonised is not None and r.harmonised["muscle"].iou == 1.0
+
+
+def _handful() -> list[SliceRecord]:
+    """Five 10x10 slices with muscle IoU 1.0, 0.9, 0.85, 0.7, 0.5 and VAT absent on two."""
+    size = 10
+    cases = [(50, 50), (45, 50), (34, 40), (35, 50), (25, 50)]  # (test px inside label, label px)
+    records = []
+    for i, (inter, n_label) in enumerate(cases):
+        label = _square(size, M, n_label)
+        test = _square(size, M, inter)
+        if i < 3:
+            label[9, :] = V
+            test[9, :5] = V
+        records.append(
+            _record(
+                test, label, group=f"p{i // 2}", height_m=1.0 + i * 0.1 if i != 4 else None, sex="MF"[i % 2]
+            )
+        )
+    return records
+
+
+def _payload(records: list[SliceRecord], **kw: object) -> EvaluationPayload:
+    args: dict[str, object] = {
+        "task": "evaluate",
+        "site": "h",
+        "fingerprint": "fp",
+        "model_hash": "mh",
+        "n_listed": len(records) + 2,
+        "excluded": Counter({"missing_file": 2}),
+    }
+    args.update(kw)
+    return aggregate(records, **args)  # type: ignore[arg-type]
+
+
+def test_aggregate_matches_an_independent_recomputation() -> None:
+    records = _handful()
+    payload = _payload(records)
+    muscle = payload.scores["muscle"]
+    assert muscle.bins == {"[0.9,1.0]": 2, "[0.8,0.9)": 1, "[0.7,0.8)": 1, "[0,0.7)": 1}
+    assert muscle.undefined == 0
+    ious = [1.0, 0.9, 0.85, 0.7, 0.5]
+    assert muscle.iou.n == 5
+    assert muscle.iou.mean == pytest.approx(np.mean(ious))
+    assert muscle.iou.sd == pytest.approx(np.std(ious, ddof=1))
+    assert (muscle.iou.q1, muscle.iou.median, muscle.iou.q3) == pytest.approx((0.7, 0.85, 0.9))
+    assert muscle.intersection_px == 50 + 45 + 34 + 35 + 25
+    assert muscle.union_px == 50 + 50 + 40 + 50 + 50  # test inside label: U = label px
+    vat = payload.scores["visceral_fat"]
+    assert vat.undefined == 2 and vat.iou.n == 3 and sum(vat.bins.values()) == 3
+    assert vat.iou.mean == pytest.approx(0.5)
+    msv = payload.scores["msv"]
+    assert msv.intersection_px == muscle.intersection_px + vat.intersection_px
+    assert msv.union_px == muscle.union_px + vat.union_px + payload.scores["subcutaneous_fat"].union_px
+    # Bland-Altman on muscle area (test - label, cm^2)
+    diffs = [r.test_cm2["muscle"] - r.label_cm2["muscle"] for r in records]
+    area = payload.areas["muscle"]
+    assert area.n == 5
+    assert area.mean_diff_cm2 == pytest.approx(np.mean(diffs))
+    assert area.sd_diff_cm2 == pytest.approx(np.std(diffs, ddof=1))
+    assert area.sum_sq_diff_cm2 == pytest.approx(np.sum(np.square(diffs)))
+    assert payload.smi is not None and payload.smi.n == 4  # the last slice has no height
+    assert payload.n_used == 5 and payload.n_listed == 7 and payload.n_groups == 3
+    assert payload.excluded == {"missing_file": 2}
+    assert payload.harmonised_scores is None
+    EvaluationPayload.model_validate_json(payload.model_dump_json())  # serialisable, no NaN
+
+
+def test_sarcopenia_confusion_with_label_as_truth() -> None:
+    size = 10
+
+    # 10 mm x 10 mm = 1 cm^2 per pixel and height 1 m: SMI = muscle pixels.
+    def rec(label_px: int, test_px: int, sex: str | None, height: float | None) -> SliceRecord:
+        label, test = _square(size, M, label_px), _square(size, M, test_px)
+        return score_slice(test, label, np.zeros((size, size), np.float32), (10.0, 10.0),
+                           group=None, height_m=height, sex=sex)  # fmt: skip
+
+    records = [
+        rec(50, 45, "M", 1.0),  # both sarcopenic (< 52.4)
+        rec(50, 60, "M", 1.0),  # label only
+        rec(40, 30, "F", 1.0),  # test only (< 38.5)
+        rec(60, 55, "M", 1.0),  # neither
+        rec(60, 55, None, 1.0),  # unknown sex
+        rec(60, 55, "M", None),  # unknown height
+    ]
+    conf = _payload(records, cutoff_set="prado2008").sarcopenia
+    assert conf is not None
+    assert (conf.both_sarcopenic, conf.label_only, conf.test_only, conf.neither, conf.unknown) == (
+        1,
+        1,
+        1,
+        1,
+        2,
+    )
+    assert conf.cutoff_set == "prado2008"
+    korean = _payload(records, cutoff_set="korean").sarcopenia
+    assert korean is not None and korean.neither == 4
+    with pytest.raises(ValueError, match="valid sets"):
+        _payload(records, cutoff_set="nope")
+
+
+def test_aggregate_of_no_record_is_a_valid_empty_payload() -> None:
+    payload = _payload([], excluded=Counter({"unreadable_image": 3, "no_reference": 0}))
+    assert payload.n_used == 0 and payload.scores["msv"].iou.n == 0
+    assert payload.excluded == {"unreadable_image": 3}
+    assert payload.areas["muscle"].mean_diff_cm2 is None
+
+
+def test_harmonised_scores_need_harmonised_records() -> None:
+    records = _handful()
+    with pytest.raises(ValueError, match="hu_ranges"):
+        _payload(records, harmonised=True)
+    label = _square(4, M, 8)
+    hu = np.full((4, 4), 40.0, dtype=np.float32)
+    rec = score_slice(label, label, hu, SPACING, group=None, height_m=None, sex=None, hu_ranges=HuRanges())
+    payload = _payload([rec], harmonised=True)
+    assert payload.harmonised_scores is not None
+    assert payload.harmonised_scores["muscle"].bins["[0.9,1.0]"] == 1
+
+
+def test_pooling_two_sites_equals_the_concatenated_records() -> None:
+    records = _handful()
+    extra = [_record(_square(10, M, 20), _square(10, M, 30)), _record(_square(10, S, 30), _square(10, M, 30))]
+    part_a, part_b = records[:3], records[3:] + extra
+    a, b, whole = _payload(part_a), _payload(part_b), _payload(part_a + part_b)
+    for tissue in ("muscle", "subcutaneous_fat"):
+        pooled = pool_area_agreement([a.areas[tissue], b.areas[tissue]])
+        expected = whole.areas[tissue]
+        assert pooled.n == expected.n
+        for field in ("mean_label_cm2", "mean_test_cm2", "mean_diff_cm2", "sd_diff_cm2", "sum_diff_cm2"):
+            assert getattr(pooled, field) == pytest.approx(getattr(expected, field)), field
+    for name in ("muscle", "msv", "visceral_fat"):
+        pooled_scores = pool_class_scores([a.scores[name], b.scores[name]])
+        expected_scores = whole.scores[name]
+        assert pooled_scores.bins == expected_scores.bins
+        assert pooled_scores.undefined == expected_scores.undefined
+        assert pooled_scores.union_px == expected_scores.union_px
+        assert pooled_scores.iou.n == expected_scores.iou.n
+        assert pooled_scores.iou.mean == pytest.approx(expected_scores.iou.mean)
+        assert pooled_scores.iou.sd == pytest.approx(expected_scores.iou.sd)
+        assert pooled_scores.dice.sd == pytest.approx(expected_scores.dice.sd)
+    assert pool_class_scores([a.scores["muscle"], b.scores["muscle"]]).iou.median is None
+    assert a.smi is not None and b.smi is not None and whole.smi is not None
+    pooled_smi = pool_smi_agreement([a.smi, b.smi])
+    assert pooled_smi.n == whole.smi.n
+    assert pooled_smi.sd_diff == pytest.approx(whole.smi.sd_diff)
