@@ -1,0 +1,267 @@
+"""``sarcofed site check``: is this site folder usable, and does it look like L3 body composition?
+
+:func:`check_site` reads every manifest row (one bad file never stops it) and returns a
+:class:`SiteCheckReport`. The report is for the person at the site: it lists file names
+and stays local; nothing here is sent anywhere. Pixel statistics are pooled over pixels of
+all usable slices. The HU ranges are ``protocols.payloads.HuRanges`` (Alberta protocol).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.table import Table
+
+from common.dataset import MANIFEST_CSV, LoadedSlice, dataset_fingerprint, load_site, load_slice
+from common.errors import SliceError
+from protocols.classes import TISSUES, ExclusionReason
+from protocols.payloads import HuRanges
+
+log = logging.getLogger(__name__)
+
+#: The HU ranges the check uses (one definition, shared with the payloads).
+HU_RANGES = HuRanges()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class SliceProblem(_Model):
+    """One excluded row: local only (it names a file)."""
+
+    file: str = Field(description="path relative to the site folder")
+    line: int | None = Field(default=None, description="line in manifest.csv")
+    reason: str
+    detail: str
+
+
+class SpacingRange(_Model):
+    min_mm: float
+    max_mm: float
+
+
+class ClassCheck(_Model):
+    """Statistics of one canonical tissue over all usable slices, pooled over pixels."""
+
+    label_values: list[int] = Field(description="raw site values seen that map to this class")
+    pixels: int = 0
+    hu_range: tuple[float, float]
+    share_in_hu_range: float | None = Field(default=None, description="share of its pixels inside hu_range")
+    mean_hu: float | None = None
+
+
+class SiteCheckReport(_Model):
+    """What ``sarcofed site check`` found in a site folder."""
+
+    site: str
+    fingerprint: str
+    n_listed: int = Field(description="data rows in manifest.csv")
+    n_usable: int
+    excluded: dict[str, int] = Field(default_factory=dict, description="ExclusionReason -> count")
+    problems: list[SliceProblem] = Field(default_factory=list)
+    background_values: list[int] = Field(default_factory=list, description="raw values seen mapping to 0")
+    classes: dict[str, ClassCheck] = Field(default_factory=dict, description="keys = TISSUES")
+    pixel_spacing: SpacingRange | None = None
+    image_sizes: list[str] = Field(default_factory=list, description="distinct rows x columns")
+    n_groups: int = 0
+    n_heights_known: int = 0
+    n_sex_known: int = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.n_usable > 0
+
+
+def _relative(path: Path, root: Path) -> str:
+    if not path.is_absolute():
+        return str(path)  # already as written in manifest.csv
+    try:
+        return os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    except ValueError:
+        return str(path)
+
+
+class _Accumulator:
+    """Running pixel sums per class; a pure fold over loaded slices."""
+
+    def __init__(self) -> None:
+        self.pixels = dict.fromkeys(TISSUES, 0)
+        self.in_range = dict.fromkeys(TISSUES, 0)
+        self.hu_sum = dict.fromkeys(TISSUES, 0.0)
+        self.values: dict[int, set[int]] = {c: set() for c in range(4)}
+        self.spacings: list[float] = []
+        self.sizes: set[str] = set()
+        self.groups: set[str] = set()
+        self.heights = 0
+        self.sexes = 0
+
+    def add(self, item: LoadedSlice, lookup: dict[int, int]) -> None:
+        hu = item.ct.hu
+        for canonical, name in enumerate(TISSUES, start=1):
+            values = hu[item.label == canonical]
+            low, high = getattr(HU_RANGES, name)
+            self.pixels[name] += int(values.size)
+            self.in_range[name] += int(np.count_nonzero((values >= low) & (values <= high)))
+            self.hu_sum[name] += float(values.sum(dtype=np.float64))
+        for value in item.label_values:
+            self.values[lookup[value]].add(value)
+        self.spacings.extend(item.ct.spacing_mm)
+        self.sizes.add(f"{item.ct.shape[0]}x{item.ct.shape[1]}")
+        self.groups.add(item.group)
+        self.heights += item.height_m is not None
+        self.sexes += item.sex is not None
+
+    def classes(self) -> dict[str, ClassCheck]:
+        out = {}
+        for canonical, name in enumerate(TISSUES, start=1):
+            n = self.pixels[name]
+            out[name] = ClassCheck(
+                label_values=sorted(self.values[canonical]),
+                pixels=n,
+                hu_range=getattr(HU_RANGES, name),
+                share_in_hu_range=self.in_range[name] / n if n else None,
+                mean_hu=self.hu_sum[name] / n if n else None,
+            )
+        return out
+
+
+def check_site(root: Path | str, *, on_row: Callable[[int, int], None] | None = None) -> SiteCheckReport:
+    """Check every row of a site folder. ``on_row(done, total)`` reports progress.
+
+    Raises ``SiteFolderError`` only when the folder itself is unusable.
+    """
+    root = Path(root)
+    site = load_site(root)
+    lookup = site.config.labels.lookup()
+    total = site.n_listed
+    acc = _Accumulator()
+    problems: list[SliceProblem] = []
+    n_usable = 0
+    for index in range(len(site)):
+        try:
+            item = load_slice(site, index)
+        except SliceError as exc:
+            problems.append(
+                SliceProblem(
+                    file=_relative(exc.path, root),
+                    line=site.lines[index] if index < len(site.lines) else None,
+                    reason=exc.reason.value,
+                    detail=exc.detail,
+                )
+            )
+        except Exception as exc:  # one bad file never stops the check
+            log.exception("unexpected failure on manifest row %d", index)
+            problems.append(
+                SliceProblem(
+                    file=site.rows[index].image,
+                    line=site.lines[index] if index < len(site.lines) else None,
+                    reason=ExclusionReason.evaluation_error.value,
+                    detail=f"unexpected {type(exc).__name__}: {exc}",
+                )
+            )
+        else:
+            n_usable += 1
+            acc.add(item, lookup)
+        if on_row is not None:
+            on_row(index + 1, total)
+    for invalid in site.invalid_rows:
+        error = invalid.error(root)
+        problems.append(
+            SliceProblem(
+                file=MANIFEST_CSV, line=invalid.line, reason=error.reason.value, detail=invalid.detail
+            )
+        )
+    if on_row is not None:
+        on_row(total, total)
+    spacing = SpacingRange(min_mm=min(acc.spacings), max_mm=max(acc.spacings)) if acc.spacings else None
+    return SiteCheckReport(
+        site=site.name,
+        fingerprint=dataset_fingerprint(site),
+        n_listed=total,
+        n_usable=n_usable,
+        excluded=dict(sorted(Counter(p.reason for p in problems).items())),
+        problems=problems,
+        background_values=sorted(acc.values[0]),
+        classes=acc.classes(),
+        pixel_spacing=spacing,
+        image_sizes=sorted(acc.sizes),
+        n_groups=len(acc.groups),
+        n_heights_known=acc.heights,
+        n_sex_known=acc.sexes,
+    )
+
+
+def _fmt(value: float | None, pattern: str = "{:.1f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def render_check(report: SiteCheckReport, console: Console) -> None:
+    """Print the report as rich tables for the person at the site."""
+    verdict = "[green]usable[/green]" if report.usable else "[red]NOT usable[/red]"
+    console.print(f"[bold]Site[/bold] {report.site}: {verdict}")
+    summary = Table(show_header=False, box=None)
+    summary.add_row("slices listed", str(report.n_listed))
+    summary.add_row("slices usable", str(report.n_usable))
+    summary.add_row("patients (groups)", str(report.n_groups))
+    summary.add_row("height known", f"{report.n_heights_known} of {report.n_usable}")
+    summary.add_row("sex known", f"{report.n_sex_known} of {report.n_usable}")
+    if report.pixel_spacing:
+        summary.add_row(
+            "pixel spacing", f"{report.pixel_spacing.min_mm:.3g} - {report.pixel_spacing.max_mm:.3g} mm"
+        )
+    summary.add_row("image sizes", ", ".join(report.image_sizes) or "-")
+    summary.add_row("background values", ", ".join(map(str, report.background_values)) or "-")
+    summary.add_row("dataset fingerprint", report.fingerprint)
+    console.print(summary)
+
+    classes = Table(title="Tissues (pooled over pixels of usable slices)")
+    for column in ("class", "site values", "pixels", "HU range", "in range", "mean HU"):
+        classes.add_column(column, justify="left" if column in ("class", "site values") else "right")
+    for name, stats in report.classes.items():
+        share = stats.share_in_hu_range
+        style = "" if share is None or share >= 0.5 else "[yellow]"
+        classes.add_row(
+            name,
+            ", ".join(map(str, stats.label_values)) or "-",
+            str(stats.pixels),
+            f"{stats.hu_range[0]:g}..{stats.hu_range[1]:g}",
+            style + _fmt(share * 100 if share is not None else None, "{:.0f}%"),
+            _fmt(stats.mean_hu),
+        )
+    console.print(classes)
+
+    if report.excluded:
+        reasons = Table(title="Excluded rows by reason")
+        reasons.add_column("reason")
+        reasons.add_column("count", justify="right")
+        reasons.add_column("meaning")
+        for reason, count in report.excluded.items():
+            reasons.add_row(reason, str(count), ExclusionReason(reason).label)
+        console.print(reasons)
+        problems = Table(title="Excluded rows (local only: names files)")
+        problems.add_column("file", overflow="fold")
+        problems.add_column("line", justify="right")
+        problems.add_column("reason")
+        problems.add_column("what to fix", overflow="fold")
+        for problem in report.problems:
+            problems.add_row(problem.file, str(problem.line or ""), problem.reason, problem.detail)
+        console.print(problems)
+
+
+__all__ = [
+    "HU_RANGES",
+    "ClassCheck",
+    "SiteCheckReport",
+    "SliceProblem",
+    "SpacingRange",
+    "check_site",
+    "render_check",
+]

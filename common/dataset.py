@@ -1,0 +1,347 @@
+"""A site's dataset folder: ``site.toml`` + ``manifest.csv`` -> labelled axial CT slices.
+
+Folder-level problems raise :class:`SiteFolderError` (nothing can be done until the site
+fixes them). Row-level problems never stop the site: a row that fails
+:class:`ManifestRow` validation is kept in ``SiteDataset.invalid_rows`` and
+:func:`iter_slices` yields a :class:`SliceError` for it; a slice whose files cannot be
+used raises a :class:`SliceError` from :func:`load_slice` with the reason.
+
+``SiteDataset.rows`` holds the *valid* rows only; ``load_slice(site, i)`` takes an index
+into it. ``site.n_listed`` counts every data row of manifest.csv (valid or not), and
+``iter_slices`` yields exactly ``n_listed`` items: one per valid row, in order, then one
+``SliceError`` per invalid row.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from common.dicom_io import CTSlice, read_ct_slice
+from common.errors import SiteFolderError, SliceError
+from common.masks import read_mask
+from protocols.classes import ExclusionReason
+from protocols.site import MANIFEST_OPTIONAL, MANIFEST_REQUIRED, LabelMap, ManifestRow, SiteConfig
+
+log = logging.getLogger(__name__)
+
+SITE_TOML = "site.toml"
+MANIFEST_CSV = "manifest.csv"
+#: Reason given to a manifest row that fails validation (blank path, height "abc", sex "X").
+#: ``invalid_manifest_row`` is requested in protocols; until it exists the closest code is used.
+INVALID_ROW_REASON: ExclusionReason = getattr(
+    ExclusionReason, "invalid_manifest_row", ExclusionReason.missing_file
+)
+
+
+@dataclass(frozen=True)
+class InvalidRow:
+    """A manifest.csv data row that failed validation (``line`` is the 1-based file line)."""
+
+    line: int
+    image: str
+    detail: str
+
+    def error(self, root: Path) -> SliceError:
+        return SliceError(INVALID_ROW_REASON, root / MANIFEST_CSV, f"line {self.line}: {self.detail}")
+
+
+@dataclass
+class SiteDataset:
+    """A parsed site folder. ``rows`` are the valid manifest rows; ``lines`` their file lines."""
+
+    root: Path
+    config: SiteConfig
+    rows: list[ManifestRow]
+    invalid_rows: list[InvalidRow] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n_listed(self) -> int:
+        """Data rows in manifest.csv, valid or not."""
+        return len(self.rows) + len(self.invalid_rows)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass
+class LoadedSlice:
+    """One usable slice: CT in HU, canonical label (0-3) and optional reference mask."""
+
+    index: int
+    row: ManifestRow
+    ct: CTSlice
+    label: np.ndarray
+    reference: np.ndarray | None
+    group: str
+    height_m: float | None
+    sex: str | None
+    #: Distinct raw site values found in the label mask (before mapping), for ``site check``.
+    label_values: tuple[int, ...] = ()
+
+
+# ------------------------------------------------------------------ folder
+def _location(error: dict[str, object]) -> str:
+    loc = error.get("loc", ())
+    return ".".join(str(part) for part in loc) if isinstance(loc, tuple) and loc else "(top level)"
+
+
+def _format_validation(exc: ValidationError) -> str:
+    return "; ".join(f"{_location(e)}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors())
+
+
+def _load_config(root: Path) -> SiteConfig:
+    path = root / SITE_TOML
+    if not path.is_file():
+        raise SiteFolderError(
+            path,
+            "site.toml is missing: create it with a 'name' and a [labels] table that maps your mask "
+            "values to muscle, subcutaneous_fat and visceral_fat (see the site-dataset contract)",
+        )
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SiteFolderError(path, f"site.toml is not valid TOML: {exc}") from exc
+    try:
+        return SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise SiteFolderError(
+            path, f"site.toml does not fit the contract: {_format_validation(exc)}"
+        ) from exc
+
+
+def _read_manifest(root: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    path = root / MANIFEST_CSV
+    if not path.is_file():
+        raise SiteFolderError(
+            path,
+            f"manifest.csv is missing: list one slice per row with columns {', '.join(MANIFEST_REQUIRED)}",
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SiteFolderError(path, f"manifest.csv is not UTF-8 text ({exc}); save it as UTF-8 CSV") from exc
+    lines = text.splitlines()
+    first = lines[0] if lines else ""
+    delimiter = ";" if first.count(";") > first.count(",") else ","
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except StopIteration:
+        raise SiteFolderError(
+            path, "manifest.csv is empty: it needs a header row and one row per slice"
+        ) from None
+    missing = [c for c in MANIFEST_REQUIRED if c not in header]
+    if missing:
+        raise SiteFolderError(
+            path,
+            f"manifest.csv has no column {', '.join(repr(c) for c in missing)} (found columns: "
+            f"{', '.join(header) or 'none'}); required: {', '.join(MANIFEST_REQUIRED)}, optional: "
+            f"{', '.join(MANIFEST_OPTIONAL)}",
+        )
+    rows: list[tuple[int, dict[str, str]]] = []
+    for number, values in enumerate(reader, start=2):
+        if not any(v.strip() for v in values):
+            continue
+        rows.append(
+            (number, {name: (values[i].strip() if i < len(values) else "") for i, name in enumerate(header)})
+        )
+    if not rows:
+        raise SiteFolderError(path, "manifest.csv lists no slices: add one row per labelled L3 slice")
+    return header, rows
+
+
+def load_site(root: Path | str) -> SiteDataset:
+    """Parse ``site.toml`` and ``manifest.csv``; raise ``SiteFolderError`` saying what to fix."""
+    root = Path(root)
+    if not root.exists():
+        raise SiteFolderError(root, "site folder does not exist")
+    if not root.is_dir():
+        raise SiteFolderError(
+            root, "is a file; point sarcofed at the folder holding site.toml and manifest.csv"
+        )
+    config = _load_config(root)
+    _, raw_rows = _read_manifest(root)
+    rows: list[ManifestRow] = []
+    lines: list[int] = []
+    invalid: list[InvalidRow] = []
+    for line, values in raw_rows:
+        try:
+            rows.append(ManifestRow.model_validate(values))
+            lines.append(line)
+        except ValidationError as exc:
+            detail = _format_validation(exc)
+            log.warning("%s line %d: %s", root / MANIFEST_CSV, line, detail)
+            invalid.append(InvalidRow(line=line, image=values.get("image", ""), detail=detail))
+    return SiteDataset(root=root, config=config, rows=rows, invalid_rows=invalid, lines=lines)
+
+
+# ------------------------------------------------------------------ slices
+def resolve_path(
+    site: SiteDataset, relative: str, reason: ExclusionReason = ExclusionReason.missing_file
+) -> Path:
+    """Path of a manifest entry inside the site folder; refuse absolute or escaping paths."""
+    text = relative.strip().replace("\\", "/")
+    if os.path.isabs(text) or (len(text) > 1 and text[1] == ":"):
+        raise SliceError(
+            reason,
+            Path(text),
+            "absolute path in manifest.csv; paths must be relative to the site folder "
+            "(copy or link the file inside it)",
+        )
+    root = os.path.normpath(os.path.abspath(site.root))
+    full = os.path.normpath(os.path.join(root, text))
+    if os.path.commonpath([root, full]) != root:
+        raise SliceError(
+            reason,
+            Path(text),
+            "path leaves the site folder ('..'); every file must sit inside the site folder",
+        )
+    return Path(full)
+
+
+def map_labels(raw: np.ndarray, labels: LabelMap, path: Path | str) -> np.ndarray:
+    """Map raw site values to canonical classes (uint8 0-3) through ``[labels]``.
+
+    A value declared nowhere raises ``SliceError(undeclared_label_value)`` naming the file
+    and the value(s).
+    """
+    table = labels.lookup()
+    values = np.unique(raw)
+    undeclared = [int(v) for v in values if int(v) not in table]
+    if undeclared:
+        shown = ", ".join(str(v) for v in undeclared[:10]) + (" ..." if len(undeclared) > 10 else "")
+        raise SliceError(
+            ExclusionReason.undeclared_label_value,
+            path,
+            f"mask holds value(s) {shown} declared nowhere in site.toml [labels]; add each to muscle, "
+            "subcutaneous_fat, visceral_fat or background (0 is always background)",
+        )
+    mapped = np.array([table[int(v)] for v in values], dtype=np.uint8)
+    return mapped[np.searchsorted(values, raw)]
+
+
+def _mapped_mask(
+    site: SiteDataset, relative: str, ct: CTSlice, ct_path: Path, reason: ExclusionReason | None
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Read, shape-check and map one mask. ``reason`` overrides every error's reason (reference)."""
+    try:
+        path = resolve_path(site, relative)
+        raw = read_mask(path, ct_path=ct_path)
+        if raw.shape != ct.shape:
+            raise SliceError(
+                ExclusionReason.shape_mismatch,
+                path,
+                f"mask is {raw.shape[0]}x{raw.shape[1]} but the image {ct_path.name} is "
+                f"{ct.shape[0]}x{ct.shape[1]} (rows x columns); was it resampled or drawn on another slice?",
+            )
+        values = tuple(int(v) for v in np.unique(raw))
+        return map_labels(raw, site.config.labels, path), values
+    except SliceError as exc:
+        if reason is None:
+            raise
+        raise SliceError(reason, exc.path, f"reference mask: {exc.detail}") from exc
+
+
+def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -> LoadedSlice:
+    """Load valid row ``index`` (0-based into ``site.rows``); raise ``SliceError`` if unusable."""
+    row = site.rows[index]
+    image_path = resolve_path(site, row.image)
+    ct = read_ct_slice(image_path)
+    label, values = _mapped_mask(site, row.label, ct, image_path, reason=None)
+    if not label.any():
+        raise SliceError(
+            ExclusionReason.empty_mask,
+            resolve_path(site, row.label),
+            f"no muscle, subcutaneous or visceral fat pixel after mapping (values found: "
+            f"{', '.join(map(str, values))}); is [labels] in site.toml right?",
+        )
+    reference = None
+    if with_reference and row.reference:
+        reference, _ = _mapped_mask(
+            site, row.reference, ct, image_path, reason=ExclusionReason.unreadable_reference
+        )
+    return LoadedSlice(
+        index=index,
+        row=row,
+        ct=ct,
+        label=label,
+        reference=reference,
+        group=row.group or f"row-{index}",
+        height_m=row.height_m if row.height_m is not None else ct.height_m,
+        sex=row.sex if row.sex is not None else ct.sex,
+        label_values=values,
+    )
+
+
+def iter_slices(site: SiteDataset, *, with_reference: bool = False) -> Iterator[LoadedSlice | SliceError]:
+    """Every manifest row in turn: a ``LoadedSlice`` or the ``SliceError`` saying why not."""
+    for index in range(len(site.rows)):
+        try:
+            yield load_slice(site, index, with_reference=with_reference)
+        except SliceError as exc:
+            log.info("excluded %s: %s (%s)", exc.path, exc.reason.value, exc.detail)
+            yield exc
+    for invalid in site.invalid_rows:
+        yield invalid.error(site.root)
+
+
+# ------------------------------------------------------------------ fingerprint
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return "missing"
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(site: SiteDataset) -> str:
+    """Short sha256 over the sorted content hashes of the used files plus the label map.
+
+    File names and paths never enter it (they must not leave the site): renaming or moving
+    files keeps the fingerprint; changing any byte of an image or mask changes it.
+    """
+    digests: list[str] = []
+    for row in site.rows:
+        for relative in (row.image, row.label, row.reference):
+            if not relative:
+                continue
+            try:
+                digests.append(_file_digest(resolve_path(site, relative)))
+            except SliceError:
+                digests.append("outside")
+    labels = json.dumps(sorted(site.config.labels.lookup().items()))
+    combined = hashlib.sha256("\n".join([*sorted(digests), labels]).encode("ascii"))
+    return combined.hexdigest()[:16]
+
+
+__all__ = [
+    "INVALID_ROW_REASON",
+    "InvalidRow",
+    "LoadedSlice",
+    "SiteDataset",
+    "dataset_fingerprint",
+    "iter_slices",
+    "load_site",
+    "load_slice",
+    "map_labels",
+    "resolve_path",
+]
