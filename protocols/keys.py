@@ -48,3 +48,7 @@ TRAIN_METRIC_KEYS: Final[tuple[str, ...]] = (
     "val-msv-intersection",
     "val-msv-union",
 )
+
+# Error codes of site replies ---------------------------------------------------------
+ERROR_REFUSED: Final = 4001  #: the site's policy, allow-list or guard refused the instruction
+ERROR_FAILED: Final = 4002  #: the site tried and failed (reason says why)

@@ -1,0 +1,121 @@
+"""The site's Flower ClientApp: thin glue between Messages and ``client.site_tasks``.
+
+Every reply passes the site guard (``client.guard``): the site's own release policy,
+app allow-list and audit log. Only weights and aggregates leave; anything else is
+refused with an error reply the coordinator sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import site_tasks
+from client.guard import SiteGuard, SiteRefusal, open_guard
+from common.errors import SarcofedError
+from common.model import ModelSpec, pack_state, weights_hash
+from protocols import keys
+from protocols.study import StudyConfig
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+REFUSED = keys.ERROR_REFUSED
+FAILED = keys.ERROR_FAILED
+
+
+def _study(context: Context, config: ConfigRecord) -> StudyConfig:
+    """Study-wide settings: the run config, overridden by what the server sent."""
+    valid = set(StudyConfig.valid_keys())
+    flat = {k: v for k, v in context.run_config.items() if k in valid}
+    flat.update({k: v for k, v in config.items() if k in valid})
+    return StudyConfig.from_run_config(flat)  # type: ignore[arg-type]
+
+
+def _error(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _handle(msg: Message, context: Context, task_default: str) -> Message:
+    config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
+    task = str(config.get(keys.TASK, task_default))
+    guard: SiteGuard | None = None
+    try:
+        study = _study(context, config)
+        site_dir = site_tasks.resolve_site_dir(dict(context.node_config), study)
+        guard = open_guard(site_dir, run_id=context.run_id, task=task, config=dict(config))
+        return _run(msg, task, config, study, site_dir, guard)
+    except SiteRefusal as refusal:
+        return _error(msg, REFUSED, f"refused by site policy: {refusal.reason}")
+    except SarcofedError as err:
+        if guard is not None:
+            guard.refuse(str(err))
+        return _error(msg, FAILED, str(err))
+    except Exception as err:  # a site crash must reach the coordinator as a reason, not a hang
+        log.error("task %s failed:\n%s", task, traceback.format_exc())
+        if guard is not None:
+            guard.refuse(f"{type(err).__name__}: {err}")
+        return _error(msg, FAILED, f"{type(err).__name__}: {err}")
+
+
+def _model_from(msg: Message, config: ConfigRecord) -> tuple[ModelSpec, object]:
+    spec = ModelSpec.model_validate_json(str(config[keys.MODEL_SPEC]))
+    packed = msg.content.array_records[keys.ARRAYS][keys.PACKED].numpy()
+    return spec, site_tasks.load_state(spec, packed, str(config[keys.MODEL_LAYOUT]))
+
+
+def _run(
+    msg: Message, task: str, config: ConfigRecord, study: StudyConfig, site_dir: Path, guard: SiteGuard
+) -> Message:
+    if task == "identify":
+        info = site_tasks.identify(site_dir)
+        text = json.dumps({"site": info.site, "n_listed": info.n_listed})
+        return Message(RecordDict({keys.PAYLOAD: ConfigRecord({keys.PAYLOAD_JSON: text})}), reply_to=msg)
+    if task == "train":
+        spec, model = _model_from(msg, config)
+        mu = float(config.get(keys.PROXIMAL_MU, 0.0))  # type: ignore[arg-type]
+        state, metrics = site_tasks.run_train(site_dir, model, spec, study, proximal_mu=mu)  # type: ignore[arg-type]
+        packed, _layout = pack_state(state)
+        released = guard.release_weights(int(metrics[keys.NUM_EXAMPLES]), weights_hash(state), metrics)
+        content = RecordDict(
+            {
+                keys.ARRAYS: ArrayRecord({keys.PACKED: Array(np.ascontiguousarray(packed))}),
+                keys.METRICS: MetricRecord(released),
+            }
+        )
+        return Message(content, reply_to=msg)
+    if task in ("evaluate", "compare"):
+        if task == "evaluate":
+            spec, model = _model_from(msg, config)
+            payload = site_tasks.run_evaluate(site_dir, model, spec, study, str(config.get(keys.MODEL_HASH, "")))  # type: ignore[arg-type]
+        else:
+            payload = site_tasks.run_compare(site_dir, study)
+        released = guard.release_payload(payload)
+        text = released.model_dump_json()
+        return Message(RecordDict({keys.PAYLOAD: ConfigRecord({keys.PAYLOAD_JSON: text})}), reply_to=msg)
+    raise SarcofedError(f"unknown task {task!r}; this site accepts {', '.join(keys.TASKS)}")
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """``identify``: the site's name (a pseudonym) and how many rows it lists."""
+    return _handle(msg, context, "identify")
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training from the global weights; replies with weights + aggregate metrics."""
+    return _handle(msg, context, "train")
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Validation (``evaluate``) or label-convention comparison (``compare``)."""
+    return _handle(msg, context, "evaluate")

@@ -1,0 +1,188 @@
+"""What a site does for each instruction, without Flower: pure calls into ``common``.
+
+The ClientApp (``client.app``) only unpacks a Message, calls one of these, and packs the
+reply. Everything here can be run and tested on a site folder directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.dataset import iter_slices, load_site
+from common.errors import SarcofedError, SliceError
+from common.model import ModelSpec, build_model, unpack_state, weights_hash
+from common.training import TrainConfig, TrainSample, split_train_val, train_local
+from protocols.payloads import EvaluationPayload
+from protocols.study import StudyConfig
+
+log = logging.getLogger(__name__)
+
+
+def sarcofed_home() -> Path:
+    """Where sarcofed keeps demo data and study folders when not told otherwise."""
+    return Path(os.environ.get("SARCOFED_HOME", Path.home() / "sarcofed")).expanduser()
+
+
+def demo_sites_dir(study: StudyConfig) -> Path:
+    return Path(study.demo.dir).expanduser() if study.demo.dir else sarcofed_home() / "demo-sites"
+
+
+def resolve_site_dir(node_config: dict[str, object], study: StudyConfig) -> Path:
+    """The site folder: ``site-dir`` from the SuperNode's node config.
+
+    In simulation (no ``site-dir`` but a ``partition-id``), the demo hospital of that
+    partition, made on first use by the simulated site itself.
+    """
+    if "site-dir" in node_config:
+        return Path(str(node_config["site-dir"])).expanduser()
+    if "partition-id" not in node_config:
+        raise SarcofedError(
+            "this SuperNode has no site folder: start it with --node-config 'site-dir=\"/path/to/site\"'"
+        )
+    partition = int(str(node_config["partition-id"]))
+    site_dir = demo_sites_dir(study) / f"site-{partition}"
+    if not (site_dir / "manifest.csv").exists():
+        from common.demo.hospitals import SITE_PROFILES, make_site
+
+        profile = SITE_PROFILES[partition % len(SITE_PROFILES)]
+        log.info("simulation: making demo hospital %s (%s)", site_dir, profile.name)
+        made = make_site(
+            site_dir.parent,
+            profile,
+            slices=study.demo.slices,
+            size=study.demo.size,
+            seed=1000 + partition,
+            index=partition,
+        )
+        if Path(made) != site_dir:  # the generator names its folder; keep one convention
+            Path(made).rename(site_dir)
+    return site_dir
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    site: str
+    n_listed: int
+
+
+def identify(site_dir: Path) -> SiteInfo:
+    site = load_site(site_dir)
+    return SiteInfo(site=site.config.name, n_listed=len(site))
+
+
+def load_state(spec: ModelSpec, packed: object, layout: str) -> torch.nn.Module:
+    """Rebuild the study model from the packed weights the server sent."""
+    model = build_model(spec)
+    model.load_state_dict(unpack_state(packed, layout))  # type: ignore[arg-type]
+    return model
+
+
+def training_samples(site_dir: Path) -> tuple[list[TrainSample], dict[str, int]]:
+    """Every usable slice of the site as a training sample, and exclusions by reason."""
+    site = load_site(site_dir)
+    samples: list[TrainSample] = []
+    excluded: dict[str, int] = {}
+    for item in iter_slices(site):
+        if isinstance(item, SliceError):
+            excluded[item.reason.value] = excluded.get(item.reason.value, 0) + 1
+            continue
+        samples.append(TrainSample(hu=item.ct.hu, label=item.label, group=item.group))
+    if not samples:
+        raise SarcofedError(f"{site_dir}: no usable slice to train on ({excluded or 'empty manifest'})")
+    return samples, excluded
+
+
+def run_train(
+    site_dir: Path,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    study: StudyConfig,
+    *,
+    proximal_mu: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Local training on the site's train split; returns new weights and aggregate metrics."""
+    samples, _ = training_samples(site_dir)
+    train_idx, val_idx = split_train_val(
+        [s.group for s in samples], study.train.val_fraction, study.train.seed
+    )
+    config = TrainConfig(
+        local_epochs=study.train.local_epochs,
+        lr=study.train.lr,
+        batch_size=study.train.batch_size,
+        optimizer=study.train.optimizer,
+        dice_weight=study.train.dice_weight,
+        proximal_mu=proximal_mu,
+        seed=study.train.seed,
+    )
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    result = train_local(
+        model,
+        spec,
+        [samples[i] for i in train_idx],
+        [samples[i] for i in val_idx],
+        config,
+        global_state=global_state if proximal_mu > 0 else None,
+    )
+    metrics: dict[str, float] = {
+        "num-examples": float(result.n_train),
+        "n-val": float(result.n_val),
+        "train-loss": float(result.train_loss_mean),
+        "train-loss-sum": float(result.train_loss_sum),
+        "epochs": float(result.epochs),
+        "seconds": float(result.seconds),
+    }
+    if result.val_loss_mean is not None:
+        metrics["val-loss"] = float(result.val_loss_mean)
+        metrics["val-loss-sum"] = float(result.val_loss_sum)
+    for name, (inter, union) in result.val_counts.items():
+        metrics[f"val-{name}-intersection"] = float(inter)
+        metrics[f"val-{name}-union"] = float(union)
+    return result.state_dict, metrics
+
+
+def run_evaluate(
+    site_dir: Path, model: torch.nn.Module, spec: ModelSpec, study: StudyConfig, model_hash: str
+) -> EvaluationPayload:
+    """Score the study model on every usable slice; aggregates only."""
+    from common.site_evaluation import evaluate_with_model
+
+    return evaluate_with_model(
+        site_dir,
+        model,
+        spec,
+        model_hash=model_hash,
+        cutoff_set=study.study.cutoff_set,
+        batch_size=study.eval.batch_size,
+        discrepancy=study.study.discrepancy,
+        harmonised=study.study.harmonised,
+    )
+
+
+def run_compare(site_dir: Path, study: StudyConfig) -> EvaluationPayload:
+    """Score the site's labels against its reference masks; no model involved."""
+    from common.site_evaluation import compare_with_reference
+
+    return compare_with_reference(
+        site_dir,
+        cutoff_set=study.study.cutoff_set,
+        discrepancy=study.study.discrepancy,
+        harmonised=study.study.harmonised,
+    )
+
+
+__all__ = [
+    "SiteInfo",
+    "identify",
+    "load_state",
+    "resolve_site_dir",
+    "run_compare",
+    "run_evaluate",
+    "run_train",
+    "sarcofed_home",
+    "weights_hash",
+]

@@ -1,0 +1,218 @@
+"""The federated training study: rounds of local training aggregated by a Flower strategy.
+
+Flower's own strategies do the maths (FedAvg / FedProx, optionally wrapped in Flower's
+central DP with server-side fixed clipping). sarcofed adds what a study needs around
+them: per-site round records (who replied, who failed and why), early stopping on the
+pooled validation loss, best-model checkpointing and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+
+from common.errors import SarcofedError
+from common.model import ModelSpec, build_model, pack_state, save_model, unpack_state, weights_hash
+from protocols import keys
+from protocols.study import StudyConfig
+from server.checkpoint import EarlyStopping, TrainingState, load_checkpoint, save_checkpoint
+from server.messaging import Replies, sort_replies
+
+log = logging.getLogger(__name__)
+
+
+class _NodeSubset:
+    """A view of the Grid that only shows the sites allowed to train this round."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._ids = grid, node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def make_strategy(study: StudyConfig, n_sites: int) -> Strategy:
+    """Flower's FedAvg or FedProx, wrapped in Flower's central DP when asked."""
+    common_args: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": n_sites,
+        "min_available_nodes": n_sites,
+        "weighted_by_key": keys.NUM_EXAMPLES,
+        "arrayrecord_key": keys.ARRAYS,
+        "configrecord_key": keys.CONFIG,
+    }
+    base: Strategy
+    if study.strategy.name == "fedprox":
+        base = FedProx(proximal_mu=study.strategy.proximal_mu, **common_args)
+    else:
+        base = FedAvg(**common_args)
+    if study.dp.enabled:
+        return DifferentialPrivacyServerSideFixedClipping(
+            base, study.dp.noise_multiplier, study.dp.clipping_norm, n_sites
+        )
+    return base
+
+
+def pooled_validation(replies: Replies) -> tuple[float | None, dict[str, float | None]]:
+    """Pooled val loss (sum over sites / validation slices) and pooled-over-pixels IoU."""
+    loss_sum = n_val = 0.0
+    inter: dict[str, float] = {}
+    union: dict[str, float] = {}
+    for reply in replies.ok.values():
+        m = reply.content.metric_records[keys.METRICS]
+        if float(m.get("n-val", 0.0)) > 0 and "val-loss-sum" in m:
+            loss_sum += float(m["val-loss-sum"])  # type: ignore[arg-type]
+            n_val += float(m["n-val"])  # type: ignore[arg-type]
+        for cls in ("muscle", "subcutaneous_fat", "visceral_fat", "msv"):
+            inter[cls] = inter.get(cls, 0.0) + float(m.get(f"val-{cls}-intersection", 0.0))  # type: ignore[arg-type]
+            union[cls] = union.get(cls, 0.0) + float(m.get(f"val-{cls}-union", 0.0))  # type: ignore[arg-type]
+    loss = loss_sum / n_val if n_val > 0 else None
+    iou = {c: (inter[c] / union[c] if union.get(c) else None) for c in inter}
+    return loss, iou
+
+
+@dataclass
+class TrainingOutcome:
+    state_dict: dict[str, torch.Tensor]
+    model_path: Path
+    history: list[dict[str, Any]]
+    stopped_early: bool
+
+
+def run_training(
+    grid: Grid,
+    study: StudyConfig,
+    spec: ModelSpec,
+    run_dir: Path,
+    sites: dict[int, str],
+    *,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainingOutcome:
+    """Train for ``study.num_rounds`` rounds (or until early stopping) on the allowed sites."""
+    train_nodes = [n for n, name in sites.items() if name not in study.study.exclude_from_training]
+    if len(train_nodes) < study.study.min_sites:
+        raise SarcofedError(
+            f"only {len(train_nodes)} site(s) may train ({sorted(sites[n] for n in train_nodes)}) but "
+            f"study.min-sites = {study.study.min_sites}; lower it or exclude fewer sites"
+        )
+    model_path = run_dir / "model.pt"
+    if study.study.resume and (run_dir / "checkpoint.pt").exists():
+        state = load_checkpoint(run_dir)
+        log.info("resuming %s after round %d", run_dir, state.completed_round)
+    else:
+        torch.manual_seed(study.train.seed)
+        state = TrainingState(
+            completed_round=0,
+            state_dict=build_model(spec).state_dict(),
+            stopping=EarlyStopping(patience=study.train.patience),
+        )
+    strategy = make_strategy(study, len(train_nodes))
+    _, layout = pack_state(state.state_dict)
+    arrays = _to_arrays(state.state_dict)
+    rounds_file = run_dir / "rounds.jsonl"
+
+    for server_round in range(state.completed_round + 1, study.study.num_rounds + 1):
+        if state.stopped_early:
+            break
+        started = time.monotonic()
+        config = {
+            keys.TASK: "train",
+            keys.MODEL_SPEC: spec.model_dump_json(),
+            keys.MODEL_LAYOUT: layout,
+            **study.to_flat("train"),
+        }
+        from flwr.app import ConfigRecord
+
+        messages = list(
+            strategy.configure_train(
+                server_round, arrays, ConfigRecord(config), _NodeSubset(grid, train_nodes)  # type: ignore[arg-type]
+            )
+        )
+        sent = [m.metadata.dst_node_id for m in messages]
+        replies = sort_replies(sent, grid.send_and_receive(messages, timeout=study.study.round_timeout))
+        record: dict[str, Any] = {
+            "round": server_round,
+            "sites_sent": sorted(sites[n] for n in sent),
+            "sites_replied": sorted(sites[n] for n in replies.ok),
+            "sites_failed": {
+                sites[n]: reason for n, reason in replies.problems(study.study.round_timeout).items()
+            },
+            "per_site": {
+                sites[n]: {k: float(v) for k, v in r.content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
+                for n, r in replies.ok.items()
+            },
+        }
+        if len(replies.ok) < study.study.min_sites:
+            record |= {"status": "failed", "seconds": time.monotonic() - started}
+            _append(rounds_file, record)
+            state.history.append(record)
+            save_checkpoint(run_dir, state)
+            raise SarcofedError(
+                f"round {server_round}: only {len(replies.ok)} site(s) replied, study.min-sites = "
+                f"{study.study.min_sites}; failures: {record['sites_failed']}"
+            )
+        new_arrays, _ = strategy.aggregate_train(server_round, list(replies.ok.values()))
+        if new_arrays is None:
+            raise SarcofedError(f"round {server_round}: the strategy could not aggregate the replies")
+        arrays = new_arrays
+        state.state_dict = unpack_state(arrays[keys.PACKED].numpy(), layout)
+        loss, iou = pooled_validation(replies)
+        improved = state.stopping.update(server_round, loss)
+        record |= {
+            "status": "ok",
+            "pooled_val_loss": loss,
+            "pooled_val_iou": iou,
+            "weights_hash": weights_hash(state.state_dict),
+            "improved": improved,
+            "seconds": time.monotonic() - started,
+        }
+        if improved or not model_path.exists():
+            save_model(
+                model_path,
+                state.state_dict,
+                spec,
+                meta={"round": server_round, "study": study.study.name, "pooled_val_loss": loss or -1.0},
+            )
+        state.completed_round = server_round
+        state.stopped_early = state.stopping.should_stop
+        state.history.append(record)
+        _append(rounds_file, record)
+        save_checkpoint(run_dir, state)
+        if on_round is not None:
+            on_round(record)
+        if state.stopped_early:
+            log.info("early stopping after round %d (best round %d)", server_round, state.stopping.best_round)
+    return TrainingOutcome(state.state_dict, model_path, state.history, state.stopped_early)
+
+
+def _to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
+    packed, _ = pack_state(state_dict)
+    return ArrayRecord({keys.PACKED: Array(np.ascontiguousarray(packed))})
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+__all__ = ["MessageType", "TrainingOutcome", "make_strategy", "pooled_validation", "run_training"]

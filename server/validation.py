@@ -1,0 +1,110 @@
+"""The external validation round: the study model to every site, one result per site.
+
+Flower's ``aggregate_evaluate`` would average sites away; here each reply is kept with
+its site, validated against the payload schema, and failures keep their reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, MessageType
+from flwr.serverapp import Grid
+from pydantic import ValidationError
+
+from common.model import ModelSpec, pack_state
+from protocols import keys
+from protocols.payloads import EvaluationPayload
+from protocols.report import SiteResult
+from protocols.study import StudyConfig
+from server.messaging import broadcast, instruction
+
+log = logging.getLogger(__name__)
+
+
+def identify_sites(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[int, str]:
+    """Ask every node for its site name (a pseudonym); silent nodes are named by node id."""
+    nodes = list(node_ids)
+    replies = broadcast(grid, nodes, instruction("identify", {}), MessageType.QUERY, timeout)
+    names: dict[int, str] = {}
+    for node in nodes:
+        reply = replies.ok.get(node)
+        if reply is not None:
+            try:
+                names[node] = str(json.loads(str(reply.content[keys.PAYLOAD][keys.PAYLOAD_JSON]))["site"])
+                continue
+            except (KeyError, ValueError, TypeError):
+                pass
+        names[node] = f"node-{node}"
+    _deduplicate(names)
+    return names
+
+
+def _deduplicate(names: dict[int, str]) -> None:
+    seen: dict[str, int] = {}
+    for node, name in sorted(names.items()):
+        if name in seen:
+            names[node] = f"{name}#{node}"
+        seen.setdefault(name, node)
+
+
+def parse_reply(reply: Message) -> EvaluationPayload:
+    return EvaluationPayload.model_validate_json(str(reply.content[keys.PAYLOAD][keys.PAYLOAD_JSON]))
+
+
+def run_validation(
+    grid: Grid,
+    study: StudyConfig,
+    sites: dict[int, str],
+    *,
+    task: str,
+    spec: ModelSpec | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    model_hash: str | None = None,
+) -> list[SiteResult]:
+    """Send ``evaluate`` (with the model) or ``compare`` to the chosen sites; keep each result."""
+    chosen = {n: s for n, s in sites.items() if not study.study.sites or s in study.study.sites}
+    config: dict[str, object] = {**study.to_flat("study", "eval")}
+    arrays = None
+    if task == "evaluate":
+        assert spec is not None and state_dict is not None  # programming error, not user input
+        packed, layout = pack_state(state_dict)
+        arrays = ArrayRecord({keys.PACKED: Array(np.ascontiguousarray(packed))})
+        config |= {keys.MODEL_SPEC: spec.model_dump_json(), keys.MODEL_LAYOUT: layout}
+        config[keys.MODEL_HASH] = model_hash or ""
+    replies = broadcast(
+        grid, chosen, instruction(task, config, arrays), MessageType.EVALUATE, study.study.round_timeout
+    )
+    results: list[SiteResult] = []
+    for node, site in sorted(sites.items(), key=lambda kv: kv[1]):
+        if node not in chosen:
+            results.append(SiteResult(site=site, node_id=node, status="not_selected", reason="not in study.sites"))
+        elif node in replies.ok:
+            try:
+                payload = parse_reply(replies.ok[node])
+            except (ValidationError, KeyError, ValueError) as err:
+                results.append(
+                    SiteResult(site=site, node_id=node, status="failed", reason=f"reply failed the payload schema: {err}")
+                )
+                continue
+            status = "ok" if payload.n_used > 0 else "no_usable_slices"
+            reason = None if payload.n_used else f"no usable slice; excluded: {payload.excluded}"
+            results.append(SiteResult(site=site, node_id=node, status=status, reason=reason, payload=payload))
+        elif node in replies.refused:
+            results.append(SiteResult(site=site, node_id=node, status="refused", reason=replies.refused[node]))
+        elif node in replies.failed:
+            results.append(SiteResult(site=site, node_id=node, status="failed", reason=replies.failed[node]))
+        else:
+            results.append(
+                SiteResult(
+                    site=site,
+                    node_id=node,
+                    status="timeout",
+                    reason=f"no reply within study.round-timeout = {study.study.round_timeout:.0f} s",
+                )
+            )
+    return results
