@@ -515,7 +515,7 @@ def evaluate_site(
             run.score(item, mask)
 
     batch: list[LoadedSlice] = []
-    for item in _with_progress(iter_slices(site), len(site.rows), progress, "evaluate"):
+    for item in _with_progress(iter_slices(site), site.n_listed, progress, "evaluate"):
         if isinstance(item, SliceError):
             run.exclude(item.reason)
             continue
@@ -531,7 +531,7 @@ def evaluate_site(
         site=site.config.name,
         fingerprint=dataset_fingerprint(site),
         model_hash=loaded.weights_hash,
-        n_listed=len(site.rows),
+        n_listed=site.n_listed,
         excluded=run.excluded,
         cutoff_set=cutoff_set,
         hu_ranges=hu_ranges,
@@ -560,7 +560,7 @@ def compare_site(
     hu_ranges = hu_ranges or HuRanges()
     site = load_site(site_root)
     run = _SiteRun(hu_ranges if harmonised else None, on_slice)
-    for item in _with_progress(iter_slices(site, with_reference=True), len(site.rows), progress, "compare"):
+    for item in _with_progress(iter_slices(site, with_reference=True), site.n_listed, progress, "compare"):
         if isinstance(item, SliceError):
             run.exclude(item.reason)
         elif item.reference is None:
@@ -573,7 +573,7 @@ def compare_site(
         site=site.config.name,
         fingerprint=dataset_fingerprint(site),
         model_hash=None,
-        n_listed=len(site.rows),
+        n_listed=site.n_listed,
         excluded=run.excluded,
         cutoff_set=cutoff_set,
         hu_ranges=hu_ranges,

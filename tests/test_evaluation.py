@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import sys
+import types
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +218,113 @@ def test_pooling_two_sites_equals_the_concatenated_records() -> None:
     pooled_smi = pool_smi_agreement([a.smi, b.smi])
     assert pooled_smi.n == whole.smi.n
     assert pooled_smi.sd_diff == pytest.approx(whole.smi.sd_diff)
+
+
+# --------------------------------------------------------------------------- site runs
+
+
+def _read_manifest(root: Path) -> list[dict[str, str]]:
+    with (root / "manifest.csv").open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_compare_site_scores_reference_against_label_and_counts_exclusions(tmp_path: Path) -> None:
+    from common.evaluation import compare_site
+    from tests.fixtures_site import make_site, write_manifest
+
+    root = make_site(tmp_path, n=4, size=64, with_reference=True, groups=2)
+    rows = _read_manifest(root)
+    rows[3]["reference"] = ""  # no reference on this row
+    rows.append({**rows[0], "image": "ct/absent.dcm"})  # missing file
+    write_manifest(root, rows)
+    seen: list[tuple[int, int]] = []
+
+    def hook(item: object, test_mask: np.ndarray) -> None:
+        seen.append((item.index, int(test_mask.sum())))  # type: ignore[attr-defined]
+
+    payload, records = compare_site(root, cutoff_set="korean", on_slice=hook)
+    assert payload.task == "compare" and payload.model_hash is None
+    assert payload.n_listed == 5 and payload.n_used == 3 and len(records) == 3
+    assert payload.excluded == {"no_reference": 1, "missing_file": 1}
+    assert payload.n_groups == 2
+    assert [index for index, _ in seen] == [0, 1, 2]
+    # The reference calls the IMAT blob muscle, the label does not: only muscle disagrees.
+    assert payload.scores["subcutaneous_fat"].bins["[0.9,1.0]"] == 3
+    assert payload.scores["visceral_fat"].iou.mean == 1.0
+    muscle = payload.scores["muscle"]
+    assert muscle.intersection_px < muscle.union_px
+    assert payload.areas["muscle"].mean_diff_cm2 is not None and payload.areas["muscle"].mean_diff_cm2 > 0
+    # Harmonising with the muscle HU range removes the fat-density blob from the reference.
+    assert payload.harmonised_scores is not None
+    assert payload.harmonised_scores["muscle"].iou.mean == pytest.approx(1.0)
+    assert payload.smi is not None and payload.smi.n == 3
+    assert payload.sarcopenia is not None and payload.sarcopenia.cutoff_set == "korean"
+    assert payload.dataset_fingerprint
+    EvaluationPayload.model_validate_json(payload.model_dump_json())
+
+
+def _fake_model_modules(monkeypatch: pytest.MonkeyPatch, predict: object) -> None:
+    """Stand-ins for common.model / common.inference so batching is tested without torch."""
+    model_mod = types.ModuleType("common.model")
+    model_mod.load_model = lambda path: types.SimpleNamespace(  # type: ignore[attr-defined]
+        model=None, spec=None, meta={}, weights_hash="hash-of-" + Path(path).name
+    )
+    inference_mod = types.ModuleType("common.inference")
+    inference_mod.predict_masks = predict  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "common.model", model_mod)
+    monkeypatch.setitem(sys.modules, "common.inference", inference_mod)
+
+
+def test_evaluate_site_streams_batches_and_isolates_failing_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.evaluation import evaluate_site
+    from tests.fixtures_site import make_site
+
+    root = make_site(tmp_path, n=5, size=32)
+    calls: list[int] = []
+
+    def predict(model: object, spec: object, images: list[np.ndarray], *, batch_size: int = 4) -> list:
+        calls.append(len(images))
+        assert len(images) <= batch_size
+        if len(calls) in (1, 3):  # the first batch fails, then its second slice alone fails again
+            raise RuntimeError("simulated inference failure")
+        masks = [np.where(hu > 0, M, 0).astype(np.uint8) for hu in images]
+        if len(calls) == 4:
+            masks[1] = masks[1][:8]  # wrong shape: scoring of that slice fails
+        return masks
+
+    _fake_model_modules(monkeypatch, predict)
+    scored: list[int] = []
+    payload, records = evaluate_site(
+        root, tmp_path / "model.pt", batch_size=2, on_slice=lambda item, mask: scored.append(item.index)
+    )
+    assert calls == [2, 1, 1, 2, 1]
+    assert scored == [0, 2, 4]
+    assert payload.n_used == 3 and len(records) == 3
+    assert payload.excluded == {"evaluation_error": 2}
+    assert payload.model_hash == "hash-of-model.pt" and payload.task == "evaluate"
+    assert payload.harmonised_scores is not None
+    assert payload.scores["subcutaneous_fat"].bins["[0,0.7)"] == 3  # the fake never predicts fat
+
+
+def test_a_slice_failing_to_score_never_stops_compare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import common.evaluation as evaluation
+    from tests.fixtures_site import make_site
+
+    root = make_site(tmp_path, n=3, size=32, with_reference=True)
+    real = evaluation.score_slice
+    count = {"n": 0}
+
+    def flaky(*args: object, **kwargs: object) -> SliceRecord:
+        count["n"] += 1
+        if count["n"] == 2:
+            raise FloatingPointError("boom")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(evaluation, "score_slice", flaky)
+    payload, _ = evaluation.compare_site(root, harmonised=False)
+    assert payload.n_used == 2 and payload.excluded == {"evaluation_error": 1}
+    assert payload.harmonised_scores is None
