@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import numpy as np
 
 from common.cutoffs import get_cutoff_set, is_sarcopenic
+from common.dataset import LoadedSlice, dataset_fingerprint, iter_slices, load_site
 from common.errors import SliceError
 from common.metrics import (
     ClassOverlap,
@@ -48,14 +49,14 @@ from protocols.payloads import (
     SmiAgreement,
 )
 
-if TYPE_CHECKING:
-    from common.dataset import LoadedSlice
+if TYPE_CHECKING:  # torch is imported only when a model is run, never for scoring or pooling
+    from common.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
 #: Called once per scored slice with the loaded slice (HU, spacing, label) and the test mask,
 #: so a discrepancy analysis can run without reading the data twice.
-SliceHook = Callable[["LoadedSlice", np.ndarray], None]
+SliceHook = Callable[[LoadedSlice, np.ndarray], None]
 _T = TypeVar("_T")
 
 
@@ -471,7 +472,7 @@ def _with_progress(items: Iterable[_T], total: int, enabled: bool, desc: str) ->
 
 def evaluate_site(
     site_root: Path | str,
-    model_path: Path | str,
+    model: Path | str | LoadedModel,
     *,
     cutoff_set: str = "prado2008",
     batch_size: int = 4,
@@ -482,13 +483,15 @@ def evaluate_site(
 ) -> tuple[EvaluationPayload, list[SliceRecord]]:
     """Run the model on every usable slice of a site and score it against the site's labels.
 
+    ``model`` is a ``model.pt`` path (read with ``common.model.load_model``) or a LoadedModel
+    already in memory (its ``weights_hash`` becomes the payload's ``model_hash``).
+
     Streams: reads ``batch_size`` slices, predicts, scores, drops the images. Unusable rows
     are counted by their ExclusionReason; a batch whose prediction fails is retried slice by
     slice, and a slice that still fails (or fails scoring) counts as ``evaluation_error``.
     ``on_slice(loaded_slice, predicted_mask)`` is called for every scored slice.
     """
-    from common.dataset import dataset_fingerprint, iter_slices, load_site
-    from common.inference import predict_masks
+    from common.inference import predict_masks  # torch: imported only when a model is run
     from common.model import load_model
 
     get_cutoff_set(cutoff_set)
@@ -496,7 +499,7 @@ def evaluate_site(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     hu_ranges = hu_ranges or HuRanges()
     site = load_site(site_root)
-    loaded = load_model(model_path)
+    loaded = load_model(model) if isinstance(model, Path | str) else model
     run = _SiteRun(hu_ranges if harmonised else None, on_slice)
 
     def predict(batch: list[LoadedSlice]) -> None:
@@ -554,8 +557,6 @@ def compare_site(
     Rows without a reference count as excluded ``no_reference``. ``on_slice(loaded_slice,
     reference_mask)`` is called for every scored slice.
     """
-    from common.dataset import dataset_fingerprint, iter_slices, load_site
-
     get_cutoff_set(cutoff_set)
     hu_ranges = hu_ranges or HuRanges()
     site = load_site(site_root)
