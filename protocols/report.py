@@ -1,0 +1,96 @@
+"""The study report a coordinator reads: ``report.json`` (schema version 1).
+
+One :class:`SiteResult` per site (with its payload when it sent one, or the status and reason
+when it did not), the training rounds when the study trained, and what every number depends
+on: model hash, SMI cut-off set and HU ranges. ``server.report`` renders it to CSV, Markdown
+and HTML; the JSON file is the record.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from protocols.base import Schema
+from protocols.payloads import EvaluationPayload, HuRanges
+
+REPORT_SCHEMA_VERSION = "1"
+
+SiteStatus = Literal["ok", "no_usable_slices", "failed", "timeout", "refused", "not_selected"]
+SITE_STATUSES: tuple[str, ...] = ("ok", "no_usable_slices", "failed", "timeout", "refused", "not_selected")
+
+
+def installed_version() -> str:
+    """The installed sarcofed version, or ``"unknown"`` when running from an uninstalled tree."""
+    try:
+        return metadata.version("sarcofed")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class SiteResult(Schema):
+    """What came back from one site in the validation round."""
+
+    site: str = Field(description="the site's name as the site reports it (a pseudonym)")
+    node_id: int | None = None
+    status: SiteStatus
+    reason: str | None = Field(default=None, description="why the status is not 'ok', in words")
+    payload: EvaluationPayload | None = None
+
+    @model_validator(mode="after")
+    def _ok_has_payload(self) -> SiteResult:
+        if self.status == "ok" and self.payload is None:
+            raise ValueError(f"site {self.site!r}: status 'ok' needs a payload")
+        return self
+
+
+class RoundRecord(Schema):
+    """One federated training round, as the training study records it.
+
+    Fields other than ``round`` are optional so that a failed round (too few replies) can be
+    recorded too. ``per_site`` holds each site's training aggregates (``protocols.keys``
+    metric names -> value); ``pooled_val_loss`` is the sum of the sites' validation losses
+    over the sum of their validation slices (mean over slices, pooled across sites).
+    """
+
+    round: int = Field(ge=0)
+    status: Literal["ok", "failed"] = "ok"
+    sites_sent: list[str] = Field(default_factory=list)
+    sites_replied: list[str] = Field(default_factory=list)
+    sites_failed: dict[str, str] = Field(default_factory=dict, description="site -> reason")
+    pooled_val_loss: float | None = None
+    pooled_val_iou: dict[str, float | None] = Field(
+        default_factory=dict, description="class -> validation IoU pooled over pixels across sites"
+    )
+    per_site: dict[str, dict[str, float]] = Field(default_factory=dict)
+    weights_hash: str | None = None
+    improved: bool | None = None
+    seconds: float | None = None
+
+
+class StudyReport(Schema):
+    """Everything a coordinator needs to read one study run (``report.json``)."""
+
+    schema_version: Literal["1"] = REPORT_SCHEMA_VERSION
+    sarcofed_version: str = Field(default_factory=installed_version)
+    created: str = Field(description="ISO 8601 time the report was made (the study's date, no patient date)")
+    run_id: str
+    study_name: str
+    task: Literal["evaluate", "compare"]
+    model_hash: str | None = None
+    model_spec: dict[str, str | int | float] | None = None
+    cutoff_set: str
+    hu_ranges: HuRanges = HuRanges()
+    sites: list[SiteResult]
+    training: list[RoundRecord] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_sites(self) -> StudyReport:
+        names = [s.site for s in self.sites]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"site names must be unique in a report; repeated: {duplicated}")
+        return self
