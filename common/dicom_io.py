@@ -94,24 +94,25 @@ def _read_dataset(path: Path) -> Dataset:
     if path.is_dir():
         raise _fail(ExclusionReason.unreadable_image, path, "is a folder, expected a single DICOM file")
     try:
-        return pydicom.dcmread(path)
+        ds = pydicom.dcmread(path)
     except InvalidDicomError:
-        pass  # maybe a DICOM file without the 128-byte preamble: try once more below
+        ds = None  # maybe a DICOM file without the 128-byte preamble: try once more below
     except Exception as exc:  # any parser failure means "corrupt"
         raise _fail(
             ExclusionReason.unreadable_image, path, f"DICOM header cannot be parsed ({exc}); file corrupt?"
         ) from exc
-    try:
-        ds = pydicom.dcmread(path, force=True)
-    except Exception as exc:
-        raise _fail(
-            ExclusionReason.unreadable_image, path, f"not a DICOM file (no 'DICM' marker; {exc})"
-        ) from exc
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except Exception as exc:
+            raise _fail(
+                ExclusionReason.unreadable_image, path, f"not a DICOM file (no 'DICM' marker; {exc})"
+            ) from exc
     if "SOPClassUID" not in ds and "Modality" not in ds and "PixelData" not in ds:
         raise _fail(
             ExclusionReason.unreadable_image,
             path,
-            "not a DICOM file (no 'DICM' marker and no recognisable DICOM elements)",
+            "no DICOM image elements could be read (not a DICOM file, or truncated / corrupt)",
         )
     return ds
 
