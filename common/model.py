@@ -1,0 +1,312 @@
+"""The study model: its spec, construction, fingerprint, transport packing and model.pt files.
+
+A model is fully described by a :class:`ModelSpec` (architecture, encoder, channels, classes,
+input size and the HU window used to normalise CT) plus a state_dict. Encoders are always
+built with ``encoder_weights=None``: hospitals are offline and nothing may download at run time.
+
+Transport: Flower's cost grows with the number of arrays rather than bytes, so
+:func:`pack_state` flattens a whole state_dict into ONE float32 vector plus a JSON layout
+string. Float32 (not raw bytes) is deliberate: the server averages the packed vectors
+(FedAvg, FedProx, DP clipping and noise all work element-wise), which is only meaningful
+when each element is a weight value. Integer buffers (BatchNorm ``num_batches_tracked``)
+travel as float32 values and are rounded back on unpacking, so an average of counters
+becomes the nearest integer.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from common.errors import SarcofedError
+from protocols.base import Schema
+
+log = logging.getLogger(__name__)
+
+#: HU window mapped to [0, 1] before the network (see ``common.preprocess``).
+#: -250..+250 keeps the whole fat range (-190..-30) and muscle (-29..+150) unclipped and
+#: apart, lets air (< -250) saturate at 0 and bone / dense contrast (> +250) at 1.
+DEFAULT_HU_WINDOW: Final[tuple[float, float]] = (-250.0, 250.0)
+
+ARCHITECTURES: Final[tuple[str, ...]] = tuple(smp.MODEL_ARCHITECTURES_MAPPING)
+
+MODEL_FORMAT: Final = "sarcofed-model"
+MODEL_FORMAT_VERSION: Final = 1
+PACK_FORMAT: Final = "sarcofed-packed-v1"
+
+# dtypes whose every value float32 represents exactly (integers up to 2**24 are checked).
+_FLOAT_DTYPES: Final = (torch.float32, torch.float16, torch.bfloat16)
+_INT_DTYPES: Final = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+_FLOAT32_EXACT_INT: Final = 2**24
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm
+
+    return bool(timm.is_model(name))
+
+
+class ModelSpec(Schema):
+    """Everything needed to rebuild the network, apart from its weights."""
+
+    arch: str = "unet"
+    encoder: str = "resnet34"
+    in_channels: int = Field(1, ge=1)
+    classes: int = Field(4, ge=2)
+    image_size: int = Field(512, ge=32, le=2048)
+    #: (low, high) HU mapped to (0, 1); part of the spec because a model trained on one
+    #: window is wrong on another.
+    hu_window: tuple[float, float] = DEFAULT_HU_WINDOW
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        key = value.lower()
+        if key not in ARCHITECTURES:
+            raise ValueError(f"unknown model arch {value!r}; valid choices are: {', '.join(ARCHITECTURES)}")
+        return key
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, value: str) -> str:
+        names = smp.encoders.get_encoder_names()
+        if value.startswith("tu-") and _is_timm_model(value[3:]):
+            return value
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=5, cutoff=0.5)
+            hint = f"close matches: {', '.join(close)}" if close else f"e.g. {', '.join(names[:6])}"
+            raise ValueError(
+                f"unknown encoder {value!r} ({hint}); see segmentation_models_pytorch.encoders."
+                "get_encoder_names() for all choices, or 'tu-<timm model name>'"
+            )
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            lower, upper = value // 32 * 32, value // 32 * 32 + 32
+            raise ValueError(
+                f"image_size must be a multiple of 32 (encoder strides), got {value}; "
+                f"use {max(lower, 32)} or {upper}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _ordered_window(self) -> ModelSpec:
+        low, high = self.hu_window
+        if not low < high:
+            raise ValueError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
+        return self
+
+
+def build_model(spec: ModelSpec) -> torch.nn.Module:
+    """A freshly initialised network for ``spec`` (never downloads weights)."""
+    try:
+        return smp.create_model(
+            spec.arch,
+            encoder_name=spec.encoder,
+            encoder_weights=None,
+            in_channels=spec.in_channels,
+            classes=spec.classes,
+        )
+    except Exception as err:  # smp raises assorted errors for incompatible arch/encoder pairs
+        raise ValueError(
+            f"cannot build arch {spec.arch!r} with encoder {spec.encoder!r}: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _as_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def weights_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) over names, dtypes, shapes and bytes of every tensor, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        header = f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{tuple(tensor.shape)}\0"
+        digest.update(header.encode())
+        digest.update(_as_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _state_of(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    return {name: t.detach().cpu() for name, t in state.items()}
+
+
+# ------------------------------------------------------------------------- packing
+
+
+def pack_state(state: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, str]:
+    """All tensors as ONE 1-D float32 array, and the JSON layout to rebuild them.
+
+    Float16/bfloat16/float32 and integer tensors round-trip exactly; integer values must lie
+    within +-2**24 (exact in float32). Other dtypes (float64, complex) raise ValueError.
+    """
+    entries: list[list[Any]] = []
+    parts: list[np.ndarray] = []
+    for name, tensor in state.items():
+        t = tensor.detach().cpu()
+        if t.dtype in _FLOAT_DTYPES:
+            values = t.to(torch.float32)
+        elif t.dtype in _INT_DTYPES:
+            wide = t.to(torch.int64)
+            if wide.numel() and int(wide.abs().max()) > _FLOAT32_EXACT_INT:
+                raise ValueError(
+                    f"cannot pack {name!r}: integer values up to {int(wide.abs().max())} exceed 2**24, "
+                    "which float32 transport cannot represent exactly"
+                )
+            values = wide.to(torch.float32)
+        else:
+            raise ValueError(
+                f"cannot pack {name!r} of dtype {t.dtype}: supported dtypes are float32/float16/bfloat16 "
+                "and integer/bool tensors; cast the state_dict to float32 first"
+            )
+        entries.append([name, str(t.dtype).removeprefix("torch."), list(t.shape)])
+        parts.append(values.reshape(-1).numpy())
+    packed = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+    layout = {"format": PACK_FORMAT, "size": int(packed.size), "entries": entries}
+    return np.ascontiguousarray(packed, dtype=np.float32), json.dumps(layout, separators=(",", ":"))
+
+
+def unpack_state(array: np.ndarray, layout: str) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_state` (integer entries are rounded to the nearest integer)."""
+    try:
+        info = json.loads(layout)
+        if info.get("format") != PACK_FORMAT:
+            raise ValueError(f"format is {info.get('format')!r}, expected {PACK_FORMAT!r}")
+        entries = [(str(n), str(d), [int(s) for s in shape]) for n, d, shape in info["entries"]]
+        size = int(info["size"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"invalid packed-weights layout: {err}") from err
+    flat = np.asarray(array)
+    if flat.ndim != 1 or flat.size != size:
+        raise ValueError(f"packed weights have shape {flat.shape}; the layout expects a 1-D array of {size}")
+    if not np.issubdtype(flat.dtype, np.floating):
+        raise ValueError(f"packed weights must be a float array, got dtype {flat.dtype}")
+    source = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, dtype_name, shape in entries:
+        dtype = getattr(torch, dtype_name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(
+                f"invalid packed-weights layout: entry {name!r} has unknown dtype {dtype_name!r}"
+            )
+        count = int(np.prod(shape, dtype=np.int64))
+        chunk = source[offset : offset + count].reshape(shape)
+        offset += count
+        if dtype in _FLOAT_DTYPES:
+            out[name] = chunk.to(dtype).clone()
+        elif dtype == torch.bool:
+            out[name] = chunk.round() != 0
+        else:
+            out[name] = chunk.round().to(dtype)
+    if offset != size:
+        raise ValueError(f"invalid packed-weights layout: entries cover {offset} values of {size}")
+    return out
+
+
+# ------------------------------------------------------------------------- model.pt files
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module  #: in eval mode
+    spec: ModelSpec
+    meta: dict[str, str | int | float]
+    weights_hash: str
+
+
+def save_model(
+    path: Path | str,
+    model_or_state: torch.nn.Module | Mapping[str, torch.Tensor],
+    spec: ModelSpec,
+    meta: Mapping[str, str | int | float] | None = None,
+) -> Path:
+    """Write a ``model.pt`` file (spec, state_dict, meta, weights hash); returns its path.
+
+    Written to a temporary file first and renamed, so a crash never leaves half a model.
+    """
+    path = Path(path)
+    meta_dict = dict(meta or {})
+    for key, value in meta_dict.items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"model meta must map str to str/int/float; {key!r} has {type(value).__name__}")
+    state = _state_of(model_or_state)
+    payload = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "spec": spec.model_dump(mode="json"),
+        "state_dict": state,
+        "meta": meta_dict,
+        "weights_hash": weights_hash(state),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    log.info("saved model %s (weights %s)", path, payload["weights_hash"][:16])
+    return path
+
+
+def load_model(path: Path | str) -> LoadedModel:
+    """Read a file written by :func:`save_model`; the model comes back in eval mode.
+
+    Raises :class:`~common.errors.SarcofedError` naming the file when it is missing, is not a
+    sarcofed model, or its weights do not match the stored hash.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SarcofedError(f"{path}: model file not found (expected a model.pt written by sarcofed)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise SarcofedError(
+            f"{path}: not a readable sarcofed model file ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise SarcofedError(
+            f"{path}: not a sarcofed model (no format={MODEL_FORMAT!r} entry); "
+            "write models with common.model.save_model"
+        )
+    if payload.get("format_version") != MODEL_FORMAT_VERSION:
+        raise SarcofedError(
+            f"{path}: model format version {payload.get('format_version')!r} is not supported "
+            f"(this sarcofed reads version {MODEL_FORMAT_VERSION})"
+        )
+    try:
+        spec = ModelSpec.model_validate(payload["spec"])
+    except Exception as err:
+        raise SarcofedError(f"{path}: invalid model spec: {err}") from err
+    state = payload["state_dict"]
+    actual = weights_hash(state)
+    if actual != payload.get("weights_hash"):
+        raise SarcofedError(
+            f"{path}: weights hash mismatch (stored {str(payload.get('weights_hash'))[:16]}, "
+            f"computed {actual[:16]}): the file is corrupted or was edited"
+        )
+    model = build_model(spec)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise SarcofedError(f"{path}: weights do not fit the spec {spec.model_dump()}: {err}") from err
+    model.eval()
+    return LoadedModel(model=model, spec=spec, meta=dict(payload.get("meta") or {}), weights_hash=actual)

@@ -1,0 +1,183 @@
+"""common.model: spec validation, hashing, transport packing and model.pt round trips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from common.errors import SarcofedError
+from common.model import (
+    ModelSpec,
+    build_model,
+    load_model,
+    pack_state,
+    save_model,
+    unpack_state,
+    weights_hash,
+)
+
+SMALL = ModelSpec(encoder="resnet18", image_size=64)
+
+
+@pytest.fixture(scope="module")
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(SMALL)
+    # Non-default buffers so a round trip that dropped or zeroed them would show.
+    for name, buf in model.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            buf.fill_(123)
+        elif name.endswith("running_mean"):
+            buf.normal_()
+    return model
+
+
+def test_spec_defaults_are_the_seed_model() -> None:
+    spec = ModelSpec()
+    assert (spec.arch, spec.encoder, spec.in_channels, spec.classes, spec.image_size) == (
+        "unet",
+        "resnet34",
+        1,
+        4,
+        512,
+    )
+    low, high = spec.hu_window
+    assert low < -190 and high > 150  # fat and muscle ranges are inside the window
+
+
+def test_unknown_arch_lists_valid_choices() -> None:
+    with pytest.raises(ValidationError) as err:
+        ModelSpec(arch="unte")
+    text = str(err.value)
+    assert "'unte'" in text and "unet" in text and "deeplabv3plus" in text and "fpn" in text
+
+
+def test_unknown_encoder_suggests_close_matches() -> None:
+    with pytest.raises(ValidationError) as err:
+        ModelSpec(encoder="resnet35")
+    assert "'resnet35'" in str(err.value) and "resnet34" in str(err.value)
+
+
+def test_image_size_must_be_multiple_of_32() -> None:
+    with pytest.raises(ValidationError, match=r"multiple of 32.*got 100"):
+        ModelSpec(image_size=100)
+    assert ModelSpec(image_size=96).image_size == 96
+
+
+def test_hu_window_must_be_ordered() -> None:
+    with pytest.raises(ValidationError, match="low < high"):
+        ModelSpec(hu_window=(300.0, -200.0))
+
+
+def test_spec_json_round_trip_and_frozen() -> None:
+    assert ModelSpec.model_validate_json(SMALL.model_dump_json()) == SMALL
+    with pytest.raises(ValidationError):
+        ModelSpec(encoder="resnet18", bogus=1)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError):
+        SMALL.image_size = 128  # type: ignore[misc]
+
+
+def test_build_model_output_shape(small_model: torch.nn.Module) -> None:
+    small_model.eval()
+    with torch.inference_mode():
+        out = small_model(torch.zeros(2, 1, 64, 64))
+    assert out.shape == (2, 4, 64, 64)
+
+
+def test_timm_universal_encoder_is_accepted() -> None:
+    assert ModelSpec(encoder="tu-mobilenetv3_small_100").encoder == "tu-mobilenetv3_small_100"
+    with pytest.raises(ValidationError):
+        ModelSpec(encoder="tu-no_such_model")
+
+
+def test_weights_hash_sees_names_values_and_dtypes() -> None:
+    state = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3], dtype=torch.int64)}
+    base = weights_hash(state)
+    assert len(base) == 64
+    assert weights_hash(dict(reversed(list(state.items())))) == base  # key order is irrelevant
+    assert weights_hash({**state, "a": torch.tensor([1.0, 2.5])}) != base
+    assert weights_hash({"c": state["a"], "b": state["b"]}) != base
+    assert weights_hash({**state, "b": torch.tensor([3], dtype=torch.int32)}) != base
+    assert weights_hash({**state, "a": torch.tensor([[1.0, 2.0]])}) != base  # shape
+
+
+def test_pack_unpack_exact_round_trip(small_model: torch.nn.Module) -> None:
+    state = small_model.state_dict()
+    packed, layout = pack_state(state)
+    assert packed.dtype == np.float32 and packed.ndim == 1
+    json.loads(layout)  # a JSON string that a ConfigRecord can carry
+    back = unpack_state(packed, layout)
+    assert list(back) == list(state)
+    for name, tensor in state.items():
+        assert back[name].dtype == tensor.dtype, name
+        assert torch.equal(back[name], tensor), name
+    assert back["encoder.bn1.num_batches_tracked"].item() == 123
+    assert weights_hash(back) == weights_hash(state)
+    rebuilt = build_model(SMALL)
+    rebuilt.load_state_dict(back)  # strict: every key fits
+
+
+def test_unpack_rounds_averaged_integer_buffers() -> None:
+    a, layout = pack_state({"w": torch.tensor([1.0]), "n": torch.tensor(10, dtype=torch.int64)})
+    b, _ = pack_state({"w": torch.tensor([3.0]), "n": torch.tensor(13, dtype=torch.int64)})
+    mean = unpack_state((a + b) / 2, layout)  # what FedAvg does to the packed vector
+    assert mean["w"].item() == 2.0
+    assert mean["n"].dtype == torch.int64 and mean["n"].item() == 12  # 11.5 rounds to even
+
+
+def test_pack_rejects_lossy_dtypes_and_unpack_checks_size() -> None:
+    with pytest.raises(ValueError, match="float64"):
+        pack_state({"x": torch.zeros(2, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"2\*\*24"):
+        pack_state({"x": torch.tensor([2**25], dtype=torch.int64)})
+    packed, layout = pack_state({"x": torch.zeros(3)})
+    with pytest.raises(ValueError, match="1-D array of 3"):
+        unpack_state(packed[:2], layout)
+    with pytest.raises(ValueError, match="layout"):
+        unpack_state(packed, "{not json")
+
+
+def test_save_load_reproduces_outputs(tmp_path, small_model: torch.nn.Module) -> None:
+    path = save_model(tmp_path / "sub" / "model.pt", small_model, SMALL, {"round": 3, "study": "demo"})
+    loaded = load_model(path)
+    assert loaded.spec == SMALL
+    assert loaded.meta == {"round": 3, "study": "demo"}
+    assert loaded.weights_hash == weights_hash(small_model.state_dict())
+    assert not loaded.model.training
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    small_model.eval()
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(x), small_model(x))
+
+
+def test_load_errors_name_the_file(tmp_path) -> None:
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(SarcofedError, match=r"nope.pt.*not found"):
+        load_model(missing)
+    raw = tmp_path / "raw.pt"
+    torch.save({"w": torch.zeros(1)}, raw)
+    with pytest.raises(SarcofedError, match=r"raw.pt.*not a sarcofed model"):
+        load_model(raw)
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    with pytest.raises(SarcofedError, match=r"junk\.pt"):
+        load_model(junk)
+
+
+def test_load_detects_tampered_weights(tmp_path) -> None:
+    spec = ModelSpec(encoder="resnet18", image_size=64)
+    path = save_model(tmp_path / "model.pt", build_model(spec), spec)
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["segmentation_head.0.bias"] += 1.0
+    torch.save(payload, path)
+    with pytest.raises(SarcofedError, match=r"model.pt.*hash mismatch"):
+        load_model(path)
+
+
+def test_save_rejects_non_scalar_meta(tmp_path) -> None:
+    with pytest.raises(ValueError, match="'sites'"):
+        save_model(tmp_path / "m.pt", {"w": torch.zeros(1)}, SMALL, {"sites": ["a"]})  # type: ignore[dict-item]
