@@ -328,3 +328,24 @@ def test_a_slice_failing_to_score_never_stops_compare(
     payload, _ = evaluation.compare_site(root, harmonised=False)
     assert payload.n_used == 2 and payload.excluded == {"evaluation_error": 1}
     assert payload.harmonised_scores is None
+
+
+@pytest.mark.slow
+def test_evaluate_site_with_an_untrained_tiny_model(tmp_path: Path) -> None:
+    from common.evaluation import evaluate_site
+    from common.model import ModelSpec, build_model, load_model, save_model
+    from tests.fixtures_site import make_site
+
+    root = make_site(tmp_path, n=3, size=64, groups=2)
+    spec = ModelSpec(encoder="resnet18", image_size=64)
+    model_path = save_model(tmp_path / "model.pt", build_model(spec), spec)
+    payload, records = evaluate_site(root, model_path, batch_size=2)
+    assert payload.task == "evaluate" and payload.n_used == 3 and payload.n_groups == 2
+    assert payload.model_hash == load_model(model_path).weights_hash
+    assert sum(payload.scores["msv"].bins.values()) + payload.scores["msv"].undefined == 3
+    assert payload.harmonised_scores is not None and payload.smi is not None and payload.smi.n == 3
+    assert len(records) == 3 and all(r.smi_label is not None for r in records)
+    again, _ = evaluate_site(root, load_model(model_path), batch_size=3, harmonised=False)
+    assert again.scores == payload.scores  # same model, other batching: same numbers
+    assert again.harmonised_scores is None
+    EvaluationPayload.model_validate_json(payload.model_dump_json())
