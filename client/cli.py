@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from common.errors import SiteFolderError
@@ -29,6 +31,9 @@ def check(
 ) -> None:
     """Check that a site folder is usable: read every CT slice and mask it lists, locally.
 
+    SITE_DIR is the folder holding site.toml and manifest.csv; paths in the manifest are
+    relative to it.
+
     Reports how many slices are usable, why the others are excluded (file by file, with what
     to fix), which mask values were seen for each tissue, pixel spacing, and how much of each
     tissue lies in its expected HU range (muscle -29..150, subcutaneous fat -190..-30,
@@ -38,6 +43,8 @@ def check(
     """
     from common.check import check_site, render_check
 
+    # pydicom logs every oddity of every file; the report already says what matters.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     console = Console()
     errors = Console(stderr=True)
     try:
@@ -57,7 +64,7 @@ def check(
                     site_dir, on_row=lambda done, total: progress.update(task, completed=done, total=total)
                 )
     except SiteFolderError as exc:
-        errors.print(f"[red]Site folder not usable:[/red] {exc.path}\n{exc.detail}", highlight=False)
+        errors.print(f"[red]Site folder not usable:[/red] {escape(str(exc.path))}\n{escape(exc.detail)}")
         raise typer.Exit(1) from None
     if as_json:
         typer.echo(report.model_dump_json(indent=2))

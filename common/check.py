@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.dataset import MANIFEST_CSV, LoadedSlice, dataset_fingerprint, load_site, load_slice
@@ -206,7 +207,7 @@ def _fmt(value: float | None, pattern: str = "{:.1f}") -> str:
 def render_check(report: SiteCheckReport, console: Console) -> None:
     """Print the report as rich tables for the person at the site."""
     verdict = "[green]usable[/green]" if report.usable else "[red]NOT usable[/red]"
-    console.print(f"[bold]Site[/bold] {report.site}: {verdict}")
+    console.print(f"[bold]Site[/bold] {escape(report.site)}: {verdict}")
     summary = Table(show_header=False, box=None)
     summary.add_row("slices listed", str(report.n_listed))
     summary.add_row("slices usable", str(report.n_usable))
@@ -244,7 +245,7 @@ def render_check(report: SiteCheckReport, console: Console) -> None:
         reasons.add_column("count", justify="right")
         reasons.add_column("meaning")
         for reason, count in report.excluded.items():
-            reasons.add_row(reason, str(count), ExclusionReason(reason).label)
+            reasons.add_row(reason, str(count), escape(ExclusionReason(reason).label))
         console.print(reasons)
         problems = Table(title="Excluded rows (local only: names files)")
         problems.add_column("file", overflow="fold")
@@ -252,7 +253,9 @@ def render_check(report: SiteCheckReport, console: Console) -> None:
         problems.add_column("reason")
         problems.add_column("what to fix", overflow="fold")
         for problem in report.problems:
-            problems.add_row(problem.file, str(problem.line or ""), problem.reason, problem.detail)
+            problems.add_row(
+                escape(problem.file), str(problem.line or ""), problem.reason, escape(problem.detail)
+            )
         console.print(problems)
 
 

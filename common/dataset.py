@@ -102,7 +102,11 @@ def _location(error: dict[str, object]) -> str:
 
 
 def _format_validation(exc: ValidationError) -> str:
-    return "; ".join(f"{_location(e)}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors())
+    parts = []
+    for error in exc.errors():
+        got = "" if error["type"] == "missing" else f" (got {error.get('input')!r})"
+        parts.append(f"{_location(dict(error))}: {error['msg']}{got}")
+    return "; ".join(parts)
 
 
 def _load_config(root: Path) -> SiteConfig:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -86,6 +87,16 @@ def _fail(reason: ExclusionReason, path: Path, detail: str) -> SliceError:
     return SliceError(reason, path, detail)
 
 
+def _dcmread(path: Path, *, force: bool = False) -> Dataset:
+    """``pydicom.dcmread`` with its warnings about odd files turned into debug log lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(path, force=force)
+    for warning in caught:
+        log.debug("%s: pydicom: %s", path, warning.message)
+    return ds
+
+
 def _read_dataset(path: Path) -> Dataset:
     if not path.exists():
         raise _fail(
@@ -94,7 +105,7 @@ def _read_dataset(path: Path) -> Dataset:
     if path.is_dir():
         raise _fail(ExclusionReason.unreadable_image, path, "is a folder, expected a single DICOM file")
     try:
-        ds = pydicom.dcmread(path)
+        ds = _dcmread(path)
     except InvalidDicomError:
         ds = None  # maybe a DICOM file without the 128-byte preamble: try once more below
     except Exception as exc:  # any parser failure means "corrupt"
@@ -103,7 +114,7 @@ def _read_dataset(path: Path) -> Dataset:
         ) from exc
     if ds is None:
         try:
-            ds = pydicom.dcmread(path, force=True)
+            ds = _dcmread(path, force=True)
         except Exception as exc:
             raise _fail(
                 ExclusionReason.unreadable_image, path, f"not a DICOM file (no 'DICM' marker; {exc})"
