@@ -165,3 +165,40 @@ def test_reads_pydicom_liver_seg() -> None:
 def test_seg_needs_the_ct_to_be_written(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ct_path"):
         write_mask(tmp_path / "s.dcm", MASK)
+
+
+def test_seg_with_overlapping_segments_is_refused(tmp_path: Path, ct: Path) -> None:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    stack = np.zeros((1, *MASK.shape, 2), dtype=np.uint8)
+    stack[0, :3, :3, 0] = 1
+    stack[0, 2:5, 2:5, 1] = 1  # overlaps segment 1 at (2, 2)
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=n,
+            segment_label=label,
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type="MANUAL",
+        )
+        for n, label in ((1, "1"), (2, "7"))
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=[pydicom.dcmread(ct)],
+        pixel_array=stack,
+        segmentation_type="BINARY",
+        segment_descriptions=segments,
+        series_instance_uid=hd.UID(),
+        series_number=1,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="0",
+        device_serial_number="0",
+    )
+    seg.save_as(tmp_path / "overlap.dcm")
+    with pytest.raises(SliceError, match="overlap at 1 pixels") as info:
+        read_mask(tmp_path / "overlap.dcm", ct_path=ct)
+    assert info.value.reason is R.unreadable_label
