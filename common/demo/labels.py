@@ -151,7 +151,9 @@ def canonical_labels(
     if convention.imat_as_muscle:
         muscle |= _imat_of_included(structures, convention)
     if convention.contour_erosion_px:
-        muscle = ndimage.binary_erosion(muscle, iterations=convention.contour_erosion_px)
+        # the outline is drawn inside the edge; holes (IMAT cut out by thresholds) stay as they are
+        outline = ndimage.binary_fill_holes(muscle)
+        muscle &= ndimage.binary_erosion(outline, iterations=convention.contour_erosion_px)
     sat = (structures == Structure.subcutaneous_fat) & _in_range(
         hu, convention.sat_hu_range, "subcutaneous fat"
     )

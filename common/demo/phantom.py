@@ -90,9 +90,12 @@ def _body_and_walls(a: PatientAnatomy, grid: _Grid) -> tuple[np.ndarray, np.ndar
     y, x = grid.coords[:, None], grid.coords[None, :]
     phi = np.arctan2(x, -(y - a.centre_y))  # 0 anterior, +-pi posterior
     semi_b = np.where(y < a.centre_y, a.body_b_ant, a.body_b_post)
-    radius = np.hypot(x / a.body_a, (y - a.centre_y) / semi_b)
-    body = (radius <= harmonic(phi, a.outline)) & (y <= a.back_y)
-    depth = ndimage.distance_transform_edt(body, sampling=grid.spacing) - grid.spacing / 2
+    level = np.hypot(x / a.body_a, (y - a.centre_y) / semi_b) / harmonic(phi, a.outline) - 1.0
+    # sub-pixel distance to the outline (first order: level / |gradient|), exact at the flat back
+    grad_r, grad_c = np.gradient(level, grid.spacing)
+    near = np.minimum(-level / np.maximum(np.hypot(grad_r, grad_c), 1e-9), a.back_y - y)
+    body = near >= 0
+    depth = near
     struct = np.full(body.shape, S.air, dtype=np.uint8)
     struct[body] = S.skin
     struct[body & (depth >= a.skin_mm)] = S.subcutaneous_fat
