@@ -1,0 +1,308 @@
+"""Site-local training of the study model: the split, one round of local epochs, validation loss.
+
+Everything here is pure (no Flower): ``client`` calls :func:`split_train_val` and
+:func:`train_local` and sends back the weights and the aggregate numbers of
+:class:`LocalTrainResult`, all of which are sums or counts that pool across sites.
+
+Recipe (seed paper, Table 1): 0.5 Dice + 0.5 cross-entropy (:class:`~common.loss.SeedLoss`),
+RMSprop, lr 2e-4, batch 4, at ``spec.image_size``. Optional FedProx proximal term
+``mu / 2 * ||w - w_global||^2`` over the trainable parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.loss import SeedLoss
+from common.metrics import overlap_from_confusion
+from common.model import ModelSpec
+from common.preprocess import mask_to_size, to_model_input
+from protocols.classes import METRIC_CLASSES
+
+log = logging.getLogger(__name__)
+
+_N_CANONICAL = 4
+
+
+@dataclass
+class TrainSample:
+    """One labelled slice held in site memory (never leaves the site)."""
+
+    hu: np.ndarray  #: float32 HU, H x W
+    label: np.ndarray  #: uint8 canonical 0-3, H x W
+    group: str  #: patient key: slices of one group stay on one side of the split
+
+
+class TrainConfig(BaseModel):
+    """Local-training settings (one round at one site)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    local_epochs: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+    optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
+    #: weight of the Dice term; cross-entropy gets ``1 - dice_weight``.
+    dice_weight: float = Field(0.5, ge=0, le=1)
+    #: FedProx: adds ``mu / 2 * ||w - w_global||^2`` when > 0 (needs ``global_state``).
+    proximal_mu: float = Field(0.0, ge=0)
+    seed: int = 0
+    #: random left-right flip and a shift of up to 1/16 of the image (same for image and mask).
+    augment: bool = False
+    max_grad_norm: float | None = Field(None, gt=0)
+
+
+@dataclass
+class LocalTrainResult:
+    """What one local round produced. Losses are sums over slices so sites pool exactly.
+
+    ``train_loss_sum`` is over the slices of the *last* epoch, each slice contributing its
+    batch's mean loss (the loss the optimiser saw, without the proximal term);
+    ``val_loss_sum`` is the sum of per-slice losses with the trained model in eval mode.
+    ``val_counts`` holds pooled pixel (intersection, union) at model resolution per
+    metric class (``muscle``, ``subcutaneous_fat``, ``visceral_fat``, ``msv``); all zeros
+    when there is no validation slice.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    n_train: int
+    n_val: int
+    train_loss_sum: float
+    train_loss_mean: float
+    val_loss_sum: float
+    val_loss_mean: float | None
+    val_counts: dict[str, tuple[int, int]]
+    epochs: int
+    seconds: float
+    epoch_losses: list[float] = field(default_factory=list)  #: mean training loss per epoch
+
+
+def split_train_val(groups: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of training and validation slices, split by group (patient).
+
+    Deterministic for a given ``seed`` and group list. Groups are shuffled (sorted first, so
+    the input order does not matter) and moved to validation until it holds at least
+    ``round(val_fraction * n_slices)`` slices (at least one group), always leaving at least
+    one group for training. A group is never on both sides.
+
+    Tiny sites: with a single group, or ``val_fraction == 0``, everything is training and
+    validation is empty; with two groups one goes to each side whatever the fraction.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not groups:
+        raise ValueError("cannot split an empty list of slices")
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(str(group), []).append(index)
+    order = sorted(members)
+    random.Random(seed).shuffle(order)
+    val_groups: list[str] = []
+    if len(order) > 1 and val_fraction > 0:
+        target = max(1, round(val_fraction * len(groups)))
+        n_val = 0
+        for group in order[:-1]:  # the last group always stays in training
+            if n_val >= target:
+                break
+            val_groups.append(group)
+            n_val += len(members[group])
+    chosen = set(val_groups)
+    train = sorted(i for g in order if g not in chosen for i in members[g])
+    val = sorted(i for g in val_groups for i in members[g])
+    return train, val
+
+
+def proximal_term(
+    model: torch.nn.Module, global_state: Mapping[str, torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx ``mu / 2 * sum ||w - w_global||^2`` over the model's trainable parameters."""
+    total = torch.zeros((), dtype=torch.float32)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name not in global_state:
+            raise ValueError(f"global_state has no parameter {name!r}; it must come from the same spec")
+        reference = global_state[name].to(device=param.device, dtype=param.dtype)
+        total = total + (param - reference).pow(2).sum()
+    return 0.5 * mu * total
+
+
+def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive batches; a trailing batch of one joins the previous one (BatchNorm needs > 1)."""
+    out = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    if len(out) > 1 and len(out[-1]) == 1:
+        last = out.pop()
+        out[-1] = out[-1] + last
+    return out
+
+
+def _tensors(
+    samples: Sequence[TrainSample], idx: Sequence[int], spec: ModelSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([to_model_input(samples[i].hu, spec.image_size, spec.hu_window) for i in idx])
+    labels = torch.stack([mask_to_size(samples[i].label, spec.image_size) for i in idx])
+    return images, labels
+
+
+def _augment(
+    images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample left-right flip (p = 0.5) and integer shift; exposed border is air (0)."""
+    size = images.shape[-1]
+    limit = max(1, size // 16)
+    out_img, out_lab = torch.zeros_like(images), torch.zeros_like(labels)
+    for k in range(images.shape[0]):
+        img, lab = images[k], labels[k]
+        if bool(torch.rand((), generator=gen) < 0.5):
+            img, lab = img.flip(-1), lab.flip(-1)
+        dy, dx = (int(v) for v in torch.randint(-limit, limit + 1, (2,), generator=gen))
+        src_y = slice(max(0, -dy), size - max(0, dy))
+        dst_y = slice(max(0, dy), size - max(0, -dy))
+        src_x = slice(max(0, -dx), size - max(0, dx))
+        dst_x = slice(max(0, dx), size - max(0, -dx))
+        out_img[k, :, dst_y, dst_x] = img[:, src_y, src_x]
+        out_lab[k, dst_y, dst_x] = lab[src_y, src_x]
+    return out_img, out_lab
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=config.lr)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
+
+
+def _loss_fn(config: TrainConfig) -> SeedLoss:
+    return SeedLoss(dice_weight=config.dice_weight, ce_weight=1.0 - config.dice_weight)
+
+
+def evaluate_loss(
+    model: torch.nn.Module, spec: ModelSpec, samples: Sequence[TrainSample], config: TrainConfig
+) -> tuple[float, int, dict[str, tuple[int, int]]]:
+    """(sum of per-slice losses, number of slices, pooled (intersection, union) per metric class).
+
+    The model runs in eval mode at ``spec.image_size``; its mode is restored afterwards.
+    Counts are at model resolution against the nearest-resized labels.
+    """
+    loss_fn = _loss_fn(config)
+    confusion = np.zeros((_N_CANONICAL, _N_CANONICAL), dtype=np.int64)
+    loss_sum = 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for idx in _batches(list(range(len(samples))), config.batch_size):
+                images, labels = _tensors(samples, idx, spec)
+                logits = model(images)
+                for k in range(len(idx)):
+                    loss_sum += float(loss_fn(logits[k : k + 1], labels[k : k + 1]))
+                pred = logits.argmax(dim=1).clamp_(max=_N_CANONICAL - 1)
+                code = (pred * _N_CANONICAL + labels.clamp(max=_N_CANONICAL - 1)).reshape(-1)
+                confusion += np.bincount(code.numpy(), minlength=_N_CANONICAL**2).reshape(
+                    _N_CANONICAL, _N_CANONICAL
+                )
+    finally:
+        model.train(was_training)
+    overlap = overlap_from_confusion(confusion)
+    counts = {name: (overlap[name].intersection, overlap[name].union) for name in METRIC_CLASSES}
+    return loss_sum, len(samples), counts
+
+
+def train_local(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    train: Sequence[TrainSample],
+    val: Sequence[TrainSample],
+    config: TrainConfig,
+    *,
+    global_state: Mapping[str, torch.Tensor] | None = None,
+    progress: bool = False,
+) -> LocalTrainResult:
+    """Train ``model`` in place for ``config.local_epochs`` epochs on ``train``; score ``val``.
+
+    Deterministic for ``config.seed`` (on CPU): ``torch.manual_seed`` is set and shuffling /
+    augmentation draw from their own seeded generator. A fresh optimiser is made each call
+    (optimiser state does not travel between rounds). With ``config.proximal_mu > 0`` the
+    FedProx term against ``global_state`` is added to the optimised loss.
+    """
+    if not train:
+        raise ValueError("train_local needs at least one training slice")
+    if config.proximal_mu > 0 and global_state is None:
+        raise ValueError(f"proximal_mu={config.proximal_mu} needs global_state (the round's global weights)")
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    anchor = None
+    if config.proximal_mu > 0 and global_state is not None:
+        anchor = {name: t.detach().clone() for name, t in global_state.items()}
+    loss_fn = _loss_fn(config)
+    optimiser = _optimizer(model, config)
+    model.train()
+    epoch_losses: list[float] = []
+    epoch_sum = 0.0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.local_epochs * len(train), desc="train", unit="slice")
+    try:
+        for epoch in range(config.local_epochs):
+            order = torch.randperm(len(train), generator=gen).tolist()
+            epoch_sum = 0.0
+            for idx in _batches(order, config.batch_size):
+                images, labels = _tensors(train, idx, spec)
+                if config.augment:
+                    images, labels = _augment(images, labels, gen)
+                optimiser.zero_grad(set_to_none=True)
+                loss = loss_fn(model(images), labels)
+                total = (
+                    loss + proximal_term(model, anchor, config.proximal_mu) if anchor is not None else loss
+                )
+                if not torch.isfinite(total):
+                    raise FloatingPointError(
+                        f"training loss became {float(total)} in epoch {epoch + 1}; lower train.lr "
+                        f"(now {config.lr}) or set max_grad_norm"
+                    )
+                total.backward()
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimiser.step()
+                epoch_sum += float(loss.detach()) * len(idx)
+                if bar is not None:
+                    bar.update(len(idx))
+            epoch_losses.append(epoch_sum / len(train))
+            log.info("epoch %d/%d: train loss %.4f", epoch + 1, config.local_epochs, epoch_losses[-1])
+    finally:
+        if bar is not None:
+            bar.close()
+    if val:
+        val_sum, n_val, counts = evaluate_loss(model, spec, val, config)
+        val_mean: float | None = val_sum / n_val
+    else:
+        val_sum, n_val, val_mean = 0.0, 0, None
+        counts = {name: (0, 0) for name in METRIC_CLASSES}
+    state = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+    return LocalTrainResult(
+        state_dict=state,
+        n_train=len(train),
+        n_val=n_val,
+        train_loss_sum=epoch_sum,
+        train_loss_mean=epoch_sum / len(train),
+        val_loss_sum=val_sum,
+        val_loss_mean=val_mean,
+        val_counts=counts,
+        epochs=config.local_epochs,
+        seconds=time.perf_counter() - started,
+        epoch_losses=epoch_losses,
+    )

@@ -1,0 +1,196 @@
+"""common.training: grouped split, FedProx term, loss/counts sufficient statistics, local training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.model import ModelSpec, build_model, weights_hash
+from common.training import (
+    TrainConfig,
+    TrainSample,
+    _augment,
+    evaluate_loss,
+    proximal_term,
+    split_train_val,
+    train_local,
+)
+from protocols.classes import METRIC_CLASSES
+
+SPEC = ModelSpec(encoder="resnet18", image_size=64)
+
+
+def phantom(seed: int, size: int = 64) -> TrainSample:
+    """Concentric ellipses: subcutaneous fat ring, muscle ring, visceral fat core, in air."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = size / 2 + rng.uniform(-3, 3), size / 2 + rng.uniform(-3, 3)
+    ry, rx = size * rng.uniform(0.30, 0.40), size * rng.uniform(0.38, 0.46)
+    r = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
+    label = np.zeros((size, size), dtype=np.uint8)
+    label[r < 1.0] = 2
+    label[r < 0.8] = 1
+    label[r < 0.6] = 3
+    hu = np.choose(label, [-1000.0, 50.0, -100.0, -90.0]).astype(np.float32)
+    hu += rng.normal(0, 10, size=hu.shape).astype(np.float32)
+    return TrainSample(hu=hu, label=label, group=f"p{seed}")
+
+
+class Tiny(torch.nn.Module):
+    """A 2-layer conv net with BatchNorm: cheap stand-in for the U-Net."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 4, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class HalfMuscle(torch.nn.Module):
+    """Predicts muscle on the left half of the image and background elsewhere, whatever the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], 4, *x.shape[2:])
+        logits[:, 1, :, : x.shape[-1] // 2] = 10.0
+        logits[:, 0, :, x.shape[-1] // 2 :] = 10.0
+        return logits + self.dummy
+
+
+# ------------------------------------------------------------------------- split
+
+
+@pytest.mark.parametrize("n_groups", [2, 3, 7, 20])
+def test_split_never_puts_a_group_on_both_sides(n_groups: int) -> None:
+    rng = np.random.default_rng(n_groups)
+    groups = [f"g{int(rng.integers(n_groups))}" for _ in range(3 * n_groups)]
+    groups[:n_groups] = [f"g{i}" for i in range(n_groups)]  # every group present
+    for seed in range(50):
+        for fraction in (0.0, 0.1, 0.25, 0.5, 0.9):
+            train, val = split_train_val(groups, fraction, seed)
+            assert sorted(train + val) == list(range(len(groups)))
+            assert train, "training must never be empty"
+            assert not {groups[i] for i in train} & {groups[i] for i in val}
+            assert bool(val) == (fraction > 0), (seed, fraction)
+
+
+def test_split_is_deterministic_and_depends_on_seed() -> None:
+    groups = [f"p{i // 2}" for i in range(40)]
+    assert split_train_val(groups, 0.25, 7) == split_train_val(groups, 0.25, 7)
+    assert len({tuple(split_train_val(groups, 0.25, s)[1]) for s in range(10)}) > 1
+
+
+def test_split_fraction_and_tiny_sites() -> None:
+    train, val = split_train_val([f"p{i}" for i in range(100)], 0.2, 0)
+    assert (len(train), len(val)) == (80, 20)
+    assert split_train_val(["a", "a", "a"], 0.5, 0) == ([0, 1, 2], [])  # one patient: no validation
+    train, val = split_train_val(["a", "b"], 0.1, 0)  # two patients: one each side
+    assert len(train) == len(val) == 1
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_train_val(["a", "b"], 1.0, 0)
+
+
+# ------------------------------------------------------------------------- FedProx
+
+
+def test_proximal_term_zero_at_global_and_hand_checked_otherwise() -> None:
+    model = torch.nn.Linear(2, 1)
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert float(proximal_term(model, global_state, 0.5).detach()) == 0.0
+    with torch.no_grad():
+        model.weight += torch.tensor([[1.0, 2.0]])  # squared distance 1 + 4 = 5
+    assert float(proximal_term(model, global_state, 0.5).detach()) == pytest.approx(0.5 / 2 * 5)
+    with pytest.raises(ValueError, match="'bias'"):
+        proximal_term(model, {"weight": global_state["weight"]}, 0.1)
+
+
+def test_fedprox_keeps_local_weights_closer_to_global() -> None:
+    samples = [phantom(i) for i in range(4)]
+    distances = {}
+    for mu in (0.0, 50.0):
+        torch.manual_seed(0)
+        model = Tiny()
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        config = TrainConfig(local_epochs=3, lr=1e-2, proximal_mu=mu, batch_size=2)
+        train_local(model, SPEC, samples, [], config, global_state=start)
+        distances[mu] = float(proximal_term(model, start, 2.0).detach())  # = ||w - w0||^2
+    assert 0 < distances[50.0] < distances[0.0]
+
+
+def test_fedprox_needs_global_state() -> None:
+    with pytest.raises(ValueError, match="global_state"):
+        train_local(Tiny(), SPEC, [phantom(0)], [], TrainConfig(proximal_mu=0.1))
+
+
+# ------------------------------------------------------------------------- evaluation statistics
+
+
+def test_evaluate_loss_counts_are_hand_checkable() -> None:
+    sample = phantom(0, size=64)
+    sample.label[:] = 0
+    sample.label[:, :16] = 1  # muscle on the left quarter; model predicts the left half
+    loss_sum, n, counts = evaluate_loss(HalfMuscle(), SPEC, [sample, sample], TrainConfig(batch_size=2))
+    assert n == 2 and loss_sum > 0
+    assert set(counts) == set(METRIC_CLASSES)
+    assert counts["muscle"] == (2 * 64 * 16, 2 * 64 * 32)
+    assert counts["subcutaneous_fat"] == (0, 0) and counts["visceral_fat"] == (0, 0)
+    assert counts["msv"] == counts["muscle"]
+    # per-slice loss sum: same total whatever the batching
+    again, _, _ = evaluate_loss(HalfMuscle(), SPEC, [sample, sample], TrainConfig(batch_size=1))
+    assert again == pytest.approx(loss_sum)
+
+
+def test_augment_keeps_image_and_mask_aligned() -> None:
+    sample = phantom(3)
+    image = torch.from_numpy((sample.label > 0).astype(np.float32))[None, None].repeat(4, 1, 1, 1)
+    labels = torch.from_numpy(sample.label.astype(np.int64))[None].repeat(4, 1, 1)
+    out_img, out_lab = _augment(image, labels, torch.Generator().manual_seed(0))
+    assert torch.equal(out_img[:, 0] > 0, out_lab > 0)
+    assert not torch.equal(out_lab, labels)  # something moved
+
+
+# ------------------------------------------------------------------------- train_local
+
+
+def test_train_local_result_fields_and_determinism() -> None:
+    samples = [phantom(i) for i in range(5)]
+    config = TrainConfig(local_epochs=2, lr=1e-2, batch_size=2, seed=3, augment=True, max_grad_norm=5.0)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(99)  # same init; train_local must not depend on the global RNG state after
+        model = Tiny()
+        results.append(train_local(model, SPEC, samples[:3], samples[3:], config))
+    a, b = results
+    assert weights_hash(a.state_dict) == weights_hash(b.state_dict)
+    assert (a.n_train, a.n_val, a.epochs, len(a.epoch_losses)) == (3, 2, 2, 2)
+    assert a.train_loss_mean == pytest.approx(a.train_loss_sum / 3)
+    assert a.val_loss_mean is not None and a.val_loss_mean == pytest.approx(a.val_loss_sum / 2)
+    assert set(a.val_counts) == set(METRIC_CLASSES)
+    inter, union = a.val_counts["msv"]
+    assert 0 <= inter <= union
+    no_val = train_local(Tiny(), SPEC, samples[:3], [], TrainConfig(lr=1e-2))
+    assert no_val.n_val == 0 and no_val.val_loss_mean is None
+    assert all(v == (0, 0) for v in no_val.val_counts.values())
+
+
+@pytest.mark.slow
+def test_train_local_lowers_training_loss_of_the_unet() -> None:
+    samples = [phantom(i) for i in range(4)]
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    before, _, _ = evaluate_loss(model, SPEC, samples, TrainConfig())
+    config = TrainConfig(local_epochs=5, batch_size=2)  # the seed's RMSprop, lr 2e-4
+    result = train_local(model, SPEC, samples, samples, config)
+    assert result.epoch_losses[-1] < 0.7 * result.epoch_losses[0], result.epoch_losses
+    # the returned weights are the trained model's, in eval mode they also score better
+    assert result.val_loss_sum < before
