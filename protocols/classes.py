@@ -50,6 +50,7 @@ class ExclusionReason(str, Enum):
     unreadable_reference = "unreadable_reference"
     no_reference = "no_reference"
     evaluation_error = "evaluation_error"
+    invalid_manifest_row = "invalid_manifest_row"
 
     @property
     def label(self) -> str:
@@ -72,4 +73,5 @@ _REASON_TEXT: dict[ExclusionReason, str] = {
     ExclusionReason.unreadable_reference: "reference mask cannot be read or does not fit",
     ExclusionReason.no_reference: "row has no reference mask",
     ExclusionReason.evaluation_error: "evaluation failed on this slice",
+    ExclusionReason.invalid_manifest_row: "manifest.csv row is invalid (see the check's details)",
 }
