@@ -156,3 +156,23 @@ def test_default_demo_passes_site_check(tmp_path: Path) -> None:
         assert muscle is not None and muscle >= (0.8 if imat_in_muscle else 0.97)
         assert report.classes["subcutaneous_fat"].share_in_hu_range >= 0.97
         assert report.n_groups < 12  # some patients gave two slices
+
+
+def test_demo_make_command(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "demo"
+    args = ["demo", "make", str(out), "--sites", "2", "--slices", "1", "--size", "48", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    written = json.loads(result.output)
+    assert [s["convention"] for s in written["sites"]] == ["reference-like", "psoas left out"]
+    assert (out / "site-1" / "manifest.csv").is_file()
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "not empty" in refused.output
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
