@@ -39,7 +39,8 @@ def predict_masks(
 
         bar = tqdm(total=total, desc="segment", unit="slice")
     was_training = model.training
-    device = next(model.parameters()).device
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     model.eval()
     try:
         with torch.inference_mode():

@@ -145,6 +145,22 @@ def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
     return out
 
 
+def _check_samples(samples: Sequence[TrainSample], spec: ModelSpec, what: str) -> None:
+    """Shapes agree and labels are canonical, or a ValueError naming the sample and value."""
+    for i, sample in enumerate(samples):
+        if np.shape(sample.hu) != np.shape(sample.label) or np.ndim(sample.hu) != 2:
+            raise ValueError(
+                f"{what} sample {i} (group {sample.group!r}): image shape {np.shape(sample.hu)} and "
+                f"label shape {np.shape(sample.label)} must be the same 2-D shape"
+            )
+        top = int(np.max(sample.label)) if np.size(sample.label) else 0
+        if top >= spec.classes or int(np.min(sample.label)) < 0:
+            raise ValueError(
+                f"{what} sample {i} (group {sample.group!r}): label holds value {top}; canonical labels "
+                f"are 0..{spec.classes - 1} (map site values with common.dataset.map_labels)"
+            )
+
+
 def _tensors(
     samples: Sequence[TrainSample], idx: Sequence[int], spec: ModelSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +211,7 @@ def evaluate_loss(
     The model runs in eval mode at ``spec.image_size``; its mode is restored afterwards.
     Counts are at model resolution against the nearest-resized labels.
     """
+    _check_samples(samples, spec, "evaluation")
     loss_fn = _loss_fn(config)
     confusion = np.zeros((_N_CANONICAL, _N_CANONICAL), dtype=np.int64)
     loss_sum = 0.0
@@ -240,6 +257,8 @@ def train_local(
         raise ValueError("train_local needs at least one training slice")
     if config.proximal_mu > 0 and global_state is None:
         raise ValueError(f"proximal_mu={config.proximal_mu} needs global_state (the round's global weights)")
+    _check_samples(train, spec, "training")
+    _check_samples(val, spec, "validation")
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)

@@ -162,6 +162,16 @@ def test_augment_keeps_image_and_mask_aligned() -> None:
 # ------------------------------------------------------------------------- train_local
 
 
+def test_train_local_rejects_unmapped_labels_and_shape_mismatch() -> None:
+    bad = phantom(0)
+    bad.label[0, 0] = 7  # a raw site value that was never mapped to canonical
+    with pytest.raises(ValueError, match=r"sample 1 \(group 'p0'\).*value 7"):
+        train_local(Tiny(), SPEC, [phantom(1), bad], [], TrainConfig())
+    crooked = TrainSample(hu=np.zeros((8, 8), np.float32), label=np.zeros((8, 9), np.uint8), group="x")
+    with pytest.raises(ValueError, match=r"\(8, 9\)"):
+        train_local(Tiny(), SPEC, [phantom(1)], [crooked], TrainConfig())
+
+
 def test_train_local_result_fields_and_determinism() -> None:
     samples = [phantom(i) for i in range(5)]
     config = TrainConfig(local_epochs=2, lr=1e-2, batch_size=2, seed=3, augment=True, max_grad_norm=5.0)
