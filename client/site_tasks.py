@@ -47,20 +47,18 @@ def resolve_site_dir(node_config: dict[str, object], study: StudyConfig) -> Path
     partition = int(str(node_config["partition-id"]))
     site_dir = demo_sites_dir(study) / f"site-{partition}"
     if not (site_dir / "manifest.csv").exists():
-        from common.demo.hospitals import SITE_PROFILES, make_site
+        from common.demo.hospitals import make_site, site_profile
 
-        profile = SITE_PROFILES[partition % len(SITE_PROFILES)]
+        profile = site_profile(partition)
         log.info("simulation: making demo hospital %s (%s)", site_dir, profile.name)
-        made = make_site(
-            site_dir.parent,
+        make_site(
+            site_dir,
             profile,
             slices=study.demo.slices,
             size=study.demo.size,
-            seed=1000 + partition,
-            index=partition,
+            seed=partition,
+            site_tag=str(partition),
         )
-        if Path(made) != site_dir:  # the generator names its folder; keep one convention
-            Path(made).rename(site_dir)
     return site_dir
 
 
@@ -186,3 +184,44 @@ __all__ = [
     "sarcofed_home",
     "weights_hash",
 ]
+
+
+def run_local_training(
+    site_dir: Path,
+    out: Path,
+    *,
+    epochs: int,
+    encoder: str,
+    image_size: int,
+    val_fraction: float,
+    seed: int,
+    progress: bool = False,
+) -> dict[str, float | int | str | None]:
+    """Single-site training with the seed's recipe; writes ``out`` (model.pt)."""
+    from common.model import save_model
+
+    samples, excluded = training_samples(site_dir)
+    spec = ModelSpec(encoder=encoder, image_size=image_size)
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    train_idx, val_idx = split_train_val([s.group for s in samples], val_fraction, seed)
+    result = train_local(
+        model,
+        spec,
+        [samples[i] for i in train_idx],
+        [samples[i] for i in val_idx],
+        TrainConfig(local_epochs=epochs, seed=seed),
+        progress=progress,
+    )
+    inter, union = result.val_counts.get("muscle", (0, 0))
+    save_model(out, result.state_dict, spec, meta={"site": load_site(site_dir).config.name, "epochs": epochs})
+    return {
+        "model": str(out),
+        "n_train": result.n_train,
+        "n_val": result.n_val,
+        "excluded": sum(excluded.values()),
+        "train_loss": result.train_loss_mean,
+        "val_loss": result.val_loss_mean,
+        "val_muscle_iou": (inter / union) if union else None,
+        "weights_hash": weights_hash(result.state_dict),
+    }

@@ -1,0 +1,95 @@
+"""Rich rendering of what a site would send: the seed's tables, agreement and findings."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from protocols.classes import IOU_BINS, METRIC_CLASSES, SEED_COLUMN, TISSUES
+from protocols.payloads import EvaluationPayload
+
+
+def _cell(value: int | None) -> str:
+    return "suppressed" if value is None else str(value)
+
+
+def seed_table(payload: EvaluationPayload, title: str) -> Table:
+    """Rows = the seed's IoU bins, columns M, S, V, MSV, plus the seed's ratio column."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("IoU")
+    for cls in METRIC_CLASSES:
+        table.add_column(SEED_COLUMN[cls], justify="right")
+    table.add_column("ratio", justify="right")
+    scores = payload.scores
+    defined = sum(sum(v for v in scores[c].bins.values()) for c in METRIC_CLASSES if c in scores)
+    for bin_name in IOU_BINS:
+        values = [scores[c].bins.get(bin_name) if c in scores else None for c in METRIC_CLASSES]
+        total = sum(v for v in values if v is not None)
+        ratio = f"{total}/{defined} ({100 * total / defined:.0f}%)" if defined else "-"
+        table.add_row(bin_name, *(_cell(v) for v in values), ratio)
+    table.add_row(
+        "undefined",
+        *(str(scores[c].undefined) if c in scores else "-" for c in METRIC_CLASSES),
+        "",
+        style="dim",
+    )
+    return table
+
+
+def render_payload(payload: EvaluationPayload, console: Console) -> None:
+    what = "model vs site labels" if payload.task == "evaluate" else "reference masks vs site labels"
+    console.print(
+        f"[bold]{payload.site}[/]: {payload.n_used} of {payload.n_listed} slices scored "
+        f"({payload.n_groups} patients), {what}; dataset fingerprint {payload.dataset_fingerprint}"
+    )
+    if payload.excluded:
+        console.print("excluded: " + ", ".join(f"{k} {v}" for k, v in sorted(payload.excluded.items())))
+    if not payload.n_used:
+        return
+    console.print(seed_table(payload, "Slices per IoU bin (the seed's Table 2/3 layout)"))
+    if payload.harmonised_scores:
+        harmonised = payload.model_copy(update={"scores": payload.harmonised_scores})
+        console.print(seed_table(harmonised, "After applying the HU ranges to both masks (harmonised)"))
+    areas = Table(title="Area agreement (test - site label), cm^2", title_justify="left")
+    for col in ("tissue", "n", "label mean", "test mean", "mean diff", "SD diff", "95% limits"):
+        areas.add_column(col, justify="right" if col != "tissue" else "left")
+    for tissue in TISSUES:
+        a = payload.areas.get(tissue)
+        if a is None or a.n == 0:
+            continue
+        limits = (
+            f"{a.mean_diff_cm2 - 1.96 * a.sd_diff_cm2:+.1f} .. {a.mean_diff_cm2 + 1.96 * a.sd_diff_cm2:+.1f}"
+            if a.mean_diff_cm2 is not None and a.sd_diff_cm2 is not None
+            else "-"
+        )
+        areas.add_row(
+            tissue,
+            str(a.n),
+            f"{a.mean_label_cm2:.1f}" if a.mean_label_cm2 is not None else "-",
+            f"{a.mean_test_cm2:.1f}" if a.mean_test_cm2 is not None else "-",
+            f"{a.mean_diff_cm2:+.1f}" if a.mean_diff_cm2 is not None else "-",
+            f"{a.sd_diff_cm2:.1f}" if a.sd_diff_cm2 is not None else "-",
+            limits,
+        )
+    console.print(areas)
+    if payload.smi and payload.smi.n:
+        s = payload.smi
+        console.print(
+            f"SMI (cm^2/m^2) over {s.n} slices with height: label {s.mean_label:.1f}, test {s.mean_test:.1f}, "
+            f"mean diff {s.mean_diff:+.2f}"
+        )
+    if payload.sarcopenia:
+        c = payload.sarcopenia
+        console.print(
+            f"Sarcopenia calls ({c.cutoff_set}): both {c.both_sarcopenic}, label only {c.label_only}, "
+            f"test only {c.test_only}, neither {c.neither}, unknown sex/height {c.unknown}"
+        )
+    if payload.findings:
+        console.print("[bold]Label-definition findings[/]")
+        for f in payload.findings:
+            mark = "[red]systematic[/]" if f.systematic else "scattered"
+            console.print(f" - ({mark}) {f.sentence}")
+    elif payload.discrepancy is not None:
+        console.print("No label-definition finding: this site's labels agree with the reference convention.")
+    if payload.suppressed:
+        console.print(f"[yellow]suppressed by the site policy:[/] {', '.join(payload.suppressed)}")

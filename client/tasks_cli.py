@@ -1,0 +1,124 @@
+"""``sarcofed site evaluate | compare | train``: a site's tasks, run locally.
+
+``evaluate`` and ``compare`` print exactly the payload the site would send (after its own
+release policy), so a hospital can preview and approve what leaves the building.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from client.render import render_payload
+from client.site_tasks import run_local_training
+from common.errors import SarcofedError
+from protocols.payloads import EvaluationPayload
+
+CUTOFF_HELP = "SMI cut-off set for sarcopenia calls: prado2008, martin2013 or korean."
+
+
+def _emit(payload: EvaluationPayload, as_json: bool) -> None:
+    if as_json:
+        typer.echo(payload.model_dump_json(indent=2))
+    else:
+        render_payload(payload, Console())
+
+
+def _fail(err: Exception) -> None:
+    Console(stderr=True).print(f"[red]error:[/] {err}")
+    raise typer.Exit(1)
+
+
+def evaluate_cmd(
+    site_dir: Annotated[Path, typer.Argument(help="The site folder (site.toml + manifest.csv).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="The study model: RUN_DIR/model.pt.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the payload as JSON, exactly as sent.")] = False,
+    cutoff_set: Annotated[str, typer.Option(help=CUTOFF_HELP)] = "prado2008",
+    batch_size: Annotated[int, typer.Option(min=1, help="Slices per inference batch.")] = 4,
+    discrepancy: Annotated[bool, typer.Option(help="Add label-definition findings.")] = True,
+) -> None:
+    """Score the study model on this site's labelled slices and show what would be sent.
+
+    Nothing is sent: this is the preview of an external-validation reply. Per-slice values stay
+    in memory here; the output holds only aggregates (the seed's IoU-bin table, area and SMI
+    agreement, sarcopenia calls, label-definition findings), after this site's policy.toml.
+    """
+    from client.guard import preview_release
+    from common.site_evaluation import evaluate_with_model
+
+    try:
+        payload = evaluate_with_model(
+            site_dir,
+            model,
+            cutoff_set=cutoff_set,
+            batch_size=batch_size,
+            discrepancy=discrepancy,
+            progress=not as_json,
+        )
+        payload = preview_release(site_dir, payload)
+    except SarcofedError as err:
+        _fail(err)
+    _emit(payload, as_json)
+
+
+def compare_cmd(
+    site_dir: Annotated[Path, typer.Argument(help="The site folder (site.toml + manifest.csv).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the payload as JSON, exactly as sent.")] = False,
+    cutoff_set: Annotated[str, typer.Option(help=CUTOFF_HELP)] = "prado2008",
+) -> None:
+    """Compare this site's `label` masks with its `reference` masks, without any model.
+
+    Useful when two raters or two protocols labelled the same slices: the output says how far
+    the conventions differ (IoU bins, areas, SMI, sarcopenia calls) and names the differences
+    (e.g. "psoas left out"). Rows without a reference are counted as excluded.
+    """
+    from client.guard import preview_release
+    from common.site_evaluation import compare_with_reference
+
+    try:
+        payload = preview_release(site_dir, compare_with_reference(site_dir, cutoff_set=cutoff_set, progress=not as_json))
+    except SarcofedError as err:
+        _fail(err)
+    _emit(payload, as_json)
+
+
+def train_cmd(
+    site_dir: Annotated[Path, typer.Argument(help="The site folder (site.toml + manifest.csv).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write model.pt.")],
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (the seed: 50).")] = 10,
+    encoder: Annotated[str, typer.Option(help="smp encoder name (the seed-size setting: resnet34).")] = "resnet34",
+    image_size: Annotated[int, typer.Option(help="Model input size in pixels (the seed: 512).")] = 512,
+    val_fraction: Annotated[float, typer.Option(help="Share of patients held out for validation.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed for the split and the initial weights.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Train a single-site model on this site's data with the seed's recipe.
+
+    0.5 Dice + 0.5 cross-entropy, RMSprop, lr 2e-4, batch 4; the split is by patient (`group`).
+    This is a hospital's own model, and the centralised baseline for federated benchmarks.
+    """
+    try:
+        summary = run_local_training(
+            site_dir, out, epochs=epochs, encoder=encoder, image_size=image_size,
+            val_fraction=val_fraction, seed=seed, progress=not as_json,
+        )
+    except SarcofedError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        Console().print(
+            f"trained on {summary['n_train']} slices ({summary['n_val']} held out) for {epochs} epochs: "
+            f"train loss {summary['train_loss']:.4f}, val loss {summary['val_loss']}, "
+            f"val muscle IoU {summary['val_muscle_iou']}; model written to {out}"
+        )
+
+
+def register(site_app: typer.Typer) -> None:
+    site_app.command("evaluate")(evaluate_cmd)
+    site_app.command("compare")(compare_cmd)
+    site_app.command("train")(train_cmd)
