@@ -1,0 +1,232 @@
+"""Figures of the study report, drawn from aggregates only (matplotlib, Agg, no pyplot state).
+
+Every function returns PNG bytes; ``server.report`` embeds them in ``report.html`` and writes
+them beside ``report.md``. Figures never see a per-slice value: a Bland-Altman panel shows each
+site's mean difference with its limits of agreement, not a cloud of slices.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from protocols.classes import IOU_BINS, SEED_COLUMN
+from protocols.payloads import AreaAgreement, ClassScores, PolarMap, SmiAgreement
+from protocols.report import RoundRecord
+
+#: Bin colours, best (green) to worst (red); colour-blind safe enough with the hatching-free order.
+BIN_COLOURS: dict[str, str] = {
+    "[0.9,1.0]": "#1a9850",
+    "[0.8,0.9)": "#a6d96a",
+    "[0.7,0.8)": "#fdae61",
+    "[0,0.7)": "#d73027",
+}
+TISSUE_TEXT: dict[str, str] = {
+    "muscle": "muscle",
+    "subcutaneous_fat": "subcutaneous fat",
+    "visceral_fat": "visceral fat",
+    "msv": "all three",
+}
+_DPI = 110
+
+
+def to_png(fig: Figure) -> bytes:
+    """Render a figure to PNG bytes."""
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def iou_bins_figure(columns: Mapping[str, Mapping[str, ClassScores]], classes: Sequence[str]) -> bytes:
+    """Stacked bars: share of defined slices per IoU bin, one panel per class, one bar per column.
+
+    ``columns`` maps a bar label (a site, "pooled", "site (harmonised)") to its scores by class.
+    The slice count is written above each bar.
+    """
+    labels = list(columns)
+    panel = max(1.8, 0.85 * len(labels) + 0.4)
+    rotation = 0 if all(len(part) <= 10 for lab in labels for part in lab.split("\n")) else 30
+    ncols = len(classes) if len(labels) <= 4 else min(2, len(classes))  # many sites: a 2 x 2 grid
+    nrows = math.ceil(len(classes) / ncols)
+    fig = Figure(figsize=(panel * ncols + 2.2, 3.6 * nrows + (0.6 if rotation else 0)), layout="constrained")
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    x = np.arange(len(labels))
+    for ax in axes[len(classes) :]:
+        ax.set_visible(False)
+    for ax, cls in zip(axes[: len(classes)], classes, strict=True):
+        bottom = np.zeros(len(labels))
+        totals = np.array(
+            [sum(columns[lab][cls].bins.values()) if cls in columns[lab] else 0 for lab in labels]
+        )
+        for name in IOU_BINS:
+            counts = np.array(
+                [columns[lab][cls].bins.get(name, 0) if cls in columns[lab] else 0 for lab in labels]
+            )
+            share = np.divide(counts, totals, out=np.zeros(len(labels)), where=totals > 0)
+            ax.bar(x, share, bottom=bottom, color=BIN_COLOURS[name], label=f"IoU {name}", width=0.7)
+            bottom += share
+        for xi, total in zip(x, totals, strict=True):
+            ax.text(xi, 1.01, f"n={total}", ha="center", va="bottom", fontsize=7)
+        ax.set_title(f"{SEED_COLUMN.get(cls, cls)} ({TISSUE_TEXT.get(cls, cls)})", fontsize=9, pad=14)
+        ax.set_xticks(x, labels, rotation=rotation, ha="right" if rotation else "center", fontsize=8)
+        ax.set_ylim(0, 1.0)
+        ax.tick_params(axis="y", labelsize=8)
+    for ax in axes[::ncols]:
+        ax.set_ylabel("share of slices where the class is defined", fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside right center", fontsize=8, frameon=False)
+    return to_png(fig)
+
+
+def _agreement_panel(
+    ax: object, rows: Sequence[tuple[str, int, float | None, float | None]], unit: str, title: str
+) -> None:
+    """Mean difference (dot) and limits of agreement (bar) per row; pooled row drawn in black."""
+    ys = np.arange(len(rows))[::-1]
+    for y, (label, _n, mean, sd) in zip(ys, rows, strict=True):
+        colour = "black" if label == "pooled" else "#2166ac"
+        if mean is None:
+            ax.text(0.0, y, "no slice", va="center", ha="center", fontsize=7, color="grey")  # type: ignore[attr-defined]
+            continue
+        if sd is not None:
+            ax.errorbar(mean, y, xerr=1.96 * sd, fmt="none", ecolor=colour, capsize=4, lw=1.2)  # type: ignore[attr-defined]
+        ax.plot(mean, y, "o", color=colour, ms=5)  # type: ignore[attr-defined]
+    ax.axvline(0.0, color="grey", lw=0.8, ls="--")  # type: ignore[attr-defined]
+    ax.set_yticks(ys, [f"{label} (n={n})" for label, n, _, _ in rows], fontsize=8)  # type: ignore[attr-defined]
+    ax.set_ylim(-0.7, len(rows) - 0.3)  # type: ignore[attr-defined]
+    ax.set_xlabel(f"test - label ({unit})", fontsize=8)  # type: ignore[attr-defined]
+    ax.set_title(title, fontsize=9)  # type: ignore[attr-defined]
+    ax.tick_params(axis="x", labelsize=8)  # type: ignore[attr-defined]
+
+
+def area_agreement_figure(rows: Mapping[str, Mapping[str, AreaAgreement]], tissues: Sequence[str]) -> bytes:
+    """Bland-Altman from aggregates: per row (site or "pooled") mean area difference and mean +- 1.96 sd."""
+    fig = Figure(figsize=(3.4 * len(tissues), 1.0 + 0.45 * max(len(rows), 2)), layout="constrained")
+    axes = fig.subplots(1, len(tissues), sharey=True, squeeze=False)[0]
+    for ax, tissue in zip(axes, tissues, strict=True):
+        data = []
+        for label, areas in rows.items():
+            a = areas.get(tissue)
+            data.append(
+                (label, a.n if a else 0, a.mean_diff_cm2 if a else None, a.sd_diff_cm2 if a else None)
+            )
+        _agreement_panel(ax, data, "cm²", TISSUE_TEXT[tissue])
+        if ax is not axes[0]:
+            ax.tick_params(axis="y", left=False)
+    fig.suptitle("Area agreement: mean difference and limits of agreement (mean ± 1.96 sd)", fontsize=9)
+    return to_png(fig)
+
+
+def smi_figure(rows: Mapping[str, SmiAgreement]) -> bytes:
+    """SMI agreement per site and pooled: mean difference and limits of agreement (cm²/m²)."""
+    fig = Figure(figsize=(4.6, 1.0 + 0.45 * max(len(rows), 2)), layout="constrained")
+    ax = fig.add_subplot()
+    data = [(label, s.n, s.mean_diff, s.sd_diff) for label, s in rows.items()]
+    _agreement_panel(ax, data, "cm²/m²", "SMI agreement (mean ± 1.96 sd)")
+    return to_png(fig)
+
+
+def findings_matrix_figure(
+    prevalence: np.ndarray, systematic: np.ndarray, sites: Sequence[str], columns: Sequence[str]
+) -> bytes:
+    """Sites x findings heat map of prevalence (NaN = not reported); systematic cells outlined and starred."""
+    fig = Figure(figsize=(1.6 + 0.75 * len(columns), 1.4 + 0.42 * len(sites)), layout="constrained")
+    ax = fig.add_subplot()
+    masked = np.ma.masked_invalid(prevalence)
+    image = ax.imshow(masked, cmap="Oranges", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_facecolor("#f0f0f0")
+    for i in range(len(sites)):
+        for j in range(len(columns)):
+            value = prevalence[i, j]
+            if math.isnan(value):
+                continue
+            text = f"{value:.0%}" + ("*" if systematic[i, j] else "")
+            ax.text(
+                j, i, text, ha="center", va="center", fontsize=8, color="white" if value > 0.6 else "black"
+            )
+            if systematic[i, j]:
+                ax.add_patch(
+                    Rectangle((j - 0.5, i - 0.5), 1.0, 1.0, fill=False, edgecolor="#08306b", linewidth=2.2)
+                )
+    ax.set_xticks(np.arange(len(columns)), [c.replace("/", "\n") for c in columns], fontsize=7)
+    ax.set_yticks(np.arange(len(sites)), list(sites), fontsize=8)
+    ax.set_title("Label-convention findings: prevalence (* and frame = systematic)", fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of slices")
+    return to_png(fig)
+
+
+def polar_maps_figure(maps: Mapping[str, PolarMap], keys: Sequence[str]) -> bytes:
+    """Discordant area per slice (cm² summed / n_slices), sites side by side, one row per class:direction.
+
+    Angle and radius are the site's polar grid (``protocols.payloads.PolarMap``): angle bins
+    cover 0..360 degrees as the site's discrepancy analysis defines them, radius is normalised
+    (0 centre, 1 body outline). One colour scale for the whole figure, so a faint map stays
+    faint: magnitudes compare across sites and across rows.
+    """
+    sites = list(maps)
+    per_site = {
+        (s, key): np.asarray(maps[s].maps[key], dtype=float) / max(maps[s].n_slices, 1)
+        for s in sites
+        for key in keys
+        if key in maps[s].maps
+    }
+    vmax = max((float(v.max()) for v in per_site.values() if v.size), default=0.0) or 1.0
+    norm = Normalize(0.0, vmax)
+    fig = Figure(figsize=(2.5 * len(sites) + 1.4, 2.5 * len(keys) + 0.3), layout="constrained")
+    axes = fig.subplots(len(keys), len(sites), subplot_kw={"projection": "polar"}, squeeze=False)
+    mesh = None
+    for row, key in zip(axes, keys, strict=True):
+        for ax, site in zip(row, sites, strict=True):
+            ax.set_xticks(np.deg2rad(np.arange(0, 360, 90)))
+            ax.set_yticks([0.5, 1.0], ["", ""])
+            ax.tick_params(labelsize=6, pad=-2)
+            ax.grid(alpha=0.4)
+            ax.set_ylim(0.0, 1.0)
+            values = per_site.get((site, key))
+            if values is None or values.ndim != 2 or not values.size:
+                ax.set_title(f"{site}\n(no map)", fontsize=8)
+                continue
+            n_angle, n_radius = values.shape
+            theta = np.linspace(0.0, 2 * np.pi, n_angle + 1)
+            radius = np.linspace(0.0, 1.0, n_radius + 1)
+            mesh = ax.pcolormesh(theta, radius, values.T, cmap="Reds", norm=norm, shading="flat")
+            ax.set_title(f"{site} (n={maps[site].n_slices})", fontsize=8)
+        cls, _, direction = key.partition(":")
+        row[0].set_ylabel(f"{TISSUE_TEXT.get(cls, cls)}\n{direction}", fontsize=8, labelpad=22)
+    if mesh is not None:
+        fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.6, label="discordant cm² per slice", pad=0.03)
+    return to_png(fig)
+
+
+def training_figure(rounds: Sequence[RoundRecord]) -> bytes:
+    """Pooled validation loss per round (black) and each site's validation loss (thin lines)."""
+    fig = Figure(figsize=(5.0, 3.0), layout="constrained")
+    ax = fig.add_subplot()
+    done = [r for r in rounds if r.pooled_val_loss is not None]
+    ax.plot([r.round for r in done], [r.pooled_val_loss for r in done], "o-", color="black", label="pooled")
+    sites = sorted({s for r in rounds for s in r.per_site})
+    for site in sites:
+        points = [
+            (r.round, r.per_site[site]["val-loss"]) for r in rounds if "val-loss" in r.per_site.get(site, {})
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, ".-", lw=0.8, alpha=0.8, label=site)
+    for r in rounds:
+        if r.status == "failed":
+            ax.axvline(r.round, color="red", lw=0.8, ls=":")
+    ax.set_xlabel("round", fontsize=8)
+    ax.set_ylabel("validation loss (mean over slices)", fontsize=8)
+    ax.tick_params(labelsize=8)
+    if rounds:
+        ax.set_xticks(sorted({r.round for r in rounds}))
+    ax.legend(fontsize=7, frameon=False)
+    return to_png(fig)
