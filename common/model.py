@@ -9,8 +9,8 @@ Transport: Flower's cost grows with the number of arrays rather than bytes, so
 string. Float32 (not raw bytes) is deliberate: the server averages the packed vectors
 (FedAvg, FedProx, DP clipping and noise all work element-wise), which is only meaningful
 when each element is a weight value. Integer buffers (BatchNorm ``num_batches_tracked``)
-travel as float32 values and are rounded back on unpacking, so an average of counters
-becomes the nearest integer.
+are not weights and travel inside the layout instead: a step counter in the array would
+be averaged, and would dominate the update norm that DP clipping bounds.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ MODEL_FORMAT: Final = "sarcofed-model"
 MODEL_FORMAT_VERSION: Final = 1
 PACK_FORMAT: Final = "sarcofed-packed-v1"
 
-# dtypes whose every value float32 represents exactly (integers up to 2**24 are checked).
+# dtypes whose every value float32 represents exactly (they go into the packed array).
 _FLOAT_DTYPES: Final = (torch.float32, torch.float16, torch.bfloat16)
+# dtypes that travel as exact integer values in the layout.
 _INT_DTYPES: Final = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
-_FLOAT32_EXACT_INT: Final = 2**24
 
 
 def _is_timm_model(name: str) -> bool:
@@ -155,46 +155,49 @@ def _state_of(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> d
 
 
 def pack_state(state: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, str]:
-    """All tensors as ONE 1-D float32 array, and the JSON layout to rebuild them.
+    """Float tensors as ONE 1-D float32 array; the JSON layout to rebuild the state_dict.
 
-    Float16/bfloat16/float32 and integer tensors round-trip exactly; integer values must lie
-    within +-2**24 (exact in float32). Other dtypes (float64, complex) raise ValueError.
+    Float32/float16/bfloat16 tensors go into the array (exactly). Integer and bool tensors
+    (BatchNorm ``num_batches_tracked``) are not weights: their values travel inside the
+    layout, so the array holds only values a strategy may average, clip or noise. Other
+    dtypes (float64, complex) raise ValueError.
     """
     entries: list[list[Any]] = []
     parts: list[np.ndarray] = []
     for name, tensor in state.items():
         t = tensor.detach().cpu()
+        entry: list[Any] = [name, str(t.dtype).removeprefix("torch."), list(t.shape)]
         if t.dtype in _FLOAT_DTYPES:
-            values = t.to(torch.float32)
+            parts.append(t.to(torch.float32).reshape(-1).numpy())
         elif t.dtype in _INT_DTYPES:
-            wide = t.to(torch.int64)
-            if wide.numel() and int(wide.abs().max()) > _FLOAT32_EXACT_INT:
-                raise ValueError(
-                    f"cannot pack {name!r}: integer values up to {int(wide.abs().max())} exceed 2**24, "
-                    "which float32 transport cannot represent exactly"
-                )
-            values = wide.to(torch.float32)
+            entry.append(t.to(torch.int64).reshape(-1).tolist())
         else:
             raise ValueError(
                 f"cannot pack {name!r} of dtype {t.dtype}: supported dtypes are float32/float16/bfloat16 "
                 "and integer/bool tensors; cast the state_dict to float32 first"
             )
-        entries.append([name, str(t.dtype).removeprefix("torch."), list(t.shape)])
-        parts.append(values.reshape(-1).numpy())
+        entries.append(entry)
     packed = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
     layout = {"format": PACK_FORMAT, "size": int(packed.size), "entries": entries}
     return np.ascontiguousarray(packed, dtype=np.float32), json.dumps(layout, separators=(",", ":"))
 
 
 def unpack_state(array: np.ndarray, layout: str) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`pack_state` (integer entries are rounded to the nearest integer)."""
+    """Inverse of :func:`pack_state`: float tensors from ``array``, integer ones from ``layout``.
+
+    Unpacking an aggregated array with the coordinator's layout gives the layout's integer
+    buffers (BatchNorm step counters, unused by smp models whose BatchNorm momentum is set).
+    """
     try:
         info = json.loads(layout)
         if info.get("format") != PACK_FORMAT:
             raise ValueError(f"format is {info.get('format')!r}, expected {PACK_FORMAT!r}")
-        entries = [(str(n), str(d), [int(s) for s in shape]) for n, d, shape in info["entries"]]
+        entries = [
+            (str(e[0]), str(e[1]), [int(s) for s in e[2]], e[3] if len(e) > 3 else None)
+            for e in info["entries"]
+        ]
         size = int(info["size"])
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
         raise ValueError(f"invalid packed-weights layout: {err}") from err
     flat = np.asarray(array)
     if flat.ndim != 1 or flat.size != size:
@@ -204,21 +207,20 @@ def unpack_state(array: np.ndarray, layout: str) -> dict[str, torch.Tensor]:
     source = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
     out: dict[str, torch.Tensor] = {}
     offset = 0
-    for name, dtype_name, shape in entries:
+    for name, dtype_name, shape, values in entries:
         dtype = getattr(torch, dtype_name, None)
-        if not isinstance(dtype, torch.dtype):
+        if not isinstance(dtype, torch.dtype) or dtype not in (*_FLOAT_DTYPES, *_INT_DTYPES):
             raise ValueError(
-                f"invalid packed-weights layout: entry {name!r} has unknown dtype {dtype_name!r}"
+                f"invalid packed-weights layout: entry {name!r} has unsupported dtype {dtype_name!r}"
             )
         count = int(np.prod(shape, dtype=np.int64))
-        chunk = source[offset : offset + count].reshape(shape)
-        offset += count
         if dtype in _FLOAT_DTYPES:
-            out[name] = chunk.to(dtype).clone()
-        elif dtype == torch.bool:
-            out[name] = chunk.round() != 0
+            out[name] = source[offset : offset + count].reshape(shape).to(dtype).clone()
+            offset += count
+        elif not isinstance(values, list) or len(values) != count:
+            raise ValueError(f"invalid packed-weights layout: entry {name!r} needs {count} integer values")
         else:
-            out[name] = chunk.round().to(dtype)
+            out[name] = torch.tensor(values, dtype=torch.int64).reshape(shape).to(dtype)
     if offset != size:
         raise ValueError(f"invalid packed-weights layout: entries cover {offset} values of {size}")
     return out
