@@ -596,7 +596,11 @@ def _agreement_section(
     test = _test_word(report.task)
     blocks: list[Block] = [
         Heading("Area agreement"),
-        Table(area_table(area_rows), f"Tissue areas, test ({test}) - label, cm²; limits = mean ± 1.96 sd."),
+        Table(
+            area_table(area_rows),
+            f"Tissue areas, test ({test}) - label, cm²; limits = mean ± 1.96 sd. Pooled mean HU is the "
+            "sites' mean HU weighted by slices (exact only when the tissue is on every slice).",
+        ),
         Image(
             "area_agreement", figures.area_agreement_figure(area_rows, TISSUES), "Area agreement per site."
         ),
