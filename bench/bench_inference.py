@@ -7,7 +7,7 @@ slice. No assertions: numbers for planning round timeouts and demo sizes. Timing
 shared machine are noisy: compare ratios from the same run.
 
     python bench/bench_inference.py            # 2 threads, median of 3 batches per setting
-    python bench/bench_inference.py --quick    # two light settings, one timed batch each
+    python bench/bench_inference.py --quick    # the seed setting and two light settings only
 """
 
 from __future__ import annotations
@@ -66,11 +66,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4, help="slices per forward pass")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="two light settings, repeat 1")
+    parser.add_argument("--quick", action="store_true", help="only two light settings")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step column")
     args = parser.parse_args()
     set_threads(args.threads)
-    repeat = 1 if args.quick else args.repeat
+    repeat = args.repeat
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median {repeat}"
     )
