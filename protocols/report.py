@@ -80,7 +80,7 @@ class StudyReport(Schema):
     study_name: str
     task: Literal["evaluate", "compare"]
     model_hash: str | None = None
-    model_spec: dict[str, str | int | float] | None = None
+    model_spec: dict[str, str | int | float | list[float]] | None = None
     cutoff_set: str
     hu_ranges: HuRanges = HuRanges()
     sites: list[SiteResult]

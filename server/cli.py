@@ -6,8 +6,10 @@ import logging
 
 import typer
 
+from client import tasks_cli
 from client.cli import site_app
 from server.demo_cli import demo_app
+from server.demo_study import demo_study_cmd
 
 app = typer.Typer(
     name="sarcofed",
@@ -18,8 +20,12 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+tasks_cli.register(site_app)
+study_app = typer.Typer(help="Commands a study coordinator runs.", no_args_is_help=True)
+study_app.command("demo")(demo_study_cmd)
 app.add_typer(site_app, name="site")
 app.add_typer(demo_app, name="demo")
+app.add_typer(study_app, name="study")
 
 
 def main() -> None:

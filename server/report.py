@@ -303,7 +303,8 @@ def sites_table(report: StudyReport) -> pd.DataFrame:
         rows.append(
             {
                 "site": s.site,
-                "node_id": s.node_id,
+                # Flower node ids are unsigned 64-bit: keep them as text, not int64.
+                "node_id": str(s.node_id) if s.node_id is not None else None,
                 "status": s.status,
                 "reason": s.reason or ("" if s.status == "ok" else "no reason given"),
                 "dataset_fingerprint": p.dataset_fingerprint if p else None,
@@ -315,7 +316,7 @@ def sites_table(report: StudyReport) -> pd.DataFrame:
             }
         )
     frame = pd.DataFrame(rows)
-    counts = ["node_id", "n_listed", "n_used", "n_patients"]
+    counts = ["n_listed", "n_used", "n_patients"]
     frame[counts] = frame[counts].astype("Int64")
     return frame
 

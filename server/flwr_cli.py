@@ -1,0 +1,132 @@
+"""Driving Flower's own CLI (``flwr run``, ``flwr ls``) and reporting a failed run as failed.
+
+``flwr run --stream`` exits 0 even when the ServerApp fails, so every run started here is
+checked afterwards with ``flwr ls --run-id ID --format json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import SarcofedError
+
+log = logging.getLogger(__name__)
+
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: no telemetry, no dependency installs at run time."""
+    env = dict(os.environ)
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env.update(extra or {})
+    return env
+
+
+def _flwr() -> str:
+    exe = Path(sys.executable).with_name("flwr")
+    return str(exe) if exe.exists() else "flwr"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
+
+
+def config_args(values: Mapping[str, object]) -> str:
+    """``{"train.lr": 0.001, "study.name": "x"}`` -> ``train.lr=0.001 study.name="x"`` (TOML values)."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: int
+    status: str  #: e.g. "finished:completed", "finished:failed"
+    details: str
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status.endswith(":completed")
+
+
+def run_status(run_id: int, connection: str | None = None, *, env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The run's final status from ``flwr ls --run-id ID --format json``."""
+    cmd = [_flwr(), "ls", *([connection] if connection else []), "--run-id", str(run_id), "--format", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env or flower_env()), check=False)
+    try:
+        data = json.loads(proc.stdout)
+        row = data["runs"][0]
+        return str(row["status"]), str(row.get("status-details", ""))
+    except (ValueError, KeyError, IndexError) as err:
+        raise SarcofedError(f"could not read the status of run {run_id}: {proc.stdout}{proc.stderr}") from err
+
+
+def flwr_run(
+    app_dir: Path,
+    *,
+    connection: str | None = None,
+    run_config: Mapping[str, object] | None = None,
+    federation_config: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    echo: Callable[[str], None] | None = None,
+    timeout: float | None = None,
+) -> RunOutcome:
+    """``flwr run APP_DIR [CONNECTION] --stream``, then the real final status."""
+    cmd: list[str] = [_flwr(), "run", str(app_dir), *([connection] if connection else []), "--stream"]
+    if run_config:
+        cmd += ["--run-config", config_args(run_config)]
+    if federation_config:
+        cmd += ["--federation-config", config_args(federation_config)]
+    environment = dict(env or flower_env())
+    log.info("running %s", " ".join(cmd))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment, bufsize=1
+    )
+    lines: list[str] = []
+    run_id: int | None = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if echo is not None:
+                echo(line.rstrip("\n"))
+            if run_id is None and (m := _RUN_ID.search(line)):
+                run_id = int(m.group(1))
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        raise SarcofedError(f"flwr run did not finish within {timeout} s") from None
+    output = "".join(lines)
+    if run_id is None:
+        raise SarcofedError(f"flwr run did not start a run (exit {proc.returncode}):\n{output[-3000:]}")
+    status, details = run_status(run_id, connection, env=environment)
+    return RunOutcome(run_id=run_id, status=status, details=details, output=output)
+
+
+def local_superlink_pids() -> list[int]:
+    """PIDs of a ``flower-superlink --simulation`` that ``flwr run`` auto-started on this machine."""
+    proc = subprocess.run(["pgrep", "-f", "flower-superlink.*--simulation"], capture_output=True, text=True, check=False)
+    return [int(p) for p in proc.stdout.split()]
+
+
+def stop_processes(pids: Sequence[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,115 @@
+"""The demo study end to end on Flower's real simulation engine (``flwr run``).
+
+One study: three simulated hospitals, one of which cannot train (its files are missing);
+training continues with the others, validation reports every site, and the report's
+seed tables equal a recomputation from per-slice metrics at the sites. Then the stopped
+study is resumed for one more round from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from common.evaluation import evaluate_site
+from common.metrics import bin_name
+from protocols.classes import IOU_BINS
+from protocols.report import StudyReport
+from server.flwr_cli import flower_env, flwr_run, local_superlink_pids, stop_processes
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "model.encoder": "resnet18",
+    "model.image-size": 64,
+    "demo.slices": 6,
+    "demo.size": 96,
+    "train.local-epochs": 1,
+    "train.val-fraction": 0.34,
+    "study.round-timeout": 300.0,
+}
+
+
+@pytest.fixture
+def flower_home(tmp_path: Path):
+    """A private FLWR_HOME and local-SuperLink ports; every SuperLink started is stopped by pid."""
+    before = set(local_superlink_pids())
+    stop_processes(sorted(before))  # a stale local SuperLink would run our app with its own env
+    env = flower_env(
+        {
+            "FLWR_HOME": str(tmp_path / "flwr-home"),
+            "SARCOFED_HOME": str(tmp_path / "sarcofed-home"),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39191",
+            "FLWR_LOCAL_CONTROL_API_PORT": "39193",
+        }
+    )
+    yield env
+    stop_processes(sorted(set(local_superlink_pids())))
+
+
+def test_demo_study_trains_validates_reports_and_resumes(tmp_path: Path, flower_home: dict[str, str]) -> None:
+    demo_dir = tmp_path / "sites"
+    # site-2 exists but every file it lists is missing: it cannot train, nor be evaluated.
+    broken = demo_dir / "site-2"
+    broken.mkdir(parents=True)
+    (broken / "site.toml").write_text('name = "hospital-broken"\n[labels]\nmuscle=[1]\nsubcutaneous_fat=[2]\nvisceral_fat=[3]\n')
+    (broken / "manifest.csv").write_text("image,label\nct/missing.dcm,labels/missing.png\n")
+    studies = tmp_path / "studies"
+    config = SMALL | {
+        "study.num-rounds": 2,
+        "study.output-dir": str(studies),
+        "study.run-name": "resumable",
+        "demo.dir": str(demo_dir),
+    }
+    first = flwr_run(ROOT, run_config=config, federation_config={"num-supernodes": 3}, env=flower_home, timeout=900)
+    assert first.ok, first.output[-4000:]
+    run_dir = studies / "resumable"
+    report = StudyReport.model_validate_json((run_dir / "report.json").read_text())
+
+    # Training: two rounds, the broken site failed with its reason, the others replied.
+    assert [r.round for r in report.training] == [1, 2]
+    for record in report.training:
+        assert sorted(record.sites_replied) == sorted(s for s in record.sites_sent if s != "hospital-broken")
+        assert "no usable slice" in record.sites_failed["hospital-broken"]
+        assert record.pooled_val_loss is not None
+    assert (run_dir / "model.pt").exists() and (run_dir / "checkpoint.pt").exists()
+
+    # Validation: every site reported, the broken one with its reason.
+    by_site = {s.site: s for s in report.sites}
+    assert by_site["hospital-broken"].status in ("no_usable_slices", "failed")
+    assert by_site["hospital-broken"].reason
+    ok_sites = [s for s in report.sites if s.status == "ok"]
+    assert len(ok_sites) == 2
+
+    # The seed's tables equal an independent recomputation from per-slice metrics at each site.
+    for result in ok_sites:
+        site_dir = next(p for p in demo_dir.iterdir() if (p / "site.toml").read_text().find(f'"{result.site}"') >= 0)
+        payload, records = evaluate_site(site_dir, run_dir / "model.pt", batch_size=4)
+        assert result.payload is not None and result.payload.model_hash == payload.model_hash
+        for cls in ("muscle", "subcutaneous_fat", "visceral_fat", "msv"):
+            expected = Counter(bin_name(r.iou[cls]) for r in records if r.iou[cls] is not None)
+            assert result.payload.scores[cls].bins == {b: expected.get(b, 0) for b in IOU_BINS}, cls
+    assert (run_dir / "report.html").exists() and (run_dir / "tables" / "pooled_iou_bins.csv").exists()
+
+    # Resume: one more round continues from the checkpoint (round 3), weights from round 2.
+    weights_before = report.training[-1].weights_hash
+    second = flwr_run(
+        ROOT,
+        run_config=config | {"study.num-rounds": 3, "study.resume": True},
+        federation_config={"num-supernodes": 3},
+        env=flower_home,
+        timeout=900,
+    )
+    assert second.ok, second.output[-4000:]
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    resumed = StudyReport.model_validate_json((run_dir / "report.json").read_text())
+    assert [r.round for r in resumed.training] == [1, 2, 3]
+    assert resumed.training[1].weights_hash == weights_before
+    assert resumed.training[2].weights_hash != weights_before
