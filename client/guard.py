@@ -1,0 +1,350 @@
+"""The site guard: what the ClientApp must pass through before anything leaves the site.
+
+One ``SiteGuard`` per incoming message (``open_guard``). It audits the instruction,
+refuses it when the site's policy, app allow-list or the instruction itself says no, and
+releases replies only after enforcing the policy on them:
+
+- evaluation payloads: at least ``min-slices`` usable slices; cells with a count below
+  ``min-cell-count`` suppressed *and named* in ``suppressed`` (never silently zeroed);
+  polar maps and discrepancy analysis removed when not allowed; the result re-validated
+  through ``EvaluationPayload`` so only schema fields leave; no file name or group key
+  from manifest.csv anywhere in the text;
+- training replies: only the metric keys of ``protocols.keys.TRAIN_METRIC_KEYS``, finite
+  values, at least ``min-slices`` training slices, local DP when the policy demands it.
+
+Every refusal and every reply sent is appended to the site's audit log first.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from client.allowlist import app_refusal, current_app_hash
+from client.audit import AuditLog
+from client.policy import SitePolicy, load_policy
+from common.errors import SiteFolderError
+from protocols import keys
+from protocols.payloads import AreaAgreement, ClassScores, Distribution, EvaluationPayload
+from protocols.study import StudyConfig
+
+log = logging.getLogger(__name__)
+
+#: Tasks every site answers whatever its policy: the site's pseudonym and row count.
+ALWAYS_ACCEPTED: tuple[str, ...] = ("identify",)
+#: Strings from manifest.csv shorter than this are not searched for in replies (too common).
+MIN_IDENTIFIER_LEN = 6
+
+
+class SiteRefusal(Exception):
+    """The site refuses an instruction or a reply; ``reason`` is what the coordinator sees."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def allowed_config_keys() -> frozenset[str]:
+    """Instruction keys plus the study's run-config keys: nothing else may be asked of a site."""
+    return keys.INSTRUCTION_KEYS | frozenset(StudyConfig.valid_keys())
+
+
+def config_refusal(config: Mapping[str, object]) -> str | None:
+    """Why an instruction's config is refused (``None`` = acceptable).
+
+    Allow-list, not deny-list: a key the study protocol does not define (``per-slice``,
+    ``return-file-names``, ``patient-ids`` ...) is refused by name, as is any value that is
+    not a plain bool/int/float/str.
+    """
+    allowed = allowed_config_keys()
+    unknown = sorted(str(k) for k in config if k not in allowed)
+    if unknown:
+        return (
+            f"the instruction asks for {', '.join(repr(k) for k in unknown)}, which is not part of the "
+            "sarcofed study protocol (a site never sends per-slice values, identifiers or file names)"
+        )
+    for key, value in config.items():
+        if not isinstance(value, bool | int | float | str):
+            kind = type(value).__name__
+            return f"instruction key {key!r} holds a {kind}; only bool/int/float/str are accepted"
+    return None
+
+
+def manifest_strings(site_dir: Path) -> set[str]:
+    """Paths, file names and group keys listed in manifest.csv (long enough to search for)."""
+    path = Path(site_dir) / "manifest.csv"
+    found: set[str] = set()
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            for row in csv.DictReader(handle):
+                for column in ("image", "label", "reference", "group"):
+                    value = (row.get(column) or "").strip()
+                    if not value:
+                        continue
+                    # whole values and file names only: a stem like "muscle" is also a class name
+                    candidates = {value} if column == "group" else {value, Path(value).name}
+                    found |= {c for c in candidates if len(c) >= MIN_IDENTIFIER_LEN}
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        log.warning("cannot read %s to screen replies for file names: %s", path, err)
+    return found
+
+
+def leaked_column(text: str, site_dir: Path) -> str | None:
+    """'file name' / 'group key' when ``text`` contains one from manifest.csv (never the value itself)."""
+    lowered = text.lower()
+    for value in manifest_strings(site_dir):
+        if value.lower() in lowered:
+            return "a file name or group key from manifest.csv"
+    return None
+
+
+def _small(count: int | None, k: int) -> bool:
+    return count is not None and 0 < count < k
+
+
+def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[dict[str, Any], list[str]]:
+    """Apply the policy to a payload: the payload as a dict, and the names of what was suppressed.
+
+    A table with any cell below ``min-cell-count`` is suppressed whole (a single cell could
+    otherwise be recovered from the total).
+    """
+    k = policy.min_cell_count
+    data = payload.model_dump(mode="json", by_alias=True)
+    marks: list[str] = []
+
+    if not policy.accepts("discrepancy"):
+        if data.get("discrepancy") is not None:
+            data["discrepancy"] = None
+            marks.append("discrepancy")
+        if data.get("findings"):
+            data["findings"] = []
+            marks.append("findings")
+    disc = data.get("discrepancy")
+    if disc is not None and disc.get("polar") is not None:
+        if not policy.allow_polar_maps:
+            disc["polar"] = None
+            marks.append("discrepancy.polar")
+        elif _small(disc["polar"].get("n_slices"), k):
+            disc["polar"] = None
+            marks.append("discrepancy.polar")
+    if k <= 1:
+        return data, marks
+
+    for field in ("scores", "harmonised_scores"):
+        for name, scores in (data.get(field) or {}).items():
+            parsed = ClassScores.model_validate(scores)
+            if any(_small(c, k) for c in parsed.bins.values()):
+                scores["bins"] = {}
+                marks.append(f"{field}.{name}.bins")
+            if _small(parsed.undefined, k):
+                scores["undefined"] = 0
+                marks.append(f"{field}.{name}.undefined")
+            for dist in ("iou", "dice"):
+                if _small(getattr(parsed, dist).n, k):
+                    scores[dist] = Distribution(n=0).model_dump(mode="json")
+                    marks.append(f"{field}.{name}.{dist}")
+    if any(_small(c, k) for c in data.get("excluded", {}).values()):
+        data["excluded"] = {}
+        marks.append("excluded")
+    for name, area in (data.get("areas") or {}).items():
+        if _small(area.get("n"), k):
+            data["areas"][name] = AreaAgreement(n=0).model_dump(mode="json")
+            marks.append(f"areas.{name}")
+    if data.get("smi") is not None and _small(data["smi"].get("n"), k):
+        data["smi"] = None
+        marks.append("smi")
+    sarc = data.get("sarcopenia")
+    if sarc is not None and any(_small(v, k) for n, v in sarc.items() if n != "cutoff_set"):
+        data["sarcopenia"] = None
+        marks.append("sarcopenia")
+    for holder, prefix in ((data, "findings"), (data.get("discrepancy") or {}, "discrepancy.findings")):
+        kept = []
+        for finding in holder.get("findings") or []:
+            if _small(finding.get("n_slices"), k):
+                marks.append(f"{prefix}.{finding['class']}:{finding['direction']}:{finding['region']}")
+            else:
+                kept.append(finding)
+        if "findings" in holder:
+            holder["findings"] = kept
+    return data, marks
+
+
+@dataclass
+class SiteGuard:
+    """Policy enforcement and audit for one incoming message."""
+
+    site_dir: Path
+    policy: SitePolicy
+    audit: AuditLog
+    app_hash: str
+    run_id: int
+    task: str
+
+    def _sent(self, payload: Any) -> None:
+        self.audit.append("sent", run_id=self.run_id, task=self.task, app_hash=self.app_hash, payload=payload)
+
+    def refuse(self, reason: str) -> None:
+        """Record a refusal (the caller replies with an error carrying ``reason``)."""
+        log.warning("site refuses %s (run %s): %s", self.task, self.run_id, reason)
+        self.audit.append(
+            "refused", run_id=self.run_id, task=self.task, app_hash=self.app_hash, detail=reason
+        )
+
+    def _refuse(self, reason: str) -> SiteRefusal:
+        self.refuse(reason)
+        return SiteRefusal(reason)
+
+    def release_payload(self, payload: EvaluationPayload) -> EvaluationPayload:
+        """The payload as it may leave: policy applied, re-validated, audited."""
+        if not isinstance(payload, EvaluationPayload):
+            raise self._refuse(f"reply is a {type(payload).__name__}, not an EvaluationPayload")
+        if payload.n_used < self.policy.min_slices:
+            raise self._refuse(
+                f"only {payload.n_used} usable slice(s); this site's policy releases results over at "
+                f"least {self.policy.min_slices} (min-slices in policy.toml)"
+            )
+        data, marks = suppress_payload(payload, self.policy)
+        data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
+        try:
+            released = EvaluationPayload.model_validate(data)
+        except ValidationError as err:
+            raise self._refuse(
+                f"reply does not fit the payload schema after the site's policy: {err}"
+            ) from err
+        text = released.model_dump_json()
+        leak = leaked_column(text, self.site_dir)
+        if leak:
+            raise self._refuse(f"reply contains {leak}; nothing was sent")
+        self._sent(json.loads(text))
+        return released
+
+    def release_weights(
+        self,
+        n_train: int,
+        weights_sha256: str,
+        metrics: Mapping[str, float],
+        *,
+        dp_applied: bool = False,
+    ) -> dict[str, float]:
+        """The training metrics as they may leave (allow-listed keys, finite values), audited."""
+        allowed = set(keys.TRAIN_METRIC_KEYS)
+        extra = sorted(k for k in metrics if k not in allowed)
+        if extra:
+            raise self._refuse(f"training reply has metric(s) {extra} outside the protocol's allow-list")
+        released: dict[str, float] = {}
+        for key, value in metrics.items():
+            number = float(value)
+            if not math.isfinite(number):
+                raise self._refuse(f"training metric {key!r} is {value}; only finite numbers leave")
+            released[key] = number
+        if n_train < self.policy.min_slices:
+            raise self._refuse(
+                f"trained on only {n_train} slice(s); this site's policy releases weights trained on at "
+                f"least {self.policy.min_slices} (min-slices in policy.toml)"
+            )
+        dp = self.policy.weights_dp
+        if dp.enabled and not dp_applied:
+            raise self._refuse(
+                "this site's policy requires local DP on weights, and the update was not privatised"
+            )
+        self._sent(
+            {
+                "n_train": int(n_train),
+                "weights_sha256": weights_sha256,
+                "metrics": released,
+                "weights_dp": dp.model_dump() if dp.enabled else None,
+            }
+        )
+        return released
+
+    def release_identity(self, site: str, n_listed: int) -> dict[str, object]:
+        """The ``identify`` reply (site pseudonym, manifest row count), audited."""
+        reply: dict[str, object] = {"site": site, "n_listed": int(n_listed)}
+        self._sent(reply)
+        return reply
+
+    def protect_update(
+        self, update: np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, bool]:
+        """Local DP when the policy asks for it: clip the update's L2 norm, add Gaussian noise.
+
+        ``update`` is new weights minus the global weights (one packed float array).
+        Returns the update to add back and whether DP was applied.
+        """
+        dp = self.policy.weights_dp
+        if not dp.enabled:
+            return update, False
+        return clip_and_noise(
+            update, dp.clipping_norm, dp.noise_multiplier, rng or np.random.default_rng()
+        ), True
+
+
+def clip_and_noise(
+    update: np.ndarray, clipping_norm: float, noise_multiplier: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Clip to L2 norm ``clipping_norm`` and add N(0, (noise_multiplier * clipping_norm)^2) noise."""
+    flat = np.asarray(update, dtype=np.float64)
+    norm = float(np.linalg.norm(flat))
+    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    noisy = flat * scale + rng.normal(0.0, noise_multiplier * clipping_norm, size=flat.shape)
+    return noisy.astype(np.asarray(update).dtype)
+
+
+def _jsonable(config: Mapping[str, object]) -> dict[str, object]:
+    return {
+        str(k): (v if isinstance(v, bool | int | float | str) or v is None else repr(v))
+        for k, v in config.items()
+    }
+
+
+def open_guard(
+    site_dir: Path,
+    *,
+    run_id: int,
+    task: str,
+    config: Mapping[str, object],
+    app_hash: str | None = None,
+) -> SiteGuard:
+    """Audit the instruction, then refuse it (``SiteRefusal``) or return the guard for its reply.
+
+    Checks, in order: the site's policy.toml is readable (an unreadable policy refuses
+    everything), the running code is on the app allow-list, the task is accepted, and the
+    instruction asks for nothing outside the study protocol.
+    """
+    site_dir = Path(site_dir)
+    audit = AuditLog.for_site(site_dir)
+    app_hash = app_hash or current_app_hash()
+    audit.append(
+        "received", run_id=run_id, task=task, app_hash=app_hash, payload={"config": _jsonable(config)}
+    )
+    try:
+        policy = load_policy(site_dir)
+    except SiteFolderError as err:
+        guard = SiteGuard(site_dir, SitePolicy(), audit, app_hash, run_id, task)
+        raise guard._refuse(f"the site's release policy is invalid, so nothing is released: {err}") from err
+    guard = SiteGuard(site_dir, policy, audit, app_hash, run_id, task)
+    reason = app_refusal(app_hash, policy.allowed_apps)
+    if reason:
+        raise guard._refuse(reason)
+    if not policy.allowed_apps:
+        log.warning(
+            "site %s: allowed-apps is empty, so any sarcofed code may run (hash %s)", site_dir, app_hash
+        )
+    if task not in ALWAYS_ACCEPTED and not policy.accepts(task):
+        raise guard._refuse(
+            f"this site does not accept '{task}' tasks (accept-tasks in policy.toml: "
+            f"{', '.join(policy.accept_tasks) or 'none'})"
+        )
+    reason = config_refusal(config)
+    if reason:
+        raise guard._refuse(reason)
+    return guard

@@ -1,0 +1,131 @@
+"""The site's release policy: ``policy.toml`` next to ``site.toml``, owned by the hospital.
+
+It says which tasks the site accepts, how many slices a reply must summarise, the
+smallest count that may leave in a reported cell, whether polar discrepancy maps may
+leave, which sarcofed code the site reviewed (app allow-list) and whether training
+updates get local differential privacy. ``client.guard`` enforces it on every reply.
+
+Example (every key optional; the values shown are the defaults)::
+
+    accept-tasks = ["train", "evaluate", "compare", "discrepancy"]
+    min-slices = 5            # refuse to reply about fewer usable slices than this
+    min-cell-count = 1        # counts 1..(n-1) in a reported cell are suppressed; 1 = none
+    allow-polar-maps = true   # discordant-area maps (angle x radius) may leave
+    allowed-apps = []         # sha256 of the sarcofed code reviewed; [] = not pinned
+
+    [weights-dp]              # local DP on training updates (off by default)
+    enabled = false
+    clipping-norm = 10.0
+    noise-multiplier = 0.1
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common.errors import SiteFolderError
+
+POLICY_FILE = "policy.toml"
+
+#: What a site can accept. ``discrepancy`` is the label-convention analysis inside
+#: ``evaluate`` / ``compare`` replies (findings, region shares, polar maps).
+PolicyTask = Literal["train", "evaluate", "compare", "discrepancy"]
+POLICY_TASKS: tuple[str, ...] = ("train", "evaluate", "compare", "discrepancy")
+
+#: Minimum number of usable slices a reply must summarise when policy.toml does not say.
+DEFAULT_MIN_SLICES = 5
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class WeightsDp(BaseModel):
+    """Local DP on training updates: clip the update's L2 norm, add Gaussian noise."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    enabled: bool = False
+    clipping_norm: float = Field(10.0, gt=0, alias="clipping-norm")
+    noise_multiplier: float = Field(0.1, ge=0, alias="noise-multiplier")
+
+
+class SitePolicy(BaseModel):
+    """``policy.toml``: what this site releases. Keys are kebab-case in the file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    accept_tasks: tuple[PolicyTask, ...] = Field(POLICY_TASKS, alias="accept-tasks")  # type: ignore[assignment]
+    min_slices: int = Field(DEFAULT_MIN_SLICES, ge=1, alias="min-slices")
+    min_cell_count: int = Field(1, ge=1, alias="min-cell-count")
+    allow_polar_maps: bool = Field(True, alias="allow-polar-maps")
+    allowed_apps: tuple[str, ...] = Field((), alias="allowed-apps")
+    weights_dp: WeightsDp = Field(WeightsDp(), alias="weights-dp")
+
+    @field_validator("allowed_apps")
+    @classmethod
+    def _hashes(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        cleaned = tuple(v.strip().lower().removeprefix("sha256:") for v in values)
+        bad = [v for v in cleaned if not _SHA256.match(v)]
+        if bad:
+            raise ValueError(
+                "allowed-apps must be sha256 hex digests (64 characters, from `sarcofed site policy hash`), "
+                f"got {bad}"
+            )
+        return cleaned
+
+    def accepts(self, task: str) -> bool:
+        return task in self.accept_tasks
+
+    def to_toml(self) -> str:
+        """The policy as policy.toml text (every key written out, so the site sees it all)."""
+        tasks = ", ".join(f'"{t}"' for t in self.accept_tasks)
+        apps = "".join(f'\n    "{a}",' for a in self.allowed_apps)
+        return (
+            "# sarcofed site release policy: what this hospital lets leave (see docs/DEPLOYMENT.md).\n"
+            f"accept-tasks = [{tasks}]\n"
+            f"min-slices = {self.min_slices}\n"
+            f"min-cell-count = {self.min_cell_count}\n"
+            f"allow-polar-maps = {str(self.allow_polar_maps).lower()}\n"
+            f"allowed-apps = [{apps}{chr(10) if apps else ''}]\n"
+            "\n[weights-dp]\n"
+            f"enabled = {str(self.weights_dp.enabled).lower()}\n"
+            f"clipping-norm = {self.weights_dp.clipping_norm}\n"
+            f"noise-multiplier = {self.weights_dp.noise_multiplier}\n"
+        )
+
+
+def policy_path(site_dir: Path) -> Path:
+    return Path(site_dir) / POLICY_FILE
+
+
+def load_policy(site_dir: Path) -> SitePolicy:
+    """Read ``<site_dir>/policy.toml``; the documented defaults when the file is absent.
+
+    Raises ``SiteFolderError`` naming the file and the offending key when it is invalid:
+    a policy the site wrote but sarcofed cannot read must never fall back to defaults.
+    """
+    path = policy_path(site_dir)
+    if not path.exists():
+        return SitePolicy()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise SiteFolderError(path, f"cannot read the release policy: {err}") from err
+    try:
+        return SitePolicy.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors(include_url=False)
+        )
+        valid = ", ".join(f.alias or n for n, f in SitePolicy.model_fields.items())
+        raise SiteFolderError(path, f"invalid release policy: {problems} (valid keys: {valid})") from err
+
+
+def write_policy(site_dir: Path, policy: SitePolicy) -> Path:
+    path = policy_path(site_dir)
+    path.write_text(policy.to_toml(), encoding="utf-8")
+    return path

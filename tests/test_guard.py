@@ -1,0 +1,214 @@
+"""Site guard: refusals (audited), suppression marked in ``suppressed``, schema-only replies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.audit import audit_path, read_audit
+from client.guard import SiteRefusal, clip_and_noise, config_refusal, open_guard, suppress_payload
+from client.policy import SitePolicy, WeightsDp, write_policy
+from protocols import keys
+from protocols.findings import Finding
+from protocols.payloads import (
+    AreaAgreement,
+    ClassScores,
+    DiscrepancySummary,
+    Distribution,
+    EvaluationPayload,
+    PolarMap,
+    SarcopeniaConfusion,
+    SmiAgreement,
+)
+
+APP = "a" * 64
+
+
+def _scores(bins: dict[str, int], undefined: int = 0) -> ClassScores:
+    n = sum(bins.values())
+    return ClassScores(
+        bins=bins,
+        undefined=undefined,
+        iou=Distribution(n=n, mean=0.9, median=0.9),
+        dice=Distribution(n=n, mean=0.95),
+        intersection_px=900,
+        union_px=1000,
+    )
+
+
+def payload(n_used: int = 12) -> EvaluationPayload:
+    finding = Finding.model_validate(
+        {
+            "class": "muscle",
+            "direction": "site_excludes",
+            "region": "psoas",
+            "prevalence": 0.2,
+            "mean_area_share": 0.1,
+            "mean_area_cm2": 3.0,
+            "density_consistency": 0.9,
+            "systematic": False,
+            "n_slices": 2,
+            "sentence": "The site leaves out psoas in 2 slices.",
+        }
+    )
+    polar = PolarMap(n_angle=2, n_radius=1, n_slices=n_used, maps={"muscle:site_excludes": [[1.0], [0.0]]})
+    return EvaluationPayload(
+        task="evaluate",
+        site="hospital-b",
+        dataset_fingerprint="f" * 16,
+        n_listed=n_used + 1,
+        n_used=n_used,
+        n_groups=n_used,
+        excluded={"unreadable_image": 1},
+        scores={"muscle": _scores({"0.9-1.0": 10, "0.8-0.9": 2}), "visceral_fat": _scores({"0.9-1.0": 12})},
+        areas={"muscle": AreaAgreement(n=n_used, mean_label_cm2=150.0, sum_diff_cm2=3.0)},
+        smi=SmiAgreement(n=3, mean_label=45.0),
+        sarcopenia=SarcopeniaConfusion(
+            cutoff_set="prado2008", both_sarcopenic=1, label_only=0, test_only=0, neither=2, unknown=9
+        ),
+        discrepancy=DiscrepancySummary(n_slices=n_used, findings=[finding], polar=polar),
+        findings=[finding],
+    )
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    root = tmp_path / "hospital-b"
+    root.mkdir()
+    (root / "manifest.csv").write_text(
+        "image,label,group\nimages/CANARY-PATIENT-001.dcm,labels/x.png,CANARY-GROUP-7\n", encoding="utf-8"
+    )
+    return root
+
+
+def guard(site: Path, task: str = "evaluate", config: dict[str, object] | None = None, **policy: object):
+    if policy:
+        write_policy(site, SitePolicy(**policy))  # type: ignore[arg-type]
+    return open_guard(site, run_id=3, task=task, config=config or {keys.TASK: task}, app_hash=APP)
+
+
+def events(site: Path) -> list[tuple[str, str | None]]:
+    return [(e.event, e.detail) for e in read_audit(audit_path(site))]
+
+
+def test_default_policy_releases_payload_unchanged_and_audits_it(site: Path) -> None:
+    sent = payload()
+    released = guard(site).release_payload(sent)
+    assert released == sent and released.suppressed == []
+    entries = list(read_audit(audit_path(site)))
+    assert [e.event for e in entries] == ["received", "sent"]
+    assert entries[0].app_hash == APP and entries[0].run_id == 3
+    assert entries[1].payload == json.loads(released.model_dump_json())
+
+
+def test_small_cells_are_suppressed_and_named_never_silently_zeroed(site: Path) -> None:
+    released = guard(site, min_cell_count=3).release_payload(payload())
+    assert released.scores["muscle"].bins == {}  # 2 < 3 in one bin: the whole table goes
+    assert released.scores["visceral_fat"].bins == {"0.9-1.0": 12}  # untouched
+    assert released.excluded == {}
+    assert released.sarcopenia is None  # a cell of 1
+    assert released.smi is not None and released.smi.n == 3  # 3 is not below 3
+    assert released.findings == [] and released.discrepancy is not None
+    assert released.discrepancy.findings == []
+    assert set(released.suppressed) == {
+        "scores.muscle.bins",
+        "excluded",
+        "sarcopenia",
+        "findings.muscle:site_excludes:psoas",
+        "discrepancy.findings.muscle:site_excludes:psoas",
+    }
+    released4 = guard(site, min_cell_count=4).release_payload(payload())
+    assert released4.smi is None and "smi" in released4.suppressed
+
+
+def test_polar_maps_and_discrepancy_follow_the_policy(site: Path) -> None:
+    no_polar = guard(site, allow_polar_maps=False).release_payload(payload())
+    assert no_polar.discrepancy is not None and no_polar.discrepancy.polar is None
+    assert no_polar.suppressed == ["discrepancy.polar"]
+    no_disc = guard(site, accept_tasks=("evaluate",)).release_payload(payload())
+    assert no_disc.discrepancy is None and no_disc.findings == []
+    assert set(no_disc.suppressed) == {"discrepancy", "findings"}
+
+
+def test_too_few_slices_is_refused_and_audited(site: Path) -> None:
+    g = guard(site, min_slices=13)
+    with pytest.raises(SiteRefusal, match="only 12 usable slice"):
+        g.release_payload(payload())
+    assert [e for e, _ in events(site)] == ["received", "refused"]
+
+
+def test_reply_naming_a_manifest_file_is_refused_without_repeating_it(site: Path) -> None:
+    bad = payload().model_copy(update={"site": "CANARY-PATIENT-001.dcm"})
+    with pytest.raises(SiteRefusal) as info:
+        guard(site).release_payload(bad)
+    assert "CANARY" not in info.value.reason
+    assert "sent" not in [e for e, _ in events(site)]
+
+
+def test_task_not_accepted_is_refused_after_auditing(site: Path) -> None:
+    with pytest.raises(SiteRefusal, match="does not accept 'train'"):
+        guard(site, "train", accept_tasks=("evaluate", "compare"))
+    assert [e for e, _ in events(site)] == ["received", "refused"]
+    # identify (pseudonym + row count) is always answered
+    guard(site, "identify").release_identity("hospital-b", 12)
+
+
+def test_app_not_on_allow_list_is_refused_naming_both_hashes(site: Path) -> None:
+    ok = "b" * 64
+    with pytest.raises(SiteRefusal) as info:
+        guard(site, allowed_apps=(ok,))
+    assert APP in info.value.reason and ok in info.value.reason
+    assert open_guard(site, run_id=1, task="evaluate", config={}, app_hash=ok).app_hash == ok
+
+
+@pytest.mark.parametrize("key", ["per-slice", "study.return-file-names", "patient-ids", "eval.per-slice-iou"])
+def test_config_asking_outside_the_protocol_is_refused_by_name(site: Path, key: str) -> None:
+    with pytest.raises(SiteRefusal, match=repr(key)):
+        guard(site, config={keys.TASK: "evaluate", key: True})
+
+
+def test_known_study_keys_are_accepted() -> None:
+    assert (
+        config_refusal({keys.TASK: "train", "train.lr": 2e-4, "study.sites": "a,b", "server-round": 1})
+        is None
+    )
+    assert "list" in (config_refusal({"study.sites": ["a"]}) or "")
+
+
+def test_invalid_policy_refuses_everything(site: Path) -> None:
+    (site / "policy.toml").write_text("min-slices = -1\n", encoding="utf-8")
+    with pytest.raises(SiteRefusal, match=r"policy\.toml"):
+        guard(site)
+
+
+def test_training_reply_metrics_allow_list_and_min_slices(site: Path) -> None:
+    g = guard(site, "train")
+    metrics = {keys.NUM_EXAMPLES: 9.0, "train-loss": 0.5}
+    assert g.release_weights(9, "c" * 64, metrics) == metrics
+    with pytest.raises(SiteRefusal, match="per-slice-loss"):
+        g.release_weights(9, "c" * 64, {**metrics, "per-slice-loss": 1.0})
+    with pytest.raises(SiteRefusal, match="finite"):
+        g.release_weights(9, "c" * 64, {"train-loss": float("nan")})
+    with pytest.raises(SiteRefusal, match="only 3 slice"):
+        g.release_weights(3, "c" * 64, metrics)
+    sent = [e for e in read_audit(audit_path(site)) if e.event == "sent"]
+    assert sent[0].payload["weights_sha256"] == "c" * 64
+
+
+def test_local_dp_is_required_when_the_policy_asks(site: Path) -> None:
+    g = guard(site, "train", weights_dp=WeightsDp(enabled=True, clipping_norm=1.0, noise_multiplier=0.0))
+    with pytest.raises(SiteRefusal, match="local DP"):
+        g.release_weights(9, "c" * 64, {})
+    update, applied = g.protect_update(np.array([3.0, 4.0], dtype=np.float32))
+    assert applied and np.allclose(update, [0.6, 0.8])  # norm 5 clipped to 1, no noise
+    noisy = clip_and_noise(np.zeros(10000), 1.0, 0.5, np.random.default_rng(0))
+    assert abs(float(noisy.std()) - 0.5) < 0.02
+
+
+def test_suppress_payload_is_pure_and_k1_changes_nothing() -> None:
+    p = payload()
+    data, marks = suppress_payload(p, SitePolicy())
+    assert marks == [] and EvaluationPayload.model_validate(data) == p

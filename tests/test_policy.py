@@ -1,0 +1,62 @@
+"""Site release policy: policy.toml parsing, defaults, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from client.policy import DEFAULT_MIN_SLICES, SitePolicy, load_policy, write_policy
+from common.errors import SiteFolderError
+
+HASH = "ab" * 32
+
+
+def test_absent_policy_gives_documented_defaults(tmp_path: Path) -> None:
+    policy = load_policy(tmp_path)
+    assert policy.min_slices == DEFAULT_MIN_SLICES == 5
+    assert policy.min_cell_count == 1
+    assert policy.allow_polar_maps is True
+    assert policy.allowed_apps == ()
+    assert set(policy.accept_tasks) == {"train", "evaluate", "compare", "discrepancy"}
+    assert policy.weights_dp.enabled is False
+
+
+def test_kebab_case_keys_are_read(tmp_path: Path) -> None:
+    (tmp_path / "policy.toml").write_text(
+        'accept-tasks = ["evaluate"]\nmin-slices = 8\nmin-cell-count = 3\nallow-polar-maps = false\n'
+        f'allowed-apps = ["SHA256:{HASH.upper()}"]\n[weights-dp]\nenabled = true\nclipping-norm = 2.0\n',
+        encoding="utf-8",
+    )
+    policy = load_policy(tmp_path)
+    assert policy.accept_tasks == ("evaluate",)
+    assert not policy.accepts("train")
+    assert (policy.min_slices, policy.min_cell_count, policy.allow_polar_maps) == (8, 3, False)
+    assert policy.allowed_apps == (HASH,)  # prefix dropped, lower-cased
+    assert policy.weights_dp.enabled and policy.weights_dp.clipping_norm == 2.0
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("min-slice = 3\n", "min-slice"),  # typo: never silently a default
+        ('accept-tasks = ["train", "export-slices"]\n', "accept-tasks"),
+        ('allowed-apps = ["not-a-hash"]\n', "allowed-apps"),
+        ("min-slices = 0\n", "min-slices"),
+        ("min-slices = [\n", "cannot read"),
+    ],
+)
+def test_invalid_policy_names_file_and_key(tmp_path: Path, text: str, names: str) -> None:
+    (tmp_path / "policy.toml").write_text(text, encoding="utf-8")
+    with pytest.raises(SiteFolderError) as info:
+        load_policy(tmp_path)
+    assert "policy.toml" in str(info.value)
+    assert names in str(info.value)
+
+
+def test_written_policy_reads_back_identically(tmp_path: Path) -> None:
+    policy = SitePolicy(
+        accept_tasks=("evaluate", "compare"), min_slices=7, min_cell_count=2, allowed_apps=(HASH,)
+    )
+    write_policy(tmp_path, policy)
+    assert load_policy(tmp_path) == policy
