@@ -32,7 +32,9 @@ def app_dir() -> Path:
 
 def demo_study_cmd(
     sites: Annotated[int, typer.Option(min=2, help="Number of simulated hospitals.")] = 3,
-    rounds: Annotated[int, typer.Option(min=1, help="Federated training rounds.")] = 3,
+    rounds: Annotated[
+        int | None, typer.Option(min=1, help="Federated training rounds (default: pyproject's study.num-rounds).")
+    ] = None,
     home: Annotated[
         Path | None, typer.Option(help="Where demo sites and studies go (default $SARCOFED_HOME or ~/sarcofed).")
     ] = None,
@@ -52,8 +54,8 @@ def demo_study_cmd(
     try:
         outcome = flwr_run(
             app_dir(),
-            run_config={"study.num-rounds": rounds, "study.output-dir": str(root / "studies"),
-                        "demo.dir": str(root / "demo-sites")},
+            run_config={"study.output-dir": str(root / "studies"), "demo.dir": str(root / "demo-sites")}
+            | ({"study.num-rounds": rounds} if rounds else {}),
             federation_config={"num-supernodes": sites},
             env=flower_env({"SARCOFED_HOME": str(root)}),
             echo=None if quiet else console.out,
