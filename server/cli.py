@@ -8,6 +8,7 @@ import typer
 
 from client import tasks_cli
 from client.cli import site_app
+from client.workbench.cli import register as register_workbench
 from server.demo_cli import demo_app
 from server.demo_study import demo_study_cmd
 
@@ -21,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 tasks_cli.register(site_app)
+register_workbench(site_app)
 study_app = typer.Typer(help="Commands a study coordinator runs.", no_args_is_help=True)
 study_app.command("demo")(demo_study_cmd)
 app.add_typer(site_app, name="site")

@@ -45,6 +45,7 @@ class DemoResult(BaseModel):
     size: int
     seconds: float
     sites: list[DemoSite]
+    series: str | None = None
 
 
 def make(
@@ -59,6 +60,12 @@ def make(
         False, "--force", help="Write into a non-empty folder, replacing site-N folders."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON (for scripts)."),
+    series: bool = typer.Option(
+        False,
+        "--series",
+        help="Also write a whole synthetic abdominal CT series (T11 to sacrum, shuffled file names, "
+        "plus a distractor series) in OUT_DIR/series, for `sarcofed site workbench`.",
+    ),
 ) -> None:
     """Write synthetic demo hospitals: CT L3 slices of made-up patients with labels.
 
@@ -111,8 +118,14 @@ def make(
                 force=force,
                 on_slice=lambda done, total: progress.update(task, completed=done, total=total),
             )
+    series_dir = None
+    if series:
+        from common.demo.series import make_series
+
+        series_dir = make_series(out_dir / "series", seed=seed).folder
     seconds = time.perf_counter() - start
     result = DemoResult(
+        series=str(series_dir) if series_dir else None,
         out_dir=str(out_dir),
         seed=seed,
         size=size,
@@ -144,6 +157,8 @@ def make(
             str(site.slices),
         )
     console.print(table)
+    if series_dir:
+        console.print(f"Whole CT series for the workbench: [bold]sarcofed site workbench {escape(str(series_dir))}[/bold]")
     console.print(
         f"Wrote {sites * slices} slices ({size}x{size}) in {seconds:.1f} s. "
         f"Next: [bold]sarcofed site check {escape(str(paths[0]))}[/bold]"

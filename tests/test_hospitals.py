@@ -176,3 +176,22 @@ def test_demo_make_command(tmp_path: Path) -> None:
     refused = runner.invoke(app, args)
     assert refused.exit_code == 1 and "not empty" in refused.output
     assert runner.invoke(app, [*args, "--force"]).exit_code == 0
+
+
+def test_demo_make_series_writes_a_whole_series_the_workbench_loader_reads(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from common.series import load_volume, scan_folder
+    from server.cli import app
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "make", str(out), "--sites", "1", "--slices", "2", "--size", "64",
+                                      "--series", "--json"])
+    assert result.exit_code == 0, result.output
+    series_dir = Path(json.loads(result.output)["series"])
+    listing = scan_folder(series_dir)
+    main = max(listing.series, key=lambda s: s.count)  # the distractor series is shorter
+    volume = load_volume(main)
+    assert volume.hu.shape[0] == main.count > 20
