@@ -8,13 +8,16 @@ ClientApp hashes to something else.
 The hash covers exactly what the app bundle (FAB) ships (``fab-include`` in
 pyproject.toml): every ``.py`` file under ``protocols/``, ``common/``, ``client/`` and
 ``server/`` plus ``pyproject.toml``, in sorted relative-path order, each as
-``path NUL size NUL bytes``. A site computes the hash of the code it reviewed with
+``path NUL size NUL bytes``. ``flwr build`` rewrites pyproject.toml (comments and
+layout dropped), so its parsed content (canonical JSON) is hashed instead of its bytes. A site computes the hash of the code it reviewed with
 ``sarcofed site policy hash /path/to/reviewed/sarcofed`` (a checkout or an unpacked FAB).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,6 +43,10 @@ def code_hash(root: Path) -> str:
     digest = hashlib.sha256()
     for rel in files:
         data = (root / rel).read_bytes()
+        if rel.as_posix() == PROJECT_FILE:
+            # `flwr build` rewrites pyproject.toml (tomli_w: comments and layout dropped), so
+            # its *content* is hashed, not its bytes: a checkout and the installed FAB agree.
+            data = json.dumps(tomllib.loads(data.decode("utf-8")), sort_keys=True).encode("utf-8")
         digest.update(rel.as_posix().encode("utf-8") + b"\0" + str(len(data)).encode() + b"\0")
         digest.update(data)
     return digest.hexdigest()

@@ -65,3 +65,17 @@ def test_refusal_names_the_hash_and_the_allowed_ones() -> None:
     assert app_refusal(ok, (ok,)) is None
     reason = app_refusal(got, (ok,))
     assert reason is not None and got in reason and ok in reason
+
+
+def test_pyproject_layout_and_comments_do_not_change_the_hash(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "a")
+    (root / "pyproject.toml").write_text(
+        '[project]\nname = "x"  # comment\ndeps = ["a", "b"]\n', encoding="utf-8"
+    )
+    before = code_hash(root)
+    (root / "pyproject.toml").write_text(
+        '[project]\nname = "x"\ndeps = [\n    "a",\n    "b",\n]\n', encoding="utf-8"
+    )
+    assert code_hash(root) == before  # what `flwr build` does to the file
+    (root / "pyproject.toml").write_text('[project]\nname = "y"\ndeps = ["a", "b"]\n', encoding="utf-8")
+    assert code_hash(root) != before
