@@ -9,7 +9,8 @@ The hash covers exactly what the app bundle (FAB) ships (``fab-include`` in
 pyproject.toml): every ``.py`` file under ``protocols/``, ``common/``, ``client/`` and
 ``server/`` plus ``pyproject.toml``, in sorted relative-path order, each as
 ``path NUL size NUL bytes``. ``flwr build`` rewrites pyproject.toml (comments and
-layout dropped), so its parsed content (canonical JSON) is hashed instead of its bytes. A site computes the hash of the code it reviewed with
+layout dropped), so its parsed content (canonical JSON) is hashed instead of its bytes.
+A site computes the hash of the code it reviewed with
 ``sarcofed site policy hash /path/to/reviewed/sarcofed`` (a checkout or an unpacked FAB).
 """
 

@@ -225,7 +225,8 @@ def register_supernode(public_key: Path, connection: str, *, flwr_home: Path | N
     )
     if done.returncode != 0:
         raise DeploymentError(
-            f"registering {public_key} failed (exit {done.returncode}): {(done.stdout + done.stderr).strip()[-800:]}"
+            f"registering {public_key} failed (exit {done.returncode}): "
+            f"{(done.stdout + done.stderr).strip()[-800:]}"
         )
     return _json_out(done.stdout, "flwr supernode register")
 
