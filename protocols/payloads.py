@@ -88,25 +88,41 @@ class HuRanges(Schema):
 
 
 class PolarMap(Schema):
-    """Discordant area (cm^2) summed over slices, angle x normalised radius, per class and direction."""
+    """Discordant area (cm^2) summed over slices, angle x normalised radius, per class and direction.
 
-    n_angle: int
-    n_radius: int
-    n_slices: int
+    Angle bins split 0..360 degrees around the body centroid: 0 is anterior (derived from
+    the spine, not assumed), 90 is image-right when anterior is image-up (the patient's left
+    on a supine slice in radiological display), 180 posterior. Radius bins split 0 (body
+    centroid) .. 1 (body outline at that angle). Divide by ``n_slices`` for cm^2 per slice.
+    """
+
+    n_angle: int = Field(ge=1)
+    n_radius: int = Field(ge=1)
+    n_slices: int = Field(ge=0)
     maps: dict[str, list[list[float]]] = Field(
         description="key '<class>:<direction>' -> n_angle x n_radius summed cm^2"
     )
 
 
 class DiscrepancySummary(Schema):
-    """Aggregate discrepancy statistics of one site (see protocols.findings)."""
+    """Aggregate discrepancy statistics of one site (see protocols.findings and common.discrepancy)."""
 
-    n_slices: int
-    findings: list[Finding]
-    #: Share of the class's reference area, per '<class>:<direction>:<region>', mean over slices.
-    region_area_share: dict[str, float] = Field(default_factory=dict)
+    n_slices: int = Field(ge=0, description="slices analysed")
+    findings: list[Finding] = Field(
+        description="systematic first, then scattered ones with prevalence >= 0.2"
+    )
+    region_area_share: dict[str, float] = Field(
+        default_factory=dict,
+        description="'<class>:<direction>:<region>' -> discordant area / reference class area, "
+        "mean over slices",
+    )
     polar: PolarMap | None = None
-    suppressed: list[str] = Field(default_factory=list)
+    n_no_spine: int = Field(
+        default=0, ge=0, description="slices where no spine was found (regions named from the body alone)"
+    )
+    suppressed: list[str] = Field(
+        default_factory=list, description="parts withheld because there were fewer slices than the minimum"
+    )
 
 
 class EvaluationPayload(Schema):
