@@ -12,9 +12,10 @@ How it is built, all in millimetres (pixel spacing may differ per axis):
    vertebral body is a cortical ring around low-density bone). The chosen one is the
    largest that holds cortical-density bone (> 450 HU) and lies within the inner part of
    the body; contrast-filled bowel or a rib rarely passes both tests;
-3. anterior: from the spine towards the body centroid (patients usually lie supine, so
-   this is image-up, but it is derived, so rotated, off-centre or prone images work),
-   averaged with the spine's own axis (vertebral body ahead of the posterior arch);
+3. anterior: from the vertebral body towards the body centroid (patients usually lie
+   supine, so this is image-up, but it is derived, so rotated, off-centre or prone
+   images work); the spine's own axis (vertebral body ahead of the posterior arch) when
+   the spine sits at the centroid;
 4. vertebral body: the thickest point of the spine (grown into trabecular bone, canal
    left open) is its centre, that thickness its half-depth, and the spine's lateral
    extent through it its half-width; these set the scale of the region rules.
@@ -339,30 +340,18 @@ def _orientation(
     body_radius: float,
     spacing: tuple[float, float],
 ) -> tuple[float, float] | None:
-    """Anterior: from the posterior elements through the vertebral body, checked against the body.
+    """Anterior: from the vertebral body towards the body centroid.
 
-    The direction towards the body centroid is averaged with the spine's own axis (thin
-    processes behind the thick block) when they agree; when they disagree the body wins
-    (the block may be a fragment); when the spine sits at the centroid the spine's axis
-    is used alone.
+    When the spine sits almost at the centroid that direction is noise, and the spine's own
+    axis (from its thin posterior processes through the thick block) is used instead.
     """
-    body_dir = _unit(centre[0] - block_centre[0], centre[1] - block_centre[1])
-    if (
-        body_dir is not None
-        and math.hypot(centre[0] - block_centre[0], centre[1] - block_centre[1]) < 0.15 * body_radius
-    ):
-        body_dir = None  # spine almost at the centroid: its direction is noise
-    own = None
-    if thin.sum() * spacing[0] * spacing[1] >= 60.0:
-        arch = _centroid(thin, spacing)
-        own = _unit(block_centre[0] - arch[0], block_centre[1] - arch[1])
-    if own is None:
-        return body_dir
-    if body_dir is None:
-        return own
-    if own[0] * body_dir[0] + own[1] * body_dir[1] < 0.5:
-        return body_dir  # they disagree: the body's bulk lies ahead of the spine
-    return _unit(own[0] + body_dir[0], own[1] + body_dir[1]) or own
+    offset = math.hypot(centre[0] - block_centre[0], centre[1] - block_centre[1])
+    if offset >= 0.15 * body_radius:
+        return _unit(centre[0] - block_centre[0], centre[1] - block_centre[1])
+    if thin.sum() * spacing[0] * spacing[1] < 60.0:
+        return None
+    arch = _centroid(thin, spacing)
+    return _unit(block_centre[0] - arch[0], block_centre[1] - arch[1])
 
 
 def body_frame(hu: np.ndarray, spacing_mm: tuple[float, float]) -> BodyFrame:

@@ -5,9 +5,9 @@
 
 - ``site_excludes``: the reference says the class, the site does not;
   ``site_includes``: the site says the class, the reference does not;
-- ``intramuscular_fat`` (muscle only): discordant pixels enclosed by the other mask's
-  muscle (its holes, and gaps of up to ~4 px closed), and region-level pieces that are
-  mostly of fat density (the fat HU range), such as fat between the back muscles;
+- ``intramuscular_fat`` (muscle only): discordant pixels of fat density (the fat HU
+  range) inside the other mask's muscle (its small holes and gaps of up to ~4 px), and
+  region-level pieces mostly of fat density, such as fat between the back muscles;
 - ``boundary``: a connected piece of disagreement that never reaches deeper than
   ``band_px`` pixels from the reference class's contour (for ``site_excludes``: inside
   it; for ``site_includes``: outside it). Contours drawn 2 px tight are all boundary;
@@ -115,12 +115,13 @@ def _box(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
     )
 
 
-def _hull(mask: np.ndarray, small_hole_px: int) -> np.ndarray:
-    """The mask with small holes filled and gaps of up to ~4 px closed (where IMAT sits).
-
-    Large holes stay open: the abdominal wall ring encloses the whole abdomen.
-    """
-    return fill_small_holes(mask | ndimage.binary_closing(mask, _SQUARE, iterations=2), small_hole_px)
+def _imat(discordant: np.ndarray, other: np.ndarray, fat: np.ndarray, small_hole_px: int) -> np.ndarray:
+    """Fat-density discordant pixels inside ``other``: in its small holes or narrow gaps."""
+    if not discordant.any():
+        return np.zeros_like(discordant)
+    closed = ndimage.binary_closing(other, _SQUARE, iterations=2)
+    inside = fill_small_holes(other | closed, small_hole_px)
+    return discordant & fat & inside
 
 
 class _Collector:
@@ -258,9 +259,11 @@ def analyse_slice(
             continue
         r0, c0 = box[0].start, box[1].start
         if tissue == "muscle":
-            # enclosed by the other mask's muscle: intramuscular fat, whatever partial volume did to its HU
-            imat_in = incl & _hull(rb, small_hole_px) if incl.any() else np.zeros_like(incl)
-            imat_ex = excl & _hull(sb, small_hole_px) if excl.any() else np.zeros_like(excl)
+            # fat-density pixels inside the other mask's muscle (a notch of a wobbly contour has
+            # muscle density and stays boundary)
+            fat = _is_fat(hu[box], ranges)
+            imat_in = _imat(incl, rb, fat, small_hole_px)
+            imat_ex = _imat(excl, sb, fat, small_hole_px)
             for direction, imat in (("site_includes", imat_in), ("site_excludes", imat_ex)):
                 rows, cols = np.nonzero(imat)
                 collector.add(Key(tissue, direction, "intramuscular_fat"), rows + r0, cols + c0)
