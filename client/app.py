@@ -76,14 +76,20 @@ def _run(
 ) -> Message:
     if task == "identify":
         info = site_tasks.identify(site_dir)
-        text = json.dumps({"site": info.site, "n_listed": info.n_listed})
+        text = json.dumps(guard.release_identity(info.site, info.n_listed))
         return Message(RecordDict({keys.PAYLOAD: ConfigRecord({keys.PAYLOAD_JSON: text})}), reply_to=msg)
     if task == "train":
         spec, model = _model_from(msg, config)
+        global_packed = msg.content.array_records[keys.ARRAYS][keys.PACKED].numpy()
         mu = float(config.get(keys.PROXIMAL_MU, 0.0))  # type: ignore[arg-type]
         state, metrics = site_tasks.run_train(site_dir, model, spec, study, proximal_mu=mu)  # type: ignore[arg-type]
         packed, _layout = pack_state(state)
-        released = guard.release_weights(int(metrics[keys.NUM_EXAMPLES]), weights_hash(state), metrics)
+        # Local DP when the site's policy demands it: clip and noise the update, not the weights.
+        update, dp_applied = guard.protect_update(packed - global_packed)
+        packed = (global_packed + update).astype(np.float32)
+        released = guard.release_weights(
+            int(metrics[keys.NUM_EXAMPLES]), weights_hash(state), metrics, dp_applied=dp_applied
+        )
         content = RecordDict(
             {
                 keys.ARRAYS: ArrayRecord({keys.PACKED: Array(np.ascontiguousarray(packed))}),

@@ -13,12 +13,21 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from client.guard import suppress_payload
+from client.policy import load_policy
 from client.render import render_payload
 from client.site_tasks import run_local_training
 from common.errors import SarcofedError
 from protocols.payloads import EvaluationPayload
 
 CUTOFF_HELP = "SMI cut-off set for sarcopenia calls: prado2008, martin2013 or korean."
+
+
+def preview_release(site_dir: Path, payload: EvaluationPayload) -> EvaluationPayload:
+    """The payload as this site's policy.toml would release it (suppressed cells marked)."""
+    data, marks = suppress_payload(payload, load_policy(site_dir))
+    data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
+    return EvaluationPayload.model_validate(data)
 
 
 def _emit(payload: EvaluationPayload, as_json: bool) -> None:
@@ -47,7 +56,6 @@ def evaluate_cmd(
     in memory here; the output holds only aggregates (the seed's IoU-bin table, area and SMI
     agreement, sarcopenia calls, label-definition findings), after this site's policy.toml.
     """
-    from client.guard import preview_release
     from common.site_evaluation import evaluate_with_model
 
     try:
@@ -76,7 +84,6 @@ def compare_cmd(
     the conventions differ (IoU bins, areas, SMI, sarcopenia calls) and names the differences
     (e.g. "psoas left out"). Rows without a reference are counted as excluded.
     """
-    from client.guard import preview_release
     from common.site_evaluation import compare_with_reference
 
     try:
