@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.allowlist import code_files
 from client.deploy import JoinSpec, generate_site_keys, supernode_command, supernode_env
 from server.deploy import (
     CoordinatorLog,
@@ -30,6 +32,19 @@ from server.deploy import (
 
 REPO = Path(__file__).resolve().parent.parent
 CONNECTION = "study"
+
+
+def snapshot_app(dest: Path, source: Path = REPO) -> Path:
+    """Copy exactly the files the app bundle ships (see ``client.allowlist.code_files``).
+
+    ``flwr run`` on the snapshot is immune to edits in the working tree during a test,
+    and ``code_hash(snapshot)`` is the hash every site will compute.
+    """
+    for rel in code_files(source):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / rel, target)
+    return dest
 
 
 def free_port() -> int:
@@ -80,6 +95,7 @@ class Deployment:
     certs: StudyCerts
     superlink_port: int
     flwr_home: Path
+    app_dir: Path = REPO
     procs: dict[str, Proc] = field(default_factory=dict)
     coordinator_log: CoordinatorLog | None = None
 
@@ -107,7 +123,14 @@ class Deployment:
         wait_for_port(self.superlink_port, proc=proc.popen)
         return proc
 
-    def add_site(self, site_dir: Path, *, register: bool = True, name: str | None = None) -> Proc:
+    def add_site(
+        self,
+        site_dir: Path,
+        *,
+        register: bool = True,
+        name: str | None = None,
+        max_wait_time: float | None = None,
+    ) -> Proc:
         """Make keys for the site, register them (unless told not to), start its SuperNode."""
         name = name or Path(site_dir).name
         keys = generate_site_keys(self.root / "keys" / name)
@@ -121,6 +144,7 @@ class Deployment:
             root_certificates=self.certs.ca_cert,
             private_key=keys.private_key,
             runtime_port=free_port(),
+            max_wait_time=max_wait_time,
         )
         env = supernode_env()
         env["FLWR_HOME"] = str(self.root / "homes" / name)
@@ -128,7 +152,7 @@ class Deployment:
 
     def run(self, run_config: Mapping[str, object], timeout: float = 600.0) -> RunStatus:
         return run_study(
-            REPO,
+            self.app_dir,
             CONNECTION,
             run_config,
             timeout=timeout,
@@ -147,9 +171,9 @@ def deployment(root: Path) -> Iterator[Deployment]:
     root.mkdir(parents=True, exist_ok=True)
     certs = make_study_certs(root / "certs")
     flwr_home = root / "coordinator-home"
-    dep = Deployment(
-        root, certs, free_port(), flwr_home, coordinator_log=CoordinatorLog(root / "coordinator.jsonl")
-    )
+    app_dir = snapshot_app(root / "app")
+    log = CoordinatorLog(root / "coordinator.jsonl")
+    dep = Deployment(root, certs, free_port(), flwr_home, app_dir=app_dir, coordinator_log=log)
     write_connection(CONNECTION, dep.address, certs.ca_cert, flwr_home=flwr_home)
     try:
         dep.start_superlink()
