@@ -14,6 +14,7 @@ import torch
 
 from common.dataset import LoadedSlice
 from common.discrepancy import DiscrepancyAccumulator, analyse_slice
+from common.discrepancy.impact import ImpactAccumulator
 from common.evaluation import compare_site, evaluate_site
 from common.model import LoadedModel, ModelSpec, weights_hash
 from protocols.payloads import EvaluationPayload
@@ -23,16 +24,22 @@ DEFAULT_MIN_SLICES = 5
 
 
 class _Discrepancy:
-    def __init__(self) -> None:
+    def __init__(self, cutoff_set: str) -> None:
         self.acc = DiscrepancyAccumulator()
+        self.impact = ImpactAccumulator(cutoff_set)
 
     def __call__(self, item: LoadedSlice, test_mask: np.ndarray) -> None:
         # The site's labels are compared with the reference (model prediction or reference mask).
-        self.acc.add(analyse_slice(item.ct.hu, item.ct.spacing_mm, item.label, test_mask))
+        result = analyse_slice(item.ct.hu, item.ct.spacing_mm, item.label, test_mask)
+        self.acc.add(result)
+        muscle_cm2 = float((item.label == 1).sum()) * item.ct.spacing_mm[0] * item.ct.spacing_mm[1] / 100.0
+        self.impact.add(result, site_muscle_cm2=muscle_cm2, height_m=item.height_m, sex=item.sex)
 
     def attach(self, payload: EvaluationPayload, min_slices: int) -> EvaluationPayload:
         summary = self.acc.finalise(min_slices=min_slices)
-        return payload.model_copy(update={"discrepancy": summary, "findings": list(summary.findings)})
+        findings = [self.impact.annotate(f) for f in summary.findings]
+        summary = summary.model_copy(update={"findings": findings})
+        return payload.model_copy(update={"discrepancy": summary, "findings": findings})
 
 
 def evaluate_with_model(
@@ -55,7 +62,7 @@ def evaluate_with_model(
         model.eval()
         state = model.state_dict()
         model = LoadedModel(model=model, spec=spec, meta={}, weights_hash=model_hash or weights_hash(state))
-    hook = _Discrepancy() if discrepancy else None
+    hook = _Discrepancy(cutoff_set) if discrepancy else None
     payload, _records = evaluate_site(
         site_dir,
         model,
@@ -78,7 +85,7 @@ def compare_with_reference(
     min_slices: int = DEFAULT_MIN_SLICES,
 ) -> EvaluationPayload:
     """Score the site's labels against its reference masks (no model), with findings."""
-    hook = _Discrepancy() if discrepancy else None
+    hook = _Discrepancy(cutoff_set) if discrepancy else None
     payload, _records = compare_site(
         site_dir, cutoff_set=cutoff_set, progress=progress, harmonised=harmonised, on_slice=hook
     )

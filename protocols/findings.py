@@ -33,3 +33,12 @@ class Finding(Schema):
     systematic: bool
     n_slices: int = Field(ge=0)
     sentence: str
+    smi_shift_mean: float | None = Field(
+        default=None,
+        description="muscle findings: mean change of this site's SMI (cm^2/m^2) if it labelled like the "
+        "reference, over slices with a known height",
+    )
+    calls_changed: int | None = Field(
+        default=None, ge=0, description="slices whose sarcopenia call would change (study cut-off set)"
+    )
+    calls_known: int | None = Field(default=None, ge=0, description="slices with height (and sex) known")

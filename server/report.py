@@ -386,7 +386,14 @@ def impact_sentences(site: str, payload: EvaluationPayload) -> list[str]:
             f"{site}: {effect} by {f.mean_area_cm2:.1f} cm² per slice on average "
             f"({f.mean_area_share:.0%} of the {tissue} area in {reference}; seen on {f.prevalence:.0%} of "
             f"{f.n_slices} slices; {f.density_consistency:.0%} of the discordant pixels have {tissue} "
-            "density)."
+            "density)"
+            + (
+                f"; labelling like the reference would move its SMI by {f.smi_shift_mean:+.1f} cm²/m² on "
+                f"average and change the sarcopenia call ({payload.sarcopenia.cutoff_set if payload.sarcopenia else 'study cut-offs'}) "
+                f"in {f.calls_changed} of {f.calls_known} slices with a known height."
+                if f.smi_shift_mean is not None and f.calls_known
+                else "."
+            )
         )
     return out
 
