@@ -4,8 +4,9 @@ The log lives *beside* the site folder, never inside it: ``/data/hospital-b`` lo
 ``/data/hospital-b.audit.jsonl``, so it never changes the dataset (or its fingerprint)
 and survives replacing the folder. One JSON object per line; each line is appended with
 ``open("a")``, flushed and fsync'ed under an exclusive file lock, and never rotated.
-Each entry carries the sha256 of the previous line (``prev``), so ``verify_chain`` can
-tell an edited or deleted line from an intact log.
+Each entry carries its own digest and the sha256 of the previous line (``prev``), so
+``verify_chain`` can tell an edited, inserted or deleted line from an intact log (it
+cannot tell a log truncated at the end: keep a copy of the last digest you checked).
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ class AuditEntry(BaseModel):
     payload: Any = None
     detail: str | None = None
     prev: str = GENESIS
+    #: sha256 of this entry without ``digest`` (canonical JSON): an edited field shows.
+    digest: str = ""
+
+
+def entry_digest(entry: Mapping[str, Any]) -> str:
+    return payload_sha256({k: v for k, v in entry.items() if k != "digest"})
 
 
 def audit_path(site_dir: Path) -> Path:
@@ -116,6 +123,8 @@ class AuditLog:
                     detail=detail,
                     prev=prev,
                 )
+                fields = entry.model_dump(mode="json")
+                entry = entry.model_copy(update={"digest": entry_digest(fields)})
                 line = canonical_json(entry.model_dump(mode="json")) + "\n"
                 handle.seek(0, os.SEEK_END)
                 handle.write(line.encode("utf-8"))
@@ -164,6 +173,8 @@ def verify_chain(path: Path) -> list[str]:
                 continue
             if entry.get("prev") != prev:
                 problems.append(f"line {number}: does not follow line {number - 1} (edited or removed lines)")
+            if entry.get("digest") != entry_digest(entry):
+                problems.append(f"line {number}: edited (its digest does not match its fields)")
             if entry.get("payload_sha256") != payload_sha256(entry.get("payload")):
                 problems.append(f"line {number}: payload does not match its payload_sha256")
             prev = hashlib.sha256(line).hexdigest()

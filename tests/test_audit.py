@@ -45,3 +45,25 @@ def test_chain_detects_an_edited_or_removed_line(tmp_path: Path) -> None:
     assert any("line 3" in p for p in problems)
     log.path.write_text("\n".join([lines[0], lines[2]]) + "\n", encoding="utf-8")
     assert any("line 2: does not follow" in p for p in verify_chain(log.path))
+
+
+def test_site_audit_command_shows_the_table_and_verifies(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from client.site_ops_cli import register
+
+    app = typer.Typer()
+    register(app)
+    site = tmp_path / "hospital-b"
+    log = AuditLog.for_site(site)
+    log.append("received", run_id=41, task="evaluate", app_hash="f" * 64, payload={"config": {}})
+    log.append("refused", run_id=41, task="evaluate", app_hash="f" * 64, detail="does not accept")
+    out = CliRunner().invoke(app, ["audit", str(site), "--verify"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "refused" in out.stdout and "does not accept" in out.stdout and "41" in out.stdout
+    assert "hash chain intact" in out.stdout
+    as_json = CliRunner().invoke(app, ["audit", str(site), "--json"]).stdout.splitlines()
+    assert [json.loads(line)["event"] for line in as_json] == ["received", "refused"]
+    log.path.write_text(log.path.read_text().replace("does not accept", "accepted"), encoding="utf-8")
+    assert CliRunner().invoke(app, ["audit", str(site), "--verify"]).exit_code == 1

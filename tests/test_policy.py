@@ -60,3 +60,47 @@ def test_written_policy_reads_back_identically(tmp_path: Path) -> None:
     )
     write_policy(tmp_path, policy)
     assert load_policy(tmp_path) == policy
+
+
+def test_site_policy_and_join_commands(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from client.allowlist import current_app_hash
+    from client.site_ops_cli import register
+
+    app = typer.Typer()
+    register(app)
+    run = CliRunner().invoke
+    site = tmp_path / "hospital-b"
+    site.mkdir()
+    (site / "site.toml").write_text('name = "b"\n', encoding="utf-8")
+    assert run(app, ["policy", "init", str(site)]).exit_code == 0
+    assert load_policy(site).allowed_apps == (current_app_hash(),)
+    assert run(app, ["policy", "init", str(site)]).exit_code == 1  # never overwrites silently
+    assert run(app, ["policy", "allow", str(site), HASH]).exit_code == 0
+    assert load_policy(site).allowed_apps == (current_app_hash(), HASH)
+    assert run(app, ["policy", "hash"]).stdout.strip() == current_app_hash()
+    assert "min-slices = 5" in run(app, ["policy", "show", str(site)]).stdout
+
+    assert run(app, ["keys", str(site)]).exit_code == 0
+    keys_dir = tmp_path / "hospital-b.keys"
+    assert (keys_dir / "supernode_ec384").stat().st_mode & 0o777 == 0o600
+    assert (keys_dir / "supernode_ec384.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert run(app, ["keys", str(site)]).exit_code == 1  # the registered key is never replaced silently
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x", encoding="utf-8")
+    out = run(app, ["join", str(site), "--superlink", "link.example:9092", "--ca", str(ca), "--port", "9200"])
+    assert out.exit_code == 0, out.output
+    line = out.stdout.strip()
+    assert line.startswith(
+        "FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flower-supernode"
+    )
+    for part in (
+        "--superlink link.example:9092",
+        f"--root-certificates {ca}",
+        f"--auth-supernode-private-key {keys_dir / 'supernode_ec384'}",
+        f"--node-config 'site-dir=\"{site}\"'",
+        "--port 9200",
+    ):
+        assert part in line
