@@ -21,6 +21,7 @@ import csv
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,19 @@ def leaked_column(text: str, site_dir: Path) -> str | None:
         if value.lower() in lowered:
             return "a file name or group key from manifest.csv"
     return None
+
+
+def redact(text: str, site_dir: Path) -> str:
+    """``text`` with the site folder's path and manifest file names / group keys replaced.
+
+    For error reasons that go back to the coordinator: an exception message may name a
+    file; what leaves says ``<site>/<file>`` instead.
+    """
+    site = str(Path(site_dir).expanduser().resolve())
+    out = text.replace(site, "<site>").replace(str(site_dir), "<site>")
+    for value in sorted(manifest_strings(site_dir), key=len, reverse=True):
+        out = re.sub(re.escape(value), "<file>", out, flags=re.IGNORECASE)
+    return out
 
 
 def _small(count: int | None, k: int) -> bool:
@@ -198,6 +212,12 @@ class SiteGuard:
         self.audit.append(
             "refused", run_id=self.run_id, task=self.task, app_hash=self.app_hash, detail=reason
         )
+
+    def error_reason(self, reason: str) -> str:
+        """An error reason as it may leave: file names and the site path redacted; audited."""
+        safe = redact(reason, self.site_dir)
+        self.refuse(safe)
+        return safe
 
     def _refuse(self, reason: str) -> SiteRefusal:
         self.refuse(reason)

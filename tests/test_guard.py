@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from client.audit import audit_path, read_audit
-from client.guard import SiteRefusal, clip_and_noise, config_refusal, open_guard, suppress_payload
+from client.guard import SiteRefusal, clip_and_noise, config_refusal, open_guard, redact, suppress_payload
 from client.policy import SitePolicy, WeightsDp, write_policy
 from protocols import keys
 from protocols.findings import Finding
@@ -212,3 +212,11 @@ def test_suppress_payload_is_pure_and_k1_changes_nothing() -> None:
     p = payload()
     data, marks = suppress_payload(p, SitePolicy())
     assert marks == [] and EvaluationPayload.model_validate(data) == p
+
+
+def test_error_reasons_are_redacted_before_they_leave(site: Path) -> None:
+    text = f"{site}/images/CANARY-PATIENT-001.dcm: unreadable; group canary-group-7"
+    assert redact(text, site) == "<site>/<file>: unreadable; group <file>"
+    g = guard(site)
+    assert "CANARY" not in g.error_reason(text)
+    assert "CANARY" not in audit_path(site).read_text(encoding="utf-8")
