@@ -100,7 +100,9 @@ def _run(
     if task in ("evaluate", "compare"):
         if task == "evaluate":
             spec, model = _model_from(msg, config)
-            payload = site_tasks.run_evaluate(site_dir, model, spec, study, str(config.get(keys.MODEL_HASH, "")))  # type: ignore[arg-type]
+            payload = site_tasks.run_evaluate(
+                site_dir, model, spec, study, str(config.get(keys.MODEL_HASH, ""))
+            )  # type: ignore[arg-type]
         else:
             payload = site_tasks.run_compare(site_dir, study)
         released = guard.release_payload(payload)

@@ -75,7 +75,8 @@ def render_payload(payload: EvaluationPayload, console: Console) -> None:
     if payload.smi and payload.smi.n:
         s = payload.smi
         console.print(
-            f"SMI (cm^2/m^2) over {s.n} slices with height: label {s.mean_label:.1f}, test {s.mean_test:.1f}, "
+            f"SMI (cm^2/m^2) over {s.n} slices with height: "
+            f"label {s.mean_label:.1f}, test {s.mean_test:.1f}, "
             f"mean diff {s.mean_diff:+.2f}"
         )
     if payload.sarcopenia:

@@ -45,7 +45,9 @@ def _fail(err: Exception) -> None:
 def evaluate_cmd(
     site_dir: Annotated[Path, typer.Argument(help="The site folder (site.toml + manifest.csv).")],
     model: Annotated[Path, typer.Option("--model", "-m", help="The study model: RUN_DIR/model.pt.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the payload as JSON, exactly as sent.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the payload as JSON, exactly as sent.")
+    ] = False,
     cutoff_set: Annotated[str, typer.Option(help=CUTOFF_HELP)] = "prado2008",
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per inference batch.")] = 4,
     discrepancy: Annotated[bool, typer.Option(help="Add label-definition findings.")] = True,
@@ -75,7 +77,9 @@ def evaluate_cmd(
 
 def compare_cmd(
     site_dir: Annotated[Path, typer.Argument(help="The site folder (site.toml + manifest.csv).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the payload as JSON, exactly as sent.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the payload as JSON, exactly as sent.")
+    ] = False,
     cutoff_set: Annotated[str, typer.Option(help=CUTOFF_HELP)] = "prado2008",
 ) -> None:
     """Compare this site's `label` masks with its `reference` masks, without any model.
@@ -87,7 +91,9 @@ def compare_cmd(
     from common.site_evaluation import compare_with_reference
 
     try:
-        payload = preview_release(site_dir, compare_with_reference(site_dir, cutoff_set=cutoff_set, progress=not as_json))
+        payload = preview_release(
+            site_dir, compare_with_reference(site_dir, cutoff_set=cutoff_set, progress=not as_json)
+        )
     except SarcofedError as err:
         _fail(err)
     _emit(payload, as_json)
@@ -97,7 +103,9 @@ def train_cmd(
     site_dir: Annotated[Path, typer.Argument(help="The site folder (site.toml + manifest.csv).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write model.pt.")],
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (the seed: 50).")] = 10,
-    encoder: Annotated[str, typer.Option(help="smp encoder name (the seed-size setting: resnet34).")] = "resnet34",
+    encoder: Annotated[
+        str, typer.Option(help="smp encoder name (the seed-size setting: resnet34).")
+    ] = "resnet34",
     image_size: Annotated[int, typer.Option(help="Model input size in pixels (the seed: 512).")] = 512,
     val_fraction: Annotated[float, typer.Option(help="Share of patients held out for validation.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed for the split and the initial weights.")] = 0,
@@ -110,8 +118,14 @@ def train_cmd(
     """
     try:
         summary = run_local_training(
-            site_dir, out, epochs=epochs, encoder=encoder, image_size=image_size,
-            val_fraction=val_fraction, seed=seed, progress=not as_json,
+            site_dir,
+            out,
+            epochs=epochs,
+            encoder=encoder,
+            image_size=image_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            progress=not as_json,
         )
     except SarcofedError as err:
         _fail(err)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 from typing import Final
 
 
@@ -33,7 +33,7 @@ IOU_BINS: Final[tuple[str, ...]] = ("[0.9,1.0]", "[0.8,0.9)", "[0.7,0.8)", "[0,0
 IOU_BIN_LOWER: Final[tuple[float, ...]] = (0.9, 0.8, 0.7, 0.0)
 
 
-class ExclusionReason(str, Enum):
+class ExclusionReason(StrEnum):
     """Why a manifest row was not used. These codes travel in aggregate payloads."""
 
     missing_file = "missing_file"

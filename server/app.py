@@ -43,7 +43,8 @@ def prepare_run_dir(study: StudyConfig, run_id: int) -> Path:
     run_dir = studies_dir(study) / name
     if run_dir.exists() and not study.study.resume and study.study.run_name:
         raise SarcofedError(
-            f"{run_dir} already exists: set study.resume=true to continue it, or choose another study.run-name"
+            f"{run_dir} already exists: set study.resume=true to continue it, "
+            "or choose another study.run-name"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "study-config.json").write_text(json.dumps(study.to_flat(), indent=2), encoding="utf-8")
@@ -55,7 +56,8 @@ def wait_for_sites(grid: Grid, minimum: int) -> list[int]:
     while len(nodes := list(grid.get_node_ids())) < minimum:
         if time.monotonic() > deadline:
             raise SarcofedError(
-                f"only {len(nodes)} site(s) connected after {CONNECT_TIMEOUT_S:.0f} s; study.min-sites = {minimum}"
+                f"only {len(nodes)} site(s) connected after {CONNECT_TIMEOUT_S:.0f} s; "
+                f"study.min-sites = {minimum}"
             )
         time.sleep(1.0)
     time.sleep(GRACE_S)
@@ -69,7 +71,11 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "sarcofed study '%s': run folder %s", study.study.name, run_dir)
     nodes = wait_for_sites(grid, study.study.min_sites)
     sites = identify_sites(grid, nodes, timeout=min(study.study.round_timeout, 300.0))
-    log(INFO, "sites: %s", ", ".join(f"{s} (node {n})" for n, s in sorted(sites.items(), key=lambda kv: kv[1])))
+    log(
+        INFO,
+        "sites: %s",
+        ", ".join(f"{s} (node {n})" for n, s in sorted(sites.items(), key=lambda kv: kv[1])),
+    )
     spec = ModelSpec(arch=study.model.arch, encoder=study.model.encoder, image_size=study.model.image_size)
     mode = study.study.mode
     history: list[dict[str, object]] = []
@@ -97,7 +103,9 @@ def main(grid: Grid, context: Context) -> None:
         if outcome.stopped_early:
             notes.append("training stopped early on the pooled validation loss")
         if study.study.exclude_from_training:
-            notes.append(f"excluded from training (validated only): {', '.join(study.study.exclude_from_training)}")
+            notes.append(
+                f"excluded from training (validated only): {', '.join(study.study.exclude_from_training)}"
+            )
         if study.dp.enabled:
             notes.append(
                 f"central DP (server-side fixed clipping): noise multiplier {study.dp.noise_multiplier}, "
@@ -107,7 +115,9 @@ def main(grid: Grid, context: Context) -> None:
         spec, state_dict, model_hash = loaded.spec, loaded.model.state_dict(), loaded.weights_hash
     elif mode == "evaluate":
         if not study.study.model:
-            raise SarcofedError("study.mode = evaluate needs study.model = a model.pt path on the coordinator")
+            raise SarcofedError(
+                "study.mode = evaluate needs study.model = a model.pt path on the coordinator"
+            )
         loaded = load_model(Path(study.study.model).expanduser())
         spec, state_dict, model_hash = loaded.spec, loaded.model.state_dict(), loaded.weights_hash
 
@@ -135,7 +145,9 @@ def main(grid: Grid, context: Context) -> None:
     (studies_dir(study) / "LATEST").write_text(str(run_dir), encoding="utf-8")
     for result in results:
         level = INFO if result.status == "ok" else WARNING
-        log(level, "site %s: %s%s", result.site, result.status, f" ({result.reason})" if result.reason else "")
+        log(
+            level, "site %s: %s%s", result.site, result.status, f" ({result.reason})" if result.reason else ""
+        )
     log(INFO, "study report: %s", paths.html)
 
 

@@ -158,7 +158,10 @@ def make(
         )
     console.print(table)
     if series_dir:
-        console.print(f"Whole CT series for the workbench: [bold]sarcofed site workbench {escape(str(series_dir))}[/bold]")
+        console.print(
+            "Whole CT series for the workbench: "
+            f"[bold]sarcofed site workbench {escape(str(series_dir))}[/bold]"
+        )
     console.print(
         f"Wrote {sites * slices} slices ({size}x{size}) in {seconds:.1f} s. "
         f"Next: [bold]sarcofed site check {escape(str(paths[0]))}[/bold]"

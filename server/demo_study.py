@@ -33,13 +33,17 @@ def app_dir() -> Path:
 def demo_study_cmd(
     sites: Annotated[int, typer.Option(min=2, help="Number of simulated hospitals.")] = 3,
     rounds: Annotated[
-        int | None, typer.Option(min=1, help="Federated training rounds (default: pyproject's study.num-rounds).")
+        int | None,
+        typer.Option(min=1, help="Federated training rounds (default: pyproject's study.num-rounds)."),
     ] = None,
     home: Annotated[
-        Path | None, typer.Option(help="Where demo sites and studies go (default $SARCOFED_HOME or ~/sarcofed).")
+        Path | None,
+        typer.Option(help="Where demo sites and studies go (default $SARCOFED_HOME or ~/sarcofed)."),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="Do not stream Flower's logs.")] = False,
-    keep_superlink: Annotated[bool, typer.Option(help="Leave the local SuperLink running afterwards.")] = False,
+    keep_superlink: Annotated[
+        bool, typer.Option(help="Leave the local SuperLink running afterwards.")
+    ] = False,
 ) -> None:
     """Run the whole demo study: train on synthetic hospitals, validate at each, write the report.
 

@@ -188,7 +188,9 @@ def polar_maps_figure(maps: Mapping[str, PolarMap], keys: Sequence[str]) -> byte
             # PolarMap convention: 0 deg = anterior (drawn at the top), 90 deg = image right.
             ax.set_theta_zero_location("N")
             ax.set_theta_direction(-1)
-            ax.set_xticks(np.deg2rad(np.arange(0, 360, 90)), ["anterior", "image right", "posterior", "image left"])
+            ax.set_xticks(
+                np.deg2rad(np.arange(0, 360, 90)), ["anterior", "image right", "posterior", "image left"]
+            )
             ax.set_yticks([0.5, 1.0], ["", ""])
             ax.tick_params(labelsize=6, pad=-2)
             ax.grid(alpha=0.4)

@@ -64,7 +64,9 @@ class RunOutcome:
         return self.status.endswith(":completed")
 
 
-def run_status(run_id: int, connection: str | None = None, *, env: Mapping[str, str] | None = None) -> tuple[str, str]:
+def run_status(
+    run_id: int, connection: str | None = None, *, env: Mapping[str, str] | None = None
+) -> tuple[str, str]:
     """The run's final status from ``flwr ls --run-id ID --format json``."""
     cmd = [_flwr(), "ls", *([connection] if connection else []), "--run-id", str(run_id), "--format", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env or flower_env()), check=False)
@@ -120,7 +122,9 @@ def flwr_run(
 
 def local_superlink_pids() -> list[int]:
     """PIDs of a ``flower-superlink --simulation`` that ``flwr run`` auto-started on this machine."""
-    proc = subprocess.run(["pgrep", "-f", "flower-superlink.*--simulation"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["pgrep", "-f", "flower-superlink.*--simulation"], capture_output=True, text=True, check=False
+    )
     return [int(p) for p in proc.stdout.split()]
 
 

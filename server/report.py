@@ -372,6 +372,7 @@ def findings_table(payloads: Mapping[str, EvaluationPayload]) -> pd.DataFrame:
 def impact_sentences(site: str, payload: EvaluationPayload) -> list[str]:
     """One sentence per systematic finding: what the convention does to this site's areas."""
     reference = "the model's prediction" if payload.task == "evaluate" else "the reference masks"
+    cutoffs = payload.sarcopenia.cutoff_set if payload.sarcopenia else "study cut-offs"
     out = []
     for f in site_findings(payload):
         if not f.systematic:
@@ -389,7 +390,7 @@ def impact_sentences(site: str, payload: EvaluationPayload) -> list[str]:
             "density)"
             + (
                 f"; labelling like the reference would move its SMI by {f.smi_shift_mean:+.1f} cm²/m² on "
-                f"average and change the sarcopenia call ({payload.sarcopenia.cutoff_set if payload.sarcopenia else 'study cut-offs'}) "
+                f"average and change the sarcopenia call ({cutoffs}) "
                 f"in {f.calls_changed} of {f.calls_known} slices with a known height."
                 if f.smi_shift_mean is not None and f.calls_known
                 else "."

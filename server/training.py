@@ -145,7 +145,10 @@ def run_training(
 
         messages = list(
             strategy.configure_train(
-                server_round, arrays, ConfigRecord(config), _NodeSubset(grid, train_nodes)  # type: ignore[arg-type]
+                server_round,
+                arrays,
+                ConfigRecord(config),
+                _NodeSubset(grid, train_nodes),  # type: ignore[arg-type]
             )
         )
         sent = [m.metadata.dst_node_id for m in messages]

@@ -82,20 +82,29 @@ def run_validation(
     results: list[SiteResult] = []
     for node, site in sorted(sites.items(), key=lambda kv: kv[1]):
         if node not in chosen:
-            results.append(SiteResult(site=site, node_id=node, status="not_selected", reason="not in study.sites"))
+            results.append(
+                SiteResult(site=site, node_id=node, status="not_selected", reason="not in study.sites")
+            )
         elif node in replies.ok:
             try:
                 payload = parse_reply(replies.ok[node])
             except (ValidationError, KeyError, ValueError) as err:
                 results.append(
-                    SiteResult(site=site, node_id=node, status="failed", reason=f"reply failed the payload schema: {err}")
+                    SiteResult(
+                        site=site,
+                        node_id=node,
+                        status="failed",
+                        reason=f"reply failed the payload schema: {err}",
+                    )
                 )
                 continue
             status = "ok" if payload.n_used > 0 else "no_usable_slices"
             reason = None if payload.n_used else f"no usable slice; excluded: {payload.excluded}"
             results.append(SiteResult(site=site, node_id=node, status=status, reason=reason, payload=payload))
         elif node in replies.refused:
-            results.append(SiteResult(site=site, node_id=node, status="refused", reason=replies.refused[node]))
+            results.append(
+                SiteResult(site=site, node_id=node, status="refused", reason=replies.refused[node])
+            )
         elif node in replies.failed:
             results.append(SiteResult(site=site, node_id=node, status="failed", reason=replies.failed[node]))
         else:

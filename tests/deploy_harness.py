@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class Deployment:
     superlink_port: int
     flwr_home: Path
     app_dir: Path = REPO
+    proxy_address: str | None = None
     procs: dict[str, Proc] = field(default_factory=dict)
     coordinator_log: CoordinatorLog | None = None
 
@@ -123,6 +125,25 @@ class Deployment:
         wait_for_port(self.superlink_port, proc=proc.popen)
         return proc
 
+    def start_proxy(self) -> str:
+        """The Fleet-only proxy in front of the SuperLink; returns the address sites use."""
+        port = free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "server.proxy",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--superlink",
+            self.address,
+            "--certs",
+            str(self.certs.ca_cert.parent),
+        ]
+        proc = self._spawn("proxy", cmd, supernode_env())
+        wait_for_port(port, proc=proc.popen)
+        self.proxy_address = f"127.0.0.1:{port}"
+        return self.proxy_address
+
     def add_site(
         self,
         site_dir: Path,
@@ -130,6 +151,7 @@ class Deployment:
         register: bool = True,
         name: str | None = None,
         max_wait_time: float | None = None,
+        via_proxy: bool = False,
     ) -> Proc:
         """Make keys for the site, register them (unless told not to), start its SuperNode."""
         name = name or Path(site_dir).name
@@ -140,7 +162,7 @@ class Deployment:
                 self.coordinator_log.append("supernode-registered", site=name, answer=answer)
         spec = JoinSpec(
             site_dir=site_dir,
-            superlink=self.address,
+            superlink=self.proxy_address if via_proxy and self.proxy_address else self.address,
             root_certificates=self.certs.ca_cert,
             private_key=keys.private_key,
             runtime_port=free_port(),

@@ -9,6 +9,7 @@ a different app hash; the report says both, with the site's own reasons.
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from deploy_harness import Deployment, deployment
 from client.allowlist import code_hash
 from client.audit import audit_path, read_audit, verify_chain
 from client.policy import SitePolicy, write_policy
-from server.deploy import run_status
+from server.deploy import DeploymentError, run_status, write_connection
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +69,8 @@ def test_validation_study_on_the_deployment_engine(
     tmp_path: Path, sites: list[Path], model_path: Path
 ) -> None:
     with deployment(tmp_path / "deploy") as dep:
-        nodes = [dep.add_site(site) for site in sites]
+        dep.start_proxy()  # site-2 reaches the SuperLink only through the Fleet-only proxy
+        nodes = [dep.add_site(site, via_proxy=i == 2) for i, site in enumerate(sites)]
         intruder_site = sites[0].parent / "intruder"
         intruder_site.symlink_to(sites[0], target_is_directory=True)
         intruder = dep.add_site(intruder_site, register=False, name="intruder", max_wait_time=30)
@@ -108,6 +110,37 @@ def test_validation_study_on_the_deployment_engine(
 
         run_id = status.run_id
         assert run_status(run_id, "study", flwr_home=dep.flwr_home).ok
+        assert '"POST /v1/fleet/push-messages HTTP/1.1" 200' in dep.procs["proxy"].text()
+
+        # the Control API is not reachable through the proxy: flwr ls against it fails
+        assert dep.proxy_address is not None
+        write_connection(
+            "via-proxy",
+            dep.address.replace(str(dep.superlink_port), dep.proxy_address.split(":")[1]),
+            dep.certs.ca_cert,
+            flwr_home=dep.flwr_home,
+            default=False,
+        )
+        with pytest.raises(DeploymentError):
+            run_status(run_id, "via-proxy", flwr_home=dep.flwr_home)
+        assert "proxy refused POST /v1/control/list-runs" in dep.procs["proxy"].text()
+
+        # run 3: site-0's SuperNode crashes; the study still completes and says what happened
+        nodes[0].stop()
+        write_policy(sites[1], SitePolicy())
+        write_policy(sites[2], SitePolicy())
+        config = validation_config(dep, model_path, "dropout") | {
+            "study.min-sites": 2,
+            "study.round-timeout": 30.0,
+        }
+        status = dep.run(config, timeout=400)
+        assert status.ok, status
+        third = report(dep, "dropout")
+        ok = sorted(name for name, s in third.items() if s["status"] == "ok")
+        assert len(ok) == 2, third
+        dropped = tomllib.loads((sites[0] / "site.toml").read_text(encoding="utf-8"))["name"]
+        assert dropped not in ok
+        print("dropout record:", {n: (s["status"], s.get("reason")) for n, s in third.items()})
 
     # every process was stopped (by pid / process group)
     assert all(p.popen.poll() is not None for p in dep.procs.values())
@@ -120,4 +153,4 @@ def test_validation_study_on_the_deployment_engine(
     assert refusals and refusals[-1].app_hash != "0" * 64
     coordinator = [e["event"] for e in dep.coordinator_log.entries()] if dep.coordinator_log else []
     assert coordinator.count("supernode-registered") == 3
-    assert coordinator.count("run-finished") == 2
+    assert coordinator.count("run-finished") == 3

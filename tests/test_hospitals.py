@@ -187,8 +187,9 @@ def test_demo_make_series_writes_a_whole_series_the_workbench_loader_reads(tmp_p
     from server.cli import app
 
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "make", str(out), "--sites", "1", "--slices", "2", "--size", "64",
-                                      "--series", "--json"])
+    result = CliRunner().invoke(
+        app, ["demo", "make", str(out), "--sites", "1", "--slices", "2", "--size", "64", "--series", "--json"]
+    )
     assert result.exit_code == 0, result.output
     series_dir = Path(json.loads(result.output)["series"])
     listing = scan_folder(series_dir)

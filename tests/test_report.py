@@ -501,6 +501,8 @@ if __name__ == "__main__":  # pragma: no cover
 def test_flower_node_ids_beyond_int64_are_written(tmp_path: Path) -> None:
     """Flower node ids are unsigned 64-bit; the sites table must not force them into int64."""
     report = study_report(with_training=False)
-    big = report.model_copy(update={"sites": [s.model_copy(update={"node_id": 2**64 - 5}) for s in report.sites]})
+    big = report.model_copy(
+        update={"sites": [s.model_copy(update={"node_id": 2**64 - 5}) for s in report.sites]}
+    )
     paths = write_report(big, tmp_path)
     assert str(2**64 - 5) in paths.tables["sites"].read_text()

@@ -9,8 +9,6 @@ study is resumed for one more round from its checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -58,7 +56,9 @@ def test_demo_study_trains_validates_reports_and_resumes(tmp_path: Path, flower_
     # site-2 exists but every file it lists is missing: it cannot train, nor be evaluated.
     broken = demo_dir / "site-2"
     broken.mkdir(parents=True)
-    (broken / "site.toml").write_text('name = "hospital-broken"\n[labels]\nmuscle=[1]\nsubcutaneous_fat=[2]\nvisceral_fat=[3]\n')
+    (broken / "site.toml").write_text(
+        'name = "hospital-broken"\n[labels]\nmuscle=[1]\nsubcutaneous_fat=[2]\nvisceral_fat=[3]\n'
+    )
     (broken / "manifest.csv").write_text("image,label\nct/missing.dcm,labels/missing.png\n")
     studies = tmp_path / "studies"
     config = SMALL | {
@@ -67,7 +67,9 @@ def test_demo_study_trains_validates_reports_and_resumes(tmp_path: Path, flower_
         "study.run-name": "resumable",
         "demo.dir": str(demo_dir),
     }
-    first = flwr_run(ROOT, run_config=config, federation_config={"num-supernodes": 3}, env=flower_home, timeout=900)
+    first = flwr_run(
+        ROOT, run_config=config, federation_config={"num-supernodes": 3}, env=flower_home, timeout=900
+    )
     assert first.ok, first.output[-4000:]
     run_dir = studies / "resumable"
     report = StudyReport.model_validate_json((run_dir / "report.json").read_text())
@@ -89,7 +91,9 @@ def test_demo_study_trains_validates_reports_and_resumes(tmp_path: Path, flower_
 
     # The seed's tables equal an independent recomputation from per-slice metrics at each site.
     for result in ok_sites:
-        site_dir = next(p for p in demo_dir.iterdir() if (p / "site.toml").read_text().find(f'"{result.site}"') >= 0)
+        site_dir = next(
+            p for p in demo_dir.iterdir() if (p / "site.toml").read_text().find(f'"{result.site}"') >= 0
+        )
         payload, records = evaluate_site(site_dir, run_dir / "model.pt", batch_size=4)
         assert result.payload is not None and result.payload.model_hash == payload.model_hash
         for cls in ("muscle", "subcutaneous_fat", "visceral_fat", "msv"):

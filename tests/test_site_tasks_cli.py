@@ -35,7 +35,9 @@ def test_compare_prints_the_payload_with_the_psoas_finding(psoas_site: Path) -> 
     assert payload.areas["muscle"].mean_diff_cm2 is not None and payload.areas["muscle"].mean_diff_cm2 > 0
 
 
-def test_preview_applies_the_site_policy_and_marks_what_it_suppressed(psoas_site: Path, tmp_path: Path) -> None:
+def test_preview_applies_the_site_policy_and_marks_what_it_suppressed(
+    psoas_site: Path, tmp_path: Path
+) -> None:
     site = tmp_path / "site"
     import shutil
 
@@ -54,8 +56,20 @@ def test_train_then_evaluate_with_the_trained_model(psoas_site: Path, tmp_path: 
     model = tmp_path / "model.pt"
     result = runner.invoke(
         app,
-        ["site", "train", str(psoas_site), "--out", str(model), "--epochs", "1", "--encoder", "resnet18",
-         "--image-size", "64", "--json"],
+        [
+            "site",
+            "train",
+            str(psoas_site),
+            "--out",
+            str(model),
+            "--epochs",
+            "1",
+            "--encoder",
+            "resnet18",
+            "--image-size",
+            "64",
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)

@@ -30,7 +30,9 @@ def test_invalid_value_names_the_kebab_key() -> None:
 
 
 def test_comma_lists_and_flat_round_trip() -> None:
-    study = StudyConfig.from_run_config({"study.exclude-from-training": "hospital-b, hospital-c", "train.lr": 0.01})
+    study = StudyConfig.from_run_config(
+        {"study.exclude-from-training": "hospital-b, hospital-c", "train.lr": 0.01}
+    )
     assert study.study.exclude_from_training == ("hospital-b", "hospital-c")
     again = StudyConfig.from_run_config(study.to_flat())
     assert again == study

@@ -31,7 +31,9 @@ class ImpactAccumulator:
         self._sums: dict[Key, _Sums] = defaultdict(_Sums)
         self.n_known = 0
 
-    def add(self, result: SliceDiscrepancy, *, site_muscle_cm2: float, height_m: float | None, sex: str | None) -> None:
+    def add(
+        self, result: SliceDiscrepancy, *, site_muscle_cm2: float, height_m: float | None, sex: str | None
+    ) -> None:
         """One slice: the site's own muscle area, and the patient's height and sex."""
         if height_m is None or height_m <= 0:
             return
