@@ -101,7 +101,7 @@ def connect(
 
 
 @study_app.command("register")
-def register(
+def register_site(
     public_key: Path = typer.Argument(..., help="The site's supernode_ec384.pub."),
     site: str = typer.Option(..., "--site", help="Which hospital this key belongs to (for your log)."),
     name: str = CONNECTION,
@@ -167,3 +167,8 @@ def proxy(
     from server.proxy import serve
 
     serve(listen, superlink_address, certs_dir)
+
+
+def register(target: typer.Typer) -> None:
+    """Add these commands (certs, superlink, connect, register, run, status, proxy) to ``target``."""
+    target.registered_commands.extend(study_app.registered_commands)
