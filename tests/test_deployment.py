@@ -9,6 +9,7 @@ a different app hash; the report says both, with the site's own reasons.
 from __future__ import annotations
 
 import json
+import time
 import tomllib
 from pathlib import Path
 
@@ -154,3 +155,27 @@ def test_validation_study_on_the_deployment_engine(
     coordinator = [e["event"] for e in dep.coordinator_log.entries()] if dep.coordinator_log else []
     assert coordinator.count("supernode-registered") == 3
     assert coordinator.count("run-finished") == 3
+
+
+def test_superlink_restart_fails_the_run_honestly_and_sites_reconnect(
+    tmp_path: Path, sites: list[Path], model_path: Path
+) -> None:
+    from server.deploy import start_run, wait_for_run
+
+    for site in sites:
+        write_policy(site, SitePolicy())
+    with deployment(tmp_path / "deploy") as dep:
+        nodes = [dep.add_site(site) for site in sites[:2]]
+        config = validation_config(dep, model_path, "interrupted") | {"study.min-sites": 2}
+        run_id = start_run(dep.app_dir, "study", config, flwr_home=dep.flwr_home)
+        time.sleep(10)  # the ServerApp is running (waiting for / talking to the sites)
+        dep.procs.pop("superlink").stop()
+        dep.start_superlink()  # same port, same --database
+        interrupted = wait_for_run(run_id, "study", timeout=120, flwr_home=dep.flwr_home)
+        assert interrupted.status == "finished:failed", interrupted  # never reported as completed
+        status = dep.run(
+            validation_config(dep, model_path, "after-restart") | {"study.min-sites": 2}, timeout=400
+        )
+        assert status.ok, status
+        assert {s["status"] for s in report(dep, "after-restart").values()} == {"ok"}
+        assert all(p.popen.poll() is None for p in nodes), "a SuperNode gave up during the restart"
