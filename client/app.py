@@ -36,7 +36,10 @@ def _study(context: Context, config: ConfigRecord) -> StudyConfig:
     valid = set(StudyConfig.valid_keys())
     flat = {k: v for k, v in context.run_config.items() if k in valid}
     flat.update({k: v for k, v in config.items() if k in valid})
-    return StudyConfig.from_run_config(flat)  # type: ignore[arg-type]
+    try:
+        return StudyConfig.from_run_config(flat)  # type: ignore[arg-type]
+    except ValueError as err:  # the coordinator's own settings: safe to send back as they are
+        raise SarcofedError(f"this site cannot read the study's config: {err}") from err
 
 
 def _error(msg: Message, code: int, reason: str) -> Message:
@@ -55,14 +58,17 @@ def _handle(msg: Message, context: Context, task_default: str) -> Message:
     except SiteRefusal as refusal:
         return _error(msg, REFUSED, f"refused by site policy: {refusal.reason}")
     except SarcofedError as err:
-        if guard is not None:
-            guard.refuse(str(err))
-        return _error(msg, FAILED, str(err))
+        # Before the guard exists only sarcofed's own messages leave (config errors, no site-dir).
+        return _error(msg, FAILED, guard.error_reason(str(err)) if guard else str(err))
     except Exception as err:  # a site crash must reach the coordinator as a reason, not a hang
         log.error("task %s failed:\n%s", task, traceback.format_exc())
-        if guard is not None:
-            guard.refuse(f"{type(err).__name__}: {err}")
-        return _error(msg, FAILED, f"{type(err).__name__}: {err}")
+        reason = f"{type(err).__name__}: {err}"
+        return _error(msg, FAILED, guard.error_reason(reason) if guard else _unguarded(err))
+
+
+def _unguarded(err: Exception) -> str:
+    """Before the guard exists (no site folder yet), send only the error's kind, never its text."""
+    return f"{type(err).__name__} before the site guard was set up (details are in the site's log)"
 
 
 def _model_from(msg: Message, config: ConfigRecord) -> tuple[ModelSpec, object]:

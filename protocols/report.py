@@ -18,7 +18,9 @@ from protocols.payloads import EvaluationPayload, HuRanges
 
 REPORT_SCHEMA_VERSION = "1"
 
-SiteStatus = Literal["ok", "no_usable_slices", "failed", "timeout", "refused", "not_selected"]
+SiteStatus = Literal[
+    "ok", "no_usable_slices", "failed", "timeout", "refused", "not_selected", "not_connected"
+]
 SITE_STATUSES: tuple[str, ...] = ("ok", "no_usable_slices", "failed", "timeout", "refused", "not_selected")
 
 

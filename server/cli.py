@@ -6,9 +6,10 @@ import logging
 
 import typer
 
-from client import tasks_cli
+from client import site_ops_cli, tasks_cli
 from client.cli import site_app
 from client.workbench.cli import register as register_workbench
+from server import study_cli
 from server.demo_cli import demo_app
 from server.demo_study import demo_study_cmd
 
@@ -23,8 +24,10 @@ app = typer.Typer(
 )
 tasks_cli.register(site_app)
 register_workbench(site_app)
+site_ops_cli.register(site_app)
 study_app = typer.Typer(help="Commands a study coordinator runs.", no_args_is_help=True)
 study_app.command("demo")(demo_study_cmd)
+study_cli.register(study_app)
 app.add_typer(site_app, name="site")
 app.add_typer(demo_app, name="demo")
 app.add_typer(study_app, name="study")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import SarcofedError
+from server.deploy import FINAL_OK, FLOWER_ENV
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,7 @@ _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower processes: no telemetry, no dependency installs at run time."""
-    env = dict(os.environ)
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env = dict(os.environ) | FLOWER_ENV
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     env.update(extra or {})
     return env
@@ -61,7 +60,7 @@ class RunOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.status.endswith(":completed")
+        return self.status == FINAL_OK
 
 
 def run_status(

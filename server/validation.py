@@ -116,4 +116,13 @@ def run_validation(
                     reason=f"no reply within study.round-timeout = {study.study.round_timeout:.0f} s",
                 )
             )
+    connected = set(sites.values())
+    for missing in (s for s in study.study.sites if s not in connected):
+        results.append(
+            SiteResult(
+                site=missing,
+                status="not_connected",
+                reason="named in study.sites but its SuperNode was not connected when the round started",
+            )
+        )
     return results
