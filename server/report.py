@@ -21,6 +21,7 @@ import html
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -635,7 +636,59 @@ def _agreement_section(
     return blocks
 
 
-def _conventions_section(payloads: Mapping[str, EvaluationPayload]) -> list[Block]:
+def attribute_findings(payloads: Mapping[str, EvaluationPayload]) -> dict[str, dict[str, str]]:
+    """Tell "the reference (model) differs from the sites" apart from "this site labels differently".
+
+    Among the sites with a discrepancy analysis (at least two), a systematic finding shown by
+    more than half of them describes the reference: with the model as reference, the model's
+    own convention or error. One shown by half or fewer is a site label convention. Returns
+    site -> finding key -> "shared" | "site".
+    """
+    analysed = {s: p for s, p in payloads.items() if p.discrepancy is not None and p.discrepancy.n_slices}
+    systematic = {s: {finding_key(f) for f in site_findings(p) if f.systematic} for s, p in analysed.items()}
+    counts = Counter(k for keys in systematic.values() for k in keys)
+    n = len(systematic)
+    shared = {k for k, c in counts.items() if n >= 2 and c > n / 2}
+    return {
+        site: {k: ("shared" if k in shared else "site") for k in keys} for site, keys in systematic.items()
+    }
+
+
+def attribution_lines(payloads: Mapping[str, EvaluationPayload], task: str) -> list[str]:
+    """Plain sentences from :func:`attribute_findings` for the report."""
+    reference = "the model" if task == "evaluate" else "the reference masks"
+    attributed = attribute_findings(payloads)
+    n = len(attributed)
+    shared = sorted({k for keys in attributed.values() for k, v in keys.items() if v == "shared"})
+    lines = []
+    for key in shared:
+        holders = sorted(s for s, keys in attributed.items() if key in keys)
+        lines.append(
+            f"{key.replace('/', ' / ')}: systematic at {len(holders)} of {n} sites, "
+            f"so it describes {reference} rather than those sites' labels"
+            + (" (the model's own convention or error)." if task == "evaluate" else ".")
+        )
+        for site in sorted(set(attributed) - set(holders)):
+            lines.append(
+                f"{site}: unlike the other sites it agrees with {reference} on {key.replace('/', ' / ')}: "
+                "a convention of this site"
+                + (
+                    " that the model may have learned from it (see study.exclude-from-training)."
+                    if task == "evaluate"
+                    else "."
+                )
+            )
+    for site, keys in sorted(attributed.items()):
+        own = sorted(k for k, v in keys.items() if v == "site")
+        if own:
+            lines.append(
+                f"{site}: {', '.join(k.replace('/', ' / ') for k in own)}: not shared by most sites, "
+                "likely this site's label convention."
+            )
+    return lines
+
+
+def _conventions_section(payloads: Mapping[str, EvaluationPayload], task: str) -> list[Block]:
     blocks: list[Block] = [Heading("Label conventions")]
     prevalence, systematic = findings_matrix(payloads)
     if prevalence.empty:
@@ -660,6 +713,12 @@ def _conventions_section(payloads: Mapping[str, EvaluationPayload]) -> list[Bloc
                 ),
                 "Sites x findings.",
             ),
+        ]
+    attribution = attribution_lines(payloads, task)
+    if attribution:
+        blocks += [
+            Heading("Model or site? Shared versus site-specific findings", 3),
+            Bullets(tuple(attribution)),
         ]
     impacts = [line for site, p in payloads.items() for line in impact_sentences(site, p)]
     if impacts:
@@ -726,7 +785,7 @@ def build_document(report: StudyReport) -> list[Block]:
         *blocks,
         *_scores_section(payloads, pooled),
         *_agreement_section(report, payloads, pooled),
-        *_conventions_section(payloads),
+        *_conventions_section(payloads, report.task),
     ]
 
 

@@ -31,6 +31,7 @@ from server.report import (
     POOLED,
     area_table,
     file_stem,
+    finding_key,
     iou_summary_table,
     pool_payloads,
     pool_sarcopenia,
@@ -506,3 +507,32 @@ def test_flower_node_ids_beyond_int64_are_written(tmp_path: Path) -> None:
     )
     paths = write_report(big, tmp_path)
     assert str(2**64 - 5) in paths.tables["sites"].read_text()
+
+
+def test_findings_most_sites_share_are_attributed_to_the_reference_not_the_sites() -> None:
+    from server.report import attribute_findings, attribution_lines
+
+    def with_findings(site: str, findings: list[Finding]) -> EvaluationPayload:
+        base = payload(site, 8, BINS_A, seed=0, shift=0.0)
+        summary = DiscrepancySummary(n_slices=8, findings=findings)
+        return base.model_copy(update={"discrepancy": summary, "findings": findings})
+
+    imat = psoas_finding(8).model_copy(update={"region": "intramuscular_fat", "direction": "site_excludes"})
+    psoas_in = psoas_finding(8).model_copy(update={"direction": "site_includes"})
+    payloads = {
+        # a and c include psoas where the model does not; b agrees with the model (b leaves psoas out)
+        "hospital-a": with_findings("hospital-a", [imat, psoas_in]),
+        "hospital-b": with_findings("hospital-b", [imat, psoas_finding(8)]),
+        "hospital-c": with_findings("hospital-c", [psoas_in, boundary_finding(8, 0.3)]),  # scattered: ignored
+    }
+    attributed = attribute_findings(payloads)
+    assert attributed["hospital-a"] == {finding_key(imat): "shared", finding_key(psoas_in): "shared"}
+    assert attributed["hospital-b"][finding_key(psoas_finding(8))] == "site"
+    lines = attribution_lines(payloads, "evaluate")
+    assert any("2 of 3 sites" in line and "psoas" in line and "model" in line for line in lines)
+    assert any(line.startswith("hospital-b: unlike the other sites") and "psoas" in line for line in lines)
+    assert any(
+        line.startswith("hospital-c: unlike the other sites") and "intramuscular" in line for line in lines
+    )
+    # A single site cannot be compared with anyone: nothing is called shared.
+    assert set(attribute_findings({"a": payloads["hospital-b"]})["a"].values()) == {"site"}
