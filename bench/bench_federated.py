@@ -148,6 +148,19 @@ def audit_spans(lines: Sequence[str], run_id: int, task: str) -> list[AuditSpan]
     return spans
 
 
+def busy_seconds(spans: Sequence[AuditSpan]) -> float:
+    """Length of the union of the spans: time during which at least one site was working."""
+    total, end = 0.0, None
+    for span in sorted(spans, key=lambda s: s.received):
+        if end is None or span.received >= end:
+            total += span.seconds
+            end = span.sent
+        elif span.sent > end:
+            total += (span.sent - end).total_seconds()
+            end = span.sent
+    return total
+
+
 def fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -365,29 +378,37 @@ def report(
 ) -> None:
     """Print the per-round table and the ratios (``handling``: each site's train spans, in order)."""
     print(f"  {len(rounds)} rounds, flwr run wall time {wall:.1f} s, federation config {fed_config}\n")
-    rows, vs_handling = [], []
+    rows, projected, coordination = [], [], []
     for k, r in enumerate(rounds):
-        spans = [site[k].seconds for site in handling if len(site) > k]
-        vs_handling.append(ratio(r.seconds, sum(spans) if spans else None))
-        slowest, total = max(r.site_seconds.values()), sum(r.site_seconds.values())
-        times = [f"{r.seconds:.2f}", f"{slowest:.2f}", f"{total:.2f}", f"{sum(spans):.2f}"]
-        ratios = [fmt(r.vs_slowest), fmt(r.vs_sum), fmt(vs_handling[-1]), fmt(r.muscle_iou, 4)]
-        rows.append([str(r.round), *times, *ratios])
-    header = ["round", "wall s", "slowest s", "sum s", "ClientApp s", "/slowest", "/sum", "/ClientApp", "IoU"]
-    print_table(header, rows)
-    later = rounds[1:] or rounds  # round 1 also starts the simulated ClientApps
+        spans = [site[k] for site in handling if len(site) > k]
+        busy = busy_seconds(spans)
+        coordination.append(r.seconds - busy)
+        slowest_app = max((s.seconds for s in spans), default=0.0)
+        slowest = max(r.site_seconds.values())
+        projected.append(ratio(coordination[-1] + slowest_app, slowest))
+        seconds = [r.seconds, slowest, sum(r.site_seconds.values()), slowest_app, busy, coordination[-1]]
+        ratios = [fmt(r.vs_slowest), fmt(r.vs_sum), fmt(projected[-1]), fmt(r.muscle_iou, 4)]
+        rows.append([str(r.round), *(f"{v:.2f}" for v in seconds), *ratios])
+    header = ["round", "wall", "slowest", "sum", "slowest app", "busy", "coord", "/slowest", "/sum", "proj."]
+    print("seconds: wall = round at the coordinator; slowest/sum = the sites' train_local; slowest app =")
+    print("the slowest site's whole ClientApp handling (audit log); busy = time any site's ClientApp was")
+    print("working; coord = wall - busy. proj. = (coord + slowest app) / slowest: the round / slowest")
+    print("site if every site had its own machine.\n")
+    print_table([*header, "IoU"], rows)
+    later = slice(1, None) if len(rounds) > 1 else slice(None)  # round 1 also starts the ClientApps
     fed_iou = rounds[-1].muscle_iou if rounds else None
     epochs = args.rounds * args.local_epochs
     print(f"\npooled validation muscle IoU (over pixels, {central.n_val} val slices, model resolution)")
     print(f"  centralised, {epochs} epochs on the pooled train splits: {fmt(central.muscle_iou, 4)}")
     print(f"  federated, final round:                       {fmt(fed_iou, 4)}")
     print(f"  federated / centralised:                      {fmt(ratio(fed_iou, central.muscle_iou))}")
-    print("coordination overhead, median over rounds 2.. (round 1 also starts the ClientApps)")
-    print(f"  round / slowest site's train_local:           {fmt(_median([r.vs_slowest for r in later]))}")
-    print(f"  round / sum of the sites' train_local:        {fmt(_median([r.vs_sum for r in later]))}")
-    print(f"  round / sum of the sites' ClientApp handling: {fmt(_median(vs_handling[1:] or vs_handling))}")
-    if rounds:
-        print(f"  round 1: / slowest {fmt(rounds[0].vs_slowest)}, / sum {fmt(rounds[0].vs_sum)}")
+    vs_slowest = _median([r.vs_slowest for r in rounds[later]])
+    vs_sum = _median([r.vs_sum for r in rounds[later]])
+    print("coordination overhead, median over rounds 2..")
+    print(f"  round / slowest site's train_local:            {fmt(vs_slowest)}")
+    print(f"  round / sum of the sites' train_local:         {fmt(vs_sum)}")
+    print(f"  projected round / slowest site (own machines): {fmt(_median(projected[later]))}")
+    print(f"  coordination outside any ClientApp (s/round):  {fmt(_median(coordination[later]), 2)}")
 
 
 if __name__ == "__main__":
