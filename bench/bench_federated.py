@@ -53,7 +53,7 @@ from common.demo.hospitals import make_demo
 from common.model import ModelSpec, build_model
 from common.training import TrainConfig, split_train_val, train_local
 from protocols.study import StudyConfig
-from server.flwr_cli import flower_env, flwr_run
+from server.flwr_cli import flower_env, flwr_run, local_superlink_pids
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import print_table
@@ -176,23 +176,8 @@ def free_port() -> int:
 
 
 def superlink_pids(flwr_home: Path) -> list[int]:
-    """PIDs of local SuperLinks started under ``flwr_home`` (their ``--log-file`` lies in it).
-
-    Only those: other engineers' SuperLinks on this machine are never matched.
-    """
-    marker = str(flwr_home / "local-superlink")
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        words = [a.decode(errors="replace") for a in argv]
-        if any("flower-superlink" in w for w in words[:2]) and any(w.startswith(marker) for w in words):
-            pids.append(int(proc.name))
-    return sorted(pids)
+    """PIDs of local SuperLinks started under ``flwr_home`` only (never other engineers')."""
+    return local_superlink_pids(flwr_home)
 
 
 @contextmanager

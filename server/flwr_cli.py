@@ -119,12 +119,26 @@ def flwr_run(
     return RunOutcome(run_id=run_id, status=status, details=details, output=output)
 
 
-def local_superlink_pids() -> list[int]:
-    """PIDs of a ``flower-superlink --simulation`` that ``flwr run`` auto-started on this machine."""
-    proc = subprocess.run(
-        ["pgrep", "-f", "flower-superlink.*--simulation"], capture_output=True, text=True, check=False
-    )
-    return [int(p) for p in proc.stdout.split()]
+def local_superlink_pids(flwr_home: Path | None = None) -> list[int]:
+    """PIDs of local simulation SuperLinks that ``flwr run`` auto-started on this machine.
+
+    With ``flwr_home``, only those started under it (their ``--log-file`` lies in it), so
+    other users' SuperLinks are never matched.
+    """
+    marker = str(Path(flwr_home) / "local-superlink") if flwr_home is not None else None
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            words = [w.decode(errors="replace") for w in (proc / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if not any("flower-superlink" in w for w in words[:2]) or "--simulation" not in words:
+            continue
+        if marker is None or any(w.startswith(marker) for w in words):
+            pids.append(int(proc.name))
+    return sorted(pids)
 
 
 def stop_processes(pids: Sequence[int]) -> None:

@@ -316,7 +316,9 @@ def sites_table(report: StudyReport) -> pd.DataFrame:
                 "excluded": "; ".join(f"{k}: {v}" for k, v in sorted(p.excluded.items())) if p else None,
             }
         )
-    frame = pd.DataFrame(rows)
+    columns = ["site", "node_id", "status", "reason", "dataset_fingerprint", "model_hash"]
+    columns += ["n_listed", "n_used", "n_patients", "excluded"]
+    frame = pd.DataFrame(rows, columns=columns)  # a training-only study has no site rows
     counts = ["n_listed", "n_used", "n_patients"]
     frame[counts] = frame[counts].astype("Int64")
     return frame

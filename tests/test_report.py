@@ -536,3 +536,11 @@ def test_findings_most_sites_share_are_attributed_to_the_reference_not_the_sites
     )
     # A single site cannot be compared with anyone: nothing is called shared.
     assert set(attribute_findings({"a": payloads["hospital-b"]})["a"].values()) == {"site"}
+
+
+def test_a_training_only_study_writes_its_report(tmp_path: Path) -> None:
+    """study.mode=train validates nowhere: no site rows, but the rounds must still be reported."""
+    report = study_report(with_training=True).model_copy(update={"sites": []})
+    paths = write_report(report, tmp_path)
+    assert "Training rounds" in paths.markdown.read_text()
+    assert StudyReport.model_validate_json(paths.json.read_text()).training == report.training

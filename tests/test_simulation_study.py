@@ -37,18 +37,17 @@ SMALL = {
 @pytest.fixture
 def flower_home(tmp_path: Path):
     """A private FLWR_HOME and local-SuperLink ports; every SuperLink started is stopped by pid."""
-    before = set(local_superlink_pids())
-    stop_processes(sorted(before))  # a stale local SuperLink would run our app with its own env
+    home = tmp_path / "flwr-home"
     env = flower_env(
         {
-            "FLWR_HOME": str(tmp_path / "flwr-home"),
+            "FLWR_HOME": str(home),
             "SARCOFED_HOME": str(tmp_path / "sarcofed-home"),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39191",
             "FLWR_LOCAL_CONTROL_API_PORT": "39193",
         }
     )
     yield env
-    stop_processes(sorted(set(local_superlink_pids())))
+    stop_processes(local_superlink_pids(home))
 
 
 def test_demo_study_trains_validates_reports_and_resumes(tmp_path: Path, flower_home: dict[str, str]) -> None:
