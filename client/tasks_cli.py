@@ -132,10 +132,14 @@ def train_cmd(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
+
+        def fmt(value: object, digits: int) -> str:
+            return f"{value:.{digits}f}" if isinstance(value, float) else "n/a (no validation slices)"
+
         Console().print(
             f"trained on {summary['n_train']} slices ({summary['n_val']} held out) for {epochs} epochs: "
-            f"train loss {summary['train_loss']:.4f}, val loss {summary['val_loss']}, "
-            f"val muscle IoU {summary['val_muscle_iou']}; model written to {out}"
+            f"train loss {fmt(summary['train_loss'], 4)}, val loss {fmt(summary['val_loss'], 4)}, "
+            f"val muscle IoU {fmt(summary['val_muscle_iou'], 3)}; model written to {out}"
         )
 
 
