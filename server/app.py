@@ -29,6 +29,8 @@ app = ServerApp()
 CONNECT_TIMEOUT_S = 300.0
 #: After the minimum is reached, a short grace period for the remaining sites.
 GRACE_S = 3.0
+#: How long sites may take to say who they are (a fresh ClientApp imports torch first).
+IDENTIFY_TIMEOUT_S = 120.0
 
 
 def studies_dir(study: StudyConfig) -> Path:
@@ -70,7 +72,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = prepare_run_dir(study, context.run_id)
     log(INFO, "sarcofed study '%s': run folder %s", study.study.name, run_dir)
     nodes = wait_for_sites(grid, study.study.min_sites)
-    sites = identify_sites(grid, nodes, timeout=min(study.study.round_timeout, 300.0))
+    sites = identify_sites(grid, nodes, timeout=IDENTIFY_TIMEOUT_S)
     log(
         INFO,
         "sites: %s",

@@ -119,3 +119,32 @@ def test_demo_study_trains_validates_reports_and_resumes(tmp_path: Path, flower_
     assert [r.round for r in resumed.training] == [1, 2, 3]
     assert resumed.training[1].weights_hash == weights_before
     assert resumed.training[2].weights_hash != weights_before
+
+
+def test_sites_slower_than_the_round_timeout_are_reported_with_the_reason(
+    tmp_path: Path, flower_home: dict[str, str]
+) -> None:
+    """A 1-s validation round: no site can score 256-px slices with resnet34 in time."""
+    from common.model import ModelSpec, build_model, save_model
+
+    spec = ModelSpec(encoder="resnet34", image_size=256)
+    model = save_model(tmp_path / "model.pt", build_model(spec), spec)
+    config = SMALL | {
+        "study.mode": "evaluate",
+        "study.model": str(model),
+        "study.round-timeout": 1.0,
+        "study.output-dir": str(tmp_path / "studies"),
+        "study.run-name": "too-slow",
+        "demo.dir": str(tmp_path / "sites"),
+        "demo.size": 256,
+    }
+    outcome = flwr_run(
+        ROOT, run_config=config, federation_config={"num-supernodes": 2}, env=flower_home, timeout=900
+    )
+    assert outcome.ok, outcome.output[-4000:]  # late sites do not fail the study...
+    report = StudyReport.model_validate_json((tmp_path / "studies" / "too-slow" / "report.json").read_text())
+    assert len(report.sites) == 2
+    for site in report.sites:  # ...they are listed, by name, with the reason
+        assert site.site.startswith("demo-hospital-"), site.site
+        assert site.status == "timeout" and "round-timeout" in (site.reason or "")
+    assert "timeout" in (tmp_path / "studies" / "too-slow" / "report.md").read_text()
