@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from client.render import counting_progress
 from common.errors import SiteFolderError
 
 site_app = typer.Typer(
@@ -51,18 +51,8 @@ def check(
         if as_json:
             report = check_site(site_dir)
         else:
-            with Progress(
-                TextColumn("checking slices"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=console,
-                transient=True,
-            ) as progress:
-                task = progress.add_task("check", total=None)
-                report = check_site(
-                    site_dir, on_row=lambda done, total: progress.update(task, completed=done, total=total)
-                )
+            with counting_progress("checking slices", console) as on_row:
+                report = check_site(site_dir, on_row=on_row)
     except SiteFolderError as exc:
         errors.print(f"[red]Site folder not usable:[/red] {escape(str(exc.path))}\n{escape(exc.detail)}")
         raise typer.Exit(1) from None

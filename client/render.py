@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from protocols.classes import IOU_BINS, METRIC_CLASSES, SEED_COLUMN, TISSUES
 from protocols.payloads import EvaluationPayload
+
+
+@contextmanager
+def counting_progress(
+    label: str, console: Console, total: int | None = None
+) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar; yields the ``on_step(done, total)`` callback long jobs take."""
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda done, of: progress.update(task, completed=done, total=of)
 
 
 def _cell(value: int | None) -> str:

@@ -11,8 +11,9 @@ import typer
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from client.render import counting_progress
 
 demo_app = typer.Typer(help="Synthetic demo hospitals (no real patient data).", no_args_is_help=True)
 
@@ -100,15 +101,7 @@ def make(
     if as_json:
         paths = make_demo(out_dir, sites=sites, slices=slices, size=size, seed=seed, force=force)
     else:
-        with Progress(
-            TextColumn("writing demo slices"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
-            task = progress.add_task("demo", total=sites * slices)
+        with counting_progress("writing demo slices", console, total=sites * slices) as on_slice:
             paths = make_demo(
                 out_dir,
                 sites=sites,
@@ -116,7 +109,7 @@ def make(
                 size=size,
                 seed=seed,
                 force=force,
-                on_slice=lambda done, total: progress.update(task, completed=done, total=total),
+                on_slice=on_slice,
             )
     series_dir = None
     if series:
