@@ -91,7 +91,14 @@ def training_samples(site_dir: Path) -> tuple[list[TrainSample], dict[str, int]]
             continue
         samples.append(TrainSample(hu=item.ct.hu, label=item.label, group=item.group))
     if not samples:
-        raise SarcofedError(f"{site_dir}: no usable slice to train on ({excluded or 'empty manifest'})")
+        why = (
+            ", ".join(f"{n} {reason}" for reason, n in sorted(excluded.items()))
+            or "manifest.csv lists no row"
+        )
+        raise SarcofedError(
+            f"{site_dir}: no usable slice to train on ({why}); "
+            f"run `sarcofed site check {site_dir}` for the file-by-file reasons"
+        )
     return samples, excluded
 
 
