@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MessageType
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
@@ -118,7 +119,15 @@ def run_training(
     model_path = run_dir / "model.pt"
     if study.study.resume and (run_dir / "checkpoint.pt").exists():
         state = load_checkpoint(run_dir)
-        log.info("resuming %s after round %d", run_dir, state.completed_round)
+        # Flower's logger: the line reaches `flwr log RUN_ID`, so the coordinator sees what resumed
+        flwr_log(
+            logging.INFO,
+            "resuming %s after round %d from weights %s",
+            run_dir,
+            state.completed_round,
+            weights_hash(state.state_dict),
+        )
+        _record_missing_rounds(run_dir / "rounds.jsonl", state.history)
     else:
         torch.manual_seed(study.train.seed)
         state = TrainingState(
@@ -167,9 +176,9 @@ def run_training(
         }
         if len(replies.ok) < study.study.min_sites:
             record |= {"status": "failed", "seconds": time.monotonic() - started}
-            _append(rounds_file, record)
             state.history.append(record)
-            save_checkpoint(run_dir, state)
+            save_checkpoint(run_dir, state)  # first: a round in rounds.jsonl is always in the checkpoint
+            _append(rounds_file, record)
             raise SarcofedError(
                 f"round {server_round}: only {len(replies.ok)} site(s) replied, study.min-sites = "
                 f"{study.study.min_sites}; failures: {record['sites_failed']}"
@@ -199,8 +208,8 @@ def run_training(
         state.completed_round = server_round
         state.stopped_early = state.stopping.should_stop
         state.history.append(record)
+        save_checkpoint(run_dir, state)  # first: a round in rounds.jsonl is always in the checkpoint
         _append(rounds_file, record)
-        save_checkpoint(run_dir, state)
         if on_round is not None:
             on_round(record)
         if state.stopped_early:
@@ -211,6 +220,14 @@ def run_training(
 def _to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
     packed, _ = pack_state(state_dict)
     return ArrayRecord({keys.PACKED: Array(np.ascontiguousarray(packed))})
+
+
+def _record_missing_rounds(path: Path, history: list[dict[str, Any]]) -> None:
+    """Append the checkpoint's rounds that rounds.jsonl lacks (a stop between the two writes):
+    rounds.jsonl is always a prefix of the checkpoint's history, so nothing is written twice."""
+    logged = len(path.read_text(encoding="utf-8").splitlines()) if path.exists() else 0
+    for record in history[logged:]:
+        _append(path, record)
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
