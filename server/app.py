@@ -1,27 +1,39 @@
 """The coordinator's Flower ServerApp: thin glue around ``server.training``,
-``server.validation`` and ``server.report``."""
+``server.validation`` and ``server.report``.
+
+Start-up matters: the deployment engine starts a fresh ServerApp process per study. The
+heavy imports (torch, segmentation-models-pytorch, pandas, matplotlib) and reading the study
+model happen in a background thread while the ServerApp waits for the sites anyway (the
+identify query, the validation round), not before the first message goes out. Each phase
+is logged as ``timing: <phase> ...`` (wall-clock start and seconds) for ``flwr log`` and
+``bench/bench_deployment.py``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.errors import SarcofedError
-from common.model import ModelSpec, load_model, weights_hash
 from protocols.payloads import HuRanges
 from protocols.report import StudyReport
 from protocols.study import StudyConfig
-from server.report import write_report
-from server.training import run_training
 from server.validation import identify_sites, run_validation
+
+if TYPE_CHECKING:
+    from common.model import LoadedModel
 
 app = ServerApp()
 
@@ -54,30 +66,83 @@ def prepare_run_dir(study: StudyConfig, run_id: int) -> Path:
 
 
 def wait_for_sites(grid: Grid, minimum: int) -> list[int]:
+    """The connected sites, once at least ``minimum`` are.
+
+    If the minimum had to be waited for, sites are connecting right now: the others get
+    ``GRACE_S`` more to join. If it was already met when the study started (SuperNodes
+    that stay connected between studies), the study takes the sites connected now.
+    """
     deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    waited = False
     while len(nodes := list(grid.get_node_ids())) < minimum:
         if time.monotonic() > deadline:
             raise SarcofedError(
                 f"only {len(nodes)} site(s) connected after {CONNECT_TIMEOUT_S:.0f} s; "
                 f"study.min-sites = {minimum}"
             )
+        waited = True
         time.sleep(1.0)
-    time.sleep(GRACE_S)
+    if waited:
+        time.sleep(GRACE_S)
     return sorted(grid.get_node_ids())
+
+
+@contextmanager
+def timed(phase: str) -> Iterator[None]:
+    """Log ``timing: <phase> started <UTC ISO time>, <seconds> s`` when the phase ends."""
+    wall = datetime.now(UTC).isoformat(timespec="milliseconds")
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        log(INFO, "timing: %s started %s, %.3f s", phase, wall, time.monotonic() - start)
+
+
+def _load_study_model(path: str) -> LoadedModel:
+    """The coordinator's study model (imports torch and the model zoo on first use)."""
+    from common.model import load_model
+
+    with timed("load-model"):
+        return load_model(Path(path).expanduser())
+
+
+def _warm_report_imports() -> None:
+    """Import what ``write_report`` needs (pandas, matplotlib) while the sites work."""
+    with timed("report-imports"):
+        import server.report  # noqa: F401
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    log(INFO, "timing: main started %s", datetime.now(UTC).isoformat(timespec="milliseconds"))
     study = StudyConfig.from_run_config(context.run_config)  # type: ignore[arg-type]
     run_dir = prepare_run_dir(study, context.run_id)
     log(INFO, "sarcofed study '%s': run folder %s", study.study.name, run_dir)
-    nodes = wait_for_sites(grid, study.study.min_sites)
-    sites = identify_sites(grid, nodes, timeout=IDENTIFY_TIMEOUT_S)
+    if study.study.mode == "evaluate" and not study.study.model:
+        raise SarcofedError("study.mode = evaluate needs study.model = a model.pt path on the coordinator")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sarcofed-warm-up") as background:
+        _run_study(grid, context, study, run_dir, background)
+
+
+def _run_study(
+    grid: Grid, context: Context, study: StudyConfig, run_dir: Path, background: ThreadPoolExecutor
+) -> None:
+    # Work the ServerApp would otherwise do before its first message, done while it waits.
+    model_future: Future[LoadedModel] | None = None
+    if study.study.mode == "evaluate":
+        model_future = background.submit(_load_study_model, str(study.study.model))
+    background.submit(_warm_report_imports)
+    with timed("wait-for-sites"):
+        nodes = wait_for_sites(grid, study.study.min_sites)
+    with timed("identify"):
+        sites = identify_sites(grid, nodes, timeout=IDENTIFY_TIMEOUT_S)
     log(
         INFO,
         "sites: %s",
         ", ".join(f"{s} (node {n})" for n, s in sorted(sites.items(), key=lambda kv: kv[1])),
     )
+    from common.model import ModelSpec, load_model
+
     spec = ModelSpec(arch=study.model.arch, encoder=study.model.encoder, image_size=study.model.image_size)
     mode = study.study.mode
     history: list[dict[str, object]] = []
@@ -86,21 +151,24 @@ def main(grid: Grid, context: Context) -> None:
     model_hash = None
 
     if mode in ("train+evaluate", "train"):
-        outcome = run_training(
-            grid,
-            study,
-            spec,
-            run_dir,
-            sites,
-            on_round=lambda r: log(
-                INFO,
-                "round %s: %d site(s) replied, pooled val loss %s, failed: %s",
-                r["round"],
-                len(r["sites_replied"]),
-                r["pooled_val_loss"],
-                r["sites_failed"] or "none",
-            ),
-        )
+        from server.training import run_training
+
+        with timed("training"):
+            outcome = run_training(
+                grid,
+                study,
+                spec,
+                run_dir,
+                sites,
+                on_round=lambda r: log(
+                    INFO,
+                    "round %s: %d site(s) replied, pooled val loss %s, failed: %s",
+                    r["round"],
+                    len(r["sites_replied"]),
+                    r["pooled_val_loss"],
+                    r["sites_failed"] or "none",
+                ),
+            )
         history = outcome.history
         if outcome.stopped_early:
             notes.append("training stopped early on the pooled validation loss")
@@ -115,21 +183,18 @@ def main(grid: Grid, context: Context) -> None:
             )
         loaded = load_model(outcome.model_path)
         spec, state_dict, model_hash = loaded.spec, loaded.model.state_dict(), loaded.weights_hash
-    elif mode == "evaluate":
-        if not study.study.model:
-            raise SarcofedError(
-                "study.mode = evaluate needs study.model = a model.pt path on the coordinator"
-            )
-        loaded = load_model(Path(study.study.model).expanduser())
+    elif model_future is not None:
+        loaded = model_future.result()
         spec, state_dict, model_hash = loaded.spec, loaded.model.state_dict(), loaded.weights_hash
 
     if mode == "train":
         results = []
     else:
         task = "compare" if mode == "compare" else "evaluate"
-        results = run_validation(
-            grid, study, sites, task=task, spec=spec, state_dict=state_dict, model_hash=model_hash
-        )
+        with timed(f"{task}-round"):
+            results = run_validation(
+                grid, study, sites, task=task, spec=spec, state_dict=state_dict, model_hash=model_hash
+            )
     report = StudyReport(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         run_id=str(context.run_id),
@@ -143,8 +208,11 @@ def main(grid: Grid, context: Context) -> None:
         training=history,
         notes=notes,
     )
-    paths = write_report(report, run_dir)
-    (studies_dir(study) / "LATEST").write_text(str(run_dir), encoding="utf-8")
+    from server.report import write_report
+
+    with timed("report"):
+        paths = write_report(report, run_dir)
+        (studies_dir(study) / "LATEST").write_text(str(run_dir), encoding="utf-8")
     for result in results:
         level = INFO if result.status == "ok" else WARNING
         log(
@@ -153,4 +221,4 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "study report: %s", paths.html)
 
 
-__all__ = ["app", "weights_hash"]
+__all__ = ["app", "main", "timed", "wait_for_sites"]

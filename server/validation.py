@@ -9,19 +9,23 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType
 from flwr.serverapp import Grid
 from pydantic import ValidationError
 
-from common.model import ModelSpec, pack_state
 from protocols import keys
 from protocols.payloads import EvaluationPayload
 from protocols.report import SiteResult
 from protocols.study import StudyConfig
 from server.messaging import broadcast, instruction
+
+if TYPE_CHECKING:  # torch and the model zoo load only when a model is sent (not for identify)
+    import torch
+
+    from common.model import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,8 @@ def run_validation(
     arrays = None
     if task == "evaluate":
         assert spec is not None and state_dict is not None  # programming error, not user input
+        from common.model import pack_state
+
         packed, layout = pack_state(state_dict)
         arrays = ArrayRecord({keys.PACKED: Array(np.ascontiguousarray(packed))})
         config |= {keys.MODEL_SPEC: spec.model_dump_json(), keys.MODEL_LAYOUT: layout}
