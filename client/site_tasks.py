@@ -15,7 +15,7 @@ import torch
 
 from common.dataset import iter_slices, load_site
 from common.errors import SarcofedError, SliceError
-from common.model import ModelSpec, build_model, unpack_state, weights_hash
+from common.model import ModelSpec, build_model, model_from_state, unpack_state, weights_hash
 from common.training import TrainConfig, TrainSample, split_train_val, train_local
 from protocols.payloads import EvaluationPayload
 from protocols.study import StudyConfig
@@ -75,9 +75,7 @@ def identify(site_dir: Path) -> SiteInfo:
 
 def load_state(spec: ModelSpec, packed: object, layout: str) -> torch.nn.Module:
     """Rebuild the study model from the packed weights the server sent."""
-    model = build_model(spec)
-    model.load_state_dict(unpack_state(packed, layout))  # type: ignore[arg-type]
-    return model
+    return model_from_state(spec, unpack_state(packed, layout))  # type: ignore[arg-type]
 
 
 def training_samples(site_dir: Path) -> tuple[list[TrainSample], dict[str, int]]:

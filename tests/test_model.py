@@ -14,6 +14,7 @@ from common.model import (
     ModelSpec,
     build_model,
     load_model,
+    model_from_state,
     pack_state,
     save_model,
     unpack_state,
@@ -145,6 +146,27 @@ def test_pack_rejects_lossy_dtypes_and_unpack_checks_size() -> None:
         unpack_state(packed[:2], layout)
     with pytest.raises(ValueError, match="layout"):
         unpack_state(packed, "{not json")
+
+
+def test_model_from_state_is_the_same_network_and_owns_its_weights(small_model: torch.nn.Module) -> None:
+    packed, layout = pack_state(small_model.state_dict())
+    state = unpack_state(packed, layout)
+    model = model_from_state(SMALL, state)
+    assert weights_hash(model.state_dict()) == weights_hash(small_model.state_dict())
+    assert all(p.requires_grad and p.device.type == "cpu" for p in model.parameters())
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    small_model.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), small_model(x))
+    # Training the rebuilt model must not write into the received array (the site computes
+    # its update as new - received, so a shared buffer would make every update zero).
+    before = packed.copy()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert np.array_equal(packed, before)
+    wrong = {k: v for k, v in state.items() if not k.startswith("decoder")}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model_from_state(SMALL, wrong)
 
 
 def test_save_load_reproduces_outputs(tmp_path, small_model: torch.nn.Module) -> None:
