@@ -27,7 +27,9 @@ from server.deploy import (
     make_study_certs,
     register_supernode,
     run_study,
+    start_run,
     superlink_command,
+    wait_for_run,
     write_connection,
 )
 
@@ -125,6 +127,15 @@ class Deployment:
         wait_for_port(self.superlink_port, proc=proc.popen)
         return proc
 
+    def restart_superlink(self) -> Proc:
+        """Stop the SuperLink (by its pid / process group, with the ServerApps it runs) and
+        start it again on the same port with the same ``--database``."""
+        old = self.procs.pop("superlink", None)
+        if old is not None:
+            old.stop()
+            os.replace(old.log, old.log.with_name(f"superlink-{old.popen.pid}.log"))
+        return self.start_superlink()
+
     def start_proxy(self) -> str:
         """The Fleet-only proxy in front of the SuperLink; returns the address sites use."""
         port = free_port()
@@ -181,6 +192,24 @@ class Deployment:
             flwr_home=self.flwr_home,
             coordinator_log=self.coordinator_log,
         )
+
+    def start(self, run_config: Mapping[str, object]) -> int:
+        """``flwr run`` without waiting for the end; returns the run id (see ``run`` to wait)."""
+        run_id = start_run(self.app_dir, CONNECTION, run_config, flwr_home=self.flwr_home)
+        if self.coordinator_log:
+            self.coordinator_log.append(
+                "run-started", run_id=run_id, connection=CONNECTION, run_config=dict(run_config)
+            )
+        return run_id
+
+    def wait(self, run_id: int, timeout: float = 600.0) -> RunStatus:
+        """The run's final status (logged as ``run-finished`` like ``run``)."""
+        status = wait_for_run(run_id, CONNECTION, timeout=timeout, flwr_home=self.flwr_home)
+        if self.coordinator_log:
+            self.coordinator_log.append(
+                "run-finished", run_id=run_id, status=status.status, details=status.details
+            )
+        return status
 
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
