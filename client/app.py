@@ -11,6 +11,7 @@ import json
 import logging
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -19,9 +20,11 @@ from flwr.clientapp import ClientApp
 from client import site_tasks
 from client.guard import SiteGuard, SiteRefusal, open_guard
 from common.errors import SarcofedError
-from common.model import ModelSpec, pack_state, weights_hash
 from protocols import keys
 from protocols.study import StudyConfig
+
+if TYPE_CHECKING:
+    from common.model import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,9 @@ def _unguarded(err: Exception) -> str:
 
 
 def _model_from(msg: Message, config: ConfigRecord) -> tuple[ModelSpec, object]:
+    # torch and the model zoo load here, not at import: identify and compare never need them
+    from common.model import ModelSpec
+
     spec = ModelSpec.model_validate_json(str(config[keys.MODEL_SPEC]))
     packed = msg.content.array_records[keys.ARRAYS][keys.PACKED].numpy()
     return spec, site_tasks.load_state(spec, packed, str(config[keys.MODEL_LAYOUT]))
@@ -85,6 +91,8 @@ def _run(
         text = json.dumps(guard.release_identity(info.site, info.n_listed))
         return Message(RecordDict({keys.PAYLOAD: ConfigRecord({keys.PAYLOAD_JSON: text})}), reply_to=msg)
     if task == "train":
+        from common.model import pack_state, weights_hash
+
         spec, model = _model_from(msg, config)
         global_packed = msg.content.array_records[keys.ARRAYS][keys.PACKED].numpy()
         mu = float(config.get(keys.PROXIMAL_MU, 0.0))  # type: ignore[arg-type]

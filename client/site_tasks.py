@@ -10,15 +10,18 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from common.dataset import iter_slices, load_site
 from common.errors import SarcofedError, SliceError
-from common.model import ModelSpec, build_model, model_from_state, unpack_state, weights_hash
-from common.training import TrainConfig, TrainSample, split_train_val, train_local
 from protocols.payloads import EvaluationPayload
 from protocols.study import StudyConfig
+
+if TYPE_CHECKING:  # torch and the model zoo cost seconds to import: only tasks that use a model do
+    import torch
+
+    from common.model import ModelSpec
+    from common.training import TrainSample
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +78,15 @@ def identify(site_dir: Path) -> SiteInfo:
 
 def load_state(spec: ModelSpec, packed: object, layout: str) -> torch.nn.Module:
     """Rebuild the study model from the packed weights the server sent."""
+    from common.model import model_from_state, unpack_state
+
     return model_from_state(spec, unpack_state(packed, layout))  # type: ignore[arg-type]
 
 
 def training_samples(site_dir: Path) -> tuple[list[TrainSample], dict[str, int]]:
     """Every usable slice of the site as a training sample, and exclusions by reason."""
+    from common.training import TrainSample
+
     site = load_site(site_dir)
     samples: list[TrainSample] = []
     excluded: dict[str, int] = {}
@@ -109,6 +116,8 @@ def run_train(
     proximal_mu: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Local training on the site's train split; returns new weights and aggregate metrics."""
+    from common.training import TrainConfig, split_train_val, train_local
+
     samples, _ = training_samples(site_dir)
     train_idx, val_idx = split_train_val(
         [s.group for s in samples], study.train.val_fraction, study.train.seed
@@ -187,7 +196,6 @@ __all__ = [
     "run_evaluate",
     "run_train",
     "sarcofed_home",
-    "weights_hash",
 ]
 
 
@@ -203,7 +211,10 @@ def run_local_training(
     progress: bool = False,
 ) -> dict[str, float | int | str | None]:
     """Single-site training with the seed's recipe; writes ``out`` (model.pt)."""
-    from common.model import save_model
+    import torch
+
+    from common.model import ModelSpec, build_model, save_model, weights_hash
+    from common.training import TrainConfig, split_train_val, train_local
 
     samples, excluded = training_samples(site_dir)
     spec = ModelSpec(encoder=encoder, image_size=image_size)
