@@ -33,7 +33,7 @@ from common.model import ModelSpec, build_model, pack_state, save_model, unpack_
 from protocols import keys
 from protocols.study import StudyConfig
 from server.checkpoint import EarlyStopping, TrainingState, load_checkpoint, save_checkpoint
-from server.messaging import Replies, sort_replies
+from server.messaging import Replies, send_and_receive, sort_replies
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def run_training(
             )
         )
         sent = [m.metadata.dst_node_id for m in messages]
-        replies = sort_replies(sent, grid.send_and_receive(messages, timeout=study.study.round_timeout))
+        replies = sort_replies(sent, send_and_receive(grid, messages, study.study.round_timeout))
         record: dict[str, Any] = {
             "round": server_round,
             "sites_sent": sorted(sites[n] for n in sent),
