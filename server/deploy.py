@@ -296,17 +296,23 @@ def run_status(run_id: int, connection: str, *, flwr_home: Path | None = None) -
 
 
 def wait_for_run(
-    run_id: int, connection: str, *, timeout: float, poll: float = 2.0, flwr_home: Path | None = None
+    run_id: int, connection: str, *, timeout: float, poll: float = 4.0, flwr_home: Path | None = None
 ) -> RunStatus:
-    """Poll until the run is finished (or ``timeout`` seconds pass: DeploymentError)."""
+    """Poll until the run is finished (or ``timeout`` seconds pass: DeploymentError).
+
+    Each ``flwr ls`` starts the Flower CLI (~1 s of CPU), on the coordinator's machine that
+    also runs the ServerApp: the wait starts at 1 s and grows to ``poll`` seconds.
+    """
     deadline = time.monotonic() + timeout
+    wait = min(1.0, poll)
     while True:
         status = run_status(run_id, connection, flwr_home=flwr_home)
         if status.finished:
             return status
         if time.monotonic() > deadline:
             raise DeploymentError(f"run {run_id} still '{status.status}' after {timeout:.0f} s")
-        time.sleep(poll)
+        time.sleep(wait)
+        wait = min(wait * 1.5, poll)
 
 
 def run_logs(run_id: int, connection: str, *, flwr_home: Path | None = None) -> str:
