@@ -67,7 +67,8 @@ class RoundRecord(Schema):
         default_factory=dict, description="class -> validation IoU pooled over pixels across sites"
     )
     per_site: dict[str, dict[str, float]] = Field(default_factory=dict)
-    weights_hash: str | None = None
+    weights_hash: str | None = Field(None, description="hash of the aggregated weights this round produced")
+    start_weights_hash: str | None = Field(None, description="hash of the weights sent to the sites")
     improved: bool | None = None
     seconds: float | None = None
 

@@ -138,6 +138,7 @@ def run_training(
     strategy = make_strategy(study, len(train_nodes))
     _, layout = pack_state(state.state_dict)
     arrays = _to_arrays(state.state_dict)
+    start_hash = weights_hash(state.state_dict)  # the weights each round sends (traceable)
     rounds_file = run_dir / "rounds.jsonl"
 
     for server_round in range(state.completed_round + 1, study.study.num_rounds + 1):
@@ -164,6 +165,7 @@ def run_training(
         replies = sort_replies(sent, send_and_receive(grid, messages, study.study.round_timeout))
         record: dict[str, Any] = {
             "round": server_round,
+            "start_weights_hash": start_hash,
             "sites_sent": sorted(sites[n] for n in sent),
             "sites_replied": sorted(sites[n] for n in replies.ok),
             "sites_failed": {
@@ -205,6 +207,7 @@ def run_training(
                 spec,
                 meta={"round": server_round, "study": study.study.name, "pooled_val_loss": loss or -1.0},
             )
+        start_hash = record["weights_hash"]  # what the next round sends
         state.completed_round = server_round
         state.stopped_early = state.stopping.should_stop
         state.history.append(record)

@@ -119,6 +119,9 @@ def test_demo_study_trains_validates_reports_and_resumes(tmp_path: Path, flower_
     assert [r.round for r in resumed.training] == [1, 2, 3]
     assert resumed.training[1].weights_hash == weights_before
     assert resumed.training[2].weights_hash != weights_before
+    # Every round started from the weights the previous round produced, across the resume too.
+    assert resumed.training[2].start_weights_hash == weights_before
+    assert resumed.training[1].start_weights_hash == resumed.training[0].weights_hash
 
 
 def test_sites_slower_than_the_round_timeout_are_reported_with_the_reason(
