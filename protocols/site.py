@@ -42,9 +42,7 @@ class LabelMap(BaseModel):
         for name in ("muscle", "subcutaneous_fat", "visceral_fat", "background"):
             for value in getattr(self, name):
                 if value in seen:
-                    raise ValueError(
-                        f"value {value} is declared for both '{seen[value]}' and '{name}'"
-                    )
+                    raise ValueError(f"value {value} is declared for both '{seen[value]}' and '{name}'")
                 seen[value] = name
         for name in ("muscle", "subcutaneous_fat", "visceral_fat"):
             if 0 in getattr(self, name):
