@@ -204,6 +204,7 @@ def study_report(with_training: bool = True) -> StudyReport:
             pooled_val_iou={"muscle": 0.8 + 0.03 * r},
             per_site={"hospital-a": {"val-loss": loss - 0.05}, "hospital-b": {"val-loss": loss + 0.07}},
             weights_hash=f"{r:02d}abcdef0123",
+            start_weights_hash=f"{r - 1:02d}abcdef0123",
             improved=True,
             seconds=12.5,
         )
