@@ -2,7 +2,7 @@
 real SuperNodes on 127.0.0.1) leave a complete, honest study record.
 
 1. One site is genuinely slower than the round timeout (its CT slices are 1024 px and it
-   lists hundreds of rows, the fast sites six 64-px slices): the report names it with
+   lists over a thousand rows, the fast sites six 64-px slices): the report names it with
    status ``timeout`` and the reason, and keeps the fast sites' results.
 2. The SuperLink restarts in the middle of a training study: the interrupted run ends
    ``finished:failed`` (never completed), the SuperNodes stay up, and ``flwr run`` with the
@@ -35,9 +35,11 @@ ENCODER = "tu-mobilenetv3_small_050"
 #: slices, so it has a wide margin; the slow site needs several times this.
 ROUND_TIMEOUT_S = 90.0
 #: The slow site: SLOW_SLICES distinct 1024-px slices, each listed SLOW_REPEAT times in its
-#: manifest (~0.6 s per row unloaded, ~5 min in all: > 3x the round timeout).
+#: manifest (~0.6 s per row unloaded, ~12 min in all: > 8x the round timeout, so even a
+#: CI machine several times faster than this one cannot finish in time). The test itself
+#: does not wait for it: the study ends at the timeout and the SuperNode is stopped.
 SLOW_SLICES = 8
-SLOW_REPEAT = 60
+SLOW_REPEAT = 150
 
 
 def site_name(site_dir: Path) -> str:
