@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import SarcofedError
+from server.messaging import poll_intervals
 
 log = logging.getLogger(__name__)
 
@@ -304,15 +305,13 @@ def wait_for_run(
     also runs the ServerApp: the wait starts at 1 s and grows to ``poll`` seconds.
     """
     deadline = time.monotonic() + timeout
-    wait = min(1.0, poll)
-    while True:
+    for wait in poll_intervals(first=min(1.0, poll), cap=poll):
         status = run_status(run_id, connection, flwr_home=flwr_home)
         if status.finished:
             return status
         if time.monotonic() > deadline:
             raise DeploymentError(f"run {run_id} still '{status.status}' after {timeout:.0f} s")
         time.sleep(wait)
-        wait = min(wait * 1.5, poll)
 
 
 def run_logs(run_id: int, connection: str, *, flwr_home: Path | None = None) -> str:
