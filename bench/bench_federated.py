@@ -312,6 +312,15 @@ def run_config(args: argparse.Namespace, demo_dir: Path, studies: Path) -> dict[
     return flat | study.to_flat("train")
 
 
+def add_simulation_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of every bench that runs a study on Flower's simulation engine."""
+    parser.add_argument(
+        "--client-cpus", type=int, default=None, help="Flower client-resources-num-cpus (default: Flower's 2)"
+    )
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep data and run folders here")
+    parser.add_argument("--show-log", action="store_true", help="echo Flower's streamed log")
+
+
 def main() -> None:
     doc = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=doc)
@@ -325,15 +334,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the centralised arm")
     parser.add_argument(
-        "--client-cpus", type=int, default=None, help="Flower client-resources-num-cpus (default: Flower's 2)"
-    )
-    parser.add_argument(
         "--skip-central",
         action="store_true",
         help="time the federation only (e.g. the overhead at 512 px); no IoU ratio",
     )
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep data and run folders here")
-    parser.add_argument("--show-log", action="store_true", help="echo Flower's streamed log")
+    add_simulation_args(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)

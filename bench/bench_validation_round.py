@@ -45,6 +45,7 @@ from bench_federated import (
     ROOT,
     AuditSpan,
     TimedLines,
+    add_simulation_args,
     audit_spans,
     busy_seconds,
     federation_config,
@@ -112,11 +113,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="eval.batch-size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the local re-timing")
-    parser.add_argument(
-        "--client-cpus", type=int, default=None, help="Flower client-resources-num-cpus (default: Flower's 2)"
-    )
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep data and run folders here")
-    parser.add_argument("--show-log", action="store_true", help="echo Flower's streamed log")
+    add_simulation_args(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
