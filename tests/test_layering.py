@@ -40,3 +40,15 @@ def test_package_imports_point_one_way(package: str) -> None:
 def test_the_check_sees_imports() -> None:
     """The checker itself must find a real import, or the test above proves nothing."""
     assert "flwr" in _imports(ROOT / "client" / "app.py")
+
+
+def test_the_clientapp_module_loads_without_torch() -> None:
+    """Each message on the deployment engine is a fresh process importing ``client.app``;
+    identify and compare need no model, so torch and the model zoo must load lazily."""
+    import subprocess
+    import sys
+
+    heavy = "('torch', 'segmentation_models_pytorch')"
+    code = f"import sys, client.app; print(sorted(m for m in {heavy} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
