@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MessageType
+from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -244,4 +244,4 @@ def _append(path: Path, record: RoundRecord) -> None:
         fh.write(record.model_dump_json() + "\n")
 
 
-__all__ = ["MessageType", "TrainingOutcome", "make_strategy", "pooled_validation", "run_training"]
+__all__ = ["TrainingOutcome", "make_strategy", "pooled_validation", "run_training"]
