@@ -50,8 +50,10 @@ import torch
 from client.audit import audit_path
 from client.site_tasks import training_samples
 from common.demo.hospitals import make_demo
-from common.model import ModelSpec, build_model, model_from_state
+from common.model import build_model, model_from_state
 from common.training import TrainConfig, evaluate_loss, split_train_val, train_local
+from protocols import keys
+from protocols.report import RoundRecord
 from protocols.study import StudyConfig
 from server.checkpoint import load_checkpoint
 from server.flwr_cli import flower_env, flwr_run, local_superlink_pids
@@ -88,15 +90,15 @@ def parse_rounds(lines: Sequence[str]) -> list[RoundTiming]:
     for line in lines:
         if not line.strip():
             continue
-        record = json.loads(line)
-        if record.get("status") != "ok":
+        record = RoundRecord.model_validate_json(line)
+        if record.status != "ok":
             continue
         out.append(
             RoundTiming(
-                round=int(record["round"]),
-                seconds=float(record["seconds"]),
-                site_seconds={site: float(m["seconds"]) for site, m in record["per_site"].items()},
-                muscle_iou=(record.get("pooled_val_iou") or {}).get("muscle"),
+                round=record.round,
+                seconds=float(record.seconds or 0.0),
+                site_seconds={site: float(m[keys.SECONDS]) for site, m in record.per_site.items()},
+                muscle_iou=record.pooled_val_iou.get("muscle"),
             )
         )
     return out
@@ -248,25 +250,15 @@ def splits(site_dirs: Sequence[Path], study: StudyConfig) -> tuple[list, list]:
     return train, val
 
 
-def study_spec(study: StudyConfig) -> ModelSpec:
-    return ModelSpec(arch=study.model.arch, encoder=study.model.encoder, image_size=study.model.image_size)
-
-
 def centralised(site_dirs: Sequence[Path], study: StudyConfig) -> CentralisedResult:
     """Pool every site's train split, train once for rounds x local epochs, score pooled val."""
     train, val = splits(site_dirs, study)
-    spec = study_spec(study)
     torch.manual_seed(study.train.seed)
-    model = build_model(spec)
-    config = TrainConfig(
-        local_epochs=study.study.num_rounds * study.train.local_epochs,
-        lr=study.train.lr,
-        batch_size=study.train.batch_size,
-        optimizer=study.train.optimizer,
-        dice_weight=study.train.dice_weight,
-        seed=study.train.seed,
+    model = build_model(study.model)
+    config = TrainConfig.from_study(
+        study.train, local_epochs=study.study.num_rounds * study.train.local_epochs
     )
-    result = train_local(model, spec, train, val, config)
+    result = train_local(model, study.model, train, val, config)
     return CentralisedResult(
         muscle_iou=pooled_iou([result.val_counts["muscle"]]),
         n_train=result.n_train,
@@ -284,8 +276,8 @@ def global_model_iou(
     is the number to hold against the centralised model (same slices, same pooling).
     """
     _, val = splits(site_dirs, study)
-    spec = study_spec(study)
-    _, _, counts = evaluate_loss(model_from_state(spec, state_dict), spec, val, TrainConfig())
+    model = model_from_state(study.model, state_dict)
+    _, _, counts = evaluate_loss(model, study.model, val, TrainConfig.from_study(study.train))
     return pooled_iou([counts["muscle"]])
 
 

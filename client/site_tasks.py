@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from common.dataset import iter_slices, load_site
 from common.errors import SarcofedError, SliceError
+from protocols import keys
 from protocols.payloads import EvaluationPayload
 from protocols.study import StudyConfig
 
@@ -122,15 +123,7 @@ def run_train(
     train_idx, val_idx = split_train_val(
         [s.group for s in samples], study.train.val_fraction, study.train.seed
     )
-    config = TrainConfig(
-        local_epochs=study.train.local_epochs,
-        lr=study.train.lr,
-        batch_size=study.train.batch_size,
-        optimizer=study.train.optimizer,
-        dice_weight=study.train.dice_weight,
-        proximal_mu=proximal_mu,
-        seed=study.train.seed,
-    )
+    config = TrainConfig.from_study(study.train, proximal_mu=proximal_mu)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result = train_local(
         model,
@@ -141,19 +134,19 @@ def run_train(
         global_state=global_state if proximal_mu > 0 else None,
     )
     metrics: dict[str, float] = {
-        "num-examples": float(result.n_train),
-        "n-val": float(result.n_val),
-        "train-loss": float(result.train_loss_mean),
-        "train-loss-sum": float(result.train_loss_sum),
-        "epochs": float(result.epochs),
-        "seconds": float(result.seconds),
+        keys.NUM_EXAMPLES: float(result.n_train),
+        keys.N_VAL: float(result.n_val),
+        keys.TRAIN_LOSS: float(result.train_loss_mean),
+        keys.TRAIN_LOSS_SUM: float(result.train_loss_sum),
+        keys.EPOCHS: float(result.epochs),
+        keys.SECONDS: float(result.seconds),
     }
     if result.val_loss_mean is not None:
-        metrics["val-loss"] = float(result.val_loss_mean)
-        metrics["val-loss-sum"] = float(result.val_loss_sum)
+        metrics[keys.VAL_LOSS] = float(result.val_loss_mean)
+        metrics[keys.VAL_LOSS_SUM] = float(result.val_loss_sum)
     for name, (inter, union) in result.val_counts.items():
-        metrics[f"val-{name}-intersection"] = float(inter)
-        metrics[f"val-{name}-union"] = float(union)
+        inter_key, union_key = keys.val_overlap_keys(name)
+        metrics[inter_key], metrics[union_key] = float(inter), float(union)
     return result.state_dict, metrics
 
 

@@ -17,7 +17,7 @@ Conventions (MONAI-like, explicit about empty classes):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -262,9 +262,3 @@ def total_overlap(counts: Iterable[ClassOverlap]) -> ClassOverlap:
         test_px += c.test_px
         label_px += c.label_px
     return ClassOverlap(inter, union, test_px, label_px)
-
-
-def areas_from_counts(pixel_counts: Mapping[str, int], spacing_mm: tuple[float, float]) -> dict[str, float]:
-    """Tissue areas (cm^2) from per-tissue pixel counts already computed (e.g. ``test_px``)."""
-    px = pixel_area_cm2(spacing_mm)
-    return {name: float(pixel_counts[name]) * px for name in TISSUES}

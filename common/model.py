@@ -1,8 +1,10 @@
-"""The study model: its spec, construction, fingerprint, transport packing and model.pt files.
+"""The study model: construction, fingerprint, transport packing and model.pt files.
 
-A model is fully described by a :class:`ModelSpec` (architecture, encoder, channels, classes,
-input size and the HU window used to normalise CT) plus a state_dict. Encoders are always
-built with ``encoder_weights=None``: hospitals are offline and nothing may download at run time.
+A model is fully described by a :class:`~protocols.model.ModelSpec` (architecture, encoder,
+channels, classes, input size and the HU window used to normalise CT; re-exported here) plus a
+state_dict. This module adds what needs the model zoo: the arch / encoder name checks
+(:func:`check_model_names`) and :func:`build_model`. Encoders are always built with
+``encoder_weights=None``: hospitals are offline and nothing may download at run time.
 
 Transport: Flower's cost grows with the number of arrays rather than bytes, so
 :func:`pack_state` flattens a whole state_dict into ONE float32 vector plus a JSON layout
@@ -28,23 +30,34 @@ from typing import Any, Final
 import numpy as np
 import segmentation_models_pytorch as smp
 import torch
-from pydantic import Field, field_validator, model_validator
 
 from common.errors import SarcofedError
-from protocols.base import Schema
+from protocols.model import DEFAULT_HU_WINDOW, ModelSpec
 
 log = logging.getLogger(__name__)
-
-#: HU window mapped to [0, 1] before the network (see ``common.preprocess``).
-#: -250..+250 keeps the whole fat range (-190..-30) and muscle (-29..+150) unclipped and
-#: apart, lets air (< -250) saturate at 0 and bone / dense contrast (> +250) at 1.
-DEFAULT_HU_WINDOW: Final[tuple[float, float]] = (-250.0, 250.0)
 
 ARCHITECTURES: Final[tuple[str, ...]] = tuple(smp.MODEL_ARCHITECTURES_MAPPING)
 
 MODEL_FORMAT: Final = "sarcofed-model"
 MODEL_FORMAT_VERSION: Final = 1
 PACK_FORMAT: Final = "sarcofed-packed-v1"
+
+__all__ = [
+    "ARCHITECTURES",
+    "DEFAULT_HU_WINDOW",
+    "LoadedModel",
+    "ModelSpec",
+    "build_model",
+    "check_arch",
+    "check_encoder",
+    "check_model_names",
+    "load_model",
+    "model_from_state",
+    "pack_state",
+    "save_model",
+    "unpack_state",
+    "weights_hash",
+]
 
 # dtypes whose every value float32 represents exactly (they go into the packed array).
 _FLOAT_DTYPES: Final = (torch.float32, torch.float16, torch.bfloat16)
@@ -58,62 +71,46 @@ def _is_timm_model(name: str) -> bool:
     return bool(timm.is_model(name))
 
 
-class ModelSpec(Schema):
-    """Everything needed to rebuild the network, apart from its weights."""
+def check_arch(name: str) -> str:
+    """``name`` (lower case) when smp has that architecture; a ValueError listing the choices."""
+    key = name.lower()
+    if key not in ARCHITECTURES:
+        raise ValueError(f"unknown model arch {name!r}; valid choices are: {', '.join(ARCHITECTURES)}")
+    return key
 
-    arch: str = "unet"
-    encoder: str = "resnet34"
-    in_channels: int = Field(1, ge=1)
-    classes: int = Field(4, ge=2)
-    image_size: int = Field(512, ge=32, le=2048)
-    #: (low, high) HU mapped to (0, 1); part of the spec because a model trained on one
-    #: window is wrong on another.
-    hu_window: tuple[float, float] = DEFAULT_HU_WINDOW
 
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, value: str) -> str:
-        key = value.lower()
-        if key not in ARCHITECTURES:
-            raise ValueError(f"unknown model arch {value!r}; valid choices are: {', '.join(ARCHITECTURES)}")
-        return key
+def check_encoder(name: str) -> str:
+    """``name`` when it is an smp encoder or ``tu-<timm model>``; a ValueError with close matches."""
+    names = smp.encoders.get_encoder_names()
+    if name.startswith("tu-") and _is_timm_model(name[3:]):
+        return name
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f"close matches: {', '.join(close)}" if close else f"e.g. {', '.join(names[:6])}"
+        raise ValueError(
+            f"unknown encoder {name!r} ({hint}); see segmentation_models_pytorch.encoders."
+            "get_encoder_names() for all choices, or 'tu-<timm model name>'"
+        )
+    return name
 
-    @field_validator("encoder")
-    @classmethod
-    def _known_encoder(cls, value: str) -> str:
-        names = smp.encoders.get_encoder_names()
-        if value.startswith("tu-") and _is_timm_model(value[3:]):
-            return value
-        if value not in names:
-            close = difflib.get_close_matches(value, names, n=5, cutoff=0.5)
-            hint = f"close matches: {', '.join(close)}" if close else f"e.g. {', '.join(names[:6])}"
-            raise ValueError(
-                f"unknown encoder {value!r} ({hint}); see segmentation_models_pytorch.encoders."
-                "get_encoder_names() for all choices, or 'tu-<timm model name>'"
-            )
-        return value
 
-    @field_validator("image_size")
-    @classmethod
-    def _multiple_of_32(cls, value: int) -> int:
-        if value % 32:
-            lower, upper = value // 32 * 32, value // 32 * 32 + 32
-            raise ValueError(
-                f"image_size must be a multiple of 32 (encoder strides), got {value}; "
-                f"use {max(lower, 32)} or {upper}"
-            )
-        return value
+def check_model_names(spec: ModelSpec) -> ModelSpec:
+    """``spec`` when its arch and encoder name a network the model zoo has; a ValueError otherwise.
 
-    @model_validator(mode="after")
-    def _ordered_window(self) -> ModelSpec:
-        low, high = self.hu_window
-        if not low < high:
-            raise ValueError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
-        return self
+    The schema (``protocols.model``) cannot check names: it never imports the model zoo.
+    """
+    check_arch(spec.arch)
+    check_encoder(spec.encoder)
+    return spec
 
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
-    """A freshly initialised network for ``spec`` (never downloads weights)."""
+    """A freshly initialised network for ``spec`` (never downloads weights).
+
+    Raises ValueError for an unknown arch or encoder (with the valid choices) or a pair smp
+    cannot build.
+    """
+    check_model_names(spec)
     try:
         return smp.create_model(
             spec.arch,
@@ -313,7 +310,7 @@ def load_model(path: Path | str) -> LoadedModel:
             f"(this sarcofed reads version {MODEL_FORMAT_VERSION})"
         )
     try:
-        spec = ModelSpec.model_validate(payload["spec"])
+        spec = check_model_names(ModelSpec.model_validate(payload["spec"]))
     except Exception as err:
         raise SarcofedError(f"{path}: invalid model spec: {err}") from err
     state = payload["state_dict"]

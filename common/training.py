@@ -16,17 +16,17 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from common.loss import SeedLoss
 from common.metrics import overlap_from_confusion
 from common.model import ModelSpec
 from common.preprocess import mask_to_size, to_model_input
 from protocols.classes import METRIC_CLASSES
+from protocols.study import TrainSection
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +42,21 @@ class TrainSample:
     group: str  #: patient key: slices of one group stay on one side of the split
 
 
-class TrainConfig(BaseModel):
-    """Local-training settings (one round at one site)."""
+class TrainConfig(TrainSection):
+    """One round of local training at one site: the study's ``train`` section (the seed's
+    recipe, see :class:`~protocols.study.TrainSection`) plus what only the site's trainer
+    uses. Build it from a study with :meth:`from_study`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    local_epochs: int = Field(1, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    batch_size: int = Field(4, ge=1)
-    optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
-    #: weight of the Dice term; cross-entropy gets ``1 - dice_weight``.
-    dice_weight: float = Field(0.5, ge=0, le=1)
     #: FedProx: adds ``mu / 2 * ||w - w_global||^2`` when > 0 (needs ``global_state``).
     proximal_mu: float = Field(0.0, ge=0)
-    seed: int = 0
     #: random left-right flip and a shift of up to 1/16 of the image (same for image and mask).
     augment: bool = False
     max_grad_norm: float | None = Field(None, gt=0)
+
+    @classmethod
+    def from_study(cls, train: TrainSection, **local: object) -> TrainConfig:
+        """The study's ``train`` section with ``local`` settings added or changed (validated)."""
+        return cls.model_validate(train.model_dump() | local)
 
 
 @dataclass

@@ -29,8 +29,6 @@ SEED_COLUMN: Final[dict[str, str]] = {
 
 #: The seed paper's IoU bins, best first, with these exact names.
 IOU_BINS: Final[tuple[str, ...]] = ("[0.9,1.0]", "[0.8,0.9)", "[0.7,0.8)", "[0,0.7)")
-#: Lower edge of each bin (a value belongs to the first bin whose edge it reaches).
-IOU_BIN_LOWER: Final[tuple[float, ...]] = (0.9, 0.8, 0.7, 0.0)
 
 
 class ExclusionReason(StrEnum):

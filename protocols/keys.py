@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from protocols.classes import METRIC_CLASSES
+
 # RecordDict keys ---------------------------------------------------------------
 ARRAYS: Final = "arrays"  #: ArrayRecord: the packed model weights (one float32 array)
 PACKED: Final = "packed"  #: key of the single Array inside ARRAYS
@@ -15,7 +17,7 @@ PAYLOAD_JSON: Final = "json"  #: str: an EvaluationPayload / SiteInfo serialised
 # Instruction (ConfigRecord) keys sent by the server ----------------------------------
 TASK: Final = "task"  #: "identify" | "train" | "evaluate" | "compare"
 SERVER_ROUND: Final = "server-round"
-MODEL_SPEC: Final = "model-spec"  #: JSON of common.model.ModelSpec
+MODEL_SPEC: Final = "model-spec"  #: JSON of protocols.model.ModelSpec
 MODEL_LAYOUT: Final = "model-layout"  #: JSON layout to unpack the packed weights
 MODEL_HASH: Final = "model-hash"
 PROXIMAL_MU: Final = "proximal-mu"  #: injected by Flower's FedProx
@@ -30,23 +32,31 @@ INSTRUCTION_KEYS: Final[frozenset[str]] = frozenset(
 
 # MetricRecord keys of a training reply (aggregates only) ---------------------------
 NUM_EXAMPLES: Final = "num-examples"  #: number of training SLICES (FedAvg weight), not batches
+N_VAL: Final = "n-val"  #: number of validation slices
+TRAIN_LOSS: Final = "train-loss"  #: mean training loss of the last epoch
+TRAIN_LOSS_SUM: Final = "train-loss-sum"  #: its sum over the training slices
+VAL_LOSS: Final = "val-loss"  #: mean validation loss (only when N_VAL > 0)
+VAL_LOSS_SUM: Final = "val-loss-sum"  #: its sum over the validation slices (pools across sites)
+EPOCHS: Final = "epochs"
+SECONDS: Final = "seconds"  #: the site's local training time
+
+
+def val_overlap_keys(cls: str) -> tuple[str, str]:
+    """(intersection, union) keys of a metric class's validation pixel counts, e.g.
+    ``("val-muscle-intersection", "val-muscle-union")``; ``cls`` is one of METRIC_CLASSES."""
+    return f"val-{cls}-intersection", f"val-{cls}-union"
+
+
 TRAIN_METRIC_KEYS: Final[tuple[str, ...]] = (
     NUM_EXAMPLES,
-    "n-val",
-    "train-loss",
-    "train-loss-sum",
-    "val-loss",
-    "val-loss-sum",
-    "epochs",
-    "seconds",
-    "val-muscle-intersection",
-    "val-muscle-union",
-    "val-subcutaneous_fat-intersection",
-    "val-subcutaneous_fat-union",
-    "val-visceral_fat-intersection",
-    "val-visceral_fat-union",
-    "val-msv-intersection",
-    "val-msv-union",
+    N_VAL,
+    TRAIN_LOSS,
+    TRAIN_LOSS_SUM,
+    VAL_LOSS,
+    VAL_LOSS_SUM,
+    EPOCHS,
+    SECONDS,
+    *(key for cls in METRIC_CLASSES for key in val_overlap_keys(cls)),
 )
 
 # Error codes of site replies ---------------------------------------------------------

@@ -13,8 +13,6 @@ from pydantic import Field
 from protocols.base import Schema
 from protocols.findings import Finding
 
-PAYLOAD_SCHEMA_VERSION = "1"
-
 
 class Distribution(Schema):
     """Summary of a per-slice value over the slices where it is defined."""

@@ -4,14 +4,22 @@ Flower run-config values are flat, dotted, kebab-case keys (``train.lr``) holdin
 bool/int/float/str. ``StudyConfig.from_run_config`` turns them into typed sections and
 rejects unknown keys with the list of valid ones, so a typo never silently falls back
 to a default.
+
+One owner per setting: the defaults of the sections below are the study defaults (the seed's
+recipe and model); :data:`DEMO_STUDY` names the few settings the demo study (what
+``flwr run .`` runs with no arguments) changes. ``pyproject.toml`` writes out every key of
+:func:`demo_run_config`, and a test keeps the two equal.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from types import MappingProxyType
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from protocols.model import ModelSpec
 
 Scalar = bool | int | float | str
 
@@ -51,12 +59,6 @@ class StudySection(_Section):
     _split = field_validator("sites", "exclude_from_training", mode="before")(_csv)
 
 
-class ModelSection(_Section):
-    arch: str = "unet"
-    encoder: str = "resnet34"
-    image_size: int = Field(512, ge=32, le=2048)
-
-
 class TrainSection(_Section):
     """The seed's recipe: 0.5 Dice + 0.5 CE, RMSprop, lr 2e-4, batch 4, patience 10."""
 
@@ -64,6 +66,7 @@ class TrainSection(_Section):
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(4, ge=1)
     optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
+    #: weight of the Dice term; cross-entropy gets ``1 - dice_weight``.
     dice_weight: float = Field(0.5, ge=0, le=1)
     patience: int = Field(10, ge=1, description="rounds without pooled val-loss improvement")
     val_fraction: float = Field(0.2, ge=0, lt=1)
@@ -84,11 +87,14 @@ class DpSection(_Section):
 
 
 class DemoSection(_Section):
-    """Simulation only: where the demo hospitals live and how big they are."""
+    """The demo hospitals: where the simulation keeps them, and their size (also the defaults
+    of ``sarcofed demo make``)."""
 
     dir: str = ""
-    slices: int = Field(12, ge=2)
-    size: int = Field(128, ge=32)
+    #: labelled slices per hospital
+    slices: int = Field(24, ge=2)
+    #: CT image size in pixels (square); the model resizes to ``model.image-size``
+    size: int = Field(192, ge=32)
 
 
 class EvalSection(_Section):
@@ -97,7 +103,8 @@ class EvalSection(_Section):
 
 class StudyConfig(_Section):
     study: StudySection = StudySection()
-    model: ModelSection = ModelSection()
+    #: the study model's spec; only its ``RUN_CONFIG_FIELDS`` are run-config keys.
+    model: ModelSpec = ModelSpec()
     train: TrainSection = TrainSection()
     strategy: StrategySection = StrategySection()
     dp: DpSection = DpSection()
@@ -107,12 +114,18 @@ class StudyConfig(_Section):
     @classmethod
     def valid_keys(cls) -> list[str]:
         """Every run-config key, as written in pyproject.toml (``train.local-epochs``)."""
-        keys = []
-        for section, field in cls.model_fields.items():
-            sub = field.annotation
-            assert isinstance(sub, type) and issubclass(sub, BaseModel)
-            keys += [f"{section}.{name.replace('_', '-')}" for name in sub.model_fields]
-        return keys
+        return [
+            f"{section}.{name.replace('_', '-')}"
+            for section in cls.model_fields
+            for name in cls._settable(section)
+        ]
+
+    @classmethod
+    def _settable(cls, section: str) -> tuple[str, ...]:
+        """The fields of a section that the run config sets (all of them, except in ``model``)."""
+        sub = cls.model_fields[section].annotation
+        assert isinstance(sub, type) and issubclass(sub, BaseModel)
+        return tuple(getattr(sub, "RUN_CONFIG_FIELDS", sub.model_fields))
 
     @classmethod
     def from_run_config(cls, flat: Mapping[str, Scalar]) -> StudyConfig:
@@ -139,8 +152,29 @@ class StudyConfig(_Section):
         """Flatten (some) sections back to run-config keys, for a ConfigRecord."""
         out: dict[str, Scalar] = {}
         for section in sections or tuple(type(self).model_fields):
-            for name, value in getattr(self, section).model_dump().items():
+            values = getattr(self, section).model_dump()
+            for name in self._settable(section):
+                value = values[name]
                 if isinstance(value, tuple):
                     value = ",".join(value)
                 out[f"{section}.{name.replace('_', '-')}"] = value
         return out
+
+
+#: The demo study's settings that differ from the study defaults: small enough to train a
+#: usable model in minutes on a 2-core laptop. ``pyproject.toml``'s ``[tool.flwr.app.config]``
+#: is exactly :func:`demo_run_config` (tests/test_study_config.py checks it key for key).
+DEMO_STUDY: Final[Mapping[str, Scalar]] = MappingProxyType(
+    {
+        "study.num-rounds": 8,
+        "model.encoder": "resnet18",
+        "model.image-size": 128,
+        "train.local-epochs": 4,
+        "train.val-fraction": 0.25,
+    }
+)
+
+
+def demo_run_config() -> dict[str, Scalar]:
+    """Every run-config key of the demo study: the study defaults, with :data:`DEMO_STUDY` applied."""
+    return StudyConfig.from_run_config(DEMO_STUDY).to_flat()

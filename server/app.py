@@ -7,6 +7,11 @@ model happen in a background thread while the ServerApp waits for the sites anyw
 identify query, the validation round), not before the first message goes out. Each phase
 is logged as ``timing: <phase> ...`` (wall-clock start and seconds) for ``flwr log`` and
 ``bench/bench_deployment.py``.
+
+A wrong study config fails at once: the run config is parsed first (unknown keys, bad values,
+a ``model.image-size`` that is not a multiple of 32), and the model names, which need the
+model zoo, are checked first thing in the background: :func:`wait_for_sites` stops with that
+error as soon as it is known, and no site is sent a model before the check has passed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.errors import SarcofedError
 from protocols.payloads import HuRanges
-from protocols.report import StudyReport
+from protocols.report import RoundRecord, StudyReport
 from protocols.study import StudyConfig
 from server.validation import identify_sites, run_validation
 
@@ -65,16 +70,37 @@ def prepare_run_dir(study: StudyConfig, run_id: int) -> Path:
     return run_dir
 
 
-def wait_for_sites(grid: Grid, minimum: int) -> list[int]:
+def check_model_names(study: StudyConfig) -> None:
+    """The study's ``model.arch`` and ``model.encoder`` name a network the model zoo can build.
+
+    A :class:`SarcofedError` naming the run-config key and the valid choices otherwise. Imports
+    the model zoo (seconds): :func:`main` runs it in the background while sites connect.
+    """
+    from common.model import check_arch, check_encoder
+
+    for key, check, value in (
+        ("model.arch", check_arch, study.model.arch),
+        ("model.encoder", check_encoder, study.model.encoder),
+    ):
+        try:
+            check(value)
+        except ValueError as err:
+            raise SarcofedError(f"invalid run config: {key}: {err}") from err
+
+
+def wait_for_sites(grid: Grid, minimum: int, *, abort: Future[None] | None = None) -> list[int]:
     """The connected sites, once at least ``minimum`` are.
 
     If the minimum had to be waited for, sites are connecting right now: the others get
     ``GRACE_S`` more to join. If it was already met when the study started (SuperNodes
     that stay connected between studies), the study takes the sites connected now.
+    While waiting, a failed ``abort`` (the config check) raises its error at once.
     """
     deadline = time.monotonic() + CONNECT_TIMEOUT_S
     waited = False
     while len(nodes := list(grid.get_node_ids())) < minimum:
+        if abort is not None and abort.done():
+            abort.result()  # raises the check's error; a passed check lets the wait go on
         if time.monotonic() > deadline:
             raise SarcofedError(
                 f"only {len(nodes)} site(s) connected after {CONNECT_TIMEOUT_S:.0f} s; "
@@ -128,12 +154,14 @@ def _run_study(
     grid: Grid, context: Context, study: StudyConfig, run_dir: Path, background: ThreadPoolExecutor
 ) -> None:
     # Work the ServerApp would otherwise do before its first message, done while it waits.
+    # The config check goes first: its error ends the wait for sites.
+    names_checked = background.submit(check_model_names, study)
     model_future: Future[LoadedModel] | None = None
     if study.study.mode == "evaluate":
         model_future = background.submit(_load_study_model, str(study.study.model))
     background.submit(_warm_report_imports)
     with timed("wait-for-sites"):
-        nodes = wait_for_sites(grid, study.study.min_sites)
+        nodes = wait_for_sites(grid, study.study.min_sites, abort=names_checked)
     with timed("identify"):
         sites = identify_sites(grid, nodes, timeout=IDENTIFY_TIMEOUT_S)
     log(
@@ -141,11 +169,12 @@ def _run_study(
         "sites: %s",
         ", ".join(f"{s} (node {n})" for n, s in sorted(sites.items(), key=lambda kv: kv[1])),
     )
-    from common.model import ModelSpec, load_model
+    names_checked.result()  # identify needs no model; everything below does
+    from common.model import load_model
 
-    spec = ModelSpec(arch=study.model.arch, encoder=study.model.encoder, image_size=study.model.image_size)
+    spec = study.model
     mode = study.study.mode
-    history: list[dict[str, object]] = []
+    history: list[RoundRecord] = []
     notes: list[str] = []
     state_dict = None
     model_hash = None
@@ -157,16 +186,15 @@ def _run_study(
             outcome = run_training(
                 grid,
                 study,
-                spec,
                 run_dir,
                 sites,
                 on_round=lambda r: log(
                     INFO,
                     "round %s: %d site(s) replied, pooled val loss %s, failed: %s",
-                    r["round"],
-                    len(r["sites_replied"]),
-                    r["pooled_val_loss"],
-                    r["sites_failed"] or "none",
+                    r.round,
+                    len(r.sites_replied),
+                    r.pooled_val_loss,
+                    r.sites_failed or "none",
                 ),
             )
         history = outcome.history
@@ -221,4 +249,4 @@ def _run_study(
     log(INFO, "study report: %s", paths.html)
 
 
-__all__ = ["app", "main", "timed", "wait_for_sites"]
+__all__ = ["app", "check_model_names", "main", "timed", "wait_for_sites"]

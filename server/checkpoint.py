@@ -6,11 +6,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from common.errors import SarcofedError
+from protocols.report import RoundRecord
 
 
 @dataclass
@@ -46,7 +47,7 @@ class TrainingState:
     completed_round: int
     state_dict: dict[str, torch.Tensor]
     stopping: EarlyStopping
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[RoundRecord] = field(default_factory=list)
     stopped_early: bool = False
 
 
@@ -62,7 +63,7 @@ def save_checkpoint(run_dir: Path, state: TrainingState) -> Path:
             "completed_round": state.completed_round,
             "state_dict": state.state_dict,
             "stopping": asdict(state.stopping),
-            "history_json": json.dumps(state.history),
+            "history_json": json.dumps([r.model_dump(mode="json") for r in state.history]),
             "stopped_early": state.stopped_early,
         },
         tmp,
@@ -81,10 +82,16 @@ def load_checkpoint(run_dir: Path) -> TrainingState:
     stopping = dict(data["stopping"])
     if stopping.get("best_loss") is None:
         stopping["best_loss"] = math.inf
+    try:  # the round records of every sarcofed version so far (plain dicts of RoundRecord's fields)
+        history = [RoundRecord.model_validate(r) for r in json.loads(data["history_json"])]
+    except ValidationError as err:
+        raise SarcofedError(
+            f"{path}: its round history is not valid ({err}); start the study under a new study.run-name"
+        ) from err
     return TrainingState(
         completed_round=int(data["completed_round"]),
         state_dict=data["state_dict"],
         stopping=EarlyStopping(**stopping),
-        history=json.loads(data["history_json"]),
+        history=history,
         stopped_early=bool(data.get("stopped_early", False)),
     )

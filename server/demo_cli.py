@@ -14,6 +14,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from client.render import counting_progress
+from protocols.study import DemoSection
+
+#: The hospitals of the demo study (``demo.slices`` / ``demo.size``): `demo make` writes the same.
+DEMO_HOSPITALS = DemoSection()
 
 demo_app = typer.Typer(help="Synthetic demo hospitals (no real patient data).", no_args_is_help=True)
 
@@ -54,8 +58,12 @@ def make(
         ..., help="Folder to create the demo sites in (site-0, site-1, ...).", show_default=False
     ),
     sites: int = typer.Option(3, "--sites", min=1, max=64, help="How many demo hospitals to write."),
-    slices: int = typer.Option(12, "--slices", min=1, max=500, help="Labelled L3 slices per hospital."),
-    size: int = typer.Option(256, "--size", min=32, max=1024, help="Image size in pixels (square)."),
+    slices: int = typer.Option(
+        DEMO_HOSPITALS.slices, "--slices", min=1, max=500, help="Labelled L3 slices per hospital."
+    ),
+    size: int = typer.Option(
+        DEMO_HOSPITALS.size, "--size", min=32, max=1024, help="Image size in pixels (square)."
+    ),
     seed: int = typer.Option(0, "--seed", min=0, help="Random seed: the same seed writes the same data."),
     force: bool = typer.Option(
         False, "--force", help="Write into a non-empty folder, replacing site-N folders."

@@ -8,7 +8,6 @@ pooled validation loss, best-model checkpointing and resume.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MessageType
+from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -29,8 +28,10 @@ from flwr.serverapp.strategy import (
 )
 
 from common.errors import SarcofedError
-from common.model import ModelSpec, build_model, pack_state, save_model, unpack_state, weights_hash
+from common.model import build_model, pack_state, save_model, unpack_state, weights_hash
 from protocols import keys
+from protocols.classes import METRIC_CLASSES
+from protocols.report import RoundRecord
 from protocols.study import StudyConfig
 from server.checkpoint import EarlyStopping, TrainingState, load_checkpoint, save_checkpoint
 from server.messaging import Replies, send_and_receive, sort_replies
@@ -81,12 +82,13 @@ def pooled_validation(replies: Replies) -> tuple[float | None, dict[str, float |
     union: dict[str, float] = {}
     for reply in replies.ok.values():
         m = reply.content.metric_records[keys.METRICS]
-        if float(m.get("n-val", 0.0)) > 0 and "val-loss-sum" in m:
-            loss_sum += float(m["val-loss-sum"])  # type: ignore[arg-type]
-            n_val += float(m["n-val"])  # type: ignore[arg-type]
-        for cls in ("muscle", "subcutaneous_fat", "visceral_fat", "msv"):
-            inter[cls] = inter.get(cls, 0.0) + float(m.get(f"val-{cls}-intersection", 0.0))  # type: ignore[arg-type]
-            union[cls] = union.get(cls, 0.0) + float(m.get(f"val-{cls}-union", 0.0))  # type: ignore[arg-type]
+        if float(m.get(keys.N_VAL, 0.0)) > 0 and keys.VAL_LOSS_SUM in m:  # type: ignore[arg-type]
+            loss_sum += float(m[keys.VAL_LOSS_SUM])  # type: ignore[arg-type]
+            n_val += float(m[keys.N_VAL])  # type: ignore[arg-type]
+        for cls in METRIC_CLASSES:
+            inter_key, union_key = keys.val_overlap_keys(cls)
+            inter[cls] = inter.get(cls, 0.0) + float(m.get(inter_key, 0.0))  # type: ignore[arg-type]
+            union[cls] = union.get(cls, 0.0) + float(m.get(union_key, 0.0))  # type: ignore[arg-type]
     loss = loss_sum / n_val if n_val > 0 else None
     iou = {c: (inter[c] / union[c] if union.get(c) else None) for c in inter}
     return loss, iou
@@ -96,20 +98,21 @@ def pooled_validation(replies: Replies) -> tuple[float | None, dict[str, float |
 class TrainingOutcome:
     state_dict: dict[str, torch.Tensor]
     model_path: Path
-    history: list[dict[str, Any]]
+    history: list[RoundRecord]
     stopped_early: bool
 
 
 def run_training(
     grid: Grid,
     study: StudyConfig,
-    spec: ModelSpec,
     run_dir: Path,
     sites: dict[int, str],
     *,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
 ) -> TrainingOutcome:
-    """Train for ``study.num_rounds`` rounds (or until early stopping) on the allowed sites."""
+    """Train the study's model (``study.model``) for ``study.num_rounds`` rounds (or until early
+    stopping) on the allowed sites; each round is recorded as a :class:`RoundRecord`."""
+    spec = study.model
     train_nodes = [n for n, name in sites.items() if name not in study.study.exclude_from_training]
     if len(train_nodes) < study.study.min_sites:
         raise SarcofedError(
@@ -163,7 +166,8 @@ def run_training(
         )
         sent = [m.metadata.dst_node_id for m in messages]
         replies = sort_replies(sent, send_and_receive(grid, messages, study.study.round_timeout))
-        record: dict[str, Any] = {
+        # who was asked, who answered and what they sent: the part every round record has
+        exchange: dict[str, Any] = {
             "round": server_round,
             "start_weights_hash": start_hash,
             "sites_sent": sorted(sites[n] for n in sent),
@@ -177,13 +181,13 @@ def run_training(
             },
         }
         if len(replies.ok) < study.study.min_sites:
-            record |= {"status": "failed", "seconds": time.monotonic() - started}
+            record = RoundRecord(**exchange, status="failed", seconds=time.monotonic() - started)
             state.history.append(record)
             save_checkpoint(run_dir, state)  # first: a round in rounds.jsonl is always in the checkpoint
             _append(rounds_file, record)
             raise SarcofedError(
                 f"round {server_round}: only {len(replies.ok)} site(s) replied, study.min-sites = "
-                f"{study.study.min_sites}; failures: {record['sites_failed']}"
+                f"{study.study.min_sites}; failures: {record.sites_failed}"
             )
         new_arrays, _ = strategy.aggregate_train(server_round, list(replies.ok.values()))
         if new_arrays is None:
@@ -192,14 +196,16 @@ def run_training(
         state.state_dict = unpack_state(arrays[keys.PACKED].numpy(), layout)
         loss, iou = pooled_validation(replies)
         improved = state.stopping.update(server_round, loss)
-        record |= {
-            "status": "ok",
-            "pooled_val_loss": loss,
-            "pooled_val_iou": iou,
-            "weights_hash": weights_hash(state.state_dict),
-            "improved": improved,
-            "seconds": time.monotonic() - started,
-        }
+        start_hash = weights_hash(state.state_dict)  # what this round made is what the next one sends
+        record = RoundRecord(
+            **exchange,
+            status="ok",
+            pooled_val_loss=loss,
+            pooled_val_iou=iou,
+            weights_hash=start_hash,
+            improved=improved,
+            seconds=time.monotonic() - started,
+        )
         if improved or not model_path.exists():
             save_model(
                 model_path,
@@ -207,7 +213,6 @@ def run_training(
                 spec,
                 meta={"round": server_round, "study": study.study.name, "pooled_val_loss": loss or -1.0},
             )
-        start_hash = record["weights_hash"]  # what the next round sends
         state.completed_round = server_round
         state.stopped_early = state.stopping.should_stop
         state.history.append(record)
@@ -225,7 +230,7 @@ def _to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({keys.PACKED: Array(np.ascontiguousarray(packed))})
 
 
-def _record_missing_rounds(path: Path, history: list[dict[str, Any]]) -> None:
+def _record_missing_rounds(path: Path, history: list[RoundRecord]) -> None:
     """Append the checkpoint's rounds that rounds.jsonl lacks (a stop between the two writes):
     rounds.jsonl is always a prefix of the checkpoint's history, so nothing is written twice."""
     logged = len(path.read_text(encoding="utf-8").splitlines()) if path.exists() else 0
@@ -233,9 +238,10 @@ def _record_missing_rounds(path: Path, history: list[dict[str, Any]]) -> None:
         _append(path, record)
 
 
-def _append(path: Path, record: dict[str, Any]) -> None:
+def _append(path: Path, record: RoundRecord) -> None:
+    """One line of rounds.jsonl: the record as ``RoundRecord.model_validate_json`` reads it."""
     with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(record.model_dump_json() + "\n")
 
 
-__all__ = ["MessageType", "TrainingOutcome", "make_strategy", "pooled_validation", "run_training"]
+__all__ = ["TrainingOutcome", "make_strategy", "pooled_validation", "run_training"]

@@ -25,6 +25,7 @@ import pytest
 from deploy_harness import CONNECTION, deployment
 
 from client.audit import audit_path, read_audit
+from protocols.report import RoundRecord
 from server.deploy import run_logs
 
 SIZE = 64
@@ -128,6 +129,11 @@ def read_rounds(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def records(rounds: list[dict[str, Any]]) -> list[RoundRecord]:
+    """rounds.jsonl lines as the RoundRecords the checkpoint holds."""
+    return [RoundRecord.model_validate(r) for r in rounds]
+
+
 def wait_for_round(path: Path, at_least: int, timeout: float) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -142,15 +148,15 @@ def test_resume_records_a_round_the_checkpoint_has_but_rounds_jsonl_lacks(tmp_pa
     from server.training import _record_missing_rounds
 
     history = [
-        {"round": 1, "status": "ok", "weights_hash": "a"},
-        {"round": 2, "status": "ok", "weights_hash": "b"},
+        RoundRecord(round=1, status="ok", weights_hash="a"),
+        RoundRecord(round=2, status="ok", weights_hash="b"),
     ]
     rounds_file = tmp_path / "rounds.jsonl"
-    rounds_file.write_text(json.dumps(history[0]) + "\n", encoding="utf-8")  # stopped before round 2's line
+    rounds_file.write_text(history[0].model_dump_json() + "\n", encoding="utf-8")  # stopped before round 2
     _record_missing_rounds(rounds_file, history)
-    assert read_rounds(rounds_file) == history
+    assert records(read_rounds(rounds_file)) == history
     _record_missing_rounds(rounds_file, history)  # a second resume writes nothing twice
-    assert read_rounds(rounds_file) == history
+    assert records(read_rounds(rounds_file)) == history
     _record_missing_rounds(tmp_path / "fresh.jsonl", [])
     assert not (tmp_path / "fresh.jsonl").exists()
 
@@ -195,7 +201,7 @@ def test_training_resumes_from_its_checkpoint_after_the_superlink_restarts(tmp_p
         # what was already received is on disk, once per round, and agrees with the checkpoint
         assert [r["round"] for r in before] == list(range(1, done + 1)), before
         assert {r["status"] for r in before} == {"ok"}, before
-        assert checkpoint.history == before
+        assert checkpoint.history == records(before)
         assert weights_hash(checkpoint.state_dict) == before[-1]["weights_hash"]
         assert all(p.popen.poll() is None for p in nodes), "a SuperNode gave up during the restart"
 
@@ -217,7 +223,7 @@ def test_training_resumes_from_its_checkpoint_after_the_superlink_restarts(tmp_p
             assert sorted(record["sites_replied"]) == sorted(site_name(s) for s in sites), record
             assert record["sites_failed"] == {}, record
         final = load_checkpoint(run_dir)
-        assert final.completed_round == NUM_ROUNDS and final.history == rounds
+        assert final.completed_round == NUM_ROUNDS and final.history == records(rounds)
         assert weights_hash(final.state_dict) == rounds[-1]["weights_hash"]
         report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
         assert [r["round"] for r in report["training"]] == list(range(1, NUM_ROUNDS + 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +12,11 @@ from pydantic import ValidationError
 
 from common.errors import SarcofedError
 from common.model import (
+    MODEL_FORMAT,
+    MODEL_FORMAT_VERSION,
     ModelSpec,
     build_model,
+    check_model_names,
     load_model,
     model_from_state,
     pack_state,
@@ -51,16 +55,21 @@ def test_spec_defaults_are_the_seed_model() -> None:
 
 
 def test_unknown_arch_lists_valid_choices() -> None:
-    with pytest.raises(ValidationError) as err:
-        ModelSpec(arch="unte")
+    with pytest.raises(ValueError) as err:
+        check_model_names(ModelSpec(arch="unte"))
     text = str(err.value)
     assert "'unte'" in text and "unet" in text and "deeplabv3plus" in text and "fpn" in text
+    with pytest.raises(ValueError, match="unknown model arch 'unte'"):
+        build_model(ModelSpec(arch="unte"))  # never smp's own error
+    assert check_model_names(ModelSpec(arch="UNet")).arch == "unet"
 
 
 def test_unknown_encoder_suggests_close_matches() -> None:
-    with pytest.raises(ValidationError) as err:
-        ModelSpec(encoder="resnet35")
+    with pytest.raises(ValueError) as err:
+        check_model_names(ModelSpec(encoder="resnet35"))
     assert "'resnet35'" in str(err.value) and "resnet34" in str(err.value)
+    with pytest.raises(ValueError, match="unknown encoder 'resnet35'"):
+        build_model(ModelSpec(encoder="resnet35"))
 
 
 def test_image_size_must_be_multiple_of_32() -> None:
@@ -90,9 +99,44 @@ def test_build_model_output_shape(small_model: torch.nn.Module) -> None:
 
 
 def test_timm_universal_encoder_is_accepted() -> None:
-    assert ModelSpec(encoder="tu-mobilenetv3_small_100").encoder == "tu-mobilenetv3_small_100"
-    with pytest.raises(ValidationError):
-        ModelSpec(encoder="tu-no_such_model")
+    spec = check_model_names(ModelSpec(encoder="tu-mobilenetv3_small_100"))
+    assert spec.encoder == "tu-mobilenetv3_small_100"
+    with pytest.raises(ValueError, match="unknown encoder 'tu-no_such_model'"):
+        check_model_names(ModelSpec(encoder="tu-no_such_model"))
+
+
+#: A spec as sarcofed 0.1 wrote it (model-spec messages, model.pt files) before the schema
+#: moved to protocols.model: it must keep reading.
+SPEC_V01_JSON = (
+    '{"arch":"unet","encoder":"resnet18","in_channels":1,"classes":4,"image_size":64,'
+    '"hu_window":[-250.0,250.0]}'
+)
+
+
+def test_spec_written_by_earlier_versions_still_reads() -> None:
+    assert ModelSpec.model_validate_json(SPEC_V01_JSON) == SMALL
+    assert SMALL.model_dump_json() == SPEC_V01_JSON  # and is written the same way
+
+
+def test_model_file_written_by_earlier_versions_still_loads(
+    small_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    """The model.pt payload of sarcofed 0.1, written field by field (not with save_model)."""
+    state = {k: v.detach().clone() for k, v in small_model.state_dict().items()}
+    payload = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "spec": json.loads(SPEC_V01_JSON),
+        "state_dict": state,
+        "meta": {"round": 2},
+        "weights_hash": weights_hash(state),
+    }
+    torch.save(payload, tmp_path / "model.pt")
+    loaded = load_model(tmp_path / "model.pt")
+    assert loaded.spec == SMALL and loaded.weights_hash == weights_hash(state)
+    torch.save(payload | {"spec": {**payload["spec"], "encoder": "resnet35"}}, tmp_path / "bad.pt")
+    with pytest.raises(SarcofedError, match=r"bad\.pt: invalid model spec: unknown encoder 'resnet35'"):
+        load_model(tmp_path / "bad.pt")
 
 
 def test_weights_hash_sees_names_values_and_dtypes() -> None:

@@ -1,22 +1,71 @@
 from __future__ import annotations
 
+import inspect
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from protocols.study import StudyConfig
+from protocols.model import ModelSpec
+from protocols.study import DEMO_STUDY, DemoSection, StudyConfig, demo_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _pyproject_run_config() -> dict[str, object]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
 def test_pyproject_run_config_is_valid_and_complete() -> None:
-    flat = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    study = StudyConfig.from_run_config(flat)
+    flat = _pyproject_run_config()
+    study = StudyConfig.from_run_config(flat)  # type: ignore[arg-type]
     assert set(flat) == set(StudyConfig.valid_keys()), "every study setting is visible in pyproject.toml"
     # The seed's recipe is the default.
     assert (study.train.lr, study.train.batch_size, study.train.optimizer) == (2e-4, 4, "rmsprop")
     assert (study.train.dice_weight, study.train.patience) == (0.5, 10)
+
+
+def test_pyproject_run_config_is_the_study_defaults_with_the_demo_changes_key_for_key() -> None:
+    """One owner per setting: the sections' defaults, then DEMO_STUDY; pyproject only writes them out.
+
+    Values AND types: Flower passes pyproject's values as they are, and ``8`` vs ``8.0`` or
+    ``"8"`` would change what a study does (or fail it).
+    """
+    pyproject = _pyproject_run_config()
+    expected = demo_run_config()
+    assert sorted(pyproject) == sorted(expected)
+    assert {k: (type(v).__name__, v) for k, v in pyproject.items()} == {
+        k: (type(v).__name__, v) for k, v in expected.items()
+    }
+    assert all(type(v) in (bool, int, float, str) for v in pyproject.values())
+
+
+def test_demo_study_lists_only_real_changes_to_the_defaults() -> None:
+    defaults = StudyConfig().to_flat()
+    assert set(DEMO_STUDY) <= set(defaults)
+    for key, value in DEMO_STUDY.items():
+        assert value != defaults[key], f"{key} = {value!r} is already the default: drop it from DEMO_STUDY"
+        assert type(value) is type(defaults[key]), key
+
+
+def test_study_defaults_are_the_seed() -> None:
+    study = StudyConfig()
+    assert (study.model.arch, study.model.encoder, study.model.image_size) == ("unet", "resnet34", 512)
+    assert (study.train.lr, study.train.optimizer, study.train.batch_size, study.train.patience) == (
+        2e-4,
+        "rmsprop",
+        4,
+        10,
+    )
+
+
+def test_demo_cli_makes_the_demo_studys_hospitals() -> None:
+    from server.demo_cli import make
+
+    params = inspect.signature(make).parameters
+    demo = StudyConfig.from_run_config(demo_run_config()).demo
+    assert params["slices"].default.default == demo.slices == DemoSection().slices
+    assert params["size"].default.default == demo.size == DemoSection().size
 
 
 def test_unknown_key_names_the_key_and_lists_valid_ones() -> None:
@@ -27,6 +76,25 @@ def test_unknown_key_names_the_key_and_lists_valid_ones() -> None:
 def test_invalid_value_names_the_kebab_key() -> None:
     with pytest.raises(ValueError, match=r"train\.batch-size"):
         StudyConfig.from_run_config({"train.batch-size": 0})
+
+
+def test_image_size_not_a_multiple_of_32_fails_at_parse_naming_key_and_rule() -> None:
+    with pytest.raises(ValueError, match=r"model\.image-size: .*multiple of 32.*got 100; use 96 or 128"):
+        StudyConfig.from_run_config({"model.image-size": 100})
+    assert StudyConfig.from_run_config({"model.image-size": 96}).model.image_size == 96
+
+
+def test_model_section_is_the_model_spec_with_three_run_config_keys() -> None:
+    study = StudyConfig.from_run_config({"model.encoder": "resnet18", "model.image-size": 64})
+    assert study.model == ModelSpec(encoder="resnet18", image_size=64)  # the spec a site receives
+    assert study.to_flat("model") == {
+        "model.arch": "unet",
+        "model.encoder": "resnet18",
+        "model.image-size": 64,
+    }
+    # the rest of the spec is the pipeline's, not a study setting
+    with pytest.raises(ValueError, match=r"unknown run-config key\(s\) \['model.classes'\]"):
+        StudyConfig.from_run_config({"model.classes": 3})
 
 
 def test_comma_lists_and_flat_round_trip() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from common.model import ModelSpec, build_model, weights_hash
 from common.training import (
@@ -17,6 +18,7 @@ from common.training import (
     train_local,
 )
 from protocols.classes import METRIC_CLASSES
+from protocols.study import StudyConfig, TrainSection
 
 SPEC = ModelSpec(encoder="resnet18", image_size=64)
 
@@ -35,6 +37,26 @@ def phantom(seed: int, size: int = 64) -> TrainSample:
     hu = np.choose(label, [-1000.0, 50.0, -100.0, -90.0]).astype(np.float32)
     hu += rng.normal(0, 10, size=hu.shape).astype(np.float32)
     return TrainSample(hu=hu, label=label, group=f"p{seed}")
+
+
+def test_train_config_is_the_study_train_section_plus_local_settings() -> None:
+    study = StudyConfig.from_run_config(
+        {"train.lr": 0.01, "train.batch-size": 2, "train.optimizer": "adam", "train.local-epochs": 3}
+    )
+    config = TrainConfig.from_study(study.train, proximal_mu=0.1)
+    assert config.model_dump(include=set(TrainSection.model_fields)) == study.train.model_dump()
+    assert (config.proximal_mu, config.augment, config.max_grad_norm) == (0.1, False, None)
+    # the recipe's defaults are the study's (one owner), only the site-local settings are added
+    assert TrainConfig() == TrainConfig.from_study(TrainSection())
+    assert set(TrainConfig.model_fields) - set(TrainSection.model_fields) == {
+        "proximal_mu",
+        "augment",
+        "max_grad_norm",
+    }
+    with pytest.raises(ValidationError):
+        TrainConfig.from_study(study.train, proximal_mu=-1.0)
+    with pytest.raises(ValidationError):
+        TrainConfig.from_study(study.train, momentum=0.9)  # no such setting: refused, not ignored
 
 
 class Tiny(torch.nn.Module):

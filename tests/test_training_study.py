@@ -94,3 +94,87 @@ def test_pooled_validation_is_summed_over_slices_and_pixels() -> None:
     loss, iou = pooled_validation(replies)
     assert loss == pytest.approx(0.8 / 4)  # not the mean of per-site means (0.3)
     assert iou["muscle"] == pytest.approx(40 / 60)  # pooled over pixels, not mean of 0.5 and 0.75
+
+
+class FakeSites:
+    """A Grid whose sites answer each train message at once: the weights + 1, fixed metrics.
+
+    Sites listed in ``failing`` reply with an error instead (as a site crash would).
+    """
+
+    def __init__(self, metrics: dict[int, dict[str, float]], failing: tuple[int, ...] = ()) -> None:
+        self.metrics, self.failing = metrics, failing
+        self.replies: dict[str, Message] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.metrics)
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        from flwr.app import Error
+
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # what a real Grid does on push
+            node = msg.metadata.dst_node_id
+            if node in self.failing:
+                reply = Message(Error(code=keys.ERROR_FAILED, reason="site crashed"), reply_to=msg)
+            else:
+                packed = msg.content.array_records[keys.ARRAYS][keys.PACKED].numpy()
+                content = RecordDict(
+                    {
+                        keys.ARRAYS: ArrayRecord({keys.PACKED: Array(packed + 1.0)}),
+                        keys.METRICS: MetricRecord(self.metrics[node]),
+                    }
+                )
+                reply = Message(content, reply_to=msg)
+            self.replies[msg.metadata.message_id] = reply
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, ids: set[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+SITE_METRICS = {
+    1: {keys.NUM_EXAMPLES: 6.0, keys.N_VAL: 2.0, keys.VAL_LOSS_SUM: 1.0, keys.SECONDS: 3.0},
+    2: {keys.NUM_EXAMPLES: 2.0, keys.N_VAL: 3.0, keys.VAL_LOSS_SUM: 0.5, keys.SECONDS: 4.0},
+}
+SMALL_STUDY = {"model.encoder": "resnet18", "model.image-size": 64, "study.min-sites": 2}
+
+
+def test_each_training_round_is_a_round_record_in_rounds_jsonl_and_the_checkpoint(tmp_path: Path) -> None:
+    from protocols.report import RoundRecord
+    from server.checkpoint import load_checkpoint
+    from server.training import run_training
+
+    study = StudyConfig.from_run_config(SMALL_STUDY | {"study.num-rounds": 2})
+    seen: list[RoundRecord] = []
+    outcome = run_training(FakeSites(SITE_METRICS), study, tmp_path, {1: "a", 2: "b"}, on_round=seen.append)  # type: ignore[arg-type]
+    history = outcome.history
+    assert [r.round for r in history] == [1, 2] and seen == history
+    lines = (tmp_path / "rounds.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [RoundRecord.model_validate_json(line) for line in lines] == history
+    assert load_checkpoint(tmp_path).history == history
+    first, second = history
+    assert (first.status, first.sites_sent, first.sites_replied, first.sites_failed) == (
+        "ok",
+        ["a", "b"],
+        ["a", "b"],
+        {},
+    )
+    assert first.pooled_val_loss == pytest.approx(1.5 / 5)  # summed over validation slices
+    assert first.per_site["b"][keys.SECONDS] == 4.0
+    assert second.start_weights_hash == first.weights_hash != second.weights_hash
+    assert (tmp_path / "model.pt").exists()
+
+
+def test_a_round_with_too_few_replies_is_recorded_as_failed_before_the_study_stops(tmp_path: Path) -> None:
+    from common.errors import SarcofedError
+    from protocols.report import RoundRecord
+    from server.training import run_training
+
+    study = StudyConfig.from_run_config(SMALL_STUDY | {"study.num-rounds": 3})
+    with pytest.raises(SarcofedError, match=r"round 1: only 1 site\(s\) replied"):
+        run_training(FakeSites(SITE_METRICS, failing=(2,)), study, tmp_path, {1: "a", 2: "b"})  # type: ignore[arg-type]
+    (line,) = (tmp_path / "rounds.jsonl").read_text(encoding="utf-8").splitlines()
+    record = RoundRecord.model_validate_json(line)
+    assert (record.round, record.status, record.sites_replied) == (1, "failed", ["a"])
+    assert record.sites_failed == {"b": "site crashed"} and record.weights_hash is None

@@ -1,4 +1,4 @@
-"""Server-side rendering of CT views and label overlays as PNG bytes."""
+"""Server-side rendering of CT views as PNG bytes (the browser draws the label overlay itself)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,6 @@ PRESETS: dict[Preset, Window] = {
     Preset.bone: Window(width=1500.0, level=300.0),
 }
 
-#: RGB of each canonical class in overlays (muscle, subcutaneous fat, visceral fat).
-CLASS_COLOURS: dict[int, tuple[int, int, int]] = {1: (230, 60, 60), 2: (245, 200, 40), 3: (40, 190, 170)}
-
 
 def window_to_uint8(hu: np.ndarray, preset: Preset | str) -> np.ndarray:
     """HU mapped through a window preset to 0-255 grey values."""
@@ -58,11 +55,3 @@ def view_png(volume: CTVolume, plane: Plane, index: int, preset: Preset | str) -
 def slice_png(hu: np.ndarray, preset: Preset | str) -> bytes:
     """One native axial slice (no resampling: the labelling canvas is pixel-exact)."""
     return png_bytes(window_to_uint8(hu, preset))
-
-
-def overlay_png(labels: np.ndarray, alpha: int = 255) -> bytes:
-    """RGBA overlay of a canonical mask (transparent background)."""
-    rgba = np.zeros((*labels.shape, 4), dtype=np.uint8)
-    for value, colour in CLASS_COLOURS.items():
-        rgba[labels == value] = (*colour, alpha)
-    return png_bytes(rgba)
