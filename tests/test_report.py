@@ -27,7 +27,7 @@ from report_builders import (
 from common.pooling import attribute_findings, finding_key, pool_payloads, usable_payloads
 from protocols.classes import IOU_BINS, TISSUES
 from protocols.findings import Finding
-from protocols.payloads import DiscrepancySummary, EvaluationPayload
+from protocols.payloads import AreaAgreement, DiscrepancySummary, EvaluationPayload
 from protocols.report import RoundRecord, SiteResult, StudyReport
 from server.report import summary_lines, with_pooled, write_report
 from server.report.blocks import Block, Bullets, Heading, Image, Table, Text
@@ -436,3 +436,20 @@ def test_markdown_and_html_render_hand_made_blocks() -> None:
     assert "<h1>Title &lt;1&gt;</h1>" in page and "<p>x &amp; y</p>" in page
     assert '<td class="sys">a|b</td><td>0.123</td><td>-</td>' in page
     assert 'src="data:image/png;base64,iVBORw=="' in page
+
+
+def test_area_rows_of_a_site_that_suppressed_an_area() -> None:
+    a = payload("a", 10, BINS_A, seed=0, shift=0.0)
+    b = payload("b", 10, BINS_A, seed=1, shift=1.0)
+    b = b.model_copy(
+        update={"areas": {**b.areas, "muscle": AreaAgreement(n=0)}, "suppressed": ["areas.muscle"]}
+    )
+    payloads = {"a": a, "b": b}
+    table = area_table(payloads, pool_payloads(payloads)).set_index(["site", "tissue"])
+    assert table.loc[("b", "muscle"), COVERAGE_COLUMN] == "suppressed"
+    assert table.loc[("b", "visceral_fat"), COVERAGE_COLUMN] == ""
+    pooled_muscle = table.loc[(POOLED, "muscle")]
+    assert pooled_muscle["n"] == 10
+    assert pooled_muscle[COVERAGE_COLUMN] == "incomplete: 1 of 2 sites suppressed (b)"
+    assert pooled_muscle["pooling"].startswith("over slices of the sites that sent it")
+    assert table.loc[(POOLED, "visceral_fat"), "pooling"].startswith("over slices of all sites")

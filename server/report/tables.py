@@ -67,6 +67,14 @@ def _site_state(pooled: PooledResults | None, site: str, *paths: str) -> str:
     return SUPPRESSED if pooled is not None and site in pooled.coverage(*paths).suppressed else ""
 
 
+def _pooling_cells(pooled: PooledResults | None, label: str, *paths: str) -> tuple[str, str]:
+    """The ``pooling`` and ``coverage`` cells of an agreement row (a site's or the pooled one)."""
+    if label != POOLED or pooled is None:
+        return POOLING_SITE, _site_state(pooled, label, *paths)
+    coverage = pooled.coverage(*paths)
+    return (POOLING_SLICES if coverage.complete else POOLING_SLICES_PARTIAL), coverage.describe()
+
+
 # --------------------------------------------------------------------------- IoU bins
 
 
@@ -199,22 +207,17 @@ def area_table(
     payloads: Mapping[str, EvaluationPayload], pooled: PooledResults | None = None
 ) -> pd.DataFrame:
     """Area agreement per site (and pooled) and tissue, with Bland-Altman limits (test - label, cm^2)."""
-    rows = [(site, p.areas, POOLING_SITE) for site, p in payloads.items()]
+    rows = [(site, p.areas) for site, p in payloads.items()]
     if pooled is not None:
-        complete = pooled.coverage(*POOLED_TABLE_PATHS["area_agreement"]).complete
-        rows.append((POOLED, pooled.areas, POOLING_SLICES if complete else POOLING_SLICES_PARTIAL))
+        rows.append((POOLED, pooled.areas))
     out = []
-    for label, areas, pooling in rows:
+    for label, areas in rows:
         for tissue in TISSUES:
             if tissue not in areas:
                 continue
             a = areas[tissue]
             loa = limits_of_agreement(a.mean_diff_cm2, a.sd_diff_cm2)
-            state = (
-                pooled.coverage(f"areas.{tissue}").describe()
-                if label == POOLED and pooled is not None
-                else _site_state(pooled, label, f"areas.{tissue}")
-            )
+            pooling, state = _pooling_cells(pooled, label, f"areas.{tissue}")
             out.append(
                 {
                     "site": label,
@@ -237,16 +240,14 @@ def area_table(
 
 def smi_table(payloads: Mapping[str, EvaluationPayload], pooled: PooledResults | None = None) -> pd.DataFrame:
     """SMI agreement (cm^2/m^2, test - label) per site and pooled, with limits of agreement."""
-    rows = [(site, p.smi, POOLING_SITE, "") for site, p in payloads.items()]
+    rows = [(site, p.smi) for site, p in payloads.items()]
     if pooled is not None:
-        cov = pooled.coverage("smi")
-        rows.append(
-            (POOLED, pooled.smi, POOLING_SLICES if cov.complete else POOLING_SLICES_PARTIAL, cov.describe())
-        )
+        rows.append((POOLED, pooled.smi))
     out = []
-    for label, s, pooling, state in rows:
+    for label, s in rows:
         if s is None:
             continue
+        pooling, state = _pooling_cells(pooled, label, "smi")
         loa = limits_of_agreement(s.mean_diff, s.sd_diff)
         out.append(
             {
@@ -259,7 +260,7 @@ def smi_table(payloads: Mapping[str, EvaluationPayload], pooled: PooledResults |
                 "loa_low": loa[0] if loa else None,
                 "loa_high": loa[1] if loa else None,
                 "pooling": pooling,
-                COVERAGE_COLUMN: state or _site_state(pooled, label, "smi"),
+                COVERAGE_COLUMN: state,
             }
         )
     return pd.DataFrame(out)
