@@ -47,13 +47,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _util import print_table, set_threads
 
 REPO = Path(__file__).resolve().parent.parent
-#: The coordinator files ``--server-from`` takes from a past commit (into the app snapshot only).
-SERVER_FILES = (
+#: The coordinator code ``--server-from`` takes from a past commit (into the app snapshot only): files,
+#: and folders taken whole. The report was one module before it became a package: both are listed,
+#: and whichever the commit has replaces the snapshot's.
+SERVER_PATHS = (
     "server/app.py",
     "server/validation.py",
     "server/messaging.py",
     "server/report.py",
+    "server/report",
     "server/figures.py",
+    "common/pooling.py",
 )
 _FLWR_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 _TIMING = re.compile(r"timing: (?P<phase>[\w-]+) started (?P<start>\S+?)(?:, (?P<seconds>[\d.]+) s)?$")
@@ -193,6 +197,29 @@ def wait_connected(log: Path, n: int, timeout: float = 120.0) -> None:
             return
         time.sleep(0.1)
     raise SystemExit(f"{n} SuperNodes not connected after {timeout:.0f} s")
+
+
+def take_server_code(rev: str, app_dir: Path) -> None:
+    """Replace the snapshot's coordinator code (``SERVER_PATHS``) with the code of commit ``rev``."""
+    listed = subprocess.run(
+        ["git", "ls-tree", "-r", "--name-only", rev, "--", *SERVER_PATHS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in SERVER_PATHS:
+        target = app_dir / rel
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    for rel in listed:
+        text = subprocess.run(
+            ["git", "show", f"{rev}:{rel}"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout
+        (app_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (app_dir / rel).write_text(text, encoding="utf-8")
 
 
 # ------------------------------------------------------------------ one run
@@ -374,15 +401,7 @@ def main() -> None:
         with deployment(root / "deploy") as dep:
             dep.sites = {s.name: s for s in sites}  # type: ignore[attr-defined]
             if args.server_from:
-                for rel in SERVER_FILES:
-                    text = subprocess.run(
-                        ["git", "show", f"{args.server_from}:{rel}"],
-                        cwd=REPO,
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                    ).stdout
-                    (dep.app_dir / rel).write_text(text, encoding="utf-8")
+                take_server_code(args.server_from, dep.app_dir)
             if args.client_patch:
                 subprocess.run(
                     ["patch", "-p1", "-s", "-d", str(dep.app_dir), "-i", str(args.client_patch.resolve())],

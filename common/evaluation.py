@@ -15,7 +15,6 @@ Pooling conventions (every pooled number names its pooling):
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,11 +37,10 @@ from common.metrics import (
     summarise,
     total_overlap,
 )
-from protocols.classes import IOU_BINS, METRIC_CLASSES, TISSUES, ExclusionReason
+from protocols.classes import METRIC_CLASSES, TISSUES, ExclusionReason
 from protocols.payloads import (
     AreaAgreement,
     ClassScores,
-    Distribution,
     EvaluationPayload,
     HuRanges,
     SarcopeniaConfusion,
@@ -319,105 +317,6 @@ def aggregate(
         sarcopenia=sarcopenia_confusion(records, cutoff_set),
         hu_ranges=hu_ranges,
         harmonised_scores=harmonised_scores,
-    )
-
-
-# --------------------------------------------------------------------------- pooling (coordinator)
-
-
-def pool_distributions(parts: Sequence[Distribution]) -> Distribution:
-    """n, mean and sd of the concatenated values, exactly, from each part's (n, mean, sd).
-
-    The pooled sd uses the parallel-variance identity SS = sum((n_i - 1) sd_i^2 +
-    n_i (mean_i - mean)^2) (a part with n_i = 1 has no sd and contributes 0 within). The median
-    and quartiles cannot be pooled from summaries: they are None, unless a single part holds
-    all the values (then it is returned unchanged).
-    """
-    nonempty = [d for d in parts if d.n > 0]
-    if not nonempty:
-        return Distribution(n=0)
-    if len(nonempty) == 1:
-        return nonempty[0]
-    for d in nonempty:
-        if d.mean is None or (d.n >= 2 and d.sd is None):
-            raise ValueError(f"cannot pool a distribution of n={d.n} without mean/sd: {d}")
-    n = sum(d.n for d in nonempty)
-    mean = sum(d.n * d.mean for d in nonempty) / n  # type: ignore[operator]
-    ss = sum((d.n - 1) * (d.sd or 0.0) ** 2 + d.n * (d.mean - mean) ** 2 for d in nonempty)  # type: ignore[operator]
-    return Distribution(n=n, mean=mean, sd=math.sqrt(ss / (n - 1)))
-
-
-def pool_class_scores(parts: Sequence[ClassScores]) -> ClassScores:
-    """Pool one class across sites: bins, undefined and pixel counts add; IoU/Dice via
-    :func:`pool_distributions` (n, mean, sd exact; median/quartiles None)."""
-    bins = dict.fromkeys(IOU_BINS, 0)
-    for part in parts:
-        for name, count in part.bins.items():
-            bins[name] = bins.get(name, 0) + count
-    return ClassScores(
-        bins=bins,
-        undefined=sum(p.undefined for p in parts),
-        iou=pool_distributions([p.iou for p in parts]),
-        dice=pool_distributions([p.dice for p in parts]),
-        intersection_px=sum(p.intersection_px for p in parts),
-        union_px=sum(p.union_px for p in parts),
-    )
-
-
-def _pool_moments(n: int, sum_diff: float, sum_sq_diff: float) -> tuple[float | None, float | None]:
-    if n == 0:
-        return None, None
-    mean = sum_diff / n
-    if n < 2:
-        return mean, None
-    var = max(sum_sq_diff - sum_diff * sum_diff / n, 0.0) / (n - 1)
-    return mean, math.sqrt(var)
-
-
-def _weighted_mean(pairs: Iterable[tuple[int, float | None]]) -> float | None:
-    known = [(n, v) for n, v in pairs if v is not None and n > 0]
-    total = sum(n for n, _ in known)
-    return sum(n * v for n, v in known) / total if total else None
-
-
-def pool_area_agreement(parts: Sequence[AreaAgreement]) -> AreaAgreement:
-    """Pool one tissue's area agreement across sites.
-
-    Exact for n, means of areas, mean and sd of the differences (from ``sum_diff`` and
-    ``sum_sq_diff``). Mean HU is weighted by each part's n, which is exact only when the
-    tissue is present on every slice (the payload does not carry how many slices had it).
-    """
-    n = sum(p.n for p in parts)
-    sum_diff = sum(p.sum_diff_cm2 for p in parts)
-    sum_sq = sum(p.sum_sq_diff_cm2 for p in parts)
-    mean_diff, sd_diff = _pool_moments(n, sum_diff, sum_sq)
-    return AreaAgreement(
-        n=n,
-        mean_label_cm2=_weighted_mean((p.n, p.mean_label_cm2) for p in parts),
-        mean_test_cm2=_weighted_mean((p.n, p.mean_test_cm2) for p in parts),
-        mean_diff_cm2=mean_diff,
-        sd_diff_cm2=sd_diff,
-        sum_diff_cm2=sum_diff,
-        sum_sq_diff_cm2=sum_sq,
-        mean_hu_label=_weighted_mean((p.n, p.mean_hu_label) for p in parts),
-        mean_hu_test=_weighted_mean((p.n, p.mean_hu_test) for p in parts),
-    )
-
-
-def pool_smi_agreement(parts: Sequence[SmiAgreement]) -> SmiAgreement:
-    """Pool SMI agreement across sites, exactly (from ``sum_diff`` and ``sum_sq_diff``)."""
-    n = sum(p.n for p in parts)
-    sum_diff = sum(p.sum_diff for p in parts)
-    sum_sq = sum(p.sum_sq_diff for p in parts)
-    mean_diff, sd_diff = _pool_moments(n, sum_diff, sum_sq)
-    return SmiAgreement(
-        n=n,
-        mean_label=_weighted_mean((p.n, p.mean_label) for p in parts),
-        mean_test=_weighted_mean((p.n, p.mean_test) for p in parts),
-        mean_diff=mean_diff,
-        sd_diff=sd_diff,
-        sum_diff=sum_diff,
-        sum_sq_diff=sum_sq,
     )
 
 

@@ -1,9 +1,13 @@
-"""The study report a coordinator reads: ``report.json`` (schema version 1).
+"""The study report a coordinator reads: ``report.json`` (schema version 2).
 
 One :class:`SiteResult` per site (with its payload when it sent one, or the status and reason
-when it did not), the training rounds when the study trained, and what every number depends
+when it did not), the training rounds when the study trained, the results pooled across sites
+with the sites each pooled value is over (``protocols.pooled``), and what every number depends
 on: model hash, SMI cut-off set and HU ranges. ``server.report`` renders it to CSV, Markdown
 and HTML; the JSON file is the record.
+
+Version 2 added ``pooled`` (version 1 had no pooled results: a report of version 1 becomes
+version 2 by setting ``schema_version`` to "2"; ``server.report.write_report`` fills ``pooled``).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from pydantic import Field, model_validator
 
 from protocols.base import Schema
 from protocols.payloads import EvaluationPayload, HuRanges
+from protocols.pooled import PooledReport
 
-REPORT_SCHEMA_VERSION = "1"
+REPORT_SCHEMA_VERSION: Literal["2"] = "2"
 
 SiteStatus = Literal[
     "ok", "no_usable_slices", "failed", "timeout", "refused", "not_selected", "not_connected"
@@ -76,7 +81,7 @@ class RoundRecord(Schema):
 class StudyReport(Schema):
     """Everything a coordinator needs to read one study run (``report.json``)."""
 
-    schema_version: Literal["1"] = REPORT_SCHEMA_VERSION
+    schema_version: Literal["2"] = REPORT_SCHEMA_VERSION
     sarcofed_version: str = Field(default_factory=installed_version)
     created: str = Field(description="ISO 8601 time the report was made (the study's date, no patient date)")
     run_id: str
@@ -89,6 +94,11 @@ class StudyReport(Schema):
     sites: list[SiteResult]
     training: list[RoundRecord] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    pooled: PooledReport | None = Field(
+        default=None,
+        description="the sites' results pooled, with the sites each value is over; filled by the report "
+        "writer (None when no site sent a usable result)",
+    )
 
     @model_validator(mode="after")
     def _unique_sites(self) -> StudyReport:

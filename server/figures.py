@@ -1,8 +1,9 @@
 """Figures of the study report, drawn from aggregates only (matplotlib, Agg, no pyplot state).
 
-Every function returns PNG bytes; ``server.report`` embeds them in ``report.html`` and writes
-them beside ``report.md``. Figures never see a per-slice value: a Bland-Altman panel shows each
-site's mean difference with its limits of agreement, not a cloud of slices.
+Every function returns PNG bytes; ``server.report.document`` puts them in the report, which
+embeds them in ``report.html`` and writes them beside ``report.md``. Figures never see a
+per-slice value: a Bland-Altman panel shows each site's mean difference with its limits of
+agreement, not a cloud of slices.
 """
 
 from __future__ import annotations
@@ -215,8 +216,8 @@ def training_figure(rounds: Sequence[RoundRecord]) -> bytes:
     """Pooled validation loss per round (black) and each site's validation loss (thin lines)."""
     fig = Figure(figsize=(5.0, 3.0), layout="constrained")
     ax = fig.add_subplot()
-    done = [r for r in rounds if r.pooled_val_loss is not None]
-    ax.plot([r.round for r in done], [r.pooled_val_loss for r in done], "o-", color="black", label="pooled")
+    done = [(r.round, r.pooled_val_loss) for r in rounds if r.pooled_val_loss is not None]
+    ax.plot([x for x, _ in done], [y for _, y in done], "o-", color="black", label="pooled")
     sites = sorted({s for r in rounds for s in r.per_site})
     for site in sites:
         points = [

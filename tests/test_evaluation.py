@@ -11,15 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.evaluation import (
-    SliceRecord,
-    aggregate,
-    harmonise,
-    pool_area_agreement,
-    pool_class_scores,
-    pool_smi_agreement,
-    score_slice,
-)
+from common.evaluation import SliceRecord, aggregate, harmonise, score_slice
+from common.pooling import pool_area_agreement, pool_class_scores, pool_smi_agreement
 from protocols.payloads import EvaluationPayload, HuRanges
 
 M, S, V = 1, 2, 3

@@ -1,7 +1,7 @@
-"""The study report: pooling from payloads, the seed table, and the four output formats.
+"""The study report: the seed table, the other tables, the document and the four output formats.
 
-Payloads are built by hand with known numbers. ``python tests/test_report.py`` rewrites the
-example files in tests/data/report/ from the same builders.
+Reports are built by hand with known numbers (tests/report_builders.py). ``python
+tests/test_report.py`` rewrites the example files in tests/data/report/ from the same builders.
 """
 
 from __future__ import annotations
@@ -11,231 +11,41 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
-
-from protocols.classes import IOU_BINS, METRIC_CLASSES, TISSUES
-from protocols.findings import Finding
-from protocols.payloads import (
-    AreaAgreement,
-    ClassScores,
-    DiscrepancySummary,
-    Distribution,
-    EvaluationPayload,
-    PolarMap,
-    SarcopeniaConfusion,
-    SmiAgreement,
+from report_builders import (
+    BINS_A,
+    boundary_finding,
+    payload,
+    psoas_finding,
+    scores,
+    site_diffs,
+    study_report,
+    suppressed_study,
 )
+
+from common.pooling import attribute_findings, finding_key, pool_payloads, usable_payloads
+from protocols.classes import IOU_BINS, TISSUES
+from protocols.findings import Finding
+from protocols.payloads import AreaAgreement, DiscrepancySummary, EvaluationPayload
 from protocols.report import RoundRecord, SiteResult, StudyReport
-from server.report import (
+from server.report import summary_lines, with_pooled, write_report
+from server.report.blocks import Block, Bullets, Heading, Image, Table, Text
+from server.report.document import build_document
+from server.report.render import render_html, render_markdown
+from server.report.sentences import attribution_lines
+from server.report.tables import (
+    COVERAGE_COLUMN,
     NOT_POOLABLE,
     POOLED,
     area_table,
     file_stem,
-    finding_key,
     iou_summary_table,
-    pool_payloads,
-    pool_sarcopenia,
+    pooled_seed_table,
     seed_table,
-    summary_lines,
-    usable_payloads,
-    write_report,
 )
 
 DATA = Path(__file__).parent / "data" / "report"
-
-# Bins per class, best first: (>=0.9, 0.8-0.9, 0.7-0.8, <0.7), and undefined.
-BINS_A = {"muscle": (8, 1, 1, 0, 0), "subcutaneous_fat": (9, 1, 0, 0, 0), "visceral_fat": (6, 2, 1, 0, 1)}
-BINS_A["msv"] = (8, 2, 0, 0, 0)
-BINS_B = {"muscle": (2, 3, 2, 1, 0), "subcutaneous_fat": (7, 1, 0, 0, 0), "visceral_fat": (5, 2, 1, 0, 0)}
-BINS_B["msv"] = (4, 3, 1, 0, 0)
-
-
-def scores(bins: tuple[int, ...], mean: float, sd: float, inter: int, union: int) -> ClassScores:
-    n = sum(bins[:4])
-    return ClassScores(
-        bins=dict(zip(IOU_BINS, bins[:4], strict=True)),
-        undefined=bins[4],
-        iou=Distribution(n=n, mean=mean, sd=sd, median=mean, q1=mean - sd, q3=mean + sd),
-        dice=Distribution(n=n, mean=min(1.0, mean + 0.03), sd=sd),
-        intersection_px=inter,
-        union_px=union,
-    )
-
-
-def agreement(diffs: np.ndarray, label_mean: float) -> AreaAgreement:
-    return AreaAgreement(
-        n=len(diffs),
-        mean_label_cm2=label_mean,
-        mean_test_cm2=label_mean + float(diffs.mean()),
-        mean_diff_cm2=float(diffs.mean()),
-        sd_diff_cm2=float(diffs.std(ddof=1)),
-        sum_diff_cm2=float(diffs.sum()),
-        sum_sq_diff_cm2=float(np.square(diffs).sum()),
-        mean_hu_label=35.0,
-        mean_hu_test=33.0,
-    )
-
-
-def site_diffs(seed: int, n: int, shift: float) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {t: rng.normal(shift * (i + 1), 3.0 + i, size=n) for i, t in enumerate(TISSUES)}
-
-
-def payload(
-    site: str, n: int, bins: dict[str, tuple[int, ...]], seed: int, shift: float
-) -> EvaluationPayload:
-    diffs = site_diffs(seed, n, shift)
-    smi_diff = diffs["muscle"] / 2.9
-    return EvaluationPayload(
-        task="evaluate",
-        site=site,
-        dataset_fingerprint=f"sha256:{site}-0123456789abcdef",
-        model_hash="f00dfeed12345678",
-        n_listed=n + 2,
-        n_used=n,
-        n_groups=n - 1,
-        excluded={"missing_file": 1, "not_axial": 1},
-        scores={c: scores(bins[c], 0.9 - 0.1 * seed, 0.05, 900 * n, 1000 * n) for c in METRIC_CLASSES},
-        areas={t: agreement(diffs[t], 150.0 - 30 * i) for i, t in enumerate(TISSUES)},
-        smi=SmiAgreement(
-            n=n,
-            mean_label=45.0,
-            mean_test=45.0 + float(smi_diff.mean()),
-            mean_diff=float(smi_diff.mean()),
-            sd_diff=float(smi_diff.std(ddof=1)),
-            sum_diff=float(smi_diff.sum()),
-            sum_sq_diff=float(np.square(smi_diff).sum()),
-        ),
-        sarcopenia=SarcopeniaConfusion(
-            cutoff_set="prado2008",
-            both_sarcopenic=seed + 2,
-            label_only=1,
-            test_only=seed,
-            neither=3,
-            unknown=n - 6 - 2 * seed,
-        ),
-    )
-
-
-def polar(n_slices: int) -> PolarMap:
-    angles, radii = np.meshgrid(np.arange(16), np.arange(5), indexing="ij")
-    # psoas-like: two posterior lobes near the spine (angles around 5 and 11 of 16), mid radius.
-    bump = np.exp(-((angles - 5) ** 2) / 2.0) + np.exp(-((angles - 11) ** 2) / 2.0)
-    excl = (bump * np.exp(-((radii - 2) ** 2) / 1.5) * 2.0 * n_slices).round(3)
-    incl = np.full((16, 5), 0.02 * n_slices).round(3)
-    return PolarMap(
-        n_angle=16,
-        n_radius=5,
-        n_slices=n_slices,
-        maps={"muscle:site_excludes": excl.tolist(), "muscle:site_includes": incl.tolist()},
-    )
-
-
-def psoas_finding(n: int) -> Finding:
-    return Finding.model_validate(
-        {
-            "class": "muscle",
-            "direction": "site_excludes",
-            "region": "psoas",
-            "prevalence": 0.875,
-            "mean_area_share": 0.08,
-            "mean_area_cm2": 12.4,
-            "density_consistency": 0.93,
-            "systematic": True,
-            "n_slices": n,
-            "sentence": "The site leaves out psoas from muscle on 7 of 8 slices.",
-        }
-    )
-
-
-def boundary_finding(n: int, prevalence: float) -> Finding:
-    return Finding.model_validate(
-        {
-            "class": "muscle",
-            "direction": "site_includes",
-            "region": "boundary",
-            "prevalence": prevalence,
-            "mean_area_share": 0.01,
-            "mean_area_cm2": 1.2,
-            "density_consistency": 0.4,
-            "systematic": False,
-            "n_slices": n,
-            "sentence": "Contours are slightly wider.",
-        }
-    )
-
-
-def study_report(with_training: bool = True) -> StudyReport:
-    a = payload("hospital-a", 10, BINS_A, seed=0, shift=0.5)
-    b = payload("hospital-b", 8, BINS_B, seed=1, shift=-4.0)
-    b_findings = [psoas_finding(8), boundary_finding(8, 0.25)]
-    b = b.model_copy(
-        update={
-            "discrepancy": DiscrepancySummary(n_slices=8, findings=b_findings, polar=polar(8)),
-            "findings": b_findings,
-            "harmonised_scores": {c: scores((6, 2, 0, 0, 0), 0.92, 0.03, 7000, 7500) for c in METRIC_CLASSES},
-        }
-    )
-    a_findings = [boundary_finding(10, 0.1)]
-    a = a.model_copy(
-        update={
-            "discrepancy": DiscrepancySummary(n_slices=10, findings=a_findings, polar=polar(10)),
-            "findings": a_findings,
-        }
-    )
-    empty = EvaluationPayload(
-        task="evaluate",
-        site="hospital-d",
-        dataset_fingerprint="sha256:hospital-d-fedcba",
-        model_hash="f00dfeed12345678",
-        n_listed=5,
-        n_used=0,
-        n_groups=0,
-        excluded={"not_ct": 5},
-        scores={},
-        areas={},
-    )
-    training = [
-        RoundRecord(
-            round=r,
-            sites_sent=["hospital-a", "hospital-b"],
-            sites_replied=["hospital-a", "hospital-b"],
-            pooled_val_loss=loss,
-            pooled_val_iou={"muscle": 0.8 + 0.03 * r},
-            per_site={"hospital-a": {"val-loss": loss - 0.05}, "hospital-b": {"val-loss": loss + 0.07}},
-            weights_hash=f"{r:02d}abcdef0123",
-            start_weights_hash=f"{r - 1:02d}abcdef0123",
-            improved=True,
-            seconds=12.5,
-        )
-        for r, loss in ((1, 0.9), (2, 0.6), (3, 0.45))
-    ]
-    return StudyReport(
-        sarcofed_version="0.1.0",
-        created="2025-05-01T10:00:00+00:00",
-        run_id="42",
-        study_name="demo-study",
-        task="evaluate",
-        model_hash="f00dfeed12345678",
-        model_spec={"arch": "unet", "encoder": "resnet34", "in_channels": 1, "classes": 4, "image_size": 128},
-        cutoff_set="prado2008",
-        sites=[
-            SiteResult(site="hospital-a", node_id=11, status="ok", payload=a),
-            SiteResult(site="hospital-b", node_id=12, status="ok", payload=b),
-            SiteResult(site="hospital-c", node_id=13, status="failed", reason="ClientApp raised: disk full"),
-            SiteResult(
-                site="hospital-d",
-                node_id=14,
-                status="no_usable_slices",
-                reason="no usable slice; excluded: {'not_ct': 5}",
-                payload=empty,
-            ),
-            SiteResult(site="hospital-e", node_id=15, status="timeout", reason="no reply within 900 s"),
-        ],
-        training=training if with_training else [],
-        notes=["demo data (synthetic phantoms)"],
-    )
-
 
 # --------------------------------------------------------------------------- schema
 
@@ -252,7 +62,7 @@ def test_example_file_matches_builder() -> None:
     stored = StudyReport.model_validate_json(
         (DATA / "evaluate_with_training.json").read_text(encoding="utf-8")
     )
-    assert stored == study_report()
+    assert stored == with_pooled(study_report())
 
 
 def test_ok_site_without_payload_is_rejected() -> None:
@@ -288,10 +98,6 @@ def test_training_history_dicts_from_the_training_study_validate() -> None:
 # --------------------------------------------------------------------------- pooling
 
 
-def test_only_ok_sites_with_slices_are_pooled() -> None:
-    assert list(usable_payloads(study_report())) == ["hospital-a", "hospital-b"]
-
-
 def test_pooled_seed_table_is_the_hand_added_counts() -> None:
     pooled = pool_payloads(usable_payloads(study_report()))
     table = seed_table(pooled.scores, pooled.n_used)
@@ -304,6 +110,9 @@ def test_pooled_seed_table_is_the_hand_added_counts() -> None:
     assert table.loc["[0.9,1.0]", "ratio"] == "49/71 (69%)"
     assert table.loc["[0.8,0.9)", "ratio"] == "15/71 (21%)"
     assert table.loc["undefined", "ratio"] == "1/72 (1%)"
+    with_coverage = pooled_seed_table(pooled)
+    assert with_coverage.drop(columns=COVERAGE_COLUMN).equals(table)
+    assert set(with_coverage[COVERAGE_COLUMN]) == {"complete: all 2 sites"}
 
 
 def test_seed_ratio_text_reproduces_the_seed_table_2() -> None:
@@ -340,7 +149,7 @@ def test_pooled_bland_altman_equals_the_concatenated_slices() -> None:
         assert area.n == 18
         assert area.mean_diff_cm2 == pytest.approx(all_diffs.mean(), rel=1e-12)
         assert area.sd_diff_cm2 == pytest.approx(all_diffs.std(ddof=1), rel=1e-10)
-    table = area_table({POOLED: pooled.areas}).set_index("tissue")
+    table = area_table({}, pooled).set_index("tissue")
     muscle = np.concatenate([parts["a"]["muscle"], parts["b"]["muscle"]])
     low = muscle.mean() - 1.96 * muscle.std(ddof=1)
     high = muscle.mean() + 1.96 * muscle.std(ddof=1)
@@ -358,17 +167,8 @@ def test_pooled_iou_mean_is_weighted_and_median_not_poolable() -> None:
     assert muscle.iou.mean == pytest.approx((10 * 0.9 + 8 * 0.8) / 18)
     assert muscle.iou.median is None
     assert muscle.intersection_px == 900 * 18 and muscle.union_px == 1000 * 18
-    summary = iou_summary_table({POOLED: pooled.scores})
+    summary = iou_summary_table({}, pooled)
     assert set(summary["iou_median"]) == {NOT_POOLABLE}
-
-
-def test_sarcopenia_counts_add_and_mixed_cut_offs_refuse() -> None:
-    pooled = pool_payloads(usable_payloads(study_report()))
-    assert pooled.sarcopenia is not None
-    assert (pooled.sarcopenia.both_sarcopenic, pooled.sarcopenia.test_only) == (2 + 3, 0 + 1)
-    korean = pooled.sarcopenia.model_copy(update={"cutoff_set": "korean"})
-    with pytest.raises(ValueError, match="different cut-off sets"):
-        pool_sarcopenia([pooled.sarcopenia, korean])
 
 
 def test_file_stems_are_safe_and_unique() -> None:
@@ -392,7 +192,10 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, StudyReport
 
 def test_report_json_round_trips(written: tuple[Path, StudyReport]) -> None:
     out, report = written
-    assert StudyReport.model_validate_json((out / "report.json").read_text(encoding="utf-8")) == report
+    stored = StudyReport.model_validate_json((out / "report.json").read_text(encoding="utf-8"))
+    assert stored == with_pooled(report)
+    assert stored.pooled is not None and stored.pooled.results.sites == ["hospital-a", "hospital-b"]
+    assert stored.pooled.tables["pooled_iou_bins"].state == "complete"
 
 
 def test_csv_tables_per_site_and_pooled(written: tuple[Path, StudyReport]) -> None:
@@ -403,8 +206,8 @@ def test_csv_tables_per_site_and_pooled(written: tuple[Path, StudyReport]) -> No
     assert expected <= names
     with (out / "tables" / "pooled_iou_bins.csv").open(encoding="utf-8", newline="") as handle:
         pooled = list(csv.reader(handle))
-    assert pooled[0] == ["IoU", "M", "S", "V", "MSV", "ratio"]
-    assert pooled[1] == ["[0.9,1.0]", "10", "16", "11", "12", "49/71 (69%)"]
+    assert pooled[0] == ["IoU", "M", "S", "V", "MSV", "ratio", "coverage"]
+    assert pooled[1] == ["[0.9,1.0]", "10", "16", "11", "12", "49/71 (69%)", "complete: all 2 sites"]
 
 
 def test_failed_sites_appear_with_their_reason_everywhere(written: tuple[Path, StudyReport]) -> None:
@@ -480,7 +283,7 @@ def test_summary_lines() -> None:
 def _write_examples() -> None:  # pragma: no cover - run by hand
     DATA.mkdir(parents=True, exist_ok=True)
     (DATA / "evaluate_with_training.json").write_text(
-        study_report().model_dump_json(indent=2) + "\n", "utf-8"
+        with_pooled(study_report()).model_dump_json(indent=2) + "\n", "utf-8"
     )
     full = study_report(with_training=False)
     minimal = full.model_copy(
@@ -510,9 +313,15 @@ def test_flower_node_ids_beyond_int64_are_written(tmp_path: Path) -> None:
     assert str(2**64 - 5) in paths.tables["sites"].read_text()
 
 
-def test_findings_most_sites_share_are_attributed_to_the_reference_not_the_sites() -> None:
-    from server.report import attribute_findings, attribution_lines
+def test_a_training_only_study_writes_its_report(tmp_path: Path) -> None:
+    """study.mode=train validates nowhere: no site rows, but the rounds must still be reported."""
+    report = study_report(with_training=True).model_copy(update={"sites": []})
+    paths = write_report(report, tmp_path)
+    assert "Training rounds" in paths.markdown.read_text()
+    assert StudyReport.model_validate_json(paths.json.read_text()).training == report.training
 
+
+def test_findings_most_sites_share_are_attributed_to_the_reference_not_the_sites() -> None:
     def with_findings(site: str, findings: list[Finding]) -> EvaluationPayload:
         base = payload(site, 8, BINS_A, seed=0, shift=0.0)
         summary = DiscrepancySummary(n_slices=8, findings=findings)
@@ -539,9 +348,108 @@ def test_findings_most_sites_share_are_attributed_to_the_reference_not_the_sites
     assert set(attribute_findings({"a": payloads["hospital-b"]})["a"].values()) == {"site"}
 
 
-def test_a_training_only_study_writes_its_report(tmp_path: Path) -> None:
-    """study.mode=train validates nowhere: no site rows, but the rounds must still be reported."""
-    report = study_report(with_training=True).model_copy(update={"sites": []})
-    paths = write_report(report, tmp_path)
-    assert "Training rounds" in paths.markdown.read_text()
-    assert StudyReport.model_validate_json(paths.json.read_text()).training == report.training
+# --------------------------------------------------------------------------- a site that suppressed its bins
+
+INCOMPLETE = "incomplete: 1 of 3 sites suppressed (hospital-c)"
+
+
+@pytest.fixture(scope="module")
+def suppressed_written(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("suppressed")
+    write_report(suppressed_study(), out)
+    return out
+
+
+def test_pooled_bins_with_a_suppressed_site_say_incomplete_in_every_format(suppressed_written: Path) -> None:
+    """hospital-c's policy suppressed its M, S and V bins: the pooled bins are hospital-a's and -b's
+    sums only. report.json, report.md and report.html must say the pooled bins are incomplete and
+    name hospital-c, never present them as counts over all three sites."""
+    out = suppressed_written
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert data["schema_version"] == "2"
+    assert data["pooled"]["tables"]["pooled_iou_bins"] == {
+        "state": "incomplete",
+        "sites": ["hospital-a", "hospital-b"],
+        "suppressed": ["hospital-c"],
+    }
+    results = data["pooled"]["results"]
+    assert results["withheld"]["scores.muscle.bins"] == ["hospital-c"]
+    assert "scores.msv.bins" not in results["withheld"]  # hospital-c's MSV bins had no small cell
+    # M's top bin: hospital-a 8 + hospital-b 2; hospital-c's 8 are not there, and its pixels are
+    assert results["scores"]["muscle"]["bins"]["[0.9,1.0]"] == 8 + 2
+    assert results["scores"]["muscle"]["union_px"] == 1000 * (10 + 8 + 10)
+    for name in ("report.md", "report.html"):
+        text = (out / name).read_text(encoding="utf-8")
+        assert "counts summed over 3 sites" not in text, name
+        caption = next(line for line in text.splitlines() if "Pooled" in line and "counts summed" in line)
+        assert f"M, S, V: {INCOMPLETE}" in caption, (name, caption)
+        assert "not over all 3 sites" in caption, (name, caption)
+        assert f"Pooled bar: {INCOMPLETE}." in text, name
+
+
+def test_pooled_bins_csv_with_a_suppressed_site_computes_no_share(suppressed_written: Path) -> None:
+    with (suppressed_written / "tables" / "pooled_iou_bins.csv").open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["ratio"] for row in rows] == ["incomplete"] * 5
+    assert rows[0]["M"] == "10" and rows[0]["MSV"] == str(8 + 4 + 8)
+    assert rows[0][COVERAGE_COLUMN] == f"M, S, V: {INCOMPLETE}; MSV: complete: all 3 sites"
+
+
+def test_every_pooled_row_and_caption_states_its_coverage() -> None:
+    """In the document, each table with a pooled row says which sites that row is over."""
+    tables = [b for b in build_document(suppressed_study()) if isinstance(b, Table)]
+    pooled_tables = [t for t in tables if "site" in t.frame.columns and POOLED in set(t.frame["site"])]
+    assert len(pooled_tables) == 4  # IoU summary, area, SMI, sarcopenia (all over the three sites)
+    for table in pooled_tables:
+        pooled_rows = table.frame[table.frame["site"] == POOLED]
+        assert "Pooled row: " in table.caption, table.caption
+        assert pooled_rows[COVERAGE_COLUMN].str.match("(in)?complete: ").all(), table.caption
+    sarcopenia = next(t for t in pooled_tables if "cutoff_set" in t.frame.columns)
+    assert "Pooled row: incomplete: 1 of 3 sites suppressed (hospital-c)." in sarcopenia.caption
+    site_c = sarcopenia.frame[sarcopenia.frame["site"] == "hospital-c"]
+    assert site_c.empty  # hospital-c withheld its calls: no row, and the pooled row says so
+
+
+def test_summary_line_of_a_pool_with_a_suppressed_site() -> None:
+    lines = summary_lines(suppressed_study())
+    assert "hospital-c: ok, 10/12 slices, muscle IoU >= 0.9 in suppressed" in lines
+    assert lines[-1] == f"pooled (3 sites, 28 slices): muscle IoU >= 0.9 in 10/18 (56%) ({INCOMPLETE})"
+
+
+# --------------------------------------------------------------------------- rendering on its own
+
+
+def test_markdown_and_html_render_hand_made_blocks() -> None:
+    frame = pd.DataFrame({"site": ["a|b"], "value": [0.12345], "n": [pd.NA]})
+    blocks: list[Block] = [
+        Heading("Title <1>", 1),
+        Text("x & y"),
+        Bullets(("one",)),
+        Table(frame, "caption", highlight=pd.DataFrame({"site": [True], "value": [False], "n": [False]})),
+        Image("fig", b"\x89PNG", "a figure"),
+    ]
+    md = render_markdown(blocks, {"fig": "figures/fig.png"})
+    assert "# Title <1>" in md and "- one" in md
+    assert "| **a\\|b** | 0.123 | - |" in md and "*caption*" in md
+    assert "![a figure](figures/fig.png)" in md
+    page = render_html(blocks, "t")
+    assert "<h1>Title &lt;1&gt;</h1>" in page and "<p>x &amp; y</p>" in page
+    assert '<td class="sys">a|b</td><td>0.123</td><td>-</td>' in page
+    assert 'src="data:image/png;base64,iVBORw=="' in page
+
+
+def test_area_rows_of_a_site_that_suppressed_an_area() -> None:
+    a = payload("a", 10, BINS_A, seed=0, shift=0.0)
+    b = payload("b", 10, BINS_A, seed=1, shift=1.0)
+    b = b.model_copy(
+        update={"areas": {**b.areas, "muscle": AreaAgreement(n=0)}, "suppressed": ["areas.muscle"]}
+    )
+    payloads = {"a": a, "b": b}
+    table = area_table(payloads, pool_payloads(payloads)).set_index(["site", "tissue"])
+    assert table.loc[("b", "muscle"), COVERAGE_COLUMN] == "suppressed"
+    assert table.loc[("b", "visceral_fat"), COVERAGE_COLUMN] == ""
+    pooled_muscle = table.loc[(POOLED, "muscle")]
+    assert pooled_muscle["n"] == 10
+    assert pooled_muscle[COVERAGE_COLUMN] == "incomplete: 1 of 2 sites suppressed (b)"
+    assert pooled_muscle["pooling"].startswith("over slices of the sites that sent it")
+    assert table.loc[(POOLED, "visceral_fat"), "pooling"].startswith("over slices of all sites")

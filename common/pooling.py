@@ -1,0 +1,306 @@
+"""Pool the sites' payloads into study results: the one owner of every cross-site number.
+
+Inputs are :class:`~protocols.payloads.EvaluationPayload` aggregates (sufficient statistics);
+outputs are :class:`~protocols.pooled.PooledResults` (and, for the report, findings collated
+across sites). Pure: numpy-free arithmetic on the protocols schemas, no pandas, no Flower.
+Callers: ``server.report`` (tables, document, summary) and the tests.
+
+Every pooled number names its pooling:
+
+- IoU-bin counts, undefined counts, intersection/union pixels, exclusions and sarcopenia
+  calls *add* across sites.
+- Mean and sd of per-slice IoU/Dice and of area/SMI differences are exact over the
+  concatenated slices of all sites (from n, mean, sd or n, sum, sum of squares);
+  Bland-Altman limits are mean +- 1.96 sd of the pooled differences.
+- Medians and quartiles cannot be pooled from summaries: they are None.
+
+and every pooled value knows the sites it is over: a value a site withheld (its release
+policy suppressed it, so it is absent, empty or zero in the payload) is pooled over the other
+sites only, and :meth:`~protocols.pooled.PooledResults.coverage` says "incomplete" and names
+the site. Never a silent partial sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+
+from protocols.classes import IOU_BINS, METRIC_CLASSES, TISSUES
+from protocols.findings import DIRECTIONS, REGIONS, Finding
+from protocols.payloads import (
+    AreaAgreement,
+    ClassScores,
+    Distribution,
+    EvaluationPayload,
+    SarcopeniaConfusion,
+    SmiAgreement,
+)
+from protocols.pooled import PooledResults
+from protocols.report import StudyReport
+
+#: Bland-Altman limits of agreement: mean +- LOA_Z sd.
+LOA_Z = 1.96
+#: Top-level payload fields that are pooled (a suppression mark elsewhere does not touch a pooled value).
+POOLED_FIELDS: tuple[str, ...] = ("excluded", "scores", "harmonised_scores", "areas", "smi", "sarcopenia")
+
+
+# --------------------------------------------------------------------------- one value
+
+
+def pool_distributions(parts: Sequence[Distribution]) -> Distribution:
+    """n, mean and sd of the concatenated values, exactly, from each part's (n, mean, sd).
+
+    The pooled sd uses the parallel-variance identity SS = sum((n_i - 1) sd_i^2 +
+    n_i (mean_i - mean)^2) (a part with n_i = 1 has no sd and contributes 0 within). The median
+    and quartiles cannot be pooled from summaries: they are None, unless a single part holds
+    all the values (then it is returned unchanged).
+    """
+    nonempty = [d for d in parts if d.n > 0]
+    if not nonempty:
+        return Distribution(n=0)
+    if len(nonempty) == 1:
+        return nonempty[0]
+    moments: list[tuple[int, float, float]] = []  # n, mean, sd (0 for a single value)
+    for d in nonempty:
+        if d.mean is None or (d.n >= 2 and d.sd is None):
+            raise ValueError(f"cannot pool a distribution of n={d.n} without mean/sd: {d}")
+        moments.append((d.n, d.mean, d.sd or 0.0))
+    n = sum(k for k, _, _ in moments)
+    mean = sum(k * m for k, m, _ in moments) / n
+    ss = sum((k - 1) * sd**2 + k * (m - mean) ** 2 for k, m, sd in moments)
+    return Distribution(n=n, mean=mean, sd=math.sqrt(ss / (n - 1)))
+
+
+def has_bins(scores: ClassScores) -> bool:
+    """Whether ``scores`` holds every IoU bin (a site's policy empties them to suppress them)."""
+    return scores.bins.keys() >= set(IOU_BINS)
+
+
+def pool_class_scores(parts: Sequence[ClassScores]) -> ClassScores:
+    """Pool one class across sites: bins, undefined and pixel counts add; IoU/Dice via
+    :func:`pool_distributions` (n, mean, sd exact; median/quartiles None).
+
+    Bins add over the parts that hold every bin; a part without them (suppressed) adds
+    nothing, and when no part has them the pooled bins are empty (not available), never 0.
+    Which sites that leaves out is :func:`pool_payloads`'s coverage.
+    """
+    binned = [p for p in parts if has_bins(p)]
+    bins = {name: sum(p.bins[name] for p in binned) for name in IOU_BINS} if binned else {}
+    return ClassScores(
+        bins=bins,
+        undefined=sum(p.undefined for p in parts),
+        iou=pool_distributions([p.iou for p in parts]),
+        dice=pool_distributions([p.dice for p in parts]),
+        intersection_px=sum(p.intersection_px for p in parts),
+        union_px=sum(p.union_px for p in parts),
+    )
+
+
+def _pool_moments(n: int, sum_diff: float, sum_sq_diff: float) -> tuple[float | None, float | None]:
+    if n == 0:
+        return None, None
+    mean = sum_diff / n
+    if n < 2:
+        return mean, None
+    var = max(sum_sq_diff - sum_diff * sum_diff / n, 0.0) / (n - 1)
+    return mean, math.sqrt(var)
+
+
+def _weighted_mean(pairs: Iterable[tuple[int, float | None]]) -> float | None:
+    known = [(n, v) for n, v in pairs if v is not None and n > 0]
+    total = sum(n for n, _ in known)
+    return sum(n * v for n, v in known) / total if total else None
+
+
+def pool_area_agreement(parts: Sequence[AreaAgreement]) -> AreaAgreement:
+    """Pool one tissue's area agreement across sites.
+
+    Exact for n, means of areas, mean and sd of the differences (from ``sum_diff`` and
+    ``sum_sq_diff``). Mean HU is weighted by each part's n, which is exact only when the
+    tissue is present on every slice (the payload does not carry how many slices had it).
+    """
+    n = sum(p.n for p in parts)
+    sum_diff = sum(p.sum_diff_cm2 for p in parts)
+    sum_sq = sum(p.sum_sq_diff_cm2 for p in parts)
+    mean_diff, sd_diff = _pool_moments(n, sum_diff, sum_sq)
+    return AreaAgreement(
+        n=n,
+        mean_label_cm2=_weighted_mean((p.n, p.mean_label_cm2) for p in parts),
+        mean_test_cm2=_weighted_mean((p.n, p.mean_test_cm2) for p in parts),
+        mean_diff_cm2=mean_diff,
+        sd_diff_cm2=sd_diff,
+        sum_diff_cm2=sum_diff,
+        sum_sq_diff_cm2=sum_sq,
+        mean_hu_label=_weighted_mean((p.n, p.mean_hu_label) for p in parts),
+        mean_hu_test=_weighted_mean((p.n, p.mean_hu_test) for p in parts),
+    )
+
+
+def pool_smi_agreement(parts: Sequence[SmiAgreement]) -> SmiAgreement:
+    """Pool SMI agreement across sites, exactly (from ``sum_diff`` and ``sum_sq_diff``)."""
+    n = sum(p.n for p in parts)
+    sum_diff = sum(p.sum_diff for p in parts)
+    sum_sq = sum(p.sum_sq_diff for p in parts)
+    mean_diff, sd_diff = _pool_moments(n, sum_diff, sum_sq)
+    return SmiAgreement(
+        n=n,
+        mean_label=_weighted_mean((p.n, p.mean_label) for p in parts),
+        mean_test=_weighted_mean((p.n, p.mean_test) for p in parts),
+        mean_diff=mean_diff,
+        sd_diff=sd_diff,
+        sum_diff=sum_diff,
+        sum_sq_diff=sum_sq,
+    )
+
+
+def pool_sarcopenia(parts: Sequence[SarcopeniaConfusion]) -> SarcopeniaConfusion | None:
+    """Add sarcopenia confusion counts; all parts must use the same cut-off set."""
+    if not parts:
+        return None
+    sets = sorted({p.cutoff_set for p in parts})
+    if len(sets) > 1:
+        raise ValueError(f"cannot pool sarcopenia calls made with different cut-off sets: {sets}")
+    return SarcopeniaConfusion(
+        cutoff_set=sets[0],
+        both_sarcopenic=sum(p.both_sarcopenic for p in parts),
+        label_only=sum(p.label_only for p in parts),
+        test_only=sum(p.test_only for p in parts),
+        neither=sum(p.neither for p in parts),
+        unknown=sum(p.unknown for p in parts),
+    )
+
+
+def limits_of_agreement(mean: float | None, sd: float | None) -> tuple[float, float] | None:
+    """Bland-Altman limits of agreement, mean +- 1.96 sd (None without an sd)."""
+    if mean is None or sd is None:
+        return None
+    return mean - LOA_Z * sd, mean + LOA_Z * sd
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def usable_payloads(report: StudyReport) -> dict[str, EvaluationPayload]:
+    """Site -> payload for the sites whose status is ok and that scored at least one slice."""
+    return {
+        s.site: s.payload
+        for s in report.sites
+        if s.status == "ok" and s.payload is not None and s.payload.n_used > 0
+    }
+
+
+def withheld_paths(payload: EvaluationPayload) -> set[str]:
+    """Payload paths of the pooled values this site did not send.
+
+    Those its release policy names in ``suppressed`` (``scores.muscle.bins``, ``areas.muscle``,
+    ``smi``, ...), and those absent without a mark: a class or tissue missing, bins
+    incomplete, no SMI, no sarcopenia calls, no harmonised scores.
+    """
+    paths = {mark for mark in payload.suppressed if mark.split(".")[0] in POOLED_FIELDS}
+    for field, scores in (("scores", payload.scores), ("harmonised_scores", payload.harmonised_scores)):
+        if scores is None:
+            paths.add(field)
+            continue
+        for cls in METRIC_CLASSES:
+            if cls not in scores:
+                paths.add(f"{field}.{cls}")
+            elif not has_bins(scores[cls]):
+                paths.add(f"{field}.{cls}.bins")
+    paths |= {f"areas.{t}" for t in TISSUES if t not in payload.areas}
+    if payload.smi is None:
+        paths.add("smi")
+    if payload.sarcopenia is None:
+        paths.add("sarcopenia")
+    return paths
+
+
+def pool_payloads(payloads: Mapping[str, EvaluationPayload]) -> PooledResults:
+    """Pool the payloads of several sites (site -> payload), with what each site withheld."""
+    parts = list(payloads.values())
+    excluded: Counter[str] = Counter()
+    for p in parts:
+        excluded.update(p.excluded)
+    smi_parts = [p.smi for p in parts if p.smi is not None]
+    sarc = [p.sarcopenia for p in parts if p.sarcopenia is not None]
+    harmonised = None
+    if parts and all(p.harmonised_scores for p in parts):
+        harmonised = {
+            c: pool_class_scores([p.harmonised_scores[c] for p in parts])  # type: ignore[index]
+            for c in METRIC_CLASSES
+            if all(c in p.harmonised_scores for p in parts)  # type: ignore[operator]
+        }
+    withheld: dict[str, list[str]] = {}
+    for site, p in payloads.items():
+        for path in sorted(withheld_paths(p)):
+            withheld.setdefault(path, []).append(site)
+    return PooledResults(
+        sites=list(payloads),
+        n_listed=sum(p.n_listed for p in parts),
+        n_used=sum(p.n_used for p in parts),
+        n_groups=sum(p.n_groups for p in parts),
+        excluded=dict(excluded),
+        scores={c: pool_class_scores([p.scores[c] for p in parts if c in p.scores]) for c in METRIC_CLASSES},
+        areas={t: pool_area_agreement([p.areas[t] for p in parts if t in p.areas]) for t in TISSUES},
+        smi=pool_smi_agreement(smi_parts) if smi_parts else None,
+        sarcopenia=pool_sarcopenia(sarc) if len({s.cutoff_set for s in sarc}) == 1 else None,
+        harmonised_scores=harmonised,
+        withheld=dict(sorted(withheld.items())),
+    )
+
+
+def pool_report(report: StudyReport) -> PooledResults | None:
+    """The report's usable payloads pooled (None when no site sent a usable result)."""
+    payloads = usable_payloads(report)
+    return pool_payloads(payloads) if payloads else None
+
+
+# --------------------------------------------------------------------------- findings across sites
+
+
+def site_findings(payload: EvaluationPayload) -> list[Finding]:
+    """The site's findings (from its discrepancy summary when present), one per class/direction/region."""
+    found = payload.discrepancy.findings if payload.discrepancy else payload.findings
+    unique: dict[tuple[str, str, str], Finding] = {}
+    for f in [*found, *payload.findings]:
+        unique.setdefault((f.tissue, f.direction, f.region), f)
+    return list(unique.values())
+
+
+def finding_key(f: Finding) -> str:
+    """ "class/direction/region": one finding's name across sites."""
+    return f"{f.tissue}/{f.direction}/{f.region}"
+
+
+def _key_order(key: str) -> tuple[int, int, int]:
+    tissue, direction, region = key.split("/")
+    return TISSUES.index(tissue), DIRECTIONS.index(direction), REGIONS.index(region)
+
+
+def findings_by_site(
+    payloads: Mapping[str, EvaluationPayload],
+) -> tuple[dict[str, dict[str, Finding]], list[str]]:
+    """Site -> finding key -> finding (sites without a finding left out), and every key, in class/
+    direction/region order: the sites x findings matrix."""
+    per_site = {site: {finding_key(f): f for f in site_findings(p)} for site, p in payloads.items()}
+    per_site = {site: found for site, found in per_site.items() if found}
+    keys = sorted({k for found in per_site.values() for k in found}, key=_key_order)
+    return per_site, keys
+
+
+def attribute_findings(payloads: Mapping[str, EvaluationPayload]) -> dict[str, dict[str, str]]:
+    """Tell "the reference (model) differs from the sites" apart from "this site labels differently".
+
+    Among the sites with a discrepancy analysis (at least two), a systematic finding shown by
+    more than half of them describes the reference: with the model as reference, the model's
+    own convention or error. One shown by half or fewer is a site label convention. Returns
+    site -> finding key -> "shared" | "site".
+    """
+    analysed = {s: p for s, p in payloads.items() if p.discrepancy is not None and p.discrepancy.n_slices}
+    systematic = {s: {finding_key(f) for f in site_findings(p) if f.systematic} for s, p in analysed.items()}
+    counts = Counter(k for keys in systematic.values() for k in keys)
+    n = len(systematic)
+    shared = {k for k, c in counts.items() if n >= 2 and c > n / 2}
+    return {
+        site: {k: ("shared" if k in shared else "site") for k in keys} for site, keys in systematic.items()
+    }

@@ -1,0 +1,420 @@
+"""The report's tables as pandas DataFrames, from the sites' payloads and the pooled results.
+
+Each table is one function; :func:`report_tables` builds every CSV table of a study
+(``tables/<stem>.csv``). A table with a pooled row has a ``coverage`` column: on the pooled
+row the sites it is over ("complete: all 3 sites" or "incomplete: 1 of 3 sites suppressed
+(site-x)"), on a site row "suppressed" where that site withheld the value. Numbers come from
+``common.pooling``; nothing is pooled here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+from common.pooling import findings_by_site, limits_of_agreement, pool_report, site_findings, usable_payloads
+from protocols.classes import IOU_BINS, METRIC_CLASSES, SEED_COLUMN, TISSUES
+from protocols.payloads import ClassScores, EvaluationPayload
+from protocols.pooled import Coverage, PooledResults
+from protocols.report import RoundRecord, StudyReport
+
+log = logging.getLogger(__name__)
+
+POOLED = "pooled"
+NOT_POOLABLE = "not poolable"
+RATIO_COLUMN = "ratio"
+COVERAGE_COLUMN = "coverage"
+UNDEFINED_ROW = "undefined"
+SUPPRESSED = "suppressed"
+POOLING_SLICES = "over slices of all sites (exact from n, sum, sum of squares)"
+POOLING_SLICES_PARTIAL = "over slices of the sites that sent it (exact from n, sum, sum of squares)"
+POOLING_SITE = "over this site's slices"
+#: The payload paths behind the pooled row of each table (CSV stem -> paths).
+POOLED_TABLE_PATHS: dict[str, tuple[str, ...]] = {
+    f"{POOLED}_iou_bins": tuple(f"scores.{c}.{f}" for c in METRIC_CLASSES for f in ("bins", "undefined")),
+    "iou_summary": tuple(
+        f"scores.{c}.{f}" for c in METRIC_CLASSES for f in ("iou", "dice", "intersection_px", "union_px")
+    ),
+    "area_agreement": tuple(f"areas.{t}" for t in TISSUES),
+    "smi_agreement": ("smi",),
+    "sarcopenia_confusion": ("sarcopenia",),
+}
+
+
+# --------------------------------------------------------------------------- coverage
+
+
+def table_coverage(pooled: PooledResults) -> dict[str, Coverage]:
+    """CSV stem -> the sites the table's pooled row is over (what ``report.json`` records)."""
+    return {stem: pooled.coverage(*paths) for stem, paths in POOLED_TABLE_PATHS.items()}
+
+
+def coverage_text(coverages: Mapping[str, Coverage]) -> str:
+    """Several columns' coverage in words: one text when they agree, else grouped by column."""
+    groups: dict[str, list[str]] = {}
+    for label, cov in coverages.items():
+        groups.setdefault(cov.describe(), []).append(label)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{', '.join(labels)}: {text}" for text, labels in groups.items())
+
+
+def _site_state(pooled: PooledResults | None, site: str, *paths: str) -> str:
+    return SUPPRESSED if pooled is not None and site in pooled.coverage(*paths).suppressed else ""
+
+
+def _pooling_cells(pooled: PooledResults | None, label: str, *paths: str) -> tuple[str, str]:
+    """The ``pooling`` and ``coverage`` cells of an agreement row (a site's or the pooled one)."""
+    if label != POOLED or pooled is None:
+        return POOLING_SITE, _site_state(pooled, label, *paths)
+    coverage = pooled.coverage(*paths)
+    return (POOLING_SLICES if coverage.complete else POOLING_SLICES_PARTIAL), coverage.describe()
+
+
+# --------------------------------------------------------------------------- IoU bins
+
+
+def percent(part: int, whole: int) -> str:
+    """ "part/whole (p%)", p rounded half up; "part/0 (-)" for an empty whole."""
+    return f"{part}/{whole} ({math.floor(100 * part / whole + 0.5)}%)" if whole else f"{part}/0 (-)"
+
+
+def seed_table(
+    scores: Mapping[str, ClassScores],
+    n_slices: int,
+    classes: Sequence[str] = METRIC_CLASSES,
+    *,
+    incomplete: bool = False,
+) -> pd.DataFrame:
+    """The seed paper's Table 2 layout: IoU bins x M, S, V, MSV, plus the ratio column.
+
+    Rows are the four bins and an ``undefined`` row (slices where the class is empty in both
+    masks). The seed writes the ratio as row total / (4 x slices), which assumes every class
+    is defined on every slice; here the denominator of a bin row is the number of *defined*
+    slice-class cells (sum of the four bins over the columns), so the bin rows still add up
+    to 100%. The ``undefined`` row's ratio is over all slice-class cells (columns x slices).
+    A bin a site did not send (suppressed by its policy) is shown as missing, never as 0.
+    ``incomplete`` (a pool that some site's counts are missing from): no ratio is computed.
+    """
+    columns = [SEED_COLUMN[c] for c in classes]
+    counts: dict[str, list[int | None]] = {}
+    for cls, column in zip(classes, columns, strict=True):
+        s = scores.get(cls)
+        counts[column] = [s.bins.get(b) if s else None for b in IOU_BINS] + [s.undefined if s else None]
+        if (
+            not incomplete
+            and s is not None
+            and s.bins.keys() >= set(IOU_BINS)
+            and sum(s.bins.values()) + s.undefined != n_slices
+        ):
+            log.warning(
+                "class %s: %d binned + %d undefined slices, expected %d",
+                cls,
+                sum(s.bins.values()),
+                s.undefined,
+                n_slices,
+            )
+    frame = pd.DataFrame(counts, index=pd.Index([*IOU_BINS, UNDEFINED_ROW], name="IoU"), dtype="Int64")
+    complete = not frame.isna().to_numpy().any()
+    defined = int(frame.loc[list(IOU_BINS)].sum().sum()) if complete else 0
+    ratios = []
+    for row in frame.index:
+        if incomplete:
+            ratios.append("incomplete")
+        elif frame.loc[row].isna().any() or not complete:
+            ratios.append(SUPPRESSED)
+        else:
+            total = int(frame.loc[row].sum())
+            ratios.append(percent(total, len(columns) * n_slices if row == UNDEFINED_ROW else defined))
+    frame[RATIO_COLUMN] = ratios
+    return frame
+
+
+def pooled_seed_table(pooled: PooledResults) -> pd.DataFrame:
+    """The seed table of the pooled counts, with a ``coverage`` column: the sites each row is over.
+
+    When a site withheld some counts, the table holds the other sites' sums, says so in
+    ``coverage`` (by column where the columns differ) and computes no ratio.
+    """
+    coverage = {
+        field: {SEED_COLUMN[c]: pooled.coverage(f"scores.{c}.{field}") for c in METRIC_CLASSES}
+        for field in ("bins", "undefined")
+    }
+    incomplete = not all(cov.complete for by_column in coverage.values() for cov in by_column.values())
+    frame = seed_table(pooled.scores, pooled.n_used, incomplete=incomplete)
+    frame[COVERAGE_COLUMN] = [coverage_text(coverage["bins"])] * len(IOU_BINS) + [
+        coverage_text(coverage["undefined"])
+    ]
+    return frame
+
+
+def harmonised_table(raw: Mapping[str, ClassScores], harmonised: Mapping[str, ClassScores]) -> pd.DataFrame:
+    """Muscle IoU bins before and after harmonised rescoring (both masks cut to the HU ranges)."""
+    rows = {}
+    for name, scores in (("M raw", raw.get("muscle")), ("M harmonised", harmonised.get("muscle"))):
+        if scores is not None:
+            rows[name] = [scores.bins.get(b) for b in IOU_BINS] + [scores.undefined]
+    return pd.DataFrame(rows, index=pd.Index([*IOU_BINS, UNDEFINED_ROW], name="IoU"), dtype="Int64")
+
+
+# --------------------------------------------------------------------------- per site and pooled rows
+
+
+def _iou_row(label: str, cls: str, s: ClassScores, pooled: bool, state: str) -> dict[str, object]:
+    return {
+        "site": label,
+        "class": SEED_COLUMN[cls],
+        "n_defined": s.iou.n,
+        "iou_mean_over_slices": s.iou.mean,
+        "iou_sd": s.iou.sd,
+        "iou_median": NOT_POOLABLE if pooled and s.iou.median is None else s.iou.median,
+        "iou_q1": NOT_POOLABLE if pooled and s.iou.q1 is None else s.iou.q1,
+        "iou_q3": NOT_POOLABLE if pooled and s.iou.q3 is None else s.iou.q3,
+        "iou_pooled_over_pixels": s.intersection_px / s.union_px if s.union_px else None,
+        "dice_mean_over_slices": s.dice.mean,
+        COVERAGE_COLUMN: state,
+    }
+
+
+def iou_summary_table(
+    payloads: Mapping[str, EvaluationPayload], pooled: PooledResults | None = None
+) -> pd.DataFrame:
+    """Per site (and pooled) and class: per-slice IoU/Dice summary and IoU pooled over pixels."""
+    paths = {
+        c: tuple(p for p in POOLED_TABLE_PATHS["iou_summary"] if p.startswith(f"scores.{c}."))
+        for c in METRIC_CLASSES
+    }
+    rows = [
+        _iou_row(site, c, p.scores[c], False, _site_state(pooled, site, *paths[c]))
+        for site, p in payloads.items()
+        for c in METRIC_CLASSES
+        if c in p.scores
+    ]
+    if pooled is not None:
+        rows += [
+            _iou_row(POOLED, c, pooled.scores[c], True, pooled.coverage(*paths[c]).describe())
+            for c in METRIC_CLASSES
+            if c in pooled.scores
+        ]
+    return pd.DataFrame(rows)
+
+
+def area_table(
+    payloads: Mapping[str, EvaluationPayload], pooled: PooledResults | None = None
+) -> pd.DataFrame:
+    """Area agreement per site (and pooled) and tissue, with Bland-Altman limits (test - label, cm^2)."""
+    rows = [(site, p.areas) for site, p in payloads.items()]
+    if pooled is not None:
+        rows.append((POOLED, pooled.areas))
+    out = []
+    for label, areas in rows:
+        for tissue in TISSUES:
+            if tissue not in areas:
+                continue
+            a = areas[tissue]
+            loa = limits_of_agreement(a.mean_diff_cm2, a.sd_diff_cm2)
+            pooling, state = _pooling_cells(pooled, label, f"areas.{tissue}")
+            out.append(
+                {
+                    "site": label,
+                    "tissue": tissue,
+                    "n": a.n,
+                    "mean_label_cm2": a.mean_label_cm2,
+                    "mean_test_cm2": a.mean_test_cm2,
+                    "mean_diff_cm2": a.mean_diff_cm2,
+                    "sd_diff_cm2": a.sd_diff_cm2,
+                    "loa_low_cm2": loa[0] if loa else None,
+                    "loa_high_cm2": loa[1] if loa else None,
+                    "mean_hu_label": a.mean_hu_label,
+                    "mean_hu_test": a.mean_hu_test,
+                    "pooling": pooling,
+                    COVERAGE_COLUMN: state,
+                }
+            )
+    return pd.DataFrame(out)
+
+
+def smi_table(payloads: Mapping[str, EvaluationPayload], pooled: PooledResults | None = None) -> pd.DataFrame:
+    """SMI agreement (cm^2/m^2, test - label) per site and pooled, with limits of agreement."""
+    rows = [(site, p.smi) for site, p in payloads.items()]
+    if pooled is not None:
+        rows.append((POOLED, pooled.smi))
+    out = []
+    for label, s in rows:
+        if s is None:
+            continue
+        pooling, state = _pooling_cells(pooled, label, "smi")
+        loa = limits_of_agreement(s.mean_diff, s.sd_diff)
+        out.append(
+            {
+                "site": label,
+                "n": s.n,
+                "mean_label": s.mean_label,
+                "mean_test": s.mean_test,
+                "mean_diff": s.mean_diff,
+                "sd_diff": s.sd_diff,
+                "loa_low": loa[0] if loa else None,
+                "loa_high": loa[1] if loa else None,
+                "pooling": pooling,
+                COVERAGE_COLUMN: state,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def sarcopenia_table(
+    payloads: Mapping[str, EvaluationPayload], pooled: PooledResults | None = None
+) -> pd.DataFrame:
+    """Sarcopenia calls (label = truth) per site and pooled (counts of slices add)."""
+    rows = [(site, p.sarcopenia, "") for site, p in payloads.items()]
+    if pooled is not None:
+        rows.append((POOLED, pooled.sarcopenia, pooled.coverage("sarcopenia").describe()))
+    out = []
+    for label, c, state in rows:
+        if c is None:
+            continue
+        known = c.both_sarcopenic + c.label_only + c.test_only + c.neither
+        positives, negatives = c.both_sarcopenic + c.label_only, c.neither + c.test_only
+        out.append(
+            {
+                "site": label,
+                "cutoff_set": c.cutoff_set,
+                "both_sarcopenic": c.both_sarcopenic,
+                "label_only": c.label_only,
+                "test_only": c.test_only,
+                "neither": c.neither,
+                "unknown": c.unknown,
+                "agreement": (c.both_sarcopenic + c.neither) / known if known else None,
+                "sensitivity": c.both_sarcopenic / positives if positives else None,
+                "specificity": c.neither / negatives if negatives else None,
+                COVERAGE_COLUMN: state,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+# --------------------------------------------------------------------------- sites, findings, training
+
+
+def sites_table(report: StudyReport) -> pd.DataFrame:
+    """One row per site: status and reason, dataset fingerprint, slice counts, exclusions."""
+    rows = []
+    for s in report.sites:
+        p = s.payload
+        rows.append(
+            {
+                "site": s.site,
+                # Flower node ids are unsigned 64-bit: keep them as text, not int64.
+                "node_id": str(s.node_id) if s.node_id is not None else None,
+                "status": s.status,
+                "reason": s.reason or ("" if s.status == "ok" else "no reason given"),
+                "dataset_fingerprint": p.dataset_fingerprint if p else None,
+                "model_hash": p.model_hash if p else None,
+                "n_listed": p.n_listed if p else None,
+                "n_used": p.n_used if p else None,
+                "n_patients": p.n_groups if p else None,
+                "excluded": "; ".join(f"{k}: {v}" for k, v in sorted(p.excluded.items())) if p else None,
+            }
+        )
+    columns = ["site", "node_id", "status", "reason", "dataset_fingerprint", "model_hash"]
+    columns += ["n_listed", "n_used", "n_patients", "excluded"]
+    frame = pd.DataFrame(rows, columns=columns)  # a training-only study has no site rows
+    counts = ["n_listed", "n_used", "n_patients"]
+    frame[counts] = frame[counts].astype("Int64")
+    return frame
+
+
+def findings_matrix(payloads: Mapping[str, EvaluationPayload]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Sites x "class/direction/region": prevalence (NaN = not reported) and systematic flags."""
+    per_site, columns = findings_by_site(payloads)
+    prevalence = pd.DataFrame(
+        [[found[k].prevalence if k in found else math.nan for k in columns] for found in per_site.values()],
+        index=pd.Index(list(per_site), name="site"),
+        columns=columns,
+        dtype=float,
+    )
+    systematic = pd.DataFrame(
+        [[bool(k in found and found[k].systematic) for k in columns] for found in per_site.values()],
+        index=prevalence.index,
+        columns=columns,
+        dtype=bool,
+    )
+    return prevalence, systematic
+
+
+def findings_table(payloads: Mapping[str, EvaluationPayload]) -> pd.DataFrame:
+    """Every finding of every site, long format (the CSV behind the matrix)."""
+    rows = [
+        {"site": site, **f.model_dump(mode="json", by_alias=True)}
+        for site, p in payloads.items()
+        for f in site_findings(p)
+    ]
+    return pd.DataFrame(rows)
+
+
+def training_table(rounds: Sequence[RoundRecord]) -> pd.DataFrame:
+    """One row per training round."""
+    return pd.DataFrame(
+        [
+            {
+                "round": r.round,
+                "status": r.status,
+                "sites_replied": ", ".join(r.sites_replied),
+                "sites_failed": "; ".join(f"{s}: {why}" for s, why in sorted(r.sites_failed.items())),
+                "pooled_val_loss": r.pooled_val_loss,
+                "pooled_val_iou_muscle": r.pooled_val_iou.get("muscle"),
+                "weights_hash": (r.weights_hash or "")[:12],
+                "seconds": r.seconds,
+            }
+            for r in rounds
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- every CSV table
+
+
+def file_stem(site: str, taken: set[str]) -> str:
+    """A file-name-safe, unique stem for a site name (never 'pooled')."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", site).strip("._") or "site"
+    if stem == POOLED:
+        stem = f"site-{stem}"
+    base, i = stem, 2
+    while stem in taken:
+        stem, i = f"{base}-{i}", i + 1
+    taken.add(stem)
+    return stem
+
+
+def report_tables(report: StudyReport) -> dict[str, pd.DataFrame]:
+    """The CSV tables by file stem (``tables/<stem>.csv``)."""
+    payloads = usable_payloads(report)
+    pooled = pool_report(report)
+    tables: dict[str, pd.DataFrame] = {"sites": sites_table(report)}
+    if report.training:
+        tables["training_rounds"] = training_table(report.training)
+    if pooled is None:
+        return tables
+    taken: set[str] = set()
+    for site, p in payloads.items():
+        tables[f"{file_stem(site, taken)}_iou_bins"] = seed_table(p.scores, p.n_used)
+    tables[f"{POOLED}_iou_bins"] = pooled_seed_table(pooled)
+    tables["iou_summary"] = iou_summary_table(payloads, pooled)
+    tables["area_agreement"] = area_table(payloads, pooled)
+    tables["smi_agreement"] = smi_table(payloads, pooled)
+    tables["sarcopenia_confusion"] = sarcopenia_table(payloads, pooled)
+    findings = findings_table(payloads)
+    if not findings.empty:
+        tables["findings"] = findings
+    harmonised = [
+        harmonised_table(p.scores, p.harmonised_scores).reset_index().assign(site=site)
+        for site, p in payloads.items()
+        if p.harmonised_scores
+    ]
+    if harmonised:
+        tables["harmonised_muscle_bins"] = pd.concat(harmonised, ignore_index=True)
+    return tables

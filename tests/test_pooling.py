@@ -1,0 +1,153 @@
+"""common.pooling: cross-site pooling and the sites each pooled value is over."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from report_builders import BINS_A, payload, scores, study_report, suppressed_study
+
+from common.pooling import (
+    limits_of_agreement,
+    pool_class_scores,
+    pool_payloads,
+    pool_report,
+    pool_sarcopenia,
+    usable_payloads,
+    withheld_paths,
+)
+from protocols.classes import IOU_BINS
+from protocols.payloads import AreaAgreement
+from protocols.pooled import Coverage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_pooling_module_loads_neither_pandas_nor_flower_nor_torch() -> None:
+    heavy = "('pandas', 'flwr', 'torch', 'matplotlib')"
+    code = f"import sys, common.pooling; print(sorted(m for m in {heavy} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+# --------------------------------------------------------------------------- coverage
+
+
+def test_coverage_in_words() -> None:
+    assert Coverage.of(["a", "b", "c"], []).describe() == "complete: all 3 sites"
+    assert Coverage.of(["a"], []).describe() == "complete: 1 site"
+    partial = Coverage.of(["a", "b"], ["x"])
+    assert partial.state == "incomplete" and not partial.complete
+    assert partial.describe() == "incomplete: 1 of 3 sites suppressed (x)"
+    assert Coverage.of([], ["x", "y"]).describe() == "incomplete: 2 of 2 sites suppressed (x, y)"
+
+
+def test_a_coverage_state_must_match_its_suppressed_sites() -> None:
+    with pytest.raises(ValueError, match="expected 'incomplete'"):
+        Coverage(state="complete", sites=["a"], suppressed=["x"])
+
+
+# --------------------------------------------------------------------------- one value
+
+
+def test_suppressed_bins_add_nothing_and_all_suppressed_is_not_zero() -> None:
+    a = scores((3, 1, 0, 0, 1), 0.9, 0.05, 90, 100)
+    b = scores((2, 2, 1, 0, 0), 0.8, 0.05, 80, 100)
+    hidden = b.model_copy(update={"bins": {}})
+    pooled = pool_class_scores([a, hidden])
+    assert pooled.bins == dict(zip(IOU_BINS, (3, 1, 0, 0), strict=True))
+    assert (pooled.intersection_px, pooled.union_px, pooled.iou.n) == (170, 200, 9)  # pixels still add
+    assert pool_class_scores([a, b]).bins == dict(zip(IOU_BINS, (5, 3, 1, 0), strict=True))
+    assert pool_class_scores([hidden, hidden]).bins == {}  # not available, never 0
+
+
+def test_limits_of_agreement() -> None:
+    assert limits_of_agreement(1.0, 2.0) == pytest.approx((1.0 - 3.92, 1.0 + 3.92))
+    assert limits_of_agreement(1.0, None) is None
+
+
+def test_sarcopenia_counts_add_and_mixed_cut_offs_refuse() -> None:
+    pooled = pool_payloads(usable_payloads(study_report()))
+    assert pooled.sarcopenia is not None
+    assert (pooled.sarcopenia.both_sarcopenic, pooled.sarcopenia.test_only) == (2 + 3, 0 + 1)
+    korean = pooled.sarcopenia.model_copy(update={"cutoff_set": "korean"})
+    with pytest.raises(ValueError, match="different cut-off sets"):
+        pool_sarcopenia([pooled.sarcopenia, korean])
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def test_only_ok_sites_with_slices_are_pooled() -> None:
+    assert list(usable_payloads(study_report())) == ["hospital-a", "hospital-b"]
+    pooled = pool_report(study_report())
+    assert pooled is not None and pooled.sites == ["hospital-a", "hospital-b"]
+    no_site = study_report().model_copy(update={"sites": []})
+    assert pool_report(no_site) is None
+
+
+def test_withheld_paths_are_the_policy_marks_and_what_is_missing() -> None:
+    p = payload("x", 8, BINS_A, seed=0, shift=0.0)
+    assert withheld_paths(p) == {"harmonised_scores"}  # this builder's sites send no harmonised scores
+    hidden = p.model_copy(
+        update={
+            "scores": {**p.scores, "msv": p.scores["msv"].model_copy(update={"bins": {}})},
+            "areas": {k: v for k, v in p.areas.items() if k != "visceral_fat"},
+            "smi": None,
+            "suppressed": ["areas.muscle", "discrepancy.polar", "findings"],
+        }
+    )
+    assert withheld_paths(hidden) == {
+        "harmonised_scores",
+        "scores.msv.bins",
+        "areas.visceral_fat",
+        "areas.muscle",
+        "smi",
+    }
+
+
+def test_a_site_that_suppressed_its_bins_makes_the_pooled_bins_incomplete() -> None:
+    """The defect of issue 11: hospital-c's bins are suppressed, its pixels are not."""
+    pooled = pool_report(suppressed_study())
+    assert pooled is not None and pooled.sites == ["hospital-a", "hospital-b", "hospital-c"]
+    muscle = pooled.scores["muscle"]
+    assert muscle.bins["[0.9,1.0]"] == 8 + 2  # hospital-a and -b only
+    assert muscle.union_px == 1000 * (10 + 8 + 10)  # all three
+    bins = pooled.coverage("scores.muscle.bins")
+    assert (bins.state, bins.sites, bins.suppressed) == (
+        "incomplete",
+        ["hospital-a", "hospital-b"],
+        ["hospital-c"],
+    )
+    assert bins.describe() == "incomplete: 1 of 3 sites suppressed (hospital-c)"
+    assert pooled.coverage("scores.msv.bins").complete  # its MSV bins had no small cell
+    assert pooled.coverage("scores.muscle.union_px").complete
+    assert not pooled.coverage("scores.muscle").complete  # a path covers what is withheld below it
+    assert pooled.coverage("areas.muscle").complete
+    assert pooled.sarcopenia is not None and not pooled.coverage("sarcopenia").complete
+
+
+def test_a_missing_class_leaves_the_site_out_of_everything_below_it() -> None:
+    a = payload("a", 8, BINS_A, seed=0, shift=0.0)
+    b = a.model_copy(update={"site": "b", "scores": {k: v for k, v in a.scores.items() if k != "msv"}})
+    pooled = pool_payloads({"a": a, "b": b})
+    assert pooled.withheld["scores.msv"] == ["b"]
+    assert pooled.coverage("scores.msv.iou").suppressed == ["b"]
+    assert pooled.scores["msv"].iou.n == a.scores["msv"].iou.n
+
+
+def test_area_of_a_suppressed_site_is_not_pooled_as_slices() -> None:
+    a = payload("a", 8, BINS_A, seed=0, shift=0.0)
+    b = payload("b", 10, BINS_A, seed=1, shift=1.0)
+    b = b.model_copy(
+        update={"areas": {**b.areas, "muscle": AreaAgreement(n=0)}, "suppressed": ["areas.muscle"]}
+    )
+    pooled = pool_payloads({"a": a, "b": b})
+    muscle = pooled.areas["muscle"]
+    assert muscle.n == 8
+    assert muscle.mean_diff_cm2 == pytest.approx(a.areas["muscle"].mean_diff_cm2)
+    assert muscle.sd_diff_cm2 == pytest.approx(a.areas["muscle"].sd_diff_cm2)
+    assert pooled.coverage("areas.muscle").describe() == "incomplete: 1 of 2 sites suppressed (b)"
+    assert pooled.coverage("areas.subcutaneous_fat").complete
