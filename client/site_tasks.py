@@ -1,7 +1,8 @@
 """What a site does for each instruction, without Flower: pure calls into ``common``.
 
-The ClientApp (``client.app``) only unpacks a Message, calls one of these, and packs the
-reply. Everything here can be run and tested on a site folder directly.
+The ClientApp (``client.app``) only unpacks a Message, parses the site folder once
+(``common.dataset.load_site``), calls one of these with the ``SiteDataset``, and packs the
+reply. Everything here can be run and tested on a parsed site folder directly.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.dataset import iter_slices, load_site
+from common.dataset import SiteDataset, iter_slices
 from common.errors import SarcofedError, SliceError
 from protocols.payloads import EvaluationPayload
 from protocols.study import StudyConfig
@@ -71,9 +72,9 @@ class SiteInfo:
     n_listed: int
 
 
-def identify(site_dir: Path) -> SiteInfo:
-    site = load_site(site_dir)
-    return SiteInfo(site=site.config.name, n_listed=len(site))
+def identify(site: SiteDataset) -> SiteInfo:
+    """The site's pseudonym (site.toml ``name``) and its count of valid manifest rows."""
+    return SiteInfo(site=site.name, n_listed=len(site))
 
 
 def load_state(spec: ModelSpec, packed: object, layout: str) -> torch.nn.Module:
@@ -83,11 +84,10 @@ def load_state(spec: ModelSpec, packed: object, layout: str) -> torch.nn.Module:
     return model_from_state(spec, unpack_state(packed, layout))  # type: ignore[arg-type]
 
 
-def training_samples(site_dir: Path) -> tuple[list[TrainSample], dict[str, int]]:
+def training_samples(site: SiteDataset) -> tuple[list[TrainSample], dict[str, int]]:
     """Every usable slice of the site as a training sample, and exclusions by reason."""
     from common.training import TrainSample
 
-    site = load_site(site_dir)
     samples: list[TrainSample] = []
     excluded: dict[str, int] = {}
     for item in iter_slices(site):
@@ -101,14 +101,14 @@ def training_samples(site_dir: Path) -> tuple[list[TrainSample], dict[str, int]]
             or "manifest.csv lists no row"
         )
         raise SarcofedError(
-            f"{site_dir}: no usable slice to train on ({why}); "
-            f"run `sarcofed site check {site_dir}` for the file-by-file reasons"
+            f"{site.root}: no usable slice to train on ({why}); "
+            f"run `sarcofed site check {site.root}` for the file-by-file reasons"
         )
     return samples, excluded
 
 
 def run_train(
-    site_dir: Path,
+    site: SiteDataset,
     model: torch.nn.Module,
     spec: ModelSpec,
     study: StudyConfig,
@@ -118,7 +118,7 @@ def run_train(
     """Local training on the site's train split; returns new weights and aggregate metrics."""
     from common.training import TrainConfig, split_train_val, train_local
 
-    samples, _ = training_samples(site_dir)
+    samples, _ = training_samples(site)
     train_idx, val_idx = split_train_val(
         [s.group for s in samples], study.train.val_fraction, study.train.seed
     )
@@ -158,13 +158,13 @@ def run_train(
 
 
 def run_evaluate(
-    site_dir: Path, model: torch.nn.Module, spec: ModelSpec, study: StudyConfig, model_hash: str
+    site: SiteDataset, model: torch.nn.Module, spec: ModelSpec, study: StudyConfig, model_hash: str
 ) -> EvaluationPayload:
     """Score the study model on every usable slice; aggregates only."""
     from common.site_evaluation import evaluate_with_model
 
     return evaluate_with_model(
-        site_dir,
+        site,
         model,
         spec,
         model_hash=model_hash,
@@ -175,12 +175,12 @@ def run_evaluate(
     )
 
 
-def run_compare(site_dir: Path, study: StudyConfig) -> EvaluationPayload:
+def run_compare(site: SiteDataset, study: StudyConfig) -> EvaluationPayload:
     """Score the site's labels against its reference masks; no model involved."""
     from common.site_evaluation import compare_with_reference
 
     return compare_with_reference(
-        site_dir,
+        site,
         cutoff_set=study.study.cutoff_set,
         discrepancy=study.study.discrepancy,
         harmonised=study.study.harmonised,
@@ -196,11 +196,12 @@ __all__ = [
     "run_evaluate",
     "run_train",
     "sarcofed_home",
+    "training_samples",
 ]
 
 
 def run_local_training(
-    site_dir: Path,
+    site: SiteDataset,
     out: Path,
     *,
     epochs: int,
@@ -216,7 +217,7 @@ def run_local_training(
     from common.model import ModelSpec, build_model, save_model, weights_hash
     from common.training import TrainConfig, split_train_val, train_local
 
-    samples, excluded = training_samples(site_dir)
+    samples, excluded = training_samples(site)
     spec = ModelSpec(encoder=encoder, image_size=image_size)
     torch.manual_seed(seed)
     model = build_model(spec)
@@ -230,7 +231,7 @@ def run_local_training(
         progress=progress,
     )
     inter, union = result.val_counts.get("muscle", (0, 0))
-    save_model(out, result.state_dict, spec, meta={"site": load_site(site_dir).config.name, "epochs": epochs})
+    save_model(out, result.state_dict, spec, meta={"site": site.name, "epochs": epochs})
     return {
         "model": str(out),
         "n_train": result.n_train,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from common.dataset import load_site
 from common.evaluation import evaluate_site
 from common.metrics import bin_name
 from protocols.classes import IOU_BINS
@@ -96,7 +97,7 @@ def test_demo_study_trains_validates_reports_and_resumes(tmp_path: Path, flower_
             for p in demo_dir.iterdir()
             if p.is_dir() and f'"{result.site}"' in (p / "site.toml").read_text()
         )
-        payload, records = evaluate_site(site_dir, run_dir / "model.pt", batch_size=4)
+        payload, records = evaluate_site(load_site(site_dir), run_dir / "model.pt", batch_size=4)
         assert result.payload is not None and result.payload.model_hash == payload.model_hash
         for cls in ("muscle", "subcutaneous_fat", "visceral_fat", "msv"):
             expected = Counter(bin_name(r.iou[cls]) for r in records if r.iou[cls] is not None)
