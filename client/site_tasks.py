@@ -8,13 +8,13 @@ reply. Everything here can be run and tested on a parsed site folder directly.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.dataset import SiteDataset, iter_slices
+from common.dataset import MANIFEST_CSV, SiteDataset, iter_slices
 from common.errors import SarcofedError, SliceError
+from common.paths import demo_sites_dir, simulated_site_dir
 from protocols.payloads import EvaluationPayload
 from protocols.study import StudyConfig
 
@@ -25,15 +25,6 @@ if TYPE_CHECKING:  # torch and the model zoo cost seconds to import: only tasks 
     from common.training import TrainSample
 
 log = logging.getLogger(__name__)
-
-
-def sarcofed_home() -> Path:
-    """Where sarcofed keeps demo data and study folders when not told otherwise."""
-    return Path(os.environ.get("SARCOFED_HOME", Path.home() / "sarcofed")).expanduser()
-
-
-def demo_sites_dir(study: StudyConfig) -> Path:
-    return Path(study.demo.dir).expanduser() if study.demo.dir else sarcofed_home() / "demo-sites"
 
 
 def resolve_site_dir(node_config: dict[str, object], study: StudyConfig) -> Path:
@@ -49,8 +40,8 @@ def resolve_site_dir(node_config: dict[str, object], study: StudyConfig) -> Path
             "this SuperNode has no site folder: start it with --node-config 'site-dir=\"/path/to/site\"'"
         )
     partition = int(str(node_config["partition-id"]))
-    site_dir = demo_sites_dir(study) / f"site-{partition}"
-    if not (site_dir / "manifest.csv").exists():
+    site_dir = simulated_site_dir(demo_sites_dir(study.demo.dir), partition)
+    if not (site_dir / MANIFEST_CSV).exists():
         from common.demo.hospitals import make_site, site_profile
 
         profile = site_profile(partition)
@@ -195,7 +186,6 @@ __all__ = [
     "run_compare",
     "run_evaluate",
     "run_train",
-    "sarcofed_home",
     "training_samples",
 ]
 

@@ -12,7 +12,6 @@ is logged as ``timing: <phase> ...`` (wall-clock start and seconds) for ``flwr l
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +25,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from common import paths
 from common.errors import SarcofedError
 from protocols.payloads import HuRanges
 from protocols.report import StudyReport
@@ -46,10 +46,8 @@ IDENTIFY_TIMEOUT_S = 120.0
 
 
 def studies_dir(study: StudyConfig) -> Path:
-    if study.study.output_dir:
-        return Path(study.study.output_dir).expanduser()
-    home = Path(os.environ.get("SARCOFED_HOME", Path.home() / "sarcofed")).expanduser()
-    return home / "studies"
+    """Where this study's run folders go: ``study.output-dir``, or ``$SARCOFED_HOME/studies``."""
+    return paths.studies_dir(study.study.output_dir)
 
 
 def prepare_run_dir(study: StudyConfig, run_id: int) -> Path:

@@ -7,7 +7,6 @@ every site, and the report is written. Prints where the report is.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +15,7 @@ import typer
 from rich.console import Console
 
 from common.errors import SarcofedError
+from common.paths import HOME_ENV, sarcofed_home
 from server.flwr_cli import flower_env, flwr_run, local_superlink_pids, stop_processes
 
 
@@ -52,7 +52,7 @@ def demo_study_cmd(
     rounds.jsonl, report.json/.md/.html, CSV tables) goes under HOME/studies.
     """
     console = Console()
-    root = (home or Path(os.environ.get("SARCOFED_HOME", Path.home() / "sarcofed"))).expanduser().resolve()
+    root = (home or sarcofed_home()).expanduser().resolve()
     before = set(local_superlink_pids())
     started = time.monotonic()
     try:
@@ -61,7 +61,7 @@ def demo_study_cmd(
             run_config={"study.output-dir": str(root / "studies"), "demo.dir": str(root / "demo-sites")}
             | ({"study.num-rounds": rounds} if rounds else {}),
             federation_config={"num-supernodes": sites},
-            env=flower_env({"SARCOFED_HOME": str(root)}),
+            env=flower_env({HOME_ENV: str(root)}),
             echo=None if quiet else console.out,
         )
     except SarcofedError as err:
