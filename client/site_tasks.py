@@ -3,6 +3,9 @@
 The ClientApp (``client.app``) only unpacks a Message, parses the site folder once
 (``common.dataset.load_site``), calls one of these with the ``SiteDataset``, and packs the
 reply. Everything here can be run and tested on a parsed site folder directly.
+
+Nothing here makes data: in simulation the demo hospitals must exist already
+(``sarcofed study demo`` makes them), so a site's app bundle carries no demo generator.
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ if TYPE_CHECKING:  # torch and the model zoo cost seconds to import: only tasks 
 
 log = logging.getLogger(__name__)
 
+#: The command that makes the simulated hospitals (named in the error when one is missing).
+MAKE_DEMO_SITES = "sarcofed study demo --make-only"
+
 
 def resolve_site_dir(node_config: dict[str, object], study: StudyConfig) -> Path:
     """The site folder: ``site-dir`` from the SuperNode's node config.
 
     In simulation (no ``site-dir`` but a ``partition-id``), the demo hospital of that
-    partition, made on first use by the simulated site itself.
+    partition, ``<demo.dir>/site-<partition>``, which must exist already: the simulated
+    site only reads it (``sarcofed study demo`` makes the demo hospitals before the run).
     """
     if "site-dir" in node_config:
         return Path(str(node_config["site-dir"])).expanduser()
@@ -42,17 +49,10 @@ def resolve_site_dir(node_config: dict[str, object], study: StudyConfig) -> Path
     partition = int(str(node_config["partition-id"]))
     site_dir = simulated_site_dir(demo_sites_dir(study.demo.dir), partition)
     if not (site_dir / MANIFEST_CSV).exists():
-        from common.demo.hospitals import make_site, site_profile
-
-        profile = site_profile(partition)
-        log.info("simulation: making demo hospital %s (%s)", site_dir, profile.name)
-        make_site(
-            site_dir,
-            profile,
-            slices=study.demo.slices,
-            size=study.demo.size,
-            seed=partition,
-            site_tag=str(partition),
+        raise SarcofedError(
+            f"simulation: no demo hospital for partition {partition} at {site_dir}; make the demo "
+            f"hospitals first with `{MAKE_DEMO_SITES}` (or run the whole demo with `sarcofed study demo`), "
+            "or set demo.dir to a folder of site-N folders (`sarcofed demo make DIR`)"
         )
     return site_dir
 

@@ -1,5 +1,5 @@
-"""The ClientApp handler in process: one parse of the site per message, and the guard
-screening what that parse read."""
+"""The ClientApp handler in process: one parse of the site per message, the guard screening
+what that parse read, and simulated sites that are read, never made."""
 
 from __future__ import annotations
 
@@ -85,3 +85,19 @@ def test_a_semicolon_manifest_is_screened_like_any_other(site: Path) -> None:
     reply = _send("compare", {"site-dir": str(site)})
     assert reply.has_error() and reply.error.code == keys.ERROR_REFUSED
     assert "manifest.csv" in reply.error.reason and "slice_3" not in reply.error.reason
+
+
+def test_a_simulated_site_that_does_not_exist_is_not_made_and_the_reason_says_how(tmp_path: Path) -> None:
+    demo_dir = tmp_path / "demo-sites"
+    reply = _send("identify", {"partition-id": 1, "num-partitions": 2}, {"demo.dir": str(demo_dir)})
+    assert reply.has_error() and reply.error.code == keys.ERROR_FAILED
+    assert "sarcofed study demo --make-only" in reply.error.reason
+    assert str(demo_dir / "site-1") in reply.error.reason
+    assert not demo_dir.exists()
+
+
+def test_a_simulated_site_is_read_from_demo_dir(tmp_path: Path) -> None:
+    demo_dir = tmp_path / "demo-sites"
+    make_site(demo_dir, n=2, size=32, name="site-1")
+    reply = _payload(_send("identify", {"partition-id": 1, "num-partitions": 2}, {"demo.dir": str(demo_dir)}))
+    assert reply == {"site": "site-1", "n_listed": 2}
