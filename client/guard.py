@@ -355,11 +355,13 @@ def open_guard(
 
     Checks, in order: the site's policy.toml is readable (an unreadable policy refuses
     everything), the running code is on the app allow-list, the task is accepted, and the
-    instruction asks for nothing outside the study protocol.
+    instruction asks for nothing outside the study protocol. An empty allow-list is logged
+    as a warning on the first message of each run (the audit log says which run is new).
     """
     site_dir = Path(site_dir)
     audit = AuditLog.for_site(site_dir)
     app_hash = app_hash or current_app_hash()
+    first_of_run = not audit.has_run(run_id)
     audit.append(
         "received", run_id=run_id, task=task, app_hash=app_hash, payload={"config": _jsonable(config)}
     )
@@ -374,7 +376,7 @@ def open_guard(
     reason = app_refusal(app_hash, policy.allowed_apps)
     if reason:
         raise guard._refuse(reason)
-    if not policy.allowed_apps:
+    if not policy.allowed_apps and first_of_run:  # once per site per study, not on every message
         log.warning(
             "site %s: allowed-apps is empty, so any sarcofed code may run (hash %s)", site_dir, app_hash
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,21 @@ def test_a_site_that_cannot_be_parsed_still_has_its_path_redacted(tmp_path: Path
     assert opened.error_reason(f"{site}/manifest.csv: missing") == "<site>/manifest.csv: missing"
     with pytest.raises(SiteRefusal, match="no parsed site"):
         opened.release_payload(payload())  # unscreened replies never leave
+
+
+def test_empty_allow_list_warns_once_per_site_per_run(site: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def warnings() -> int:
+        return sum("allowed-apps is empty" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.WARNING, logger="client.guard"):
+        for task in ("identify", "train", "train", "evaluate"):  # each message: a fresh guard
+            open_guard(site, run_id=3, task=task, config={keys.TASK: task}, app_hash=APP)
+        assert warnings() == 1
+        open_guard(site, run_id=4, task="identify", config={keys.TASK: "identify"}, app_hash=APP)
+        assert warnings() == 2  # a new study warns again
+        open_guard(site, run_id=34, task="identify", config={keys.TASK: "identify"}, app_hash=APP)
+        assert warnings() == 3  # run 34 is not run 3
+    write_policy(site, SitePolicy(allowed_apps=(APP,)))
+    with caplog.at_level(logging.WARNING, logger="client.guard"):
+        open_guard(site, run_id=5, task="identify", config={keys.TASK: "identify"}, app_hash=APP)
+    assert warnings() == 3  # pinned: nothing to warn about
