@@ -38,21 +38,25 @@ def app_dir() -> Path:
     return here
 
 
-def simulation_study(app: Path, run_config: Mapping[str, object]) -> StudyConfig:
+#: A flat run-config value, as ``[tool.flwr.app.config]`` and ``--run-config`` hold them.
+RunConfigValue = bool | int | float | str
+
+
+def simulation_study(app: Path, run_config: Mapping[str, RunConfigValue]) -> StudyConfig:
     """The study that ``flwr run APP --run-config ...`` runs: pyproject's ``[tool.flwr.app.config]``
     fused with ``run_config`` exactly as Flower fuses them, then parsed."""
     from flwr.common.config import get_fused_config_from_dir
 
     try:
-        flat = get_fused_config_from_dir(Path(app), dict(run_config))  # type: ignore[arg-type]
-        return StudyConfig.from_run_config(flat)  # type: ignore[arg-type]
+        flat = get_fused_config_from_dir(Path(app), dict(run_config))
+        return StudyConfig.from_run_config(flat)
     except (ValueError, FileNotFoundError) as err:
         raise SarcofedError(
             f"{Path(app) / 'pyproject.toml'}: cannot read the study's run config: {err}"
         ) from err
 
 
-def make_demo_sites(app: Path, run_config: Mapping[str, object], sites: int) -> list[Path]:
+def make_demo_sites(app: Path, run_config: Mapping[str, RunConfigValue], sites: int) -> list[Path]:
     """The simulated hospitals of a ``flwr run`` with ``sites`` SuperNodes; those missing are made.
 
     Partition ``N`` reads ``<demo.dir>/site-N`` (``common.paths``); a folder that already
@@ -111,7 +115,7 @@ def demo_study_cmd(
     """
     console = Console()
     root = (home or sarcofed_home()).expanduser().resolve()
-    run_config: dict[str, object] = {
+    run_config: dict[str, RunConfigValue] = {
         "study.output-dir": str(root / "studies"),
         "demo.dir": str(root / "demo-sites"),
     } | ({"study.num-rounds": rounds} if rounds else {})

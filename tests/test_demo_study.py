@@ -34,7 +34,7 @@ def test_missing_demo_sites_are_made_as_the_simulated_sites_made_them(tmp_path: 
     kept = demo_dir / "site-1"
     kept.mkdir(parents=True)
     (kept / "manifest.csv").write_text("image,label\nct/a.dcm,labels/a.png\n", encoding="utf-8")
-    config = {"demo.dir": str(demo_dir), "demo.slices": 2, "demo.size": 48}
+    config: dict[str, str | int] = {"demo.dir": str(demo_dir), "demo.slices": 2, "demo.size": 48}
 
     sites = make_demo_sites(ROOT, config, 3)
 
