@@ -1,14 +1,16 @@
 """The site guard: what the ClientApp must pass through before anything leaves the site.
 
 One ``SiteGuard`` per incoming message (``open_guard``). It audits the instruction,
-refuses it when the site's policy, app allow-list or the instruction itself says no, and
-releases replies only after enforcing the policy on them:
+refuses it when the site's policy, app allow-list or the instruction itself says no, is
+then given the site the ClientApp parsed (``SiteGuard.attach``: the file names and group
+keys to screen for come from that one ``SiteDataset``), and releases replies only after
+enforcing the policy on them:
 
 - evaluation payloads: at least ``min-slices`` usable slices; cells with a count below
   ``min-cell-count`` suppressed *and named* in ``suppressed`` (never silently zeroed);
   polar maps and discrepancy analysis removed when not allowed; the result re-validated
   through ``EvaluationPayload`` so only schema fields leave; no file name or group key
-  from manifest.csv anywhere in the text;
+  from manifest.csv anywhere in the text (error reasons: redacted instead);
 - training replies: only the metric keys of ``protocols.keys.TRAIN_METRIC_KEYS``, finite
   values, at least ``min-slices`` training slices, local DP when the policy demands it.
 
@@ -208,17 +210,17 @@ class SiteGuard:
     run_id: int
     task: str
     #: What no reply may contain (:func:`never_leave`); ``None`` until a site is attached.
-    never_leave: frozenset[str] | None = None
+    identifiers: frozenset[str] | None = None
 
     def attach(self, site: SiteDataset) -> SiteDataset:
         """Screen everything that leaves for ``site``'s manifest strings; returns ``site``."""
-        self.never_leave = never_leave(site)
+        self.identifiers = never_leave(site)
         return site
 
     def _screen(self) -> frozenset[str]:
-        if self.never_leave is None:
+        if self.identifiers is None:
             raise self._refuse("the reply cannot be screened: the site guard was given no parsed site")
-        return self.never_leave
+        return self.identifiers
 
     def _sent(self, payload: Any) -> None:
         self.audit.append("sent", run_id=self.run_id, task=self.task, app_hash=self.app_hash, payload=payload)
@@ -232,7 +234,7 @@ class SiteGuard:
 
     def error_reason(self, reason: str) -> str:
         """An error reason as it may leave: file names and the site path redacted; audited."""
-        safe = redact(reason, self.site_dir, self.never_leave or ())
+        safe = redact(reason, self.site_dir, self.identifiers or ())
         self.refuse(safe)
         return safe
 
