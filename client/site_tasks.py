@@ -10,7 +10,6 @@ Nothing here makes data: in simulation the demo hospitals must exist already
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,8 +25,6 @@ if TYPE_CHECKING:  # torch and the model zoo cost seconds to import: only tasks 
 
     from common.model import ModelSpec
     from common.training import TrainSample
-
-log = logging.getLogger(__name__)
 
 #: The command that makes the simulated hospitals (named in the error when one is missing).
 MAKE_DEMO_SITES = "sarcofed study demo --make-only"
