@@ -355,6 +355,7 @@ def main() -> None:
     from deploy_harness import deployment
 
     from client import site_tasks
+    from common.dataset import load_site
     from common.demo.hospitals import make_site, site_profile
     from common.model import ModelSpec, build_model, pack_state, save_model, weights_hash
     from protocols.study import StudyConfig
@@ -390,7 +391,7 @@ def main() -> None:
         t0 = time.perf_counter()
         site_model = site_tasks.load_state(spec, packed, layout)
         t1 = time.perf_counter()
-        site_tasks.run_evaluate(site, site_model, spec, study, model_hash)
+        site_tasks.run_evaluate(load_site(site), site_model, spec, study, model_hash)
         local_unpack[site.name], local_eval[site.name] = t1 - t0, time.perf_counter() - t1
     local = time.perf_counter() - start
     load_local = os.getloadavg()[0]

@@ -113,7 +113,7 @@ def main() -> None:
         del slices, images, masks
 
         # end to end
-        _, t_e2e = _timed(evaluate_site, site_root, model_path, batch_size=args.batch_size)
+        _, t_e2e = _timed(lambda: evaluate_site(load_site(site_root), model_path, batch_size=args.batch_size))
 
     totals = {"read": t_read, "preprocess": t_pre, "forward": t_forward, "postprocess": t_post,
               "predict": t_predict, "metrics": t_metrics, "e2e": t_e2e}  # fmt: skip

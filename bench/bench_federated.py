@@ -49,6 +49,7 @@ import torch
 
 from client.audit import audit_path
 from client.site_tasks import training_samples
+from common.dataset import load_site
 from common.demo.hospitals import make_demo
 from common.model import build_model, model_from_state
 from common.training import TrainConfig, evaluate_loss, split_train_val, train_local
@@ -243,7 +244,7 @@ def splits(site_dirs: Sequence[Path], study: StudyConfig) -> tuple[list, list]:
     """Every site's train and validation samples, split exactly as ``run_train`` splits them."""
     train, val = [], []
     for site_dir in site_dirs:
-        samples, _ = training_samples(site_dir)
+        samples, _ = training_samples(load_site(site_dir))
         t_idx, v_idx = split_train_val([s.group for s in samples], study.train.val_fraction, study.train.seed)
         train += [samples[i] for i in t_idx]
         val += [samples[i] for i in v_idx]

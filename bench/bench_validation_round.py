@@ -56,6 +56,7 @@ from bench_federated import (
 
 from client.audit import audit_path
 from client.site_tasks import run_evaluate
+from common.dataset import load_site
 from common.demo.hospitals import make_demo
 from common.model import ModelSpec, build_model, load_model, save_model
 from protocols.report import StudyReport
@@ -174,7 +175,7 @@ def main() -> None:
         local: dict[Path, tuple[float, int]] = {}
         for site_dir in site_dirs:
             clock = time.perf_counter()
-            payload = run_evaluate(site_dir, loaded.model, spec, study, loaded.weights_hash)
+            payload = run_evaluate(load_site(site_dir), loaded.model, spec, study, loaded.weights_hash)
             local[site_dir] = (time.perf_counter() - clock, payload.n_used)
 
     used = {r.site: r.payload.n_used for r in report.sites if r.payload is not None}

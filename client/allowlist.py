@@ -7,9 +7,10 @@ ClientApp hashes to something else.
 
 The hash covers exactly what the app bundle (FAB) ships (``fab-include`` in
 pyproject.toml): every ``.py`` file under ``protocols/``, ``common/``, ``client/`` and
-``server/`` plus ``pyproject.toml``, in sorted relative-path order, each as
-``path NUL size NUL bytes``. ``flwr build`` rewrites pyproject.toml (comments and
-layout dropped), so its parsed content (canonical JSON) is hashed instead of its bytes.
+``server/`` except the demo generator ``common/demo/``, plus ``pyproject.toml``, in
+sorted relative-path order, each as ``path NUL size NUL bytes``. ``flwr build`` rewrites
+pyproject.toml (comments and layout dropped), so its parsed content (canonical JSON) is
+hashed instead of its bytes.
 A site computes the hash of the code it reviewed with
 ``sarcofed site policy hash /path/to/reviewed/sarcofed`` (a checkout or an unpacked FAB).
 """
@@ -23,13 +24,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 PACKAGES: tuple[str, ...] = ("protocols", "common", "client", "server")
+#: Folders of those packages the app bundle leaves out (``fab-include`` in pyproject.toml).
+NOT_SHIPPED: tuple[str, ...] = ("common/demo",)
 PROJECT_FILE = "pyproject.toml"
 
 
 def code_files(root: Path) -> list[Path]:
     """The files the hash covers, as paths relative to ``root``, sorted."""
     root = Path(root)
-    files = [p.relative_to(root) for pkg in PACKAGES for p in (root / pkg).rglob("*.py") if p.is_file()]
+    found = [p.relative_to(root) for pkg in PACKAGES for p in (root / pkg).rglob("*.py") if p.is_file()]
+    files = [rel for rel in found if not any(rel.is_relative_to(folder) for folder in NOT_SHIPPED)]
     if (root / PROJECT_FILE).is_file():
         files.append(Path(PROJECT_FILE))
     return sorted(files, key=lambda p: p.as_posix())

@@ -1,8 +1,10 @@
 """The site's Flower ClientApp: thin glue between Messages and ``client.site_tasks``.
 
-Every reply passes the site guard (``client.guard``): the site's own release policy,
-app allow-list and audit log. Only weights and aggregates leave; anything else is
-refused with an error reply the coordinator sees.
+Each message: read the study config, find the site folder, open the site guard
+(``client.guard``: the site's own release policy, app allow-list and audit log), parse the
+site folder once (``common.dataset.load_site``) and hand that ``SiteDataset`` to the task
+and to the guard, which screens every reply for its file names. Only weights and
+aggregates leave; anything else is refused with an error reply the coordinator sees.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +20,7 @@ from flwr.clientapp import ClientApp
 
 from client import site_tasks
 from client.guard import SiteGuard, SiteRefusal, open_guard
+from common.dataset import SiteDataset, load_site
 from common.errors import SarcofedError
 from protocols import keys
 from protocols.study import StudyConfig
@@ -57,7 +59,9 @@ def _handle(msg: Message, context: Context, task_default: str) -> Message:
         study = _study(context, config)
         site_dir = site_tasks.resolve_site_dir(dict(context.node_config), study)
         guard = open_guard(site_dir, run_id=context.run_id, task=task, config=dict(config))
-        return _run(msg, task, config, study, site_dir, guard)
+        # The one parse of the site folder for this message: every task and the guard use it.
+        site = guard.attach(load_site(site_dir))
+        return _run(msg, task, config, study, site, guard)
     except SiteRefusal as refusal:
         return _error(msg, REFUSED, f"refused by site policy: {refusal.reason}")
     except SarcofedError as err:
@@ -84,10 +88,10 @@ def _model_from(msg: Message, config: ConfigRecord) -> tuple[ModelSpec, object]:
 
 
 def _run(
-    msg: Message, task: str, config: ConfigRecord, study: StudyConfig, site_dir: Path, guard: SiteGuard
+    msg: Message, task: str, config: ConfigRecord, study: StudyConfig, site: SiteDataset, guard: SiteGuard
 ) -> Message:
     if task == "identify":
-        info = site_tasks.identify(site_dir)
+        info = site_tasks.identify(site)
         text = json.dumps(guard.release_identity(info.site, info.n_listed))
         return Message(RecordDict({keys.PAYLOAD: ConfigRecord({keys.PAYLOAD_JSON: text})}), reply_to=msg)
     if task == "train":
@@ -96,7 +100,7 @@ def _run(
         spec, model = _model_from(msg, config)
         global_packed = msg.content.array_records[keys.ARRAYS][keys.PACKED].numpy()
         mu = float(config.get(keys.PROXIMAL_MU, 0.0))  # type: ignore[arg-type]
-        state, metrics = site_tasks.run_train(site_dir, model, spec, study, proximal_mu=mu)  # type: ignore[arg-type]
+        state, metrics = site_tasks.run_train(site, model, spec, study, proximal_mu=mu)  # type: ignore[arg-type]
         packed, _layout = pack_state(state)
         # Local DP when the site's policy demands it: clip and noise the update, not the weights.
         update, dp_applied = guard.protect_update(packed - global_packed)
@@ -114,11 +118,10 @@ def _run(
     if task in ("evaluate", "compare"):
         if task == "evaluate":
             spec, model = _model_from(msg, config)
-            payload = site_tasks.run_evaluate(
-                site_dir, model, spec, study, str(config.get(keys.MODEL_HASH, ""))
-            )  # type: ignore[arg-type]
+            model_hash = str(config.get(keys.MODEL_HASH, ""))
+            payload = site_tasks.run_evaluate(site, model, spec, study, model_hash)  # type: ignore[arg-type]
         else:
-            payload = site_tasks.run_compare(site_dir, study)
+            payload = site_tasks.run_compare(site, study)
         released = guard.release_payload(payload)
         text = released.model_dump_json()
         return Message(RecordDict({keys.PAYLOAD: ConfigRecord({keys.PAYLOAD_JSON: text})}), reply_to=msg)

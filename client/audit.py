@@ -135,6 +135,23 @@ class AuditLog:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         return entry
 
+    def has_run(self, run_id: int) -> bool:
+        """Whether any entry of the log belongs to run ``run_id`` (a missing log has none)."""
+        if not self.path.exists():
+            return False
+        needle = f'"run_id":{int(run_id)}'.encode()  # canonical JSON (no spaces): a cheap pre-filter
+        with open(self.path, "rb") as handle:
+            for line in handle:
+                if needle not in line:
+                    continue
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a damaged line is verify_chain's business, not this question's
+                if isinstance(entry, dict) and entry.get("run_id") == int(run_id):
+                    return True
+        return False
+
 
 class AuditLogError(ValueError):
     """A line of the audit log is not a valid entry (names the file and line)."""

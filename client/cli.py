@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from client.render import counting_progress
+from client.render import counting_progress, render_check
 from common.errors import SiteFolderError
 
 site_app = typer.Typer(
@@ -41,18 +41,20 @@ def check(
 
     Exit status: 0 if at least one slice is usable, 1 if none is or the folder is invalid.
     """
-    from common.check import check_site, render_check
+    from common.check import check_site
+    from common.dataset import load_site
 
     # pydicom logs every oddity of every file; the report already says what matters.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     console = Console()
     errors = Console(stderr=True)
     try:
+        site = load_site(site_dir)
         if as_json:
-            report = check_site(site_dir)
+            report = check_site(site)
         else:
             with counting_progress("checking slices", console) as on_row:
-                report = check_site(site_dir, on_row=on_row)
+                report = check_site(site, on_row=on_row)
     except SiteFolderError as exc:
         errors.print(f"[red]Site folder not usable:[/red] {escape(str(exc.path))}\n{escape(exc.detail)}")
         raise typer.Exit(1) from None

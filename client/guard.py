@@ -1,14 +1,16 @@
 """The site guard: what the ClientApp must pass through before anything leaves the site.
 
 One ``SiteGuard`` per incoming message (``open_guard``). It audits the instruction,
-refuses it when the site's policy, app allow-list or the instruction itself says no, and
-releases replies only after enforcing the policy on them:
+refuses it when the site's policy, app allow-list or the instruction itself says no, is
+then given the site the ClientApp parsed (``SiteGuard.attach``: the file names and group
+keys to screen for come from that one ``SiteDataset``), and releases replies only after
+enforcing the policy on them:
 
 - evaluation payloads: at least ``min-slices`` usable slices; cells with a count below
   ``min-cell-count`` suppressed *and named* in ``suppressed`` (never silently zeroed);
   polar maps and discrepancy analysis removed when not allowed; the result re-validated
   through ``EvaluationPayload`` so only schema fields leave; no file name or group key
-  from manifest.csv anywhere in the text;
+  from manifest.csv anywhere in the text (error reasons: redacted instead);
 - training replies: only the metric keys of ``protocols.keys.TRAIN_METRIC_KEYS``, finite
   values, at least ``min-slices`` training slices, local DP when the policy demands it.
 
@@ -17,14 +19,13 @@ Every refusal and every reply sent is appended to the site's audit log first.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from pydantic import ValidationError
 from client.allowlist import app_refusal, current_app_hash
 from client.audit import AuditLog
 from client.policy import SitePolicy, load_policy
+from common.dataset import IDENTIFYING_COLUMNS, SiteDataset
 from common.errors import SiteFolderError
 from protocols import keys
 from protocols.payloads import AreaAgreement, ClassScores, Distribution, EvaluationPayload
@@ -80,43 +82,42 @@ def config_refusal(config: Mapping[str, object]) -> str | None:
     return None
 
 
-def manifest_strings(site_dir: Path) -> set[str]:
-    """Paths, file names and group keys listed in manifest.csv (long enough to search for)."""
-    path = Path(site_dir) / "manifest.csv"
+def never_leave(site: SiteDataset) -> frozenset[str]:
+    """The strings of a parsed site that no reply may contain: manifest paths, file names, group keys.
+
+    Taken from the ``SiteDataset`` the site's tasks run on (valid rows and the raw cells of
+    invalid ones), so the screen sees exactly what the dataset read, whatever the manifest's
+    separator or header case. Strings shorter than ``MIN_IDENTIFIER_LEN`` are left out.
+    """
     found: set[str] = set()
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            for row in csv.DictReader(handle):
-                for column in ("image", "label", "reference", "group"):
-                    value = (row.get(column) or "").strip()
-                    if not value:
-                        continue
-                    # whole values and file names only: a stem like "muscle" is also a class name
-                    candidates = {value} if column == "group" else {value, Path(value).name}
-                    found |= {c for c in candidates if len(c) >= MIN_IDENTIFIER_LEN}
-    except (OSError, csv.Error, UnicodeDecodeError) as err:
-        log.warning("cannot read %s to screen replies for file names: %s", path, err)
-    return found
+    for column in IDENTIFYING_COLUMNS:
+        for value in site.listed(column):
+            if column == "group":  # whole values only: a stem like "muscle" is also a class name
+                candidates = {value}
+            else:
+                candidates = {value, Path(value).name, PurePosixPath(value.replace("\\", "/")).name}
+            found |= {c for c in candidates if len(c) >= MIN_IDENTIFIER_LEN}
+    return frozenset(found)
 
 
-def leaked_column(text: str, site_dir: Path) -> str | None:
-    """'file name' / 'group key' when ``text`` contains one from manifest.csv (never the value itself)."""
+def leaked_column(text: str, strings: Collection[str]) -> str | None:
+    """What ``text`` holds when it contains one of ``strings`` (never the value itself)."""
     lowered = text.lower()
-    for value in manifest_strings(site_dir):
+    for value in strings:
         if value.lower() in lowered:
             return "a file name or group key from manifest.csv"
     return None
 
 
-def redact(text: str, site_dir: Path) -> str:
-    """``text`` with the site folder's path and manifest file names / group keys replaced.
+def redact(text: str, site_dir: Path, strings: Collection[str] = ()) -> str:
+    """``text`` with the site folder's path and ``strings`` (see :func:`never_leave`) replaced.
 
     For error reasons that go back to the coordinator: an exception message may name a
     file; what leaves says ``<site>/<file>`` instead.
     """
     site = str(Path(site_dir).expanduser().resolve())
     out = text.replace(site, "<site>").replace(str(site_dir), "<site>")
-    for value in sorted(manifest_strings(site_dir), key=len, reverse=True):
+    for value in sorted(strings, key=len, reverse=True):
         out = re.sub(re.escape(value), "<file>", out, flags=re.IGNORECASE)
     return out
 
@@ -194,7 +195,13 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
 
 @dataclass
 class SiteGuard:
-    """Policy enforcement and audit for one incoming message."""
+    """Policy enforcement and audit for one incoming message.
+
+    The ClientApp parses the site once and hands the ``SiteDataset`` to :meth:`attach`;
+    from then on replies are screened for its file names and group keys. A guard with no
+    site attached (the folder could not be parsed) still redacts the site's path from error
+    reasons, and refuses to release an evaluation payload (it could not screen it).
+    """
 
     site_dir: Path
     policy: SitePolicy
@@ -202,6 +209,18 @@ class SiteGuard:
     app_hash: str
     run_id: int
     task: str
+    #: What no reply may contain (:func:`never_leave`); ``None`` until a site is attached.
+    identifiers: frozenset[str] | None = None
+
+    def attach(self, site: SiteDataset) -> SiteDataset:
+        """Screen everything that leaves for ``site``'s manifest strings; returns ``site``."""
+        self.identifiers = never_leave(site)
+        return site
+
+    def _screen(self) -> frozenset[str]:
+        if self.identifiers is None:
+            raise self._refuse("the reply cannot be screened: the site guard was given no parsed site")
+        return self.identifiers
 
     def _sent(self, payload: Any) -> None:
         self.audit.append("sent", run_id=self.run_id, task=self.task, app_hash=self.app_hash, payload=payload)
@@ -215,7 +234,7 @@ class SiteGuard:
 
     def error_reason(self, reason: str) -> str:
         """An error reason as it may leave: file names and the site path redacted; audited."""
-        safe = redact(reason, self.site_dir)
+        safe = redact(reason, self.site_dir, self.identifiers or ())
         self.refuse(safe)
         return safe
 
@@ -241,7 +260,7 @@ class SiteGuard:
                 f"reply does not fit the payload schema after the site's policy: {err}"
             ) from err
         text = released.model_dump_json()
-        leak = leaked_column(text, self.site_dir)
+        leak = leaked_column(text, self._screen())
         if leak:
             raise self._refuse(f"reply contains {leak}; nothing was sent")
         self._sent(json.loads(text))
@@ -338,11 +357,13 @@ def open_guard(
 
     Checks, in order: the site's policy.toml is readable (an unreadable policy refuses
     everything), the running code is on the app allow-list, the task is accepted, and the
-    instruction asks for nothing outside the study protocol.
+    instruction asks for nothing outside the study protocol. An empty allow-list is logged
+    as a warning on the first message of each run (the audit log says which run is new).
     """
     site_dir = Path(site_dir)
     audit = AuditLog.for_site(site_dir)
     app_hash = app_hash or current_app_hash()
+    first_of_run = not audit.has_run(run_id)
     audit.append(
         "received", run_id=run_id, task=task, app_hash=app_hash, payload={"config": _jsonable(config)}
     )
@@ -350,12 +371,14 @@ def open_guard(
         policy = load_policy(site_dir)
     except SiteFolderError as err:
         guard = SiteGuard(site_dir, SitePolicy(), audit, app_hash, run_id, task)
-        raise guard._refuse(f"the site's release policy is invalid, so nothing is released: {err}") from err
+        raise guard._refuse(
+            f"the site's release policy is invalid, so nothing is released: {redact(str(err), site_dir)}"
+        ) from err
     guard = SiteGuard(site_dir, policy, audit, app_hash, run_id, task)
     reason = app_refusal(app_hash, policy.allowed_apps)
     if reason:
         raise guard._refuse(reason)
-    if not policy.allowed_apps:
+    if not policy.allowed_apps and first_of_run:  # once per site per study, not on every message
         log.warning(
             "site %s: allowed-apps is empty, so any sarcofed code may run (hash %s)", site_dir, app_hash
         )

@@ -1,16 +1,22 @@
-"""Rich rendering of what a site would send: the seed's tables, agreement and findings."""
+"""Rich rendering for the site's CLIs: what a site would send (the seed's tables, agreement and
+findings), the report of ``sarcofed site check``, and progress bars."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from protocols.classes import IOU_BINS, METRIC_CLASSES, SEED_COLUMN, TISSUES
+from protocols.classes import IOU_BINS, METRIC_CLASSES, SEED_COLUMN, TISSUES, ExclusionReason
 from protocols.payloads import EvaluationPayload
+
+if TYPE_CHECKING:
+    from common.check import SiteCheckReport
 
 
 @contextmanager
@@ -115,3 +121,62 @@ def render_payload(payload: EvaluationPayload, console: Console) -> None:
         console.print("No label-definition finding: this site's labels agree with the reference convention.")
     if payload.suppressed:
         console.print(f"[yellow]suppressed by the site policy:[/] {', '.join(payload.suppressed)}")
+
+
+def _fmt(value: float | None, pattern: str = "{:.1f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def render_check(report: SiteCheckReport, console: Console) -> None:
+    """Print the report as rich tables for the person at the site."""
+    verdict = "[green]usable[/green]" if report.usable else "[red]NOT usable[/red]"
+    console.print(f"[bold]Site[/bold] {escape(report.site)}: {verdict}")
+    summary = Table(show_header=False, box=None)
+    summary.add_row("slices listed", str(report.n_listed))
+    summary.add_row("slices usable", str(report.n_usable))
+    summary.add_row("patients (groups)", str(report.n_groups))
+    summary.add_row("height known", f"{report.n_heights_known} of {report.n_usable}")
+    summary.add_row("sex known", f"{report.n_sex_known} of {report.n_usable}")
+    if report.pixel_spacing:
+        summary.add_row(
+            "pixel spacing", f"{report.pixel_spacing.min_mm:.3g} - {report.pixel_spacing.max_mm:.3g} mm"
+        )
+    summary.add_row("image sizes", ", ".join(report.image_sizes) or "-")
+    summary.add_row("background values", ", ".join(map(str, report.background_values)) or "-")
+    summary.add_row("dataset fingerprint", report.fingerprint)
+    console.print(summary)
+
+    classes = Table(title="Tissues (pooled over pixels of usable slices)")
+    for column in ("class", "site values", "pixels", "HU range", "in range", "mean HU"):
+        classes.add_column(column, justify="left" if column in ("class", "site values") else "right")
+    for name, stats in report.classes.items():
+        share = stats.share_in_hu_range
+        style = "" if share is None or share >= 0.5 else "[yellow]"
+        classes.add_row(
+            name,
+            ", ".join(map(str, stats.label_values)) or "-",
+            str(stats.pixels),
+            f"{stats.hu_range[0]:g}..{stats.hu_range[1]:g}",
+            style + _fmt(share * 100 if share is not None else None, "{:.0f}%"),
+            _fmt(stats.mean_hu),
+        )
+    console.print(classes)
+
+    if report.excluded:
+        reasons = Table(title="Excluded rows by reason")
+        reasons.add_column("reason")
+        reasons.add_column("count", justify="right")
+        reasons.add_column("meaning")
+        for reason, count in report.excluded.items():
+            reasons.add_row(reason, str(count), escape(ExclusionReason(reason).label))
+        console.print(reasons)
+        problems = Table(title="Excluded rows (local only: names files)")
+        problems.add_column("file", overflow="fold")
+        problems.add_column("line", justify="right")
+        problems.add_column("reason")
+        problems.add_column("what to fix", overflow="fold")
+        for problem in report.problems:
+            problems.add_row(
+                escape(problem.file), str(problem.line or ""), problem.reason, escape(problem.detail)
+            )
+        console.print(problems)

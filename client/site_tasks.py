@@ -1,19 +1,22 @@
 """What a site does for each instruction, without Flower: pure calls into ``common``.
 
-The ClientApp (``client.app``) only unpacks a Message, calls one of these, and packs the
-reply. Everything here can be run and tested on a site folder directly.
+The ClientApp (``client.app``) only unpacks a Message, parses the site folder once
+(``common.dataset.load_site``), calls one of these with the ``SiteDataset``, and packs the
+reply. Everything here can be run and tested on a parsed site folder directly.
+
+Nothing here makes data: in simulation the demo hospitals must exist already
+(``sarcofed study demo`` makes them), so a site's app bundle carries no demo generator.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.dataset import iter_slices, load_site
+from common.dataset import MANIFEST_CSV, SiteDataset, iter_slices
 from common.errors import SarcofedError, SliceError
+from common.paths import demo_sites_dir, simulated_site_dir
 from protocols import keys
 from protocols.payloads import EvaluationPayload
 from protocols.study import StudyConfig
@@ -24,23 +27,16 @@ if TYPE_CHECKING:  # torch and the model zoo cost seconds to import: only tasks 
     from common.model import ModelSpec
     from common.training import TrainSample
 
-log = logging.getLogger(__name__)
-
-
-def sarcofed_home() -> Path:
-    """Where sarcofed keeps demo data and study folders when not told otherwise."""
-    return Path(os.environ.get("SARCOFED_HOME", Path.home() / "sarcofed")).expanduser()
-
-
-def demo_sites_dir(study: StudyConfig) -> Path:
-    return Path(study.demo.dir).expanduser() if study.demo.dir else sarcofed_home() / "demo-sites"
+#: The command that makes the simulated hospitals (named in the error when one is missing).
+MAKE_DEMO_SITES = "sarcofed study demo --make-only"
 
 
 def resolve_site_dir(node_config: dict[str, object], study: StudyConfig) -> Path:
     """The site folder: ``site-dir`` from the SuperNode's node config.
 
     In simulation (no ``site-dir`` but a ``partition-id``), the demo hospital of that
-    partition, made on first use by the simulated site itself.
+    partition, ``<demo.dir>/site-<partition>``, which must exist already: the simulated
+    site only reads it (``sarcofed study demo`` makes the demo hospitals before the run).
     """
     if "site-dir" in node_config:
         return Path(str(node_config["site-dir"])).expanduser()
@@ -49,19 +45,12 @@ def resolve_site_dir(node_config: dict[str, object], study: StudyConfig) -> Path
             "this SuperNode has no site folder: start it with --node-config 'site-dir=\"/path/to/site\"'"
         )
     partition = int(str(node_config["partition-id"]))
-    site_dir = demo_sites_dir(study) / f"site-{partition}"
-    if not (site_dir / "manifest.csv").exists():
-        from common.demo.hospitals import make_site, site_profile
-
-        profile = site_profile(partition)
-        log.info("simulation: making demo hospital %s (%s)", site_dir, profile.name)
-        make_site(
-            site_dir,
-            profile,
-            slices=study.demo.slices,
-            size=study.demo.size,
-            seed=partition,
-            site_tag=str(partition),
+    site_dir = simulated_site_dir(demo_sites_dir(study.demo.dir), partition)
+    if not (site_dir / MANIFEST_CSV).exists():
+        raise SarcofedError(
+            f"simulation: no demo hospital for partition {partition} at {site_dir}; make the demo "
+            f"hospitals first with `{MAKE_DEMO_SITES}` (or run the whole demo with `sarcofed study demo`), "
+            "or set demo.dir to a folder of site-N folders (`sarcofed demo make DIR`)"
         )
     return site_dir
 
@@ -72,9 +61,9 @@ class SiteInfo:
     n_listed: int
 
 
-def identify(site_dir: Path) -> SiteInfo:
-    site = load_site(site_dir)
-    return SiteInfo(site=site.config.name, n_listed=len(site))
+def identify(site: SiteDataset) -> SiteInfo:
+    """The site's pseudonym (site.toml ``name``) and its count of valid manifest rows."""
+    return SiteInfo(site=site.name, n_listed=len(site))
 
 
 def load_state(spec: ModelSpec, packed: object, layout: str) -> torch.nn.Module:
@@ -84,11 +73,10 @@ def load_state(spec: ModelSpec, packed: object, layout: str) -> torch.nn.Module:
     return model_from_state(spec, unpack_state(packed, layout))  # type: ignore[arg-type]
 
 
-def training_samples(site_dir: Path) -> tuple[list[TrainSample], dict[str, int]]:
+def training_samples(site: SiteDataset) -> tuple[list[TrainSample], dict[str, int]]:
     """Every usable slice of the site as a training sample, and exclusions by reason."""
     from common.training import TrainSample
 
-    site = load_site(site_dir)
     samples: list[TrainSample] = []
     excluded: dict[str, int] = {}
     for item in iter_slices(site):
@@ -102,14 +90,14 @@ def training_samples(site_dir: Path) -> tuple[list[TrainSample], dict[str, int]]
             or "manifest.csv lists no row"
         )
         raise SarcofedError(
-            f"{site_dir}: no usable slice to train on ({why}); "
-            f"run `sarcofed site check {site_dir}` for the file-by-file reasons"
+            f"{site.root}: no usable slice to train on ({why}); "
+            f"run `sarcofed site check {site.root}` for the file-by-file reasons"
         )
     return samples, excluded
 
 
 def run_train(
-    site_dir: Path,
+    site: SiteDataset,
     model: torch.nn.Module,
     spec: ModelSpec,
     study: StudyConfig,
@@ -119,7 +107,7 @@ def run_train(
     """Local training on the site's train split; returns new weights and aggregate metrics."""
     from common.training import TrainConfig, split_train_val, train_local
 
-    samples, _ = training_samples(site_dir)
+    samples, _ = training_samples(site)
     train_idx, val_idx = split_train_val(
         [s.group for s in samples], study.train.val_fraction, study.train.seed
     )
@@ -151,13 +139,13 @@ def run_train(
 
 
 def run_evaluate(
-    site_dir: Path, model: torch.nn.Module, spec: ModelSpec, study: StudyConfig, model_hash: str
+    site: SiteDataset, model: torch.nn.Module, spec: ModelSpec, study: StudyConfig, model_hash: str
 ) -> EvaluationPayload:
     """Score the study model on every usable slice; aggregates only."""
     from common.site_evaluation import evaluate_with_model
 
     return evaluate_with_model(
-        site_dir,
+        site,
         model,
         spec,
         model_hash=model_hash,
@@ -168,12 +156,12 @@ def run_evaluate(
     )
 
 
-def run_compare(site_dir: Path, study: StudyConfig) -> EvaluationPayload:
+def run_compare(site: SiteDataset, study: StudyConfig) -> EvaluationPayload:
     """Score the site's labels against its reference masks; no model involved."""
     from common.site_evaluation import compare_with_reference
 
     return compare_with_reference(
-        site_dir,
+        site,
         cutoff_set=study.study.cutoff_set,
         discrepancy=study.study.discrepancy,
         harmonised=study.study.harmonised,
@@ -188,12 +176,12 @@ __all__ = [
     "run_compare",
     "run_evaluate",
     "run_train",
-    "sarcofed_home",
+    "training_samples",
 ]
 
 
 def run_local_training(
-    site_dir: Path,
+    site: SiteDataset,
     out: Path,
     *,
     epochs: int,
@@ -209,7 +197,7 @@ def run_local_training(
     from common.model import ModelSpec, build_model, save_model, weights_hash
     from common.training import TrainConfig, split_train_val, train_local
 
-    samples, excluded = training_samples(site_dir)
+    samples, excluded = training_samples(site)
     spec = ModelSpec(encoder=encoder, image_size=image_size)
     torch.manual_seed(seed)
     model = build_model(spec)
@@ -223,7 +211,7 @@ def run_local_training(
         progress=progress,
     )
     inter, union = result.val_counts.get("muscle", (0, 0))
-    save_model(out, result.state_dict, spec, meta={"site": load_site(site_dir).config.name, "epochs": epochs})
+    save_model(out, result.state_dict, spec, meta={"site": site.name, "epochs": epochs})
     return {
         "model": str(out),
         "n_train": result.n_train,

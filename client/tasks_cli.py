@@ -1,7 +1,8 @@
 """``sarcofed site evaluate | compare | train``: a site's tasks, run locally.
 
 ``evaluate`` and ``compare`` print exactly the payload the site would send (after its own
-release policy), so a hospital can preview and approve what leaves the building.
+release policy), so a hospital can preview and approve what leaves the building. Each
+command parses the site folder once (``common.dataset.load_site``) and passes it down.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from client.guard import suppress_payload
 from client.policy import load_policy
 from client.render import render_payload
 from client.site_tasks import run_local_training
+from common.dataset import load_site
 from common.errors import SarcofedError
 from protocols.payloads import EvaluationPayload
 
@@ -62,7 +64,7 @@ def evaluate_cmd(
 
     try:
         payload = evaluate_with_model(
-            site_dir,
+            load_site(site_dir),
             model,
             cutoff_set=cutoff_set,
             batch_size=batch_size,
@@ -91,8 +93,9 @@ def compare_cmd(
     from common.site_evaluation import compare_with_reference
 
     try:
+        site = load_site(site_dir)
         payload = preview_release(
-            site_dir, compare_with_reference(site_dir, cutoff_set=cutoff_set, progress=not as_json)
+            site_dir, compare_with_reference(site, cutoff_set=cutoff_set, progress=not as_json)
         )
     except SarcofedError as err:
         _fail(err)
@@ -118,7 +121,7 @@ def train_cmd(
     """
     try:
         summary = run_local_training(
-            site_dir,
+            load_site(site_dir),
             out,
             epochs=epochs,
             encoder=encoder,

@@ -4,6 +4,7 @@
 :class:`SiteCheckReport`. The report is for the person at the site: it lists file names
 and stays local; nothing here is sent anywhere. Pixel statistics are pooled over pixels of
 all usable slices. The HU ranges are ``protocols.payloads.HuRanges`` (Alberta protocol).
+The CLI renders the report (``client.render.render_check``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from common.dataset import MANIFEST_CSV, LoadedSlice, dataset_fingerprint, load_site, load_slice
+from common.dataset import MANIFEST_CSV, LoadedSlice, SiteDataset, dataset_fingerprint, load_slice
 from common.errors import SliceError
 from protocols.classes import TISSUES, ExclusionReason
 from protocols.payloads import HuRanges
@@ -134,13 +132,13 @@ class _Accumulator:
         return out
 
 
-def check_site(root: Path | str, *, on_row: Callable[[int, int], None] | None = None) -> SiteCheckReport:
-    """Check every row of a site folder. ``on_row(done, total)`` reports progress.
+def check_site(site: SiteDataset, *, on_row: Callable[[int, int], None] | None = None) -> SiteCheckReport:
+    """Check every row of a parsed site folder. ``on_row(done, total)`` reports progress.
 
-    Raises ``SiteFolderError`` only when the folder itself is unusable.
+    The caller parses the folder (``common.dataset.load_site``, which raises
+    ``SiteFolderError`` when the folder itself is unusable); a bad row never stops the check.
     """
-    root = Path(root)
-    site = load_site(root)
+    root = site.root
     lookup = site.config.labels.lookup()
     total = site.n_listed
     acc = _Accumulator()
@@ -200,65 +198,6 @@ def check_site(root: Path | str, *, on_row: Callable[[int, int], None] | None = 
     )
 
 
-def _fmt(value: float | None, pattern: str = "{:.1f}") -> str:
-    return "-" if value is None else pattern.format(value)
-
-
-def render_check(report: SiteCheckReport, console: Console) -> None:
-    """Print the report as rich tables for the person at the site."""
-    verdict = "[green]usable[/green]" if report.usable else "[red]NOT usable[/red]"
-    console.print(f"[bold]Site[/bold] {escape(report.site)}: {verdict}")
-    summary = Table(show_header=False, box=None)
-    summary.add_row("slices listed", str(report.n_listed))
-    summary.add_row("slices usable", str(report.n_usable))
-    summary.add_row("patients (groups)", str(report.n_groups))
-    summary.add_row("height known", f"{report.n_heights_known} of {report.n_usable}")
-    summary.add_row("sex known", f"{report.n_sex_known} of {report.n_usable}")
-    if report.pixel_spacing:
-        summary.add_row(
-            "pixel spacing", f"{report.pixel_spacing.min_mm:.3g} - {report.pixel_spacing.max_mm:.3g} mm"
-        )
-    summary.add_row("image sizes", ", ".join(report.image_sizes) or "-")
-    summary.add_row("background values", ", ".join(map(str, report.background_values)) or "-")
-    summary.add_row("dataset fingerprint", report.fingerprint)
-    console.print(summary)
-
-    classes = Table(title="Tissues (pooled over pixels of usable slices)")
-    for column in ("class", "site values", "pixels", "HU range", "in range", "mean HU"):
-        classes.add_column(column, justify="left" if column in ("class", "site values") else "right")
-    for name, stats in report.classes.items():
-        share = stats.share_in_hu_range
-        style = "" if share is None or share >= 0.5 else "[yellow]"
-        classes.add_row(
-            name,
-            ", ".join(map(str, stats.label_values)) or "-",
-            str(stats.pixels),
-            f"{stats.hu_range[0]:g}..{stats.hu_range[1]:g}",
-            style + _fmt(share * 100 if share is not None else None, "{:.0f}%"),
-            _fmt(stats.mean_hu),
-        )
-    console.print(classes)
-
-    if report.excluded:
-        reasons = Table(title="Excluded rows by reason")
-        reasons.add_column("reason")
-        reasons.add_column("count", justify="right")
-        reasons.add_column("meaning")
-        for reason, count in report.excluded.items():
-            reasons.add_row(reason, str(count), escape(ExclusionReason(reason).label))
-        console.print(reasons)
-        problems = Table(title="Excluded rows (local only: names files)")
-        problems.add_column("file", overflow="fold")
-        problems.add_column("line", justify="right")
-        problems.add_column("reason")
-        problems.add_column("what to fix", overflow="fold")
-        for problem in report.problems:
-            problems.add_row(
-                escape(problem.file), str(problem.line or ""), problem.reason, escape(problem.detail)
-            )
-        console.print(problems)
-
-
 __all__ = [
     "HU_RANGES",
     "ClassCheck",
@@ -266,5 +205,4 @@ __all__ = [
     "SliceProblem",
     "SpacingRange",
     "check_site",
-    "render_check",
 ]

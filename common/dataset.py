@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,13 +44,22 @@ INVALID_ROW_REASON: ExclusionReason = getattr(
 )
 
 
+#: Manifest columns that name a file (relative to the site folder) or a patient: their values
+#: identify people and never leave the site (``client.guard`` screens replies for them).
+IDENTIFYING_COLUMNS: tuple[str, ...] = ("image", "label", "reference", "group")
+
+
 @dataclass(frozen=True)
 class InvalidRow:
-    """A manifest.csv data row that failed validation (``line`` is the 1-based file line)."""
+    """A manifest.csv data row that failed validation (``line`` is the 1-based file line).
+
+    ``values`` are the row's raw cells by (lower-case) column name, as read.
+    """
 
     line: int
     image: str
     detail: str
+    values: Mapping[str, str] = field(default_factory=dict)
 
     def error(self, root: Path) -> SliceError:
         return SliceError(INVALID_ROW_REASON, root / MANIFEST_CSV, f"line {self.line}: {self.detail}")
@@ -77,6 +86,12 @@ class SiteDataset:
     @property
     def name(self) -> str:
         return self.config.name
+
+    def listed(self, column: str) -> list[str]:
+        """Every non-blank value of ``column`` in manifest.csv, valid rows first, then invalid ones."""
+        valid = [getattr(row, column, None) for row in self.rows]
+        invalid = [row.values.get(column) for row in self.invalid_rows]
+        return [str(v).strip() for v in (*valid, *invalid) if v is not None and str(v).strip()]
 
 
 @dataclass
@@ -191,7 +206,7 @@ def load_site(root: Path | str) -> SiteDataset:
         except ValidationError as exc:
             detail = _format_validation(exc)
             log.warning("%s line %d: %s", root / MANIFEST_CSV, line, detail)
-            invalid.append(InvalidRow(line=line, image=values.get("image", ""), detail=detail))
+            invalid.append(InvalidRow(line=line, image=values.get("image", ""), detail=detail, values=values))
     return SiteDataset(root=root, config=config, rows=rows, invalid_rows=invalid, lines=lines)
 
 
@@ -338,6 +353,7 @@ def dataset_fingerprint(site: SiteDataset) -> str:
 
 
 __all__ = [
+    "IDENTIFYING_COLUMNS",
     "INVALID_ROW_REASON",
     "InvalidRow",
     "LoadedSlice",

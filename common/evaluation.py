@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import numpy as np
 
 from common.cutoffs import get_cutoff_set, is_sarcopenic
-from common.dataset import LoadedSlice, dataset_fingerprint, iter_slices, load_site
+from common.dataset import LoadedSlice, SiteDataset, dataset_fingerprint, iter_slices
 from common.errors import SliceError
 from common.metrics import (
     ClassOverlap,
@@ -370,7 +370,7 @@ def _with_progress(items: Iterable[_T], total: int, enabled: bool, desc: str) ->
 
 
 def evaluate_site(
-    site_root: Path | str,
+    site: SiteDataset,
     model: Path | str | LoadedModel,
     *,
     cutoff_set: str = "prado2008",
@@ -382,6 +382,7 @@ def evaluate_site(
 ) -> tuple[EvaluationPayload, list[SliceRecord]]:
     """Run the model on every usable slice of a site and score it against the site's labels.
 
+    ``site`` is the parsed site folder (``common.dataset.load_site``, once, by the caller).
     ``model`` is a ``model.pt`` path (read with ``common.model.load_model``) or a LoadedModel
     already in memory (its ``weights_hash`` becomes the payload's ``model_hash``).
 
@@ -397,7 +398,6 @@ def evaluate_site(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     hu_ranges = hu_ranges or HuRanges()
-    site = load_site(site_root)
     loaded = load_model(model) if isinstance(model, Path | str) else model
     run = _SiteRun(hu_ranges if harmonised else None, on_slice)
 
@@ -443,7 +443,7 @@ def evaluate_site(
 
 
 def compare_site(
-    site_root: Path | str,
+    site: SiteDataset,
     *,
     cutoff_set: str = "prado2008",
     progress: bool = False,
@@ -453,12 +453,12 @@ def compare_site(
 ) -> tuple[EvaluationPayload, list[SliceRecord]]:
     """Score the site's ``reference`` masks (test) against its ``label`` masks (truth), no model.
 
-    Rows without a reference count as excluded ``no_reference``. ``on_slice(loaded_slice,
-    reference_mask)`` is called for every scored slice.
+    ``site`` is the parsed site folder (``common.dataset.load_site``). Rows without a
+    reference count as excluded ``no_reference``. ``on_slice(loaded_slice, reference_mask)``
+    is called for every scored slice.
     """
     get_cutoff_set(cutoff_set)
     hu_ranges = hu_ranges or HuRanges()
-    site = load_site(site_root)
     run = _SiteRun(hu_ranges if harmonised else None, on_slice)
     for item in _with_progress(iter_slices(site, with_reference=True), site.n_listed, progress, "compare"):
         if isinstance(item, SliceError):

@@ -2,7 +2,9 @@
 
 ``common.evaluation`` scores slices; ``common.discrepancy`` explains disagreements. This
 module runs both over the site's data once (the discrepancy analysis is fed from the
-evaluation's per-slice hook), and returns the aggregate payload a site would send.
+evaluation's per-slice hook), and returns the aggregate payload a site would send. The
+caller parses the site folder once (``common.dataset.load_site``) and passes the
+``SiteDataset``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.dataset import LoadedSlice
+from common.dataset import LoadedSlice, SiteDataset
 from common.discrepancy import DiscrepancyAccumulator, analyse_slice
 from common.discrepancy.impact import ImpactAccumulator
 from common.evaluation import compare_site, evaluate_site
@@ -43,7 +45,7 @@ class _Discrepancy:
 
 
 def evaluate_with_model(
-    site_dir: Path | str,
+    site: SiteDataset,
     model: torch.nn.Module | LoadedModel | Path | str,
     spec: ModelSpec | None = None,
     *,
@@ -55,7 +57,7 @@ def evaluate_with_model(
     progress: bool = False,
     min_slices: int = DEFAULT_MIN_SLICES,
 ) -> EvaluationPayload:
-    """Score a model on a site; ``model`` is a model.pt path, a LoadedModel or a module + spec."""
+    """Score a model on a parsed site; ``model`` is a model.pt path, a LoadedModel or a module + spec."""
     if isinstance(model, torch.nn.Module):
         if spec is None:
             raise ValueError("an in-memory model needs its ModelSpec")
@@ -64,7 +66,7 @@ def evaluate_with_model(
         model = LoadedModel(model=model, spec=spec, meta={}, weights_hash=model_hash or weights_hash(state))
     hook = _Discrepancy(cutoff_set) if discrepancy else None
     payload, _records = evaluate_site(
-        site_dir,
+        site,
         model,
         cutoff_set=cutoff_set,
         batch_size=batch_size,
@@ -76,7 +78,7 @@ def evaluate_with_model(
 
 
 def compare_with_reference(
-    site_dir: Path | str,
+    site: SiteDataset,
     *,
     cutoff_set: str = "prado2008",
     discrepancy: bool = True,
@@ -87,6 +89,6 @@ def compare_with_reference(
     """Score the site's labels against its reference masks (no model), with findings."""
     hook = _Discrepancy(cutoff_set) if discrepancy else None
     payload, _records = compare_site(
-        site_dir, cutoff_set=cutoff_set, progress=progress, harmonised=harmonised, on_slice=hook
+        site, cutoff_set=cutoff_set, progress=progress, harmonised=harmonised, on_slice=hook
     )
     return hook.attach(payload, min_slices) if hook else payload

@@ -17,7 +17,6 @@ error as soon as it is known, and no site is sent a model before the check has p
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +30,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from common import paths
 from common.errors import SarcofedError
 from protocols.payloads import HuRanges
 from protocols.report import RoundRecord, StudyReport
@@ -51,10 +51,8 @@ IDENTIFY_TIMEOUT_S = 120.0
 
 
 def studies_dir(study: StudyConfig) -> Path:
-    if study.study.output_dir:
-        return Path(study.study.output_dir).expanduser()
-    home = Path(os.environ.get("SARCOFED_HOME", Path.home() / "sarcofed")).expanduser()
-    return home / "studies"
+    """Where this study's run folders go: ``study.output-dir``, or ``$SARCOFED_HOME/studies``."""
+    return paths.studies_dir(study.study.output_dir)
 
 
 def prepare_run_dir(study: StudyConfig, run_id: int) -> Path:

@@ -1,22 +1,30 @@
 """``sarcofed study demo``: the whole demo study on this machine, in Flower's simulation engine.
 
-Equivalent to ``flwr run .`` with three simulated hospitals: each makes its own synthetic
-site on first use, the study model is trained for a few federated rounds, validated at
-every site, and the report is written. Prints where the report is.
+Makes the synthetic hospitals (:func:`make_demo_sites`, those missing only), then runs the
+equivalent of ``flwr run .`` with three simulated hospitals: the study model is trained for
+a few federated rounds, validated at every site, and the report is written. Prints where
+the report is. The simulated sites only read their folders: the demo generator
+(``common.demo``) runs here, never inside a ClientApp, and is not in the app bundle.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from common.dataset import MANIFEST_CSV
 from common.errors import SarcofedError
+from common.paths import HOME_ENV, demo_sites_dir, sarcofed_home, simulated_site_dir
+from protocols.study import StudyConfig
 from server.flwr_cli import flower_env, flwr_run, local_superlink_pids, stop_processes
+
+log = logging.getLogger(__name__)
 
 
 def app_dir() -> Path:
@@ -30,6 +38,55 @@ def app_dir() -> Path:
     return here
 
 
+#: A flat run-config value, as ``[tool.flwr.app.config]`` and ``--run-config`` hold them.
+RunConfigValue = bool | int | float | str
+
+
+def simulation_study(app: Path, run_config: Mapping[str, RunConfigValue]) -> StudyConfig:
+    """The study that ``flwr run APP --run-config ...`` runs: pyproject's ``[tool.flwr.app.config]``
+    fused with ``run_config`` exactly as Flower fuses them, then parsed."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    try:
+        flat = get_fused_config_from_dir(Path(app), dict(run_config))
+        return StudyConfig.from_run_config(flat)
+    except (ValueError, FileNotFoundError) as err:
+        raise SarcofedError(
+            f"{Path(app) / 'pyproject.toml'}: cannot read the study's run config: {err}"
+        ) from err
+
+
+def make_demo_sites(app: Path, run_config: Mapping[str, RunConfigValue], sites: int) -> list[Path]:
+    """The simulated hospitals of a ``flwr run`` with ``sites`` SuperNodes; those missing are made.
+
+    Partition ``N`` reads ``<demo.dir>/site-N`` (``common.paths``); a folder that already
+    holds a manifest.csv is used as it is. A missing one is written by
+    ``common.demo.hospitals.make_site`` with ``site_profile(N)``, ``seed=N``,
+    ``site_tag=str(N)`` and ``demo.slices`` slices of ``demo.size`` pixels, from the run
+    config as the ClientApps will see it (:func:`simulation_study`).
+    """
+    from common.demo.hospitals import make_site, site_profile
+
+    study = simulation_study(app, run_config)
+    root = demo_sites_dir(study.demo.dir)
+    site_dirs = []
+    for partition in range(sites):
+        site_dir = simulated_site_dir(root, partition)
+        if not (site_dir / MANIFEST_CSV).exists():
+            profile = site_profile(partition)
+            log.info("making demo hospital %s (%s)", site_dir, profile.name)
+            make_site(
+                site_dir,
+                profile,
+                slices=study.demo.slices,
+                size=study.demo.size,
+                seed=partition,
+                site_tag=str(partition),
+            )
+        site_dirs.append(site_dir)
+    return site_dirs
+
+
 def demo_study_cmd(
     sites: Annotated[int, typer.Option(min=2, help="Number of simulated hospitals.")] = 3,
     rounds: Annotated[
@@ -41,27 +98,47 @@ def demo_study_cmd(
         typer.Option(help="Where demo sites and studies go (default $SARCOFED_HOME or ~/sarcofed)."),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="Do not stream Flower's logs.")] = False,
+    make_only: Annotated[
+        bool,
+        typer.Option(help="Only make the demo hospitals (HOME/demo-sites), for a later `flwr run .`."),
+    ] = False,
     keep_superlink: Annotated[
         bool, typer.Option(help="Leave the local SuperLink running afterwards.")
     ] = False,
 ) -> None:
     """Run the whole demo study: train on synthetic hospitals, validate at each, write the report.
 
-    Uses Flower's simulation engine (a local SuperLink started by `flwr run`). Hospitals make
-    their synthetic data on first use under HOME/demo-sites; the run folder (model.pt,
-    rounds.jsonl, report.json/.md/.html, CSV tables) goes under HOME/studies.
+    Uses Flower's simulation engine (a local SuperLink started by `flwr run`). The synthetic
+    hospitals are made first under HOME/demo-sites (only those missing; existing ones are
+    reused); the run folder (model.pt, rounds.jsonl, report.json/.md/.html, CSV tables) goes
+    under HOME/studies.
     """
     console = Console()
-    root = (home or Path(os.environ.get("SARCOFED_HOME", Path.home() / "sarcofed"))).expanduser().resolve()
-    before = set(local_superlink_pids())
+    root = (home or sarcofed_home()).expanduser().resolve()
+    run_config: dict[str, RunConfigValue] = {
+        "study.output-dir": str(root / "studies"),
+        "demo.dir": str(root / "demo-sites"),
+    } | ({"study.num-rounds": rounds} if rounds else {})
     started = time.monotonic()
+    try:
+        with console.status(f"making the demo hospitals in {root / 'demo-sites'} (once) ..."):
+            made = make_demo_sites(app_dir(), run_config, sites)
+    except SarcofedError as err:
+        Console(stderr=True).print(f"[red]error:[/] {err}")
+        raise typer.Exit(1) from None
+    if make_only:
+        console.print(f"demo hospitals ready in {root / 'demo-sites'}: {', '.join(p.name for p in made)}")
+        console.print(
+            f"run a study on them with: flwr run . --run-config 'demo.dir=\"{root / 'demo-sites'}\"'"
+        )
+        return
+    before = set(local_superlink_pids())
     try:
         outcome = flwr_run(
             app_dir(),
-            run_config={"study.output-dir": str(root / "studies"), "demo.dir": str(root / "demo-sites")}
-            | ({"study.num-rounds": rounds} if rounds else {}),
+            run_config=run_config,
             federation_config={"num-supernodes": sites},
-            env=flower_env({"SARCOFED_HOME": str(root)}),
+            env=flower_env({HOME_ENV: str(root)}),
             echo=None if quiet else console.out,
         )
     except SarcofedError as err:

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from common.paths import sarcofed_home
 from server.deploy import (
     FLOWER_ENV,
     CoordinatorLog,
@@ -39,8 +40,7 @@ CONNECTION = typer.Option(
 
 
 def coordinator_log() -> CoordinatorLog:
-    home = Path(os.environ.get("SARCOFED_HOME", Path.home() / "sarcofed")).expanduser()
-    return CoordinatorLog(home / "coordinator.jsonl")
+    return CoordinatorLog(sarcofed_home() / "coordinator.jsonl")
 
 
 def _fail(message: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from client.allowlist import app_refusal, code_files, code_hash, current_app_hash, loaded_code_root
 
 
@@ -13,6 +15,7 @@ def _tree(root: Path) -> Path:
         "client/app.py": "x = 1\n",
         "client/sub/mod.py": "y = 2\n",
         "common/a.py": "",
+        "common/demo/hospitals.py": "not shipped: the demo generator stays out of the app bundle\n",
         "protocols/p.py": "",
         "server/s.py": "",
         "pyproject.toml": "[project]\n",
@@ -40,6 +43,7 @@ def test_hash_covers_shipped_source_only(tmp_path: Path) -> None:
     before = code_hash(root)
     (root / "tests" / "test_x.py").write_text("changed\n", encoding="utf-8")
     (root / "README.md").write_text("changed\n", encoding="utf-8")
+    (root / "common" / "demo" / "hospitals.py").write_text("changed\n", encoding="utf-8")
     assert code_hash(root) == before
     (root / "client" / "app.py").write_text("x = 2\n", encoding="utf-8")
     assert code_hash(root) != before
@@ -79,3 +83,19 @@ def test_pyproject_layout_and_comments_do_not_change_the_hash(tmp_path: Path) ->
     assert code_hash(root) == before  # what `flwr build` does to the file
     (root / "pyproject.toml").write_text('[project]\nname = "y"\ndeps = ["a", "b"]\n', encoding="utf-8")
     assert code_hash(root) != before
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # flwr's own use of pathspec
+def test_the_hash_covers_exactly_what_flower_puts_in_the_app_bundle() -> None:
+    """``flwr build`` (fab-include in pyproject.toml) and ``code_files`` must agree, or a site
+    that pinned a checkout's hash would refuse the very code it reviewed."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    root = Path(__file__).resolve().parents[1]
+    fab = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(root)))
+    shipped = sorted(n for n in fab.namelist() if not n.startswith(".info/"))
+    assert shipped == [p.as_posix() for p in code_files(root)]
+    assert not [n for n in shipped if n.startswith("common/demo/")]

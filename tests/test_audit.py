@@ -67,3 +67,17 @@ def test_site_audit_command_shows_the_table_and_verifies(tmp_path: Path) -> None
     assert [json.loads(line)["event"] for line in as_json] == ["received", "refused"]
     log.path.write_text(log.path.read_text().replace("does not accept", "accepted"), encoding="utf-8")
     assert CliRunner().invoke(app, ["audit", str(site), "--verify"]).exit_code == 1
+
+
+def test_has_run_answers_from_the_entries_not_from_text_inside_them(tmp_path: Path) -> None:
+    log = AuditLog.for_site(tmp_path / "site")
+    assert not log.has_run(3)  # no log yet
+    # a payload that spells another run id inside it must not count as that run's entry
+    log.append("received", run_id=12, task="evaluate", app_hash="h", payload={"config": {"run_id": 3}})
+    assert log.has_run(12)
+    assert not log.has_run(3) and not log.has_run(1)
+    with log.path.open("a", encoding="utf-8") as handle:
+        handle.write('{"run_id": 3, "not": "canonical"\n')  # a damaged line is skipped, not fatal
+    assert not log.has_run(3)
+    log.append("refused", run_id=3, task="train", app_hash="h", detail="x")
+    assert log.has_run(3)

@@ -117,6 +117,7 @@ def test_centralised_trains_on_the_sites_train_splits_and_scores_their_val_split
     from bench_federated import centralised
 
     from client.site_tasks import training_samples
+    from common.dataset import load_site
     from common.demo.hospitals import make_demo
     from common.training import split_train_val
 
@@ -125,10 +126,8 @@ def test_centralised_trains_on_the_sites_train_splits_and_scores_their_val_split
         rounds=1, sites=2, encoder="resnet18", size=64, local_epochs=1, val_fraction=0.25, seed=0, slices=4
     )
     study = StudyConfig.from_run_config(run_config(args, tmp_path / "sites", tmp_path / "studies"))  # type: ignore[arg-type]
-    splits = [
-        split_train_val([s.group for s in training_samples(d)[0]], study.train.val_fraction, study.train.seed)
-        for d in sites
-    ]
+    groups = [[s.group for s in training_samples(load_site(d))[0]] for d in sites]
+    splits = [split_train_val(g, study.train.val_fraction, study.train.seed) for g in groups]
     result = centralised(sites, study)
     assert result.n_train == sum(len(t) for t, _ in splits)
     assert result.n_val == sum(len(v) for _, v in splits) > 0

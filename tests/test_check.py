@@ -14,7 +14,9 @@ from pydicom.data import get_testdata_files
 from rich.console import Console
 from typer.testing import CliRunner
 
-from common.check import SiteCheckReport, check_site, render_check
+from client.render import render_check
+from common.check import SiteCheckReport, check_site
+from common.dataset import load_site
 from common.masks import write_mask
 from protocols.classes import ExclusionReason
 from server.cli import app
@@ -42,7 +44,7 @@ def _messy_site(tmp_path: Path) -> Path:
 
 
 def test_check_site_counts_and_statistics(tmp_path: Path) -> None:
-    report = check_site(_messy_site(tmp_path))
+    report = check_site(load_site(_messy_site(tmp_path)))
     assert (report.n_listed, report.n_usable) == (5, 2)
     assert report.excluded == {"shape_mismatch": 1, "undeclared_label_value": 1, "unreadable_image": 1}
     by_file = {p.file: p for p in report.problems}
@@ -68,7 +70,7 @@ def test_fat_labelled_as_muscle_shows_low_share_in_range(tmp_path: Path) -> None
         "subcutaneous_fat = [7]", "subcutaneous_fat = [1]"
     )
     (root / "site.toml").write_text(toml)
-    report = check_site(root)
+    report = check_site(load_site(root))
     assert report.classes["muscle"].share_in_hu_range == pytest.approx(0.0)
     assert report.classes["muscle"].mean_hu == pytest.approx(-100.0, abs=1.0)
 
@@ -121,7 +123,7 @@ def test_cli_help_explains() -> None:
 
 def test_render_check_lists_reasons(tmp_path: Path) -> None:
     console = Console(record=True, width=200)
-    render_check(check_site(_messy_site(tmp_path)), console)
+    render_check(check_site(load_site(_messy_site(tmp_path))), console)
     text = console.export_text()
     assert "mask holds a value declared nowhere in site.toml [labels]" in text and "-29..150" in text
     assert "declared nowhere in site.toml [labels]; add each" in text  # rich markup escaped

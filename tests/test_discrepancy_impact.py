@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from common.dataset import load_site
 from common.demo.hospitals import make_site, site_profile
 from common.site_evaluation import compare_with_reference
 
@@ -15,7 +16,7 @@ def test_the_finding_explains_most_of_the_smi_shift_and_no_more_calls_than_chang
     tmp_path: Path, profile: int
 ) -> None:
     site = make_site(tmp_path / "site", site_profile(profile), slices=10, size=128, seed=5)
-    payload = compare_with_reference(site)
+    payload = compare_with_reference(load_site(site))
     systematic = [f for f in payload.findings if f.systematic]
     assert len(systematic) == 1
     finding = systematic[0]
@@ -32,7 +33,7 @@ def test_the_finding_explains_most_of_the_smi_shift_and_no_more_calls_than_chang
 
 def test_fat_findings_carry_no_smi_impact(tmp_path: Path) -> None:
     site = make_site(tmp_path / "site", site_profile(2), slices=8, size=128, seed=5)  # IMAT as muscle
-    payload = compare_with_reference(site)
+    payload = compare_with_reference(load_site(site))
     assert any(f.region == "intramuscular_fat" for f in payload.findings)
     for f in payload.findings:
         if f.tissue != "muscle":

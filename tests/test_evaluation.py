@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.dataset import load_site
 from common.evaluation import SliceRecord, aggregate, harmonise, score_slice
 from common.pooling import pool_area_agreement, pool_class_scores, pool_smi_agreement
 from protocols.payloads import EvaluationPayload, HuRanges
@@ -235,7 +236,7 @@ def test_compare_site_scores_reference_against_label_and_counts_exclusions(tmp_p
     def hook(item: object, test_mask: np.ndarray) -> None:
         seen.append((item.index, int(test_mask.sum())))  # type: ignore[attr-defined]
 
-    payload, records = compare_site(root, cutoff_set="korean", on_slice=hook)
+    payload, records = compare_site(load_site(root), cutoff_set="korean", on_slice=hook)
     assert payload.task == "compare" and payload.model_hash is None
     assert payload.n_listed == 5 and payload.n_used == 3 and len(records) == 3
     assert payload.excluded == {"no_reference": 1, "missing_file": 1}
@@ -290,7 +291,10 @@ def test_evaluate_site_streams_batches_and_isolates_failing_slices(
     _fake_model_modules(monkeypatch, predict)
     scored: list[int] = []
     payload, records = evaluate_site(
-        root, tmp_path / "model.pt", batch_size=2, on_slice=lambda item, mask: scored.append(item.index)
+        load_site(root),
+        tmp_path / "model.pt",
+        batch_size=2,
+        on_slice=lambda item, mask: scored.append(item.index),
     )
     assert calls == [2, 1, 1, 2, 1]
     assert scored == [0, 2, 4]
@@ -318,7 +322,7 @@ def test_a_slice_failing_to_score_never_stops_compare(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(evaluation, "score_slice", flaky)
-    payload, _ = evaluation.compare_site(root, harmonised=False)
+    payload, _ = evaluation.compare_site(load_site(root), harmonised=False)
     assert payload.n_used == 2 and payload.excluded == {"evaluation_error": 1}
     assert payload.harmonised_scores is None
 
@@ -332,13 +336,13 @@ def test_evaluate_site_with_an_untrained_tiny_model(tmp_path: Path) -> None:
     root = make_site(tmp_path, n=3, size=64, groups=2)
     spec = ModelSpec(encoder="resnet18", image_size=64)
     model_path = save_model(tmp_path / "model.pt", build_model(spec), spec)
-    payload, records = evaluate_site(root, model_path, batch_size=2)
+    payload, records = evaluate_site(load_site(root), model_path, batch_size=2)
     assert payload.task == "evaluate" and payload.n_used == 3 and payload.n_groups == 2
     assert payload.model_hash == load_model(model_path).weights_hash
     assert sum(payload.scores["msv"].bins.values()) + payload.scores["msv"].undefined == 3
     assert payload.harmonised_scores is not None and payload.smi is not None and payload.smi.n == 3
     assert len(records) == 3 and all(r.smi_label is not None for r in records)
-    again, _ = evaluate_site(root, load_model(model_path), batch_size=3, harmonised=False)
+    again, _ = evaluate_site(load_site(root), load_model(model_path), batch_size=3, harmonised=False)
     assert again.scores == payload.scores  # same model, other batching: same numbers
     assert again.harmonised_scores is None
     EvaluationPayload.model_validate_json(payload.model_dump_json())

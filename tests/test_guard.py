@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from client.audit import audit_path, read_audit
-from client.guard import SiteRefusal, clip_and_noise, config_refusal, open_guard, redact, suppress_payload
+from client.guard import (
+    SiteRefusal,
+    clip_and_noise,
+    config_refusal,
+    never_leave,
+    open_guard,
+    redact,
+    suppress_payload,
+)
 from client.policy import SitePolicy, WeightsDp, write_policy
+from common.dataset import load_site
 from protocols import keys
 from protocols.findings import Finding
 from protocols.payloads import (
@@ -25,6 +35,7 @@ from protocols.payloads import (
 )
 
 APP = "a" * 64
+SITE_TOML = 'name = "hospital-b"\n[labels]\nmuscle = [1]\nsubcutaneous_fat = [2]\nvisceral_fat = [3]\n'
 
 
 def _scores(bins: dict[str, int], undefined: int = 0) -> ClassScores:
@@ -78,6 +89,7 @@ def payload(n_used: int = 12) -> EvaluationPayload:
 def site(tmp_path: Path) -> Path:
     root = tmp_path / "hospital-b"
     root.mkdir()
+    (root / "site.toml").write_text(SITE_TOML, encoding="utf-8")
     (root / "manifest.csv").write_text(
         "image,label,group\nimages/CANARY-PATIENT-001.dcm,labels/x.png,CANARY-GROUP-7\n", encoding="utf-8"
     )
@@ -85,9 +97,12 @@ def site(tmp_path: Path) -> Path:
 
 
 def guard(site: Path, task: str = "evaluate", config: dict[str, object] | None = None, **policy: object):
+    """The guard as the ClientApp opens it: instruction checked, then the parsed site attached."""
     if policy:
         write_policy(site, SitePolicy(**policy))  # type: ignore[arg-type]
-    return open_guard(site, run_id=3, task=task, config=config or {keys.TASK: task}, app_hash=APP)
+    opened = open_guard(site, run_id=3, task=task, config=config or {keys.TASK: task}, app_hash=APP)
+    opened.attach(load_site(site))
+    return opened
 
 
 def events(site: Path) -> list[tuple[str, str | None]]:
@@ -216,7 +231,103 @@ def test_suppress_payload_is_pure_and_k1_changes_nothing() -> None:
 
 def test_error_reasons_are_redacted_before_they_leave(site: Path) -> None:
     text = f"{site}/images/CANARY-PATIENT-001.dcm: unreadable; group canary-group-7"
-    assert redact(text, site) == "<site>/<file>: unreadable; group <file>"
+    assert redact(text, site, never_leave(load_site(site))) == "<site>/<file>: unreadable; group <file>"
     g = guard(site)
     assert "CANARY" not in g.error_reason(text)
     assert "CANARY" not in audit_path(site).read_text(encoding="utf-8")
+
+
+def _semicolon_site(tmp_path: Path) -> Path:
+    """A site whose manifest.csv uses ';' and upper-case headers, as a spreadsheet in many
+    European locales saves it; the dataset reads it like any other."""
+    root = tmp_path / "hospital-semi"
+    root.mkdir()
+    (root / "site.toml").write_text(SITE_TOML, encoding="utf-8")
+    (root / "manifest.csv").write_text(
+        "IMAGE;Label;REFERENCE;Group\n"
+        "ct/QZX-PATIENT-001.dcm;labels/QZX-MASK-001.png;refs/QZX-REF-001.png;QZX-GROUP-1\n"
+        "ct/QZX-PATIENT-002.dcm;labels/QZX-MASK-002.png;;QZX-GROUP-2\n",
+        encoding="utf-8",
+    )
+    assert [row.image for row in load_site(root).rows] == ["ct/QZX-PATIENT-001.dcm", "ct/QZX-PATIENT-002.dcm"]
+    return root
+
+
+@pytest.mark.parametrize(
+    "name", ["QZX-PATIENT-002.dcm", "qzx-mask-001.png", "refs/QZX-REF-001.png", "QZX-GROUP-1"]
+)
+def test_semicolon_manifest_file_names_and_groups_are_refused(tmp_path: Path, name: str) -> None:
+    site = _semicolon_site(tmp_path)
+    with pytest.raises(SiteRefusal) as info:
+        guard(site).release_payload(payload().model_copy(update={"site": f"site {name}"}))
+    assert "qzx" not in info.value.reason.lower()
+    assert "sent" not in [e for e, _ in events(site)]
+
+
+def test_semicolon_manifest_file_names_are_redacted_from_error_reasons(tmp_path: Path) -> None:
+    site = _semicolon_site(tmp_path)
+    reason = guard(site).error_reason(
+        f"{site}/ct/QZX-PATIENT-001.dcm: unreadable; mask QZX-MASK-002.png; patient qzx-group-2"
+    )
+    assert reason == "<site>/<file>: unreadable; mask <file>; patient <file>"
+    assert "QZX" not in audit_path(site).read_text(encoding="utf-8").upper()
+
+
+def test_invalid_rows_are_screened_too(tmp_path: Path) -> None:
+    """A row the dataset rejects (height 'abc') still names a file: its raw cells are screened."""
+    site = tmp_path / "hospital-c"
+    site.mkdir()
+    (site / "site.toml").write_text(SITE_TOML, encoding="utf-8")
+    (site / "manifest.csv").write_text(
+        "image,label,height_m,group\n"
+        "ct/fine-0001.dcm,labels/fine-0001.png,1.7,patient-ok\n"
+        "ct/QZX-BAD-ROW.dcm,labels/QZX-BAD-MASK.png,abc,QZX-BAD-GROUP\n",
+        encoding="utf-8",
+    )
+    dataset = load_site(site)
+    assert len(dataset.rows) == 1 and len(dataset.invalid_rows) == 1
+    assert {"QZX-BAD-ROW.dcm", "ct/QZX-BAD-ROW.dcm", "QZX-BAD-MASK.png", "QZX-BAD-GROUP"} <= never_leave(
+        dataset
+    )
+    with pytest.raises(SiteRefusal):
+        guard(site).release_payload(payload().model_copy(update={"site": "QZX-BAD-MASK.png"}))
+
+
+def test_never_leave_keeps_whole_group_keys_and_skips_short_strings(tmp_path: Path) -> None:
+    site = tmp_path / "hospital-d"
+    site.mkdir()
+    (site / "site.toml").write_text(SITE_TOML, encoding="utf-8")
+    (site / "manifest.csv").write_text(
+        "image,label,group\nct\\scan-000042.dcm,l/m.png,pt/muscle-07\n", encoding="utf-8"
+    )
+    strings = never_leave(load_site(site))
+    # Windows separators in a path still yield the bare file name; short names ("m.png") are
+    # too common to search for; a group key is kept whole (never its "file name" part).
+    assert strings == {"ct\\scan-000042.dcm", "scan-000042.dcm", "l/m.png", "pt/muscle-07"}
+
+
+def test_a_site_that_cannot_be_parsed_still_has_its_path_redacted(tmp_path: Path) -> None:
+    site = tmp_path / "hospital-e"
+    site.mkdir()  # no site.toml, no manifest.csv: no dataset, so no file name is known
+    opened = open_guard(site, run_id=3, task="evaluate", config={keys.TASK: "evaluate"}, app_hash=APP)
+    assert opened.error_reason(f"{site}/manifest.csv: missing") == "<site>/manifest.csv: missing"
+    with pytest.raises(SiteRefusal, match="no parsed site"):
+        opened.release_payload(payload())  # unscreened replies never leave
+
+
+def test_empty_allow_list_warns_once_per_site_per_run(site: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def warnings() -> int:
+        return sum("allowed-apps is empty" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.WARNING, logger="client.guard"):
+        for task in ("identify", "train", "train", "evaluate"):  # each message: a fresh guard
+            open_guard(site, run_id=3, task=task, config={keys.TASK: task}, app_hash=APP)
+        assert warnings() == 1
+        open_guard(site, run_id=4, task="identify", config={keys.TASK: "identify"}, app_hash=APP)
+        assert warnings() == 2  # a new study warns again
+        open_guard(site, run_id=34, task="identify", config={keys.TASK: "identify"}, app_hash=APP)
+        assert warnings() == 3  # run 34 is not run 3
+    write_policy(site, SitePolicy(allowed_apps=(APP,)))
+    with caplog.at_level(logging.WARNING, logger="client.guard"):
+        open_guard(site, run_id=5, task="identify", config={keys.TASK: "identify"}, app_hash=APP)
+    assert warnings() == 3  # pinned: nothing to warn about

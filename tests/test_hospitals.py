@@ -148,7 +148,7 @@ def test_make_demo_folders_refusal_and_cycling(tmp_path: Path) -> None:
 def test_default_demo_passes_site_check(tmp_path: Path) -> None:
     paths = make_demo(tmp_path / "demo", sites=3, slices=12, size=128, seed=0)
     for index, path in enumerate(paths):
-        report = check_site(path)
+        report = check_site(load_site(path))
         assert report.n_usable == report.n_listed == 12 and not report.problems
         muscle = report.classes["muscle"].share_in_hu_range
         # a site that counts IMAT as muscle has fat-density pixels in its muscle, by design

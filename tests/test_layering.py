@@ -52,3 +52,71 @@ def test_the_clientapp_module_loads_without_torch() -> None:
     code = f"import sys, client.app; print(sorted(m for m in {heavy} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+OUR_PACKAGES = ("protocols", "common", "client", "server")
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of one of our modules (``None`` for anything else)."""
+    if module.split(".")[0] not in OUR_PACKAGES:
+        return None
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(module: str, path: Path) -> set[str]:
+    """Every module an import statement in ``path`` names, at any depth (inside functions,
+    ``if TYPE_CHECKING:`` blocks and ``try:`` included), with ``from X import Y`` counted as
+    X and, where Y is a module, X.Y; relative imports resolved."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                source = f"{base}.{node.module}" if node.module else base
+            else:
+                source = node.module or ""
+            found.add(source)
+            found |= {f"{source}.{alias.name}" for alias in node.names}
+    return found
+
+
+def reachable(start: str) -> set[str]:
+    """Our modules that importing ``start`` can load, now or later (lazy imports included)."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        module = todo.pop()
+        parts = module.split(".")
+        for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__
+            name = ".".join(parts[:depth])
+            path = _module_file(name)
+            if path is None or name in seen:
+                continue
+            seen.add(name)
+            todo.extend(_imported_modules(name, path))
+    return seen
+
+
+def test_the_walk_finds_lazy_imports_inside_functions() -> None:
+    """The walk must see an import inside a function, or the test below proves nothing:
+    ``client.app`` imports ``common.model`` only inside its handlers."""
+    assert "common.model" in reachable("client.app")
+    assert "common.demo.hospitals" in reachable("server.demo_cli")  # lazy, inside 'make'
+
+
+@pytest.mark.parametrize("start", ["client.app", "server.app"])
+def test_the_flower_apps_never_reach_the_demo_generator(start: str) -> None:
+    """The ClientApp (a hospital's app bundle) and the ServerApp run from the FAB, which
+    leaves ``common/demo`` out (fab-include in pyproject.toml): no import path, not even a
+    lazy one, may lead there."""
+    demo = sorted(m for m in reachable(start) if m == "common.demo" or m.startswith("common.demo."))
+    assert demo == [], f"{start} can import {demo}"

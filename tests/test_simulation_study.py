@@ -1,6 +1,7 @@
 """The demo study end to end on Flower's real simulation engine (``flwr run``).
 
-One study: three simulated hospitals, one of which cannot train (its files are missing);
+One study: three simulated hospitals (made beforehand by ``make_demo_sites``, as
+``sarcofed study demo`` makes them), one of which cannot train (its files are missing);
 training continues with the others, validation reports every site, and the report's
 seed tables equal a recomputation from per-slice metrics at the sites. Then the stopped
 study is resumed for one more round from its checkpoint.
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from common.dataset import load_site
 from common.evaluation import evaluate_site
 from common.metrics import bin_name
 from protocols.classes import IOU_BINS
 from protocols.report import StudyReport
+from server.demo_study import make_demo_sites
 from server.flwr_cli import flower_env, flwr_run, local_superlink_pids, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +69,7 @@ def test_demo_study_trains_validates_reports_and_resumes(tmp_path: Path, flower_
         "study.run-name": "resumable",
         "demo.dir": str(demo_dir),
     }
+    make_demo_sites(ROOT, config, 3)  # as `sarcofed study demo` does; site-2 is kept as it is
     first = flwr_run(
         ROOT, run_config=config, federation_config={"num-supernodes": 3}, env=flower_home, timeout=900
     )
@@ -96,7 +100,7 @@ def test_demo_study_trains_validates_reports_and_resumes(tmp_path: Path, flower_
             for p in demo_dir.iterdir()
             if p.is_dir() and f'"{result.site}"' in (p / "site.toml").read_text()
         )
-        payload, records = evaluate_site(site_dir, run_dir / "model.pt", batch_size=4)
+        payload, records = evaluate_site(load_site(site_dir), run_dir / "model.pt", batch_size=4)
         assert result.payload is not None and result.payload.model_hash == payload.model_hash
         for cls in ("muscle", "subcutaneous_fat", "visceral_fat", "msv"):
             expected = Counter(bin_name(r.iou[cls]) for r in records if r.iou[cls] is not None)
@@ -141,6 +145,7 @@ def test_sites_slower_than_the_round_timeout_are_reported_with_the_reason(
         "demo.dir": str(tmp_path / "sites"),
         "demo.size": 256,
     }
+    make_demo_sites(ROOT, config, 2)
     outcome = flwr_run(
         ROOT, run_config=config, federation_config={"num-supernodes": 2}, env=flower_home, timeout=900
     )

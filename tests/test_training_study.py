@@ -9,6 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from client.site_tasks import run_train
+from common.dataset import load_site
 from common.demo.hospitals import make_site, site_profile
 from common.model import ModelSpec, build_model
 from protocols import keys
@@ -62,7 +63,7 @@ def test_site_reports_training_slices_not_batches(tmp_path: Path) -> None:
         }
     )
     spec = ModelSpec(encoder="resnet18", image_size=64)
-    _, metrics = run_train(site, build_model(spec), spec, study)
+    _, metrics = run_train(load_site(site), build_model(spec), spec, study)
     assert metrics[keys.NUM_EXAMPLES] == 7.0  # 7 slices, which are 2 batches of 4
     assert set(metrics) <= set(keys.TRAIN_METRIC_KEYS)
 
