@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -39,10 +39,10 @@ FAILED = keys.ERROR_FAILED
 def _study(context: Context, config: ConfigRecord) -> StudyConfig:
     """Study-wide settings: the run config, overridden by what the server sent."""
     valid = set(StudyConfig.valid_keys())
-    flat = {k: v for k, v in context.run_config.items() if k in valid}
+    flat: dict[str, Any] = {k: v for k, v in context.run_config.items() if k in valid}
     flat.update({k: v for k, v in config.items() if k in valid})
     try:
-        return StudyConfig.from_run_config(flat)  # type: ignore[arg-type]
+        return StudyConfig.from_run_config(flat)
     except ValueError as err:  # the coordinator's own settings: safe to send back as they are
         raise SarcofedError(f"this site cannot read the study's config: {err}") from err
 
@@ -105,13 +105,13 @@ def _run(
         # Local DP when the site's policy demands it: clip and noise the update, not the weights.
         update, dp_applied = guard.protect_update(packed - global_packed)
         packed = (global_packed + update).astype(np.float32)
-        released = guard.release_weights(
+        released_metrics = guard.release_weights(
             int(metrics[keys.NUM_EXAMPLES]), weights_hash(state), metrics, dp_applied=dp_applied
         )
         content = RecordDict(
             {
                 keys.ARRAYS: ArrayRecord({keys.PACKED: Array(np.ascontiguousarray(packed))}),
-                keys.METRICS: MetricRecord(released),
+                keys.METRICS: MetricRecord({k: v for k, v in released_metrics.items()}),
             }
         )
         return Message(content, reply_to=msg)

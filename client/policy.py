@@ -35,7 +35,7 @@ POLICY_FILE = "policy.toml"
 #: What a site can accept. ``discrepancy`` is the label-convention analysis inside
 #: ``evaluate`` / ``compare`` replies (findings, region shares, polar maps).
 PolicyTask = Literal["train", "evaluate", "compare", "discrepancy"]
-POLICY_TASKS: tuple[str, ...] = ("train", "evaluate", "compare", "discrepancy")
+POLICY_TASKS: tuple[PolicyTask, ...] = ("train", "evaluate", "compare", "discrepancy")
 
 #: Minimum number of usable slices a reply must summarise when policy.toml does not say.
 DEFAULT_MIN_SLICES = 5
@@ -58,7 +58,7 @@ class SitePolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    accept_tasks: tuple[PolicyTask, ...] = Field(POLICY_TASKS, alias="accept-tasks")  # type: ignore[assignment]
+    accept_tasks: tuple[PolicyTask, ...] = Field(POLICY_TASKS, alias="accept-tasks")
     min_slices: int = Field(DEFAULT_MIN_SLICES, ge=1, alias="min-slices")
     min_cell_count: int = Field(1, ge=1, alias="min-cell-count")
     allow_polar_maps: bool = Field(True, alias="allow-polar-maps")

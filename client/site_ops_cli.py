@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -37,7 +38,7 @@ policy_app = typer.Typer(
 )
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     Console(stderr=True).print(f"[red]{escape(message)}[/red]")
     raise typer.Exit(1)
 

@@ -153,15 +153,16 @@ def bin_name(iou: float | Fraction) -> str:
     if isinstance(iou, Fraction):
         if not 0 <= iou <= 1:
             raise ValueError(f"IoU must be within [0, 1], got {iou}")
-        edges: tuple[Fraction, ...] | tuple[float, ...] = _BIN_EDGES_EXACT
+        for name, exact in zip(IOU_BINS, _BIN_EDGES_EXACT, strict=True):
+            if iou >= exact:
+                return name
     else:
         value = float(iou)
         if math.isnan(value) or not 0.0 <= value <= 1.0:
             raise ValueError(f"IoU must be within [0, 1], got {iou!r}")
-        iou, edges = value, _BIN_EDGES_FLOAT
-    for name, lower in zip(IOU_BINS, edges, strict=True):
-        if iou >= lower:
-            return name
+        for name, lower in zip(IOU_BINS, _BIN_EDGES_FLOAT, strict=True):
+            if value >= lower:
+                return name
     raise AssertionError("unreachable: the last bin starts at 0")  # pragma: no cover
 
 

@@ -280,7 +280,7 @@ def save_model(
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
-    log.info("saved model %s (weights %s)", path, payload["weights_hash"][:16])
+    log.info("saved model %s (weights %s)", path, str(payload["weights_hash"])[:16])
     return path
 
 

@@ -139,7 +139,7 @@ def _warm_report_imports() -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     log(INFO, "timing: main started %s", datetime.now(UTC).isoformat(timespec="milliseconds"))
-    study = StudyConfig.from_run_config(context.run_config)  # type: ignore[arg-type]
+    study = StudyConfig.from_run_config(context.run_config)
     run_dir = prepare_run_dir(study, context.run_id)
     log(INFO, "sarcofed study '%s': run folder %s", study.study.name, run_dir)
     if study.study.mode == "evaluate" and not study.study.model:

@@ -312,6 +312,7 @@ def wait_for_run(
         if time.monotonic() > deadline:
             raise DeploymentError(f"run {run_id} still '{status.status}' after {timeout:.0f} s")
         time.sleep(wait)
+    raise AssertionError("unreachable: poll_intervals never ends")  # pragma: no cover
 
 
 def run_logs(run_id: int, connection: str, *, flwr_home: Path | None = None) -> str:

@@ -44,9 +44,9 @@ def sort_replies(sent: Iterable[int], replies: Iterable[Message]) -> Replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
             if reply.error.code == keys.ERROR_REFUSED:
-                out.refused[node] = reply.error.reason
+                out.refused[node] = reply.error.reason or "refused, no reason given"
             else:
-                out.failed[node] = reply.error.reason
+                out.failed[node] = reply.error.reason or "failed, no reason given"
         else:
             out.ok[node] = reply
     out.timed_out = [n for n in sent if n not in out.ok and n not in out.failed and n not in out.refused]

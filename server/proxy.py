@@ -19,7 +19,7 @@ import argparse
 import logging
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import httpx
@@ -52,7 +52,7 @@ def is_fleet_request(method: str, path: str) -> bool:
     return method == "POST" and bool(FLEET_ROUTE.match(path))
 
 
-def _headers(items: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+def _headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in items if k.lower() not in _DROP]
 
 

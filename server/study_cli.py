@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -43,7 +44,7 @@ def coordinator_log() -> CoordinatorLog:
     return CoordinatorLog(sarcofed_home() / "coordinator.jsonl")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     Console(stderr=True).print(f"[red]{escape(message)}[/red]")
     raise typer.Exit(1)
 
@@ -86,8 +87,10 @@ def superlink(
     if not run:
         typer.echo(" ".join(f"{k}={v}" for k, v in FLOWER_ENV.items()) + " " + shlex.join(cmd))
         return
-    exe = shutil.which(cmd[0]) or _fail(f"{cmd[0]} not found on PATH")
-    os.execve(str(exe), cmd, os.environ | FLOWER_ENV)
+    exe = shutil.which(cmd[0])
+    if exe is None:
+        _fail(f"{cmd[0]} not found on PATH")
+    os.execve(exe, cmd, os.environ | FLOWER_ENV)
 
 
 @study_app.command("connect")

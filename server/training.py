@@ -148,7 +148,7 @@ def run_training(
         if state.stopped_early:
             break
         started = time.monotonic()
-        config = {
+        config: dict[str, Any] = {
             keys.TASK: "train",
             keys.MODEL_SPEC: spec.model_dump_json(),
             keys.MODEL_LAYOUT: layout,

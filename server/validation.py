@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from protocols import keys
 from protocols.payloads import EvaluationPayload
-from protocols.report import SiteResult
+from protocols.report import SiteResult, SiteStatus
 from protocols.study import StudyConfig
 from server.messaging import broadcast, instruction
 
@@ -104,7 +104,7 @@ def run_validation(
                     )
                 )
                 continue
-            status = "ok" if payload.n_used > 0 else "no_usable_slices"
+            status: SiteStatus = "ok" if payload.n_used > 0 else "no_usable_slices"
             reason = None if payload.n_used else f"no usable slice; excluded: {payload.excluded}"
             results.append(SiteResult(site=site, node_id=node, status=status, reason=reason, payload=payload))
         elif node in replies.refused:

@@ -266,7 +266,7 @@ def _conventions_section(payloads: Mapping[str, EvaluationPayload], task: str) -
         blocks.append(
             Image(
                 "polar_maps",
-                figures.polar_maps_figure(polar, keys),  # type: ignore[arg-type]
+                figures.polar_maps_figure(polar, keys),
                 "Where the site's labels and the test disagree: discordant cm² per slice by angle and "
                 "normalised radius (0 centre, 1 outline), each site divided by its own slice count; angles "
                 "as the sites' discrepancy analysis defines them.",
