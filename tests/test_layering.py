@@ -1,4 +1,8 @@
-"""Dependencies point one way: protocols <- common <- client/server; common never imports flwr."""
+"""Dependencies point one way: protocols <- common <- client/server; common never imports flwr.
+
+``server`` may import ``client`` only in its composition root (``server/cli.py`` builds the
+one ``sarcofed`` command); screen rendering (rich, typer) lives with the CLIs, not in ``common``.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FORBIDDEN = {
     "protocols": {"common", "client", "server", "flwr", "torch", "numpy"},
-    "common": {"client", "server", "flwr"},
+    "common": {"client", "server", "flwr", "rich", "typer"},
     "client": {"server"},
+    "server": {"client"},
 }
+#: The one module allowed to break a rule above: it assembles the CLI from both sides.
+COMPOSITION_ROOT = ROOT / "server" / "cli.py"
 
 
 def _imports(path: Path) -> set[str]:
@@ -32,9 +39,14 @@ def test_package_imports_point_one_way(package: str) -> None:
     offenders = {
         str(path.relative_to(ROOT)): sorted(_imports(path) & FORBIDDEN[package])
         for path in (ROOT / package).rglob("*.py")
-        if _imports(path) & FORBIDDEN[package]
+        if _imports(path) & FORBIDDEN[package] and path != COMPOSITION_ROOT
     }
     assert offenders == {}
+
+
+def test_the_composition_root_is_the_only_exception_and_needs_it() -> None:
+    """If server/cli.py stopped importing client, the exception would hide nothing and should go."""
+    assert "client" in _imports(COMPOSITION_ROOT)
 
 
 def test_the_check_sees_imports() -> None:
@@ -110,7 +122,7 @@ def test_the_walk_finds_lazy_imports_inside_functions() -> None:
     """The walk must see an import inside a function, or the test below proves nothing:
     ``client.app`` imports ``common.model`` only inside its handlers."""
     assert "common.model" in reachable("client.app")
-    assert "common.demo.hospitals" in reachable("server.demo_cli")  # lazy, inside 'make'
+    assert "common.demo.hospitals" in reachable("client.demo_cli")  # lazy, inside 'make'
 
 
 @pytest.mark.parametrize("start", ["client.app", "server.app"])
@@ -120,3 +132,28 @@ def test_the_flower_apps_never_reach_the_demo_generator(start: str) -> None:
     lazy one, may lead there."""
     demo = sorted(m for m in reachable(start) if m == "common.demo" or m.startswith("common.demo."))
     assert demo == [], f"{start} can import {demo}"
+
+
+def test_every_third_party_import_is_a_declared_dependency() -> None:
+    """A module the packages import must be installed by ``pip install .`` itself, not by luck
+    (httpx, cryptography, starlette and timm once were only test extras or transitive)."""
+    import re
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = {
+        re.split(r"[\s\[<>=!~;]", spec, maxsplit=1)[0].lower().replace("_", "-")
+        for spec in project["dependencies"]
+    }
+    ours = {"protocols", "common", "client", "server"}
+    imported = set().union(*(_imports(p) for pkg in ours for p in (ROOT / pkg).rglob("*.py")))
+    third_party = imported - ours - set(sys.stdlib_module_names)
+    owners = packages_distributions()
+    undeclared = {
+        module: owners.get(module, ["?"])
+        for module in sorted(third_party)
+        if not {d.lower().replace("_", "-") for d in owners.get(module, [])} & declared
+    }
+    assert undeclared == {}
