@@ -8,9 +8,9 @@ import typer
 
 from client import site_ops_cli, tasks_cli
 from client.cli import site_app
+from client.demo_cli import demo_app
 from client.workbench.cli import register as register_workbench
 from server import study_cli
-from server.demo_cli import demo_app
 from server.demo_study import demo_study_cmd
 
 app = typer.Typer(

@@ -60,7 +60,7 @@ def test_study_defaults_are_the_seed() -> None:
 
 
 def test_demo_cli_makes_the_demo_studys_hospitals() -> None:
-    from server.demo_cli import make
+    from client.demo_cli import make
 
     params = inspect.signature(make).parameters
     demo = StudyConfig.from_run_config(demo_run_config()).demo
