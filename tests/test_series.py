@@ -12,18 +12,16 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from common.demo.series import DemoSeries, make_series
+from common.l3_suggestion import suggest_l3
+from common.reformat import Reformat, reformat, square_pixels
 from common.series import (
     CTVolume,
-    Reformat,
     SeriesError,
     SeriesInfo,
     SliceHeader,
     load_volume,
     order_slices,
-    reformat,
     scan_folder,
-    square_pixels,
-    suggest_l3,
 )
 
 

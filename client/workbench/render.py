@@ -9,7 +9,8 @@ from enum import StrEnum
 import numpy as np
 from PIL import Image
 
-from common.series import CTVolume, Plane, reformat, square_pixels
+from common.reformat import Plane, reformat, square_pixels
+from common.series import CTVolume
 
 
 class Preset(StrEnum):

@@ -17,15 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.series import (
-    CTVolume,
-    L3Suggestion,
-    SeriesInfo,
-    SeriesListing,
-    load_volume,
-    scan_folder,
-    suggest_l3,
-)
+from common.l3_suggestion import L3Suggestion, suggest_l3
+from common.series import CTVolume, SeriesInfo, SeriesListing, load_volume, scan_folder
 
 log = logging.getLogger(__name__)
 
