@@ -102,6 +102,22 @@ class PolarMap(Schema):
     )
 
 
+class KeyStats(Schema):
+    """Sufficient statistics of one kind of disagreement over a site's slices (for pooling and tests).
+
+    Over the ``n`` slices where the reference has the class: ``n_present`` slices with the net
+    disagreement present, and sums / sums of squares of the per-slice net share of the class
+    area and net area (this direction minus the opposite one).
+    """
+
+    n: int = Field(ge=0)
+    n_present: int = Field(ge=0)
+    sum_net_share: float
+    sum_sq_net_share: float = Field(ge=0.0)
+    sum_net_cm2: float
+    sum_sq_net_cm2: float = Field(ge=0.0)
+
+
 class DiscrepancySummary(Schema):
     """Aggregate discrepancy statistics of one site (see protocols.findings and common.discrepancy)."""
 
@@ -115,6 +131,10 @@ class DiscrepancySummary(Schema):
         "mean over slices",
     )
     polar: PolarMap | None = None
+    key_stats: dict[str, KeyStats] = Field(
+        default_factory=dict,
+        description="'<class>:<direction>:<region>' -> sufficient statistics, for every kind seen",
+    )
     n_no_spine: int = Field(
         default=0, ge=0, description="slices where no spine was found (regions named from the body alone)"
     )
