@@ -103,3 +103,36 @@ class LabelAudit(Schema):
     def findings(self) -> list[AuditCheck]:
         """The systematic deviations: the site's label conventions."""
         return [c for c in self.checks if c.systematic]
+
+
+class KeyStats(Schema):
+    """Sufficient statistics of one kind of disagreement over a site's slices (for pooling and tests).
+
+    Over the ``n`` slices where the reference has the class: ``n_present`` slices with the net
+    disagreement present, and sums / sums of squares of the per-slice net share of the class
+    area and net area (this direction minus the opposite one).
+    """
+
+    n: int = Field(ge=0)
+    n_present: int = Field(ge=0)
+    sum_net_share: float
+    sum_sq_net_share: float = Field(ge=0.0)
+    sum_net_cm2: float
+    sum_sq_net_cm2: float = Field(ge=0.0)
+
+
+class ErrorProfile(Schema):
+    """A model's own systematic errors: its findings against protocol-following labels.
+
+    Pooled over the held-out test slices of the sites that trained it (internal
+    validation), where the labels follow the study protocol, so every disagreement there is
+    the model's. Travels with the model (``model.pt`` metadata) and in the study report, so
+    an external site's finding can be compared with it.
+    """
+
+    source: str = Field(description="where the profile comes from, in words")
+    n_sites: int = Field(ge=0)
+    n_slices: int = Field(ge=0)
+    key_stats: dict[str, KeyStats] = Field(
+        default_factory=dict, description="'<class>:<direction>:<region>' -> pooled sufficient statistics"
+    )

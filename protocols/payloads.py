@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from protocols.base import Schema
-from protocols.findings import Finding
+from protocols.findings import Finding, KeyStats
 
 
 class Distribution(Schema):
@@ -100,22 +100,6 @@ class PolarMap(Schema):
     maps: dict[str, list[list[float]]] = Field(
         description="key '<class>:<direction>' -> n_angle x n_radius summed cm^2"
     )
-
-
-class KeyStats(Schema):
-    """Sufficient statistics of one kind of disagreement over a site's slices (for pooling and tests).
-
-    Over the ``n`` slices where the reference has the class: ``n_present`` slices with the net
-    disagreement present, and sums / sums of squares of the per-slice net share of the class
-    area and net area (this direction minus the opposite one).
-    """
-
-    n: int = Field(ge=0)
-    n_present: int = Field(ge=0)
-    sum_net_share: float
-    sum_sq_net_share: float = Field(ge=0.0)
-    sum_net_cm2: float
-    sum_sq_net_cm2: float = Field(ge=0.0)
 
 
 class DiscrepancySummary(Schema):

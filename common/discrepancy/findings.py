@@ -36,8 +36,8 @@ from common.discrepancy.polar import N_ANGLE, N_RADIUS, empty_polar, polar_key
 from common.discrepancy.slice import Key, SliceDiscrepancy
 from common.stats import mean_interval, wilson_interval
 from protocols.classes import TISSUES
-from protocols.findings import DIRECTIONS, REGIONS, Finding
-from protocols.payloads import DiscrepancySummary, HuRanges, KeyStats, PolarMap
+from protocols.findings import DIRECTIONS, REGIONS, Finding, KeyStats
+from protocols.payloads import DiscrepancySummary, HuRanges, PolarMap
 
 #: A slice shows a kind of disagreement when its net area exceeds this share of the class ...
 PRESENCE_SHARE = 0.01
