@@ -26,8 +26,28 @@ MUSCLE_GROUP_TEXT: Final[dict[str, str]] = {
 }
 
 
+def _pair(value: object) -> object:
+    """``"-29,150"`` (a run-config string) -> (-29.0, 150.0)."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if len(parts) != 2:
+            raise ValueError(f"expected 'low,high' in HU (e.g. '-29,150'), got {value!r}")
+        return tuple(float(p) for p in parts)
+    return value
+
+
+def _groups(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
 class LabelProtocol(Schema):
-    """One label definition; ``describe()`` says it in words for reports."""
+    """One label definition; ``describe()`` says it in words for reports.
+
+    Flat fields, so that a study sets it through run-config keys (``protocol.muscles``,
+    ``protocol.muscle-hu`` = ``"-29,150"`` ...).
+    """
 
     name: str = Field("alberta", min_length=1, description="a short name for reports")
     muscles: tuple[MuscleGroup, ...] = Field(
@@ -35,16 +55,37 @@ class LabelProtocol(Schema):
         description="the muscle groups at L3 that count as skeletal muscle",
     )
     imat_in_muscle: bool = Field(False, description="intramuscular fat counted as muscle")
-    hu_ranges: HuRanges = HuRanges()
+    muscle_hu: tuple[float, float] = HuRanges().muscle
+    subcutaneous_fat_hu: tuple[float, float] = HuRanges().subcutaneous_fat
+    visceral_fat_hu: tuple[float, float] = HuRanges().visceral_fat
+
+    _parse_pairs = field_validator("muscle_hu", "subcutaneous_fat_hu", "visceral_fat_hu", mode="before")(
+        _pair
+    )
+    _parse_groups = field_validator("muscles", mode="before")(_groups)
 
     @field_validator("muscles")
     @classmethod
     def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
-            raise ValueError(
-                f"a label protocol needs at least one muscle group of {', '.join(MUSCLE_GROUPS)}"
-            )
+            choices = ", ".join(MUSCLE_GROUPS)
+            raise ValueError(f"a label protocol needs at least one muscle group of {choices}")
         return tuple(dict.fromkeys(value))
+
+    @field_validator("muscle_hu", "subcutaneous_fat_hu", "visceral_fat_hu")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"an HU range is (low, high) with low < high, got {value}")
+        return value
+
+    @property
+    def hu_ranges(self) -> HuRanges:
+        return HuRanges(
+            muscle=self.muscle_hu,
+            subcutaneous_fat=self.subcutaneous_fat_hu,
+            visceral_fat=self.visceral_fat_hu,
+        )
 
     def includes(self, group: str) -> bool:
         return group in self.muscles
