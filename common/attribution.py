@@ -20,13 +20,15 @@ Every attribution carries its evidence in words. Works with a single external si
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Final
 
 from common.discrepancy.findings import is_systematic
 from common.discrepancy.slice import Key
+from common.pooling import error_profile
 from common.stats import proportion_greater_p
 from protocols.findings import AuditCheck, ErrorProfile, Finding, KeyStats, LabelAudit
+from protocols.payloads import EvaluationPayload
 from protocols.protocol import LabelProtocol
 
 #: A site's rate of a finding "clearly exceeds" the model's profile below this one-sided p-value.
@@ -148,37 +150,6 @@ def attribute_all(
     return [attribute(f, audit=audit, profile=profile, protocol=protocol) for f in findings]
 
 
-def pool_key_stats(parts: Sequence[dict[str, KeyStats]]) -> dict[str, KeyStats]:
-    """Add sufficient statistics across sites, kind by kind (exact)."""
-    out: dict[str, KeyStats] = {}
-    for part in parts:
-        for key, s in part.items():
-            old = out.get(key)
-            out[key] = (
-                s
-                if old is None
-                else KeyStats(
-                    n=old.n + s.n,
-                    n_present=old.n_present + s.n_present,
-                    sum_net_share=old.sum_net_share + s.sum_net_share,
-                    sum_sq_net_share=old.sum_sq_net_share + s.sum_sq_net_share,
-                    sum_net_cm2=old.sum_net_cm2 + s.sum_net_cm2,
-                    sum_sq_net_cm2=old.sum_sq_net_cm2 + s.sum_sq_net_cm2,
-                )
-            )
-    return out
-
-
-def error_profile(parts: dict[str, tuple[int, dict[str, KeyStats]]], source: str) -> ErrorProfile:
-    """The model's error profile from internal sites: site -> (slices analysed, key stats)."""
-    return ErrorProfile(
-        source=source,
-        n_sites=len(parts),
-        n_slices=sum(n for n, _ in parts.values()),
-        key_stats=pool_key_stats([stats for _, stats in parts.values()]),
-    )
-
-
 def systematic_in_profile(profile: ErrorProfile) -> list[str]:
     """The kinds the model gets wrong consistently on protocol-following labels."""
     return sorted(k for k, s in profile.key_stats.items() if is_systematic(s.n_present, s.n))
@@ -189,8 +160,43 @@ __all__ = [
     "attribute",
     "attribute_all",
     "covering_checks",
-    "error_profile",
-    "pool_key_stats",
     "protocol_agrees_with_site",
+    "study_attribution",
     "systematic_in_profile",
 ]
+
+
+def study_attribution(
+    payloads: Mapping[str, EvaluationPayload], protocol: LabelProtocol
+) -> tuple[ErrorProfile | None, dict[str, list[Finding]]]:
+    """The coordinator's view: the model's error profile and every site's attributed findings.
+
+    The profile pools the internal sites' test-split statistics (their labels follow the
+    protocol there, as their label audits show); each site's findings are then attributed
+    with its own label audit and that profile. Internal sites are attributed too: their
+    systematic findings are, by construction, the model's profile.
+    """
+    internal = {
+        site: (p.discrepancy.n_slices, p.discrepancy.key_stats)
+        for site, p in payloads.items()
+        if p.role == "internal" and p.discrepancy is not None and p.discrepancy.n_slices
+    }
+    profile = None
+    if internal:
+        n_slices = sum(n for n, _ in internal.values())
+        profile = error_profile(
+            internal,
+            f"the model against protocol-following labels on the held-out test patients of "
+            f"{len(internal)} internal site(s) ({n_slices} slices)",
+        )
+    findings = {
+        site: attribute_all(
+            p.discrepancy.findings if p.discrepancy else p.findings,
+            audit=p.label_audit,
+            profile=profile,
+            protocol=protocol,
+        )
+        for site, p in payloads.items()
+        if p.task == "evaluate"
+    }
+    return profile, findings

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.dataset import MANIFEST_CSV, LoadedSlice, SiteDataset, dataset_fingerprint, load_slice
 from common.errors import SliceError
 from protocols.classes import TISSUES, ExclusionReason
-from protocols.payloads import HuRanges
+from protocols.protocol import HuRanges
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 from protocols.classes import IOU_BINS, METRIC_CLASSES, TISSUES
-from protocols.findings import DIRECTIONS, REGIONS, Finding
+from protocols.findings import DIRECTIONS, REGIONS, ErrorProfile, Finding, KeyStats
 from protocols.payloads import (
     AreaAgreement,
     ClassScores,
@@ -304,3 +304,37 @@ def attribute_findings(payloads: Mapping[str, EvaluationPayload]) -> dict[str, d
     return {
         site: {k: ("shared" if k in shared else "site") for k in keys} for site, keys in systematic.items()
     }
+
+
+# --------------------------------------------------------------------------- model error profile
+
+
+def pool_key_stats(parts: Sequence[dict[str, KeyStats]]) -> dict[str, KeyStats]:
+    """Add sufficient statistics across sites, kind by kind (exact)."""
+    out: dict[str, KeyStats] = {}
+    for part in parts:
+        for key, s in part.items():
+            old = out.get(key)
+            out[key] = (
+                s
+                if old is None
+                else KeyStats(
+                    n=old.n + s.n,
+                    n_present=old.n_present + s.n_present,
+                    sum_net_share=old.sum_net_share + s.sum_net_share,
+                    sum_sq_net_share=old.sum_sq_net_share + s.sum_sq_net_share,
+                    sum_net_cm2=old.sum_net_cm2 + s.sum_net_cm2,
+                    sum_sq_net_cm2=old.sum_sq_net_cm2 + s.sum_sq_net_cm2,
+                )
+            )
+    return out
+
+
+def error_profile(parts: dict[str, tuple[int, dict[str, KeyStats]]], source: str) -> ErrorProfile:
+    """The model's error profile from internal sites: site -> (slices analysed, key stats)."""
+    return ErrorProfile(
+        source=source,
+        n_sites=len(parts),
+        n_slices=sum(n for n, _ in parts.values()),
+        key_stats=pool_key_stats([stats for _, stats in parts.values()]),
+    )

@@ -20,6 +20,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from common.dataset import row_group
+
+if TYPE_CHECKING:
+    from common.dataset import SiteDataset
+    from protocols.study import TrainSection
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ def split_patients(
             f"got {val_fraction} + {test_fraction}"
         )
     if not groups:
-        raise ValueError("cannot split an empty list of slices")
+        return PatientSplit(train=(), val=(), test=())
     members: dict[str, list[int]] = {}
     for index, group in enumerate(groups):
         members.setdefault(str(group), []).append(index)
@@ -81,4 +88,16 @@ def split_patients(
     )
 
 
-__all__ = ["PatientSplit", "split_patients"]
+def split_site(site: SiteDataset, train: TrainSection) -> PatientSplit:
+    """The split of a parsed site's valid manifest rows (indices into ``site.rows``).
+
+    Over the manifest rows, not the usable slices: training and evaluation compute the same
+    split whatever files fail to load (an unusable row is then simply not trained on or scored).
+    """
+    groups = [row_group(site, i) for i in range(len(site.rows))]
+    return split_patients(
+        groups, val_fraction=train.val_fraction, test_fraction=train.test_fraction, seed=train.seed
+    )
+
+
+__all__ = ["PatientSplit", "split_patients", "split_site"]

@@ -14,7 +14,15 @@ from typing import Final, Literal
 from pydantic import Field, field_validator
 
 from protocols.base import Schema
-from protocols.payloads import HuRanges
+
+
+class HuRanges(Schema):
+    """HU ranges used for density checks and harmonised rescoring."""
+
+    muscle: tuple[float, float] = (-29.0, 150.0)
+    subcutaneous_fat: tuple[float, float] = (-190.0, -30.0)
+    visceral_fat: tuple[float, float] = (-150.0, -50.0)
+
 
 MuscleGroup = Literal["psoas", "paraspinal", "quadratus_lumborum", "abdominal_wall"]
 MUSCLE_GROUPS: Final[tuple[str, ...]] = ("psoas", "paraspinal", "quadratus_lumborum", "abdominal_wall")
@@ -108,4 +116,4 @@ class LabelProtocol(Schema):
 #: The default study protocol (Alberta / Slice-O-Matic).
 ALBERTA: Final = LabelProtocol()
 
-__all__ = ["ALBERTA", "MUSCLE_GROUPS", "MUSCLE_GROUP_TEXT", "LabelProtocol", "MuscleGroup"]
+__all__ = ["ALBERTA", "MUSCLE_GROUPS", "MUSCLE_GROUP_TEXT", "HuRanges", "LabelProtocol", "MuscleGroup"]

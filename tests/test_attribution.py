@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from common.attribution import attribute, error_profile, pool_key_stats, systematic_in_profile
+from common.attribution import attribute, systematic_in_profile
 from common.label_audit import audit_sentence
+from common.pooling import error_profile, pool_key_stats
 from protocols.findings import AuditCheck, Finding, KeyStats, LabelAudit
 from protocols.protocol import ALBERTA, LabelProtocol
 

@@ -366,7 +366,7 @@ def test_pooled_bins_with_a_suppressed_site_say_incomplete_in_every_format(suppr
     name hospital-c, never present them as counts over all three sites."""
     out = suppressed_written
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert data["schema_version"] == "2"
+    assert data["schema_version"] == "3"
     assert data["pooled"]["tables"]["pooled_iou_bins"] == {
         "state": "incomplete",
         "sites": ["hospital-a", "hospital-b"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from common.splits import split_patients
@@ -60,3 +61,19 @@ def test_fractions_are_checked() -> None:
         split_patients(["a", "b"], val_fraction=0.5, test_fraction=0.5, seed=0)
     with pytest.raises(ValueError, match=r"test_fraction must be in \[0, 1\)"):
         split_patients(["a"], val_fraction=0.1, test_fraction=-0.1, seed=0)
+
+
+@pytest.mark.parametrize("n_groups", [2, 3, 7, 20])
+def test_no_patient_straddles_parts_for_any_seed_or_fractions(n_groups: int) -> None:
+    rng = np.random.default_rng(n_groups)
+    groups = [f"g{int(rng.integers(n_groups))}" for _ in range(3 * n_groups)]
+    groups[:n_groups] = [f"g{i}" for i in range(n_groups)]  # every group present
+    for seed in range(30):
+        for val, test in ((0.0, 0.0), (0.1, 0.2), (0.25, 0.25), (0.0, 0.5), (0.4, 0.4)):
+            split = split_patients(groups, val_fraction=val, test_fraction=test, seed=seed)
+            parts = (split.train, split.val, split.test)
+            assert sorted(i for p in parts for i in p) == list(range(len(groups)))
+            assert split.train, "training must never be empty"
+            owners = [{groups[i] for i in p} for p in parts]
+            assert all(owners[a].isdisjoint(owners[b]) for a in range(3) for b in range(a + 1, 3))
+            assert (not split.test) or test > 0

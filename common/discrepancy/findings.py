@@ -37,7 +37,8 @@ from common.discrepancy.slice import Key, SliceDiscrepancy
 from common.stats import mean_interval, wilson_interval
 from protocols.classes import TISSUES
 from protocols.findings import DIRECTIONS, REGIONS, Finding, KeyStats
-from protocols.payloads import DiscrepancySummary, HuRanges, PolarMap
+from protocols.payloads import DiscrepancySummary, PolarMap
+from protocols.protocol import HuRanges
 
 #: A slice shows a kind of disagreement when its net area exceeds this share of the class ...
 PRESENCE_SHARE = 0.01

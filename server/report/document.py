@@ -41,7 +41,6 @@ from server.report.tables import (
 def _header(report: StudyReport, n_usable: int) -> list[Block]:
     cut = get_cutoff_set(report.cutoff_set)
     men = f"men < {cut.men}" + (f" (< {cut.men_bmi25} if BMI >= 25)" if cut.men_bmi25 is not None else "")
-    hu = report.hu_ranges
     spec = ", ".join(f"{k}={v}" for k, v in (report.model_spec or {}).items()) or "none (no model)"
     return [
         Heading(f"Study report: {report.study_name}", 1),
@@ -54,9 +53,8 @@ def _header(report: StudyReport, n_usable: int) -> list[Block]:
                 f"Model hash: {report.model_hash or 'none'}; model: {spec}.",
                 f"SMI cut-off set: {cut.name.value} ({men}, women < {cut.women} cm²/m²; {cut.note}). "
                 f"{cut.citation}",
-                f"HU ranges: muscle {hu.muscle[0]:g}..{hu.muscle[1]:g}, subcutaneous fat "
-                f"{hu.subcutaneous_fat[0]:g}..{hu.subcutaneous_fat[1]:g}, visceral fat "
-                f"{hu.visceral_fat[0]:g}..{hu.visceral_fat[1]:g}.",
+                f"Label protocol: {report.protocol.describe()}. The model's prediction is cut to these HU "
+                "ranges before it is scored (raw scores are kept beside).",
                 f"Sites: {n_usable} of {len(report.sites)} returned a usable result.",
             )
         ),

@@ -47,10 +47,9 @@ def consistency_notes(report: StudyReport) -> list[str]:
             )
         if p.sarcopenia is not None and p.sarcopenia.cutoff_set != report.cutoff_set:
             notes.append(f"{s.site} used SMI cut-off set {p.sarcopenia.cutoff_set}, not {report.cutoff_set}.")
-        if p.hu_ranges != report.hu_ranges:
+        if p.protocol != report.protocol:
             notes.append(
-                f"{s.site} used HU ranges {p.hu_ranges.model_dump()} "
-                f"(study: {report.hu_ranges.model_dump()})."
+                f"{s.site} applied the label protocol {p.protocol.describe()} (study: the one above)."
             )
         suppressed = [*p.suppressed, *(p.discrepancy.suppressed if p.discrepancy else [])]
         if suppressed:
