@@ -116,7 +116,9 @@ def test_demo_study_trains_validates_reports_and_resumes(tmp_path: Path, flower_
         for cls in ("muscle", "subcutaneous_fat", "visceral_fat", "msv"):
             expected = Counter(bin_name(r.iou[cls]) for r in records if r.iou[cls] is not None)
             assert result.payload.scores[cls].bins == {b: expected.get(b, 0) for b in IOU_BINS}, cls
-    assert (run_dir / "report.html").exists() and (run_dir / "tables" / "pooled_iou_bins.csv").exists()
+    assert (run_dir / "report.html").exists() and (
+        run_dir / "tables" / "pooled_internal_iou_bins.csv"
+    ).exists()
 
     # Resume: one more round continues from the checkpoint (round 3), weights from round 2.
     weights_before = report.training[-1].weights_hash
