@@ -33,7 +33,7 @@ from common.evaluation import evaluate_site, score_slice
 from common.inference import predict_masks
 from common.model import ModelSpec, build_model, load_model, save_model
 from common.preprocess import logits_to_native, to_model_input
-from protocols.payloads import HuRanges
+from protocols.protocol import HuRanges
 
 
 def _make_site(root: Path, n: int, size: int) -> Path:

@@ -3,7 +3,7 @@
 Three demo hospitals (``common.demo.hospitals.make_demo``), the same total epochs both ways:
 
 - centralised: every site's *train* split (the grouped split each site uses in federated
-  training, ``split_train_val(groups, train.val-fraction, train.seed)`` per site, exactly as
+  training, ``common.splits.split_site(site, study.train)`` per site, exactly as
   ``client.site_tasks.run_train``) pooled into one training set; one model trained with
   ``common.training.train_local`` for ``rounds x local-epochs`` epochs (the seed's recipe,
   same initial weights: ``torch.manual_seed(train.seed)`` then ``build_model``). Its muscle
@@ -52,7 +52,8 @@ from client.site_tasks import training_samples
 from common.dataset import load_site
 from common.demo.hospitals import make_demo
 from common.model import build_model, model_from_state
-from common.training import TrainConfig, evaluate_loss, split_train_val, train_local
+from common.splits import split_site
+from common.training import TrainConfig, evaluate_loss, train_local
 from protocols import keys
 from protocols.report import RoundRecord
 from protocols.study import StudyConfig
@@ -244,10 +245,10 @@ def splits(site_dirs: Sequence[Path], study: StudyConfig) -> tuple[list, list]:
     """Every site's train and validation samples, split exactly as ``run_train`` splits them."""
     train, val = [], []
     for site_dir in site_dirs:
-        samples, _ = training_samples(load_site(site_dir))
-        t_idx, v_idx = split_train_val([s.group for s in samples], study.train.val_fraction, study.train.seed)
-        train += [samples[i] for i in t_idx]
-        val += [samples[i] for i in v_idx]
+        site = load_site(site_dir)
+        split = split_site(site, study.train)
+        train += training_samples(site, split.train)[0]
+        val += training_samples(site, split.val)[0] if split.val else []
     return train, val
 
 

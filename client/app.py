@@ -117,9 +117,13 @@ def _run(
         return Message(content, reply_to=msg)
     if task in ("evaluate", "compare"):
         if task == "evaluate":
+            from common.model import weights_hash
+
             spec, model = _model_from(msg, config)
-            model_hash = str(config.get(keys.MODEL_HASH, ""))
-            payload = site_tasks.run_evaluate(site, model, spec, study, model_hash)  # type: ignore[arg-type]
+            # the hash of the weights this site received, not the one the coordinator claims
+            received = weights_hash(model.state_dict())  # type: ignore[attr-defined]
+            role = site_tasks.site_role(site, str(config.get(keys.ROLE, "external")), received)
+            payload = site_tasks.run_evaluate(site, model, spec, study, role=role)  # type: ignore[arg-type]
         else:
             payload = site_tasks.run_compare(site, study)
         released = guard.release_payload(payload)

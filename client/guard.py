@@ -143,6 +143,9 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
         if data.get("findings"):
             data["findings"] = []
             marks.append("findings")
+        if data.get("label_audit") is not None:
+            data["label_audit"] = None
+            marks.append("label_audit")
     disc = data.get("discrepancy")
     if disc is not None and disc.get("polar") is not None:
         if not policy.allow_polar_maps:
@@ -154,7 +157,7 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
     if k <= 1:
         return data, marks
 
-    for field in ("scores", "harmonised_scores"):
+    for field in ("scores", "raw_scores", "harmonised_scores"):
         for name, scores in (data.get(field) or {}).items():
             parsed = ClassScores.model_validate(scores)
             if any(_small(c, k) for c in parsed.bins.values()):
@@ -190,6 +193,20 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
                 kept.append(finding)
         if "findings" in holder:
             holder["findings"] = kept
+    if disc is not None:
+        for key, stats in list((disc.get("key_stats") or {}).items()):
+            if _small(stats.get("n"), k):
+                del disc["key_stats"][key]
+                marks.append(f"discrepancy.key_stats.{key}")
+    audit = data.get("label_audit")
+    if audit is not None:
+        kept = []
+        for check in audit.get("checks") or []:
+            if _small(check.get("n_slices"), k):
+                marks.append(f"label_audit.{check['class']}:{check['direction']}:{check['region']}")
+            else:
+                kept.append(check)
+        audit["checks"] = kept
     return data, marks
 
 

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from protocols.classes import IOU_BINS, METRIC_CLASSES, SEED_COLUMN, TISSUES, ExclusionReason
+from protocols.findings import LabelAudit
 from protocols.payloads import EvaluationPayload
 
 if TYPE_CHECKING:
@@ -161,6 +162,8 @@ def render_check(report: SiteCheckReport, console: Console) -> None:
             _fmt(stats.mean_hu),
         )
     console.print(classes)
+    if report.label_audit is not None and report.label_audit.checks:
+        render_label_audit(report.label_audit, console)
 
     if report.excluded:
         reasons = Table(title="Excluded rows by reason")
@@ -180,3 +183,25 @@ def render_check(report: SiteCheckReport, console: Console) -> None:
                 escape(problem.file), str(problem.line or ""), problem.reason, escape(problem.detail)
             )
         console.print(problems)
+
+
+def render_label_audit(audit: LabelAudit, console: Console) -> None:
+    """The model-free label audit: each check, how consistent, and the verdict in words."""
+    table = Table(title=f"Your labels against the {audit.protocol} protocol (from the images, no model)")
+    for column in ("class / direction / region", "slices", "mean cm²", "verdict"):
+        table.add_column(column, justify="right" if column in ("slices", "mean cm²") else "left")
+    for check in audit.checks:
+        verdict = (
+            "[yellow]a convention of this site[/yellow]"
+            if check.systematic
+            else ("follows the protocol" if check.conforms else "not consistent")
+        )
+        table.add_row(
+            f"{check.tissue} / {check.direction} / {check.region}",
+            f"{check.n_present} of {check.n_slices}",
+            f"{check.mean_area_cm2:.1f}",
+            verdict,
+        )
+    console.print(table)
+    for check in audit.findings:
+        console.print(f"- {escape(check.sentence)}")

@@ -10,16 +10,21 @@ Nothing here makes data: in simulation the demo hospitals must exist already
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.dataset import MANIFEST_CSV, SiteDataset, iter_slices
 from common.errors import SarcofedError, SliceError
+from common.evaluation import Scope
 from common.paths import demo_sites_dir, simulated_site_dir
+from common.splits import split_site
 from protocols import keys
-from protocols.payloads import EvaluationPayload
-from protocols.study import StudyConfig
+from protocols.findings import ErrorProfile
+from protocols.payloads import EvaluationPayload, Role
+from protocols.protocol import LabelProtocol
+from protocols.study import StudyConfig, TrainSection
 
 if TYPE_CHECKING:  # torch and the model zoo cost seconds to import: only tasks that use a model do
     import torch
@@ -73,13 +78,15 @@ def load_state(spec: ModelSpec, packed: object, layout: str) -> torch.nn.Module:
     return model_from_state(spec, unpack_state(packed, layout))  # type: ignore[arg-type]
 
 
-def training_samples(site: SiteDataset) -> tuple[list[TrainSample], dict[str, int]]:
-    """Every usable slice of the site as a training sample, and exclusions by reason."""
+def training_samples(
+    site: SiteDataset, rows: Collection[int] | None = None
+) -> tuple[list[TrainSample], dict[str, int]]:
+    """The usable slices of the site (or of ``rows``) as training samples, and exclusions by reason."""
     from common.training import TrainSample
 
     samples: list[TrainSample] = []
     excluded: dict[str, int] = {}
-    for item in iter_slices(site):
+    for item in iter_slices(site, rows=rows):
         if isinstance(item, SliceError):
             excluded[item.reason.value] = excluded.get(item.reason.value, 0) + 1
             continue
@@ -96,6 +103,14 @@ def training_samples(site: SiteDataset) -> tuple[list[TrainSample], dict[str, in
     return samples, excluded
 
 
+def _train_and_val(site: SiteDataset, train: TrainSection) -> tuple[list[TrainSample], list[TrainSample]]:
+    """The samples of the split's train and validation parts; the test patients are never loaded."""
+    split = split_site(site, train)
+    samples, _ = training_samples(site, split.train)
+    val = training_samples(site, split.val)[0] if split.val else []
+    return samples, val
+
+
 def run_train(
     site: SiteDataset,
     model: torch.nn.Module,
@@ -104,20 +119,21 @@ def run_train(
     *,
     proximal_mu: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Local training on the site's train split; returns new weights and aggregate metrics."""
-    from common.training import TrainConfig, split_train_val, train_local
+    """Local training on the site's train patients, validation on its validation patients.
 
-    samples, _ = training_samples(site)
-    train_idx, val_idx = split_train_val(
-        [s.group for s in samples], study.train.val_fraction, study.train.seed
-    )
+    The test patients (``train.test-fraction``) are held out: the study's internal validation
+    scores them and nothing else. Returns new weights and aggregate metrics.
+    """
+    from common.training import TrainConfig, train_local
+
+    train_samples, val_samples = _train_and_val(site, study.train)
     config = TrainConfig.from_study(study.train, proximal_mu=proximal_mu)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result = train_local(
         model,
         spec,
-        [samples[i] for i in train_idx],
-        [samples[i] for i in val_idx],
+        train_samples,
+        val_samples,
         config,
         global_state=global_state if proximal_mu > 0 else None,
     )
@@ -138,21 +154,47 @@ def run_train(
     return result.state_dict, metrics
 
 
+def evaluation_scope(site: SiteDataset, role: Role, train: TrainSection) -> Scope:
+    """What an evaluation scores: an internal site its test patients only, an external site all."""
+    if role == "internal":
+        return Scope(role="internal", rows=split_site(site, train).test)
+    return Scope(role="external")
+
+
+def site_role(site: SiteDataset, instructed: str | None, model_hash: str) -> Role:
+    """Internal when the coordinator says the site trained the model, or the site declares it did
+    (``contributed_models`` in site.toml: a model trained elsewhere with this site's data)."""
+    if instructed == "internal" or site.config.contributed_to(model_hash):
+        return "internal"
+    return "external"
+
+
 def run_evaluate(
-    site: SiteDataset, model: torch.nn.Module, spec: ModelSpec, study: StudyConfig, model_hash: str
+    site: SiteDataset,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    study: StudyConfig,
+    *,
+    role: Role = "external",
+    profile: ErrorProfile | None = None,
 ) -> EvaluationPayload:
-    """Score the study model on every usable slice; aggregates only."""
+    """Score the study model on this site (its test patients when internal); aggregates only.
+
+    ``model_hash`` in the payload is the hash of the weights this site received, computed here.
+    """
     from common.site_evaluation import evaluate_with_model
 
     return evaluate_with_model(
         site,
         model,
         spec,
-        model_hash=model_hash,
         cutoff_set=study.study.cutoff_set,
         batch_size=study.eval.batch_size,
         discrepancy=study.study.discrepancy,
         harmonised=study.study.harmonised,
+        protocol=study.protocol,
+        scope=evaluation_scope(site, role, study.train),
+        profile=profile,
     )
 
 
@@ -165,17 +207,20 @@ def run_compare(site: SiteDataset, study: StudyConfig) -> EvaluationPayload:
         cutoff_set=study.study.cutoff_set,
         discrepancy=study.study.discrepancy,
         harmonised=study.study.harmonised,
+        protocol=study.protocol,
     )
 
 
 __all__ = [
     "SiteInfo",
+    "evaluation_scope",
     "identify",
     "load_state",
     "resolve_site_dir",
     "run_compare",
     "run_evaluate",
     "run_train",
+    "site_role",
     "training_samples",
 ]
 
@@ -188,34 +233,45 @@ def run_local_training(
     encoder: str,
     image_size: int,
     val_fraction: float,
+    test_fraction: float,
     seed: int,
     progress: bool = False,
 ) -> dict[str, float | int | str | None]:
-    """Single-site training with the seed's recipe; writes ``out`` (model.pt)."""
+    """Single-site training with the seed's recipe; writes ``out`` (model.pt).
+
+    The site's test patients are held out; the model's metadata names this site and the
+    split, so `site evaluate` on this site scores it as internal, on those patients only.
+    """
     import torch
 
     from common.model import ModelSpec, build_model, save_model, weights_hash
-    from common.training import TrainConfig, split_train_val, train_local
+    from common.model_meta import context_meta
+    from common.training import TrainConfig, train_local
 
-    samples, excluded = training_samples(site)
+    section = TrainSection(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    split = split_site(site, section)
+    samples, excluded = training_samples(site, split.train)
+    val_samples = training_samples(site, split.val)[0] if split.val else []
     spec = ModelSpec(encoder=encoder, image_size=image_size)
     torch.manual_seed(seed)
     model = build_model(spec)
-    train_idx, val_idx = split_train_val([s.group for s in samples], val_fraction, seed)
     result = train_local(
         model,
         spec,
-        [samples[i] for i in train_idx],
-        [samples[i] for i in val_idx],
+        samples,
+        val_samples,
         TrainConfig(local_epochs=epochs, seed=seed),
         progress=progress,
     )
     inter, union = result.val_counts.get("muscle", (0, 0))
-    save_model(out, result.state_dict, spec, meta={"site": site.name, "epochs": epochs})
+    meta: dict[str, str | int | float] = {"site": site.name, "epochs": epochs}
+    meta |= context_meta([site.name], section, LabelProtocol())
+    save_model(out, result.state_dict, spec, meta=meta)
     return {
         "model": str(out),
         "n_train": result.n_train,
         "n_val": result.n_val,
+        "n_test_held_out": len(split.test),
         "excluded": sum(excluded.values()),
         "train_loss": result.train_loss_mean,
         "val_loss": result.val_loss_mean,

@@ -17,10 +17,10 @@ from rich.console import Console
 from client.guard import suppress_payload
 from client.policy import load_policy
 from client.render import render_payload
-from client.site_tasks import run_local_training
+from client.site_tasks import evaluation_scope, run_local_training
 from common.dataset import load_site
 from common.errors import SarcofedError
-from protocols.payloads import EvaluationPayload
+from protocols.payloads import EvaluationPayload, Role
 
 CUTOFF_HELP = "SMI cut-off set for sarcopenia calls: prado2008, martin2013 or korean."
 
@@ -53,23 +53,45 @@ def evaluate_cmd(
     cutoff_set: Annotated[str, typer.Option(help=CUTOFF_HELP)] = "prado2008",
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per inference batch.")] = 4,
     discrepancy: Annotated[bool, typer.Option(help="Add label-definition findings.")] = True,
+    role: Annotated[
+        str,
+        typer.Option(
+            help="internal: this site trained the model, so only its held-out test patients are scored; "
+            "external: every usable slice; auto: internal when the model file names this site or "
+            "site.toml's contributed_models lists its hash."
+        ),
+    ] = "auto",
 ) -> None:
     """Score the study model on this site's labelled slices and show what would be sent.
 
-    Nothing is sent: this is the preview of an external-validation reply. Per-slice values stay
-    in memory here; the output holds only aggregates (the seed's IoU-bin table, area and SMI
-    agreement, sarcopenia calls, label-definition findings), after this site's policy.toml.
+    Nothing is sent: this is the preview of a validation reply. Per-slice values stay in
+    memory here; the output holds only aggregates (the seed's IoU-bin table, area and SMI
+    agreement, sarcopenia calls, the model-free label audit, label-definition findings with
+    whose difference each is), after this site's policy.toml. The prediction is cut to the
+    label protocol's HU ranges (the protocol the model was trained under, if its file says).
     """
+    from common.model import load_model
+    from common.model_meta import model_context
     from common.site_evaluation import evaluate_with_model
 
+    if role not in ("auto", "internal", "external"):
+        _fail(ValueError(f"--role must be auto, internal or external, got {role!r}"))
     try:
+        site = load_site(site_dir)
+        loaded = load_model(model)
+        context = model_context(loaded.meta)
+        internal = site.name in context.internal_sites or site.config.contributed_to(loaded.weights_hash)
+        chosen: Role = "internal" if role == "internal" or (role == "auto" and internal) else "external"
         payload = evaluate_with_model(
-            load_site(site_dir),
-            model,
+            site,
+            loaded,
             cutoff_set=cutoff_set,
             batch_size=batch_size,
             discrepancy=discrepancy,
             progress=not as_json,
+            protocol=context.protocol,
+            scope=evaluation_scope(site, chosen, context.split),
+            profile=context.profile,
         )
         payload = preview_release(site_dir, payload)
     except SarcofedError as err:
@@ -111,6 +133,9 @@ def train_cmd(
     ] = "resnet34",
     image_size: Annotated[int, typer.Option(help="Model input size in pixels (the seed: 512).")] = 512,
     val_fraction: Annotated[float, typer.Option(help="Share of patients held out for validation.")] = 0.2,
+    test_fraction: Annotated[
+        float, typer.Option(help="Share of patients held out for testing (scored by `site evaluate`).")
+    ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed for the split and the initial weights.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -127,6 +152,7 @@ def train_cmd(
             encoder=encoder,
             image_size=image_size,
             val_fraction=val_fraction,
+            test_fraction=test_fraction,
             seed=seed,
             progress=not as_json,
         )
@@ -140,7 +166,8 @@ def train_cmd(
             return f"{value:.{digits}f}" if isinstance(value, float) else "n/a (no validation slices)"
 
         Console().print(
-            f"trained on {summary['n_train']} slices ({summary['n_val']} held out) for {epochs} epochs: "
+            f"trained on {summary['n_train']} slices ({summary['n_val']} for validation, "
+            f"{summary['n_test_held_out']} test rows held out) for {epochs} epochs: "
             f"train loss {fmt(summary['train_loss'], 4)}, val loss {fmt(summary['val_loss'], 4)}, "
             f"val muscle IoU {fmt(summary['val_muscle_iou'], 3)}; model written to {out}"
         )

@@ -20,8 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common.dataset import MANIFEST_CSV, LoadedSlice, SiteDataset, dataset_fingerprint, load_slice
 from common.errors import SliceError
+from common.label_audit import LabelAuditAccumulator, audit_slice
 from protocols.classes import TISSUES, ExclusionReason
-from protocols.payloads import HuRanges
+from protocols.findings import LabelAudit
+from protocols.protocol import HuRanges, LabelProtocol
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,10 @@ class SiteCheckReport(_Model):
     n_groups: int = 0
     n_heights_known: int = 0
     n_sex_known: int = 0
+    label_audit: LabelAudit | None = Field(
+        default=None,
+        description="the site's labels checked against the label protocol from the images, no model",
+    )
 
     @property
     def usable(self) -> bool:
@@ -132,16 +138,24 @@ class _Accumulator:
         return out
 
 
-def check_site(site: SiteDataset, *, on_row: Callable[[int, int], None] | None = None) -> SiteCheckReport:
+def check_site(
+    site: SiteDataset,
+    *,
+    on_row: Callable[[int, int], None] | None = None,
+    protocol: LabelProtocol | None = None,
+) -> SiteCheckReport:
     """Check every row of a parsed site folder. ``on_row(done, total)`` reports progress.
 
     The caller parses the folder (``common.dataset.load_site``, which raises
     ``SiteFolderError`` when the folder itself is unusable); a bad row never stops the check.
+    Every usable slice also goes through the model-free label audit against ``protocol``
+    (default Alberta): the site sees its own label conventions before any study.
     """
     root = site.root
     lookup = site.config.labels.lookup()
     total = site.n_listed
     acc = _Accumulator()
+    audit = LabelAuditAccumulator(protocol or LabelProtocol())
     problems: list[SliceProblem] = []
     n_usable = 0
     for index in range(len(site)):
@@ -169,6 +183,10 @@ def check_site(site: SiteDataset, *, on_row: Callable[[int, int], None] | None =
         else:
             n_usable += 1
             acc.add(item, lookup)
+            try:
+                audit.add(audit_slice(item.ct.hu, item.ct.spacing_mm, item.label, audit.protocol))
+            except Exception:  # the audit explains labels; it never makes a slice unusable
+                log.exception("label audit failed on manifest row %d", index)
         if on_row is not None:
             on_row(index + 1, total)
     for invalid in site.invalid_rows:
@@ -192,6 +210,7 @@ def check_site(site: SiteDataset, *, on_row: Callable[[int, int], None] | None =
         classes=acc.classes(),
         pixel_spacing=spacing,
         image_sizes=sorted(acc.sizes),
+        label_audit=audit.finalise(min_slices=1),
         n_groups=len(acc.groups),
         n_heights_known=acc.heights,
         n_sex_known=acc.sexes,

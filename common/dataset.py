@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,6 +277,11 @@ def _mapped_mask(
         raise SliceError(reason, exc.path, f"reference mask: {exc.detail}") from exc
 
 
+def row_group(site: SiteDataset, index: int) -> str:
+    """The patient key of valid row ``index``: its ``group``, or the row itself when it has none."""
+    return site.rows[index].group or f"row-{index}"
+
+
 def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -> LoadedSlice:
     """Load valid row ``index`` (0-based into ``site.rows``); raise ``SliceError`` if unusable."""
     row = site.rows[index]
@@ -301,23 +306,31 @@ def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -
         ct=ct,
         label=label,
         reference=reference,
-        group=row.group or f"row-{index}",
+        group=row_group(site, index),
         height_m=row.height_m if row.height_m is not None else ct.height_m,
         sex=row.sex if row.sex is not None else ct.sex,
         label_values=values,
     )
 
 
-def iter_slices(site: SiteDataset, *, with_reference: bool = False) -> Iterator[LoadedSlice | SliceError]:
-    """Every manifest row in turn: a ``LoadedSlice`` or the ``SliceError`` saying why not."""
-    for index in range(len(site.rows)):
+def iter_slices(
+    site: SiteDataset, *, with_reference: bool = False, rows: Collection[int] | None = None
+) -> Iterator[LoadedSlice | SliceError]:
+    """Every manifest row in turn: a ``LoadedSlice`` or the ``SliceError`` saying why not.
+
+    ``rows``: only these valid rows (indices into ``site.rows``, e.g. a patient split's test
+    part), in order; invalid rows belong to no part and are not yielded then.
+    """
+    indices = range(len(site.rows)) if rows is None else sorted(rows)
+    for index in indices:
         try:
             yield load_slice(site, index, with_reference=with_reference)
         except SliceError as exc:
             log.info("excluded %s: %s (%s)", exc.path, exc.reason.value, exc.detail)
             yield exc
-    for invalid in site.invalid_rows:
-        yield invalid.error(site.root)
+    if rows is None:
+        for invalid in site.invalid_rows:
+            yield invalid.error(site.root)
 
 
 # ------------------------------------------------------------------ fingerprint
@@ -364,4 +377,5 @@ __all__ = [
     "load_slice",
     "map_labels",
     "resolve_path",
+    "row_group",
 ]

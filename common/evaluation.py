@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
@@ -42,10 +42,11 @@ from protocols.payloads import (
     AreaAgreement,
     ClassScores,
     EvaluationPayload,
-    HuRanges,
+    Role,
     SarcopeniaConfusion,
     SmiAgreement,
 )
+from protocols.protocol import HuRanges, LabelProtocol
 
 if TYPE_CHECKING:  # torch is imported only when a model is run, never for scoring or pooling
     from common.model import LoadedModel
@@ -80,6 +81,8 @@ class SliceRecord:
     smi_label: float | None
     smi_test: float | None
     harmonised: dict[str, ClassOverlap] | None = None
+    #: evaluate: overlap of the prediction before the protocol's HU ranges were applied.
+    raw: dict[str, ClassOverlap] | None = None
 
 
 def harmonise(mask: np.ndarray, hu: np.ndarray, hu_ranges: HuRanges) -> np.ndarray:
@@ -270,6 +273,26 @@ def count_groups(records: Sequence[SliceRecord]) -> int:
     return len({r.group for r in records if r.group is not None}) + sum(r.group is None for r in records)
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Which slices of a site were scored, and why: the role of the site for this model.
+
+    ``internal``: the site trained the model, so only its held-out test patients are scored
+    (``rows`` = the test part of :func:`common.splits.split_site`); ``external``: every usable
+    slice (``rows`` None). ``None`` role: a comparison of label sets, no model involved.
+    """
+
+    role: Role | None = None
+    rows: tuple[int, ...] | None = None
+
+    @property
+    def split(self) -> Literal["test", "all"]:
+        return "all" if self.rows is None else "test"
+
+
+EXTERNAL = Scope(role="external")
+
+
 def aggregate(
     records: Sequence[SliceRecord],
     *,
@@ -280,15 +303,17 @@ def aggregate(
     n_listed: int,
     excluded: Counter[str] | dict[str, int],
     cutoff_set: str = "prado2008",
-    hu_ranges: HuRanges | None = None,
+    protocol: LabelProtocol | None = None,
     harmonised: bool = False,
+    scope: Scope = Scope(),
 ) -> EvaluationPayload:
     """The site's payload from its slice records (aggregates only; no per-slice value).
 
     With ``harmonised=True`` every record must carry harmonised overlap counts (score the
-    slices with ``hu_ranges``), and ``harmonised_scores`` is filled.
+    slices with ``hu_ranges``), and ``harmonised_scores`` is filled. ``raw_scores`` are filled
+    when the records carry the raw prediction's overlap (``evaluate``).
     """
-    hu_ranges = hu_ranges or HuRanges()
+    protocol = protocol or LabelProtocol()
     get_cutoff_set(cutoff_set)  # an unknown name fails even when there is no record
     harmonised_scores = None
     if harmonised:
@@ -300,6 +325,12 @@ def aggregate(
             )
         harmonised_scores = {
             name: class_scores([r.harmonised[name] for r in records])  # type: ignore[index]
+            for name in METRIC_CLASSES
+        }
+    raw_scores = None
+    if records and all(r.raw is not None for r in records):
+        raw_scores = {
+            name: class_scores([r.raw[name] for r in records])  # type: ignore[index]
             for name in METRIC_CLASSES
         }
     return EvaluationPayload(
@@ -315,7 +346,11 @@ def aggregate(
         areas={tissue: area_agreement(records, tissue) for tissue in TISSUES},
         smi=smi_agreement(records),
         sarcopenia=sarcopenia_confusion(records, cutoff_set),
-        hu_ranges=hu_ranges,
+        role=scope.role,
+        split=scope.split,
+        n_in_split=None if scope.rows is None else len(scope.rows),
+        protocol=protocol,
+        raw_scores=raw_scores,
         harmonised_scores=harmonised_scores,
     )
 
@@ -326,8 +361,11 @@ def aggregate(
 class _SiteRun:
     """Accumulates records and exclusion counts while a site is scored (one batch in memory)."""
 
-    def __init__(self, hu_ranges: HuRanges | None, on_slice: SliceHook | None) -> None:
+    def __init__(
+        self, hu_ranges: HuRanges | None, on_slice: SliceHook | None, apply: HuRanges | None = None
+    ) -> None:
         self.hu_ranges = hu_ranges
+        self.apply = apply
         self.on_slice = on_slice
         self.records: list[SliceRecord] = []
         self.excluded: Counter[str] = Counter()
@@ -338,9 +376,14 @@ class _SiteRun:
     def score(self, item: LoadedSlice, test_mask: np.ndarray) -> None:
         """Score one slice; a failure is counted as ``evaluation_error`` and the site goes on.
 
-        Exceptions raised by ``on_slice`` propagate: the hook's owner decides how to isolate them.
+        With ``apply`` (a prediction), the test mask is cut to those HU ranges first and the
+        raw mask is scored too (``raw`` counts). Exceptions raised by ``on_slice`` propagate:
+        the hook's owner decides how to isolate them.
         """
+        raw_mask = None
         try:
+            if self.apply is not None:
+                raw_mask, test_mask = test_mask, harmonise(test_mask, item.ct.hu, self.apply)
             record = score_slice(
                 test_mask,
                 item.label,
@@ -351,6 +394,8 @@ class _SiteRun:
                 sex=item.sex,
                 hu_ranges=self.hu_ranges,
             )
+            if raw_mask is not None:
+                record = replace(record, raw=overlap_counts(raw_mask, item.label).classes)
         except Exception as exc:  # one bad slice must never stop the site
             log.warning("manifest row %s: scoring failed (%s); counted as evaluation_error", item.index, exc)
             self.exclude(ExclusionReason.evaluation_error)
@@ -377,19 +422,24 @@ def evaluate_site(
     batch_size: int = 4,
     progress: bool = False,
     harmonised: bool = True,
-    hu_ranges: HuRanges | None = None,
+    protocol: LabelProtocol | None = None,
+    scope: Scope = EXTERNAL,
     on_slice: SliceHook | None = None,
 ) -> tuple[EvaluationPayload, list[SliceRecord]]:
-    """Run the model on every usable slice of a site and score it against the site's labels.
+    """Run the model on a site's usable slices and score it against the site's labels.
 
     ``site`` is the parsed site folder (``common.dataset.load_site``, once, by the caller).
     ``model`` is a ``model.pt`` path (read with ``common.model.load_model``) or a LoadedModel
-    already in memory (its ``weights_hash`` becomes the payload's ``model_hash``).
+    already in memory (its ``weights_hash`` becomes the payload's ``model_hash``). ``scope``
+    says which rows are scored (an internal site: its test patients only).
 
-    Streams: reads ``batch_size`` slices, predicts, scores, drops the images. Unusable rows
-    are counted by their ExclusionReason; a batch whose prediction fails is retried slice by
-    slice, and a slice that still fails (or fails scoring) counts as ``evaluation_error``.
-    ``on_slice(loaded_slice, predicted_mask)`` is called for every scored slice.
+    Each prediction is cut to the ``protocol``'s HU ranges before it is scored and handed to
+    ``on_slice`` (what a body-composition tool reports); the raw prediction is scored too
+    (``raw_scores``). Streams: reads ``batch_size`` slices, predicts, scores, drops the
+    images. Unusable rows are counted by their ExclusionReason; a batch whose prediction
+    fails is retried slice by slice, and a slice that still fails (or fails scoring) counts
+    as ``evaluation_error``. ``on_slice(loaded_slice, protocol_applied_mask)`` is called for
+    every scored slice.
     """
     from common.inference import predict_masks  # torch: imported only when a model is run
     from common.model import load_model
@@ -397,9 +447,10 @@ def evaluate_site(
     get_cutoff_set(cutoff_set)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    hu_ranges = hu_ranges or HuRanges()
+    protocol = protocol or LabelProtocol()
+    hu_ranges = protocol.hu_ranges
     loaded = load_model(model) if isinstance(model, Path | str) else model
-    run = _SiteRun(hu_ranges if harmonised else None, on_slice)
+    run = _SiteRun(hu_ranges if harmonised else None, on_slice, apply=hu_ranges)
 
     def predict(batch: list[LoadedSlice]) -> None:
         try:
@@ -417,7 +468,8 @@ def evaluate_site(
             run.score(item, mask)
 
     batch: list[LoadedSlice] = []
-    for item in _with_progress(iter_slices(site), site.n_listed, progress, "evaluate"):
+    total = site.n_listed if scope.rows is None else len(scope.rows)
+    for item in _with_progress(iter_slices(site, rows=scope.rows), total, progress, "evaluate"):
         if isinstance(item, SliceError):
             run.exclude(item.reason)
             continue
@@ -436,8 +488,9 @@ def evaluate_site(
         n_listed=site.n_listed,
         excluded=run.excluded,
         cutoff_set=cutoff_set,
-        hu_ranges=hu_ranges,
+        protocol=protocol,
         harmonised=harmonised,
+        scope=scope,
     )
     return payload, run.records
 
@@ -448,18 +501,19 @@ def compare_site(
     cutoff_set: str = "prado2008",
     progress: bool = False,
     harmonised: bool = True,
-    hu_ranges: HuRanges | None = None,
+    protocol: LabelProtocol | None = None,
     on_slice: SliceHook | None = None,
 ) -> tuple[EvaluationPayload, list[SliceRecord]]:
     """Score the site's ``reference`` masks (test) against its ``label`` masks (truth), no model.
 
     ``site`` is the parsed site folder (``common.dataset.load_site``). Rows without a
     reference count as excluded ``no_reference``. ``on_slice(loaded_slice, reference_mask)``
-    is called for every scored slice.
+    is called for every scored slice. The reference masks are scored as drawn (another
+    reader's convention is the point of a comparison).
     """
     get_cutoff_set(cutoff_set)
-    hu_ranges = hu_ranges or HuRanges()
-    run = _SiteRun(hu_ranges if harmonised else None, on_slice)
+    protocol = protocol or LabelProtocol()
+    run = _SiteRun(protocol.hu_ranges if harmonised else None, on_slice)
     for item in _with_progress(iter_slices(site, with_reference=True), site.n_listed, progress, "compare"):
         if isinstance(item, SliceError):
             run.exclude(item.reason)
@@ -476,7 +530,7 @@ def compare_site(
         n_listed=site.n_listed,
         excluded=run.excluded,
         cutoff_set=cutoff_set,
-        hu_ranges=hu_ranges,
+        protocol=protocol,
         harmonised=harmonised,
     )
     return payload, run.records

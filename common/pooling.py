@@ -1,9 +1,12 @@
 """Pool the sites' payloads into study results: the one owner of every cross-site number.
 
 Inputs are :class:`~protocols.payloads.EvaluationPayload` aggregates (sufficient statistics);
-outputs are :class:`~protocols.pooled.PooledResults` (and, for the report, findings collated
-across sites). Pure: numpy-free arithmetic on the protocols schemas, no pandas, no Flower.
-Callers: ``server.report`` (tables, document, summary) and the tests.
+outputs are :class:`~protocols.pooled.PooledResults`, one per role: internal sites (they
+trained the model and were scored on their held-out test patients) and external sites
+(every usable slice) are pooled separately, never together; sites without a role (a
+comparison of label sets) form one group. Pure: numpy-free arithmetic on the protocols
+schemas, no pandas, no Flower. Callers: ``server.report`` (tables, document, summary),
+``common.attribution`` (the model's error profile) and the tests.
 
 Every pooled number names its pooling:
 
@@ -25,14 +28,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Final
 
 from protocols.classes import IOU_BINS, METRIC_CLASSES, TISSUES
-from protocols.findings import DIRECTIONS, REGIONS, Finding
+from protocols.findings import ErrorProfile, KeyStats
 from protocols.payloads import (
     AreaAgreement,
     ClassScores,
     Distribution,
     EvaluationPayload,
+    Role,
     SarcopeniaConfusion,
     SmiAgreement,
 )
@@ -42,7 +47,17 @@ from protocols.report import StudyReport
 #: Bland-Altman limits of agreement: mean +- LOA_Z sd.
 LOA_Z = 1.96
 #: Top-level payload fields that are pooled (a suppression mark elsewhere does not touch a pooled value).
-POOLED_FIELDS: tuple[str, ...] = ("excluded", "scores", "harmonised_scores", "areas", "smi", "sarcopenia")
+POOLED_FIELDS: tuple[str, ...] = (
+    "excluded",
+    "scores",
+    "raw_scores",
+    "harmonised_scores",
+    "areas",
+    "smi",
+    "sarcopenia",
+)
+#: The pooled groups, in report order: internal, external, then sites without a role.
+ROLE_ORDER: Final[tuple[Role | None, ...]] = ("internal", "external", None)
 
 
 # --------------------------------------------------------------------------- one value
@@ -195,10 +210,13 @@ def withheld_paths(payload: EvaluationPayload) -> set[str]:
 
     Those its release policy names in ``suppressed`` (``scores.muscle.bins``, ``areas.muscle``,
     ``smi``, ...), and those absent without a mark: a class or tissue missing, bins
-    incomplete, no SMI, no sarcopenia calls, no harmonised scores.
+    incomplete, no SMI, no sarcopenia calls, no harmonised scores, no raw scores (evaluate).
     """
     paths = {mark for mark in payload.suppressed if mark.split(".")[0] in POOLED_FIELDS}
-    for field, scores in (("scores", payload.scores), ("harmonised_scores", payload.harmonised_scores)):
+    scored = [("scores", payload.scores), ("harmonised_scores", payload.harmonised_scores)]
+    if payload.task == "evaluate":  # a comparison of label sets has no raw prediction
+        scored.append(("raw_scores", payload.raw_scores))
+    for field, scores in scored:
         if scores is None:
             paths.add(field)
             continue
@@ -215,8 +233,39 @@ def withheld_paths(payload: EvaluationPayload) -> set[str]:
     return paths
 
 
+def payloads_role(payloads: Mapping[str, EvaluationPayload]) -> Role | None:
+    """The one role of these payloads; ValueError when they mix roles (never pooled together)."""
+    roles = {p.role for p in payloads.values()}
+    if len(roles) > 1:
+        by_role = {
+            str(r): sorted(s for s, p in payloads.items() if p.role == r) for r in ROLE_ORDER if r in roles
+        }
+        raise ValueError(
+            f"internal and external sites are pooled separately, never together; got {by_role}: "
+            "pool each role with pool_by_role"
+        )
+    return next(iter(roles), None)
+
+
+def pool_raw_scores(payloads: Sequence[EvaluationPayload]) -> dict[str, ClassScores] | None:
+    """Pool the raw prediction's scores over the sites that sent each class (None when none did);
+    :func:`withheld_paths` names the sites left out."""
+    sent = [p.raw_scores for p in payloads if p.raw_scores]
+    if not sent:
+        return None
+    return {
+        c: pool_class_scores([s[c] for s in sent if c in s])
+        for c in METRIC_CLASSES
+        if any(c in s for s in sent)
+    }
+
+
 def pool_payloads(payloads: Mapping[str, EvaluationPayload]) -> PooledResults:
-    """Pool the payloads of several sites (site -> payload), with what each site withheld."""
+    """Pool the payloads of several sites of one role (site -> payload), with what each site withheld.
+
+    Raises ValueError when the payloads mix roles: use :func:`pool_by_role`.
+    """
+    role = payloads_role(payloads)
     parts = list(payloads.values())
     excluded: Counter[str] = Counter()
     for p in parts:
@@ -235,6 +284,7 @@ def pool_payloads(payloads: Mapping[str, EvaluationPayload]) -> PooledResults:
         for path in sorted(withheld_paths(p)):
             withheld.setdefault(path, []).append(site)
     return PooledResults(
+        role=role,
         sites=list(payloads),
         n_listed=sum(p.n_listed for p in parts),
         n_used=sum(p.n_used for p in parts),
@@ -245,62 +295,58 @@ def pool_payloads(payloads: Mapping[str, EvaluationPayload]) -> PooledResults:
         smi=pool_smi_agreement(smi_parts) if smi_parts else None,
         sarcopenia=pool_sarcopenia(sarc) if len({s.cutoff_set for s in sarc}) == 1 else None,
         harmonised_scores=harmonised,
+        raw_scores=pool_raw_scores(parts),
         withheld=dict(sorted(withheld.items())),
     )
 
 
-def pool_report(report: StudyReport) -> PooledResults | None:
-    """The report's usable payloads pooled (None when no site sent a usable result)."""
-    payloads = usable_payloads(report)
-    return pool_payloads(payloads) if payloads else None
-
-
-# --------------------------------------------------------------------------- findings across sites
-
-
-def site_findings(payload: EvaluationPayload) -> list[Finding]:
-    """The site's findings (from its discrepancy summary when present), one per class/direction/region."""
-    found = payload.discrepancy.findings if payload.discrepancy else payload.findings
-    unique: dict[tuple[str, str, str], Finding] = {}
-    for f in [*found, *payload.findings]:
-        unique.setdefault((f.tissue, f.direction, f.region), f)
-    return list(unique.values())
-
-
-def finding_key(f: Finding) -> str:
-    """ "class/direction/region": one finding's name across sites."""
-    return f"{f.tissue}/{f.direction}/{f.region}"
-
-
-def _key_order(key: str) -> tuple[int, int, int]:
-    tissue, direction, region = key.split("/")
-    return TISSUES.index(tissue), DIRECTIONS.index(direction), REGIONS.index(region)
-
-
-def findings_by_site(
+def split_by_role(
     payloads: Mapping[str, EvaluationPayload],
-) -> tuple[dict[str, dict[str, Finding]], list[str]]:
-    """Site -> finding key -> finding (sites without a finding left out), and every key, in class/
-    direction/region order: the sites x findings matrix."""
-    per_site = {site: {finding_key(f): f for f in site_findings(p)} for site, p in payloads.items()}
-    per_site = {site: found for site, found in per_site.items() if found}
-    keys = sorted({k for found in per_site.values() for k in found}, key=_key_order)
-    return per_site, keys
+) -> dict[Role | None, dict[str, EvaluationPayload]]:
+    """Role -> its payloads (site order kept), in :data:`ROLE_ORDER`; roles without a site left out."""
+    groups = {role: {s: p for s, p in payloads.items() if p.role == role} for role in ROLE_ORDER}
+    return {role: group for role, group in groups.items() if group}
 
 
-def attribute_findings(payloads: Mapping[str, EvaluationPayload]) -> dict[str, dict[str, str]]:
-    """Tell "the reference (model) differs from the sites" apart from "this site labels differently".
+def pool_by_role(payloads: Mapping[str, EvaluationPayload]) -> list[PooledResults]:
+    """One pooled result per role (internal, external, no role), each over its own sites only."""
+    return [pool_payloads(group) for group in split_by_role(payloads).values()]
 
-    Among the sites with a discrepancy analysis (at least two), a systematic finding shown by
-    more than half of them describes the reference: with the model as reference, the model's
-    own convention or error. One shown by half or fewer is a site label convention. Returns
-    site -> finding key -> "shared" | "site".
-    """
-    analysed = {s: p for s, p in payloads.items() if p.discrepancy is not None and p.discrepancy.n_slices}
-    systematic = {s: {finding_key(f) for f in site_findings(p) if f.systematic} for s, p in analysed.items()}
-    counts = Counter(k for keys in systematic.values() for k in keys)
-    n = len(systematic)
-    shared = {k for k, c in counts.items() if n >= 2 and c > n / 2}
-    return {
-        site: {k: ("shared" if k in shared else "site") for k in keys} for site, keys in systematic.items()
-    }
+
+def pool_report(report: StudyReport) -> list[PooledResults]:
+    """The report's usable payloads pooled by role (empty when no site sent a usable result)."""
+    return pool_by_role(usable_payloads(report))
+
+
+# --------------------------------------------------------------------------- model error profile
+
+
+def pool_key_stats(parts: Sequence[dict[str, KeyStats]]) -> dict[str, KeyStats]:
+    """Add sufficient statistics across sites, kind by kind (exact)."""
+    out: dict[str, KeyStats] = {}
+    for part in parts:
+        for key, s in part.items():
+            old = out.get(key)
+            out[key] = (
+                s
+                if old is None
+                else KeyStats(
+                    n=old.n + s.n,
+                    n_present=old.n_present + s.n_present,
+                    sum_net_share=old.sum_net_share + s.sum_net_share,
+                    sum_sq_net_share=old.sum_sq_net_share + s.sum_sq_net_share,
+                    sum_net_cm2=old.sum_net_cm2 + s.sum_net_cm2,
+                    sum_sq_net_cm2=old.sum_sq_net_cm2 + s.sum_sq_net_cm2,
+                )
+            )
+    return out
+
+
+def error_profile(parts: dict[str, tuple[int, dict[str, KeyStats]]], source: str) -> ErrorProfile:
+    """The model's error profile from internal sites: site -> (slices analysed, key stats)."""
+    return ErrorProfile(
+        source=source,
+        n_sites=len(parts),
+        n_slices=sum(n for n, _ in parts.values()),
+        key_stats=pool_key_stats([stats for _, stats in parts.values()]),
+    )

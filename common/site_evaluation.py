@@ -1,8 +1,10 @@
-"""A site's whole evaluation: seed metrics plus label-definition discrepancy, in one pass.
+"""A site's whole evaluation: seed metrics, label audit and label-definition findings, in one pass.
 
-``common.evaluation`` scores slices; ``common.discrepancy`` explains disagreements. This
-module runs both over the site's data once (the discrepancy analysis is fed from the
-evaluation's per-slice hook), and returns the aggregate payload a site would send. The
+``common.evaluation`` scores slices; ``common.label_audit`` checks the site's labels against
+the study's label protocol from the image alone; ``common.discrepancy`` explains where the
+labels and the (protocol-applied) prediction disagree; ``common.attribution`` says whose
+difference each finding is. This module runs them over the site's data once (fed from the
+evaluation's per-slice hook) and returns the aggregate payload a site would send. The
 caller parses the site folder once (``common.dataset.load_site``) and passes the
 ``SiteDataset``.
 """
@@ -14,34 +16,56 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.attribution import attribute_all
 from common.dataset import LoadedSlice, SiteDataset
 from common.discrepancy import DiscrepancyAccumulator, analyse_slice
 from common.discrepancy.impact import ImpactAccumulator
-from common.evaluation import compare_site, evaluate_site
+from common.evaluation import EXTERNAL, Scope, compare_site, evaluate_site
+from common.label_audit import LabelAuditAccumulator, audit_slice
 from common.model import LoadedModel, ModelSpec, weights_hash
+from protocols.findings import ErrorProfile
 from protocols.payloads import EvaluationPayload
+from protocols.protocol import LabelProtocol
 
 #: Below this many slices a site's discrepancy maps are withheld (the site policy may ask more).
 DEFAULT_MIN_SLICES = 5
 
 
-class _Discrepancy:
-    def __init__(self, cutoff_set: str) -> None:
-        self.acc = DiscrepancyAccumulator()
+class _Analyses:
+    """The per-slice hook: label audit always, discrepancy analysis when asked."""
+
+    def __init__(self, cutoff_set: str, protocol: LabelProtocol, discrepancy: bool) -> None:
+        self.protocol = protocol
+        self.audit = LabelAuditAccumulator(protocol)
+        self.acc = DiscrepancyAccumulator(hu_ranges=protocol.hu_ranges) if discrepancy else None
         self.impact = ImpactAccumulator(cutoff_set)
 
     def __call__(self, item: LoadedSlice, test_mask: np.ndarray) -> None:
-        # The site's labels are compared with the reference (model prediction or reference mask).
-        result = analyse_slice(item.ct.hu, item.ct.spacing_mm, item.label, test_mask)
-        self.acc.add(result)
-        muscle_cm2 = float((item.label == 1).sum()) * item.ct.spacing_mm[0] * item.ct.spacing_mm[1] / 100.0
-        self.impact.add(result, site_muscle_cm2=muscle_cm2, height_m=item.height_m, sex=item.sex)
+        spacing = item.ct.spacing_mm
+        result = None
+        if self.acc is not None:
+            # The site's labels are compared with the reference (model prediction or reference mask).
+            result = analyse_slice(
+                item.ct.hu, spacing, item.label, test_mask, hu_ranges=self.protocol.hu_ranges
+            )
+            self.acc.add(result)
+            muscle_cm2 = float((item.label == 1).sum()) * spacing[0] * spacing[1] / 100.0
+            self.impact.add(result, site_muscle_cm2=muscle_cm2, height_m=item.height_m, sex=item.sex)
+        frame = result.frame if result is not None else None
+        self.audit.add(audit_slice(item.ct.hu, spacing, item.label, self.protocol, frame=frame))
 
-    def attach(self, payload: EvaluationPayload, min_slices: int) -> EvaluationPayload:
-        summary = self.acc.finalise(min_slices=min_slices)
-        findings = [self.impact.annotate(f) for f in summary.findings]
-        summary = summary.model_copy(update={"findings": findings})
-        return payload.model_copy(update={"discrepancy": summary, "findings": findings})
+    def attach(
+        self, payload: EvaluationPayload, min_slices: int, *, profile: ErrorProfile | None, attribute: bool
+    ) -> EvaluationPayload:
+        audit = self.audit.finalise(min_slices=min_slices)
+        update: dict[str, object] = {"label_audit": audit}
+        if self.acc is not None:
+            summary = self.acc.finalise(min_slices=min_slices)
+            findings = [self.impact.annotate(f) for f in summary.findings]
+            if attribute:
+                findings = attribute_all(findings, audit=audit, profile=profile, protocol=self.protocol)
+            update |= {"discrepancy": summary.model_copy(update={"findings": findings}), "findings": findings}
+        return payload.model_copy(update=update)
 
 
 def evaluate_with_model(
@@ -56,15 +80,24 @@ def evaluate_with_model(
     harmonised: bool = True,
     progress: bool = False,
     min_slices: int = DEFAULT_MIN_SLICES,
+    protocol: LabelProtocol | None = None,
+    scope: Scope = EXTERNAL,
+    profile: ErrorProfile | None = None,
 ) -> EvaluationPayload:
-    """Score a model on a parsed site; ``model`` is a model.pt path, a LoadedModel or a module + spec."""
+    """Score a model on a parsed site; ``model`` is a model.pt path, a LoadedModel or a module + spec.
+
+    Findings carry an attribution from this site's own evidence: its label audit, and the
+    model's error ``profile`` when one is known (the coordinator re-attributes with the
+    study's pooled profile).
+    """
+    protocol = protocol or LabelProtocol()
     if isinstance(model, torch.nn.Module):
         if spec is None:
             raise ValueError("an in-memory model needs its ModelSpec")
         model.eval()
         state = model.state_dict()
         model = LoadedModel(model=model, spec=spec, meta={}, weights_hash=model_hash or weights_hash(state))
-    hook = _Discrepancy(cutoff_set) if discrepancy else None
+    hook = _Analyses(cutoff_set, protocol, discrepancy)
     payload, _records = evaluate_site(
         site,
         model,
@@ -72,9 +105,11 @@ def evaluate_with_model(
         batch_size=batch_size,
         progress=progress,
         harmonised=harmonised,
+        protocol=protocol,
+        scope=scope,
         on_slice=hook,
     )
-    return hook.attach(payload, min_slices) if hook else payload
+    return hook.attach(payload, min_slices, profile=profile, attribute=True)
 
 
 def compare_with_reference(
@@ -85,10 +120,20 @@ def compare_with_reference(
     harmonised: bool = True,
     progress: bool = False,
     min_slices: int = DEFAULT_MIN_SLICES,
+    protocol: LabelProtocol | None = None,
 ) -> EvaluationPayload:
-    """Score the site's labels against its reference masks (no model), with findings."""
-    hook = _Discrepancy(cutoff_set) if discrepancy else None
+    """Score the site's labels against its reference masks (no model), with findings and the audit.
+
+    Findings of a comparison are not attributed: both sides are readers of this site.
+    """
+    protocol = protocol or LabelProtocol()
+    hook = _Analyses(cutoff_set, protocol, discrepancy)
     payload, _records = compare_site(
-        site, cutoff_set=cutoff_set, progress=progress, harmonised=harmonised, on_slice=hook
+        site,
+        cutoff_set=cutoff_set,
+        progress=progress,
+        harmonised=harmonised,
+        protocol=protocol,
+        on_slice=hook,
     )
-    return hook.attach(payload, min_slices) if hook else payload
+    return hook.attach(payload, min_slices, profile=None, attribute=False)

@@ -1,6 +1,6 @@
 """Site-local training of the study model: the split, one round of local epochs, validation loss.
 
-Everything here is pure (no Flower): ``client`` calls :func:`split_train_val` and
+Everything here is pure (no Flower): ``client`` splits patients with ``common.splits``, calls
 :func:`train_local` and sends back the weights and the aggregate numbers of
 :class:`LocalTrainResult`, all of which are sums or counts that pool across sites.
 
@@ -12,7 +12,6 @@ RMSprop, lr 2e-4, batch 4, at ``spec.image_size``. Optional FedProx proximal ter
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,41 +81,6 @@ class LocalTrainResult:
     epochs: int
     seconds: float
     epoch_losses: list[float] = field(default_factory=list)  #: mean training loss per epoch
-
-
-def split_train_val(groups: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of training and validation slices, split by group (patient).
-
-    Deterministic for a given ``seed`` and group list. Groups are shuffled (sorted first, so
-    the input order does not matter) and moved to validation until it holds at least
-    ``round(val_fraction * n_slices)`` slices (at least one group), always leaving at least
-    one group for training. A group is never on both sides.
-
-    Tiny sites: with a single group, or ``val_fraction == 0``, everything is training and
-    validation is empty; with two groups one goes to each side whatever the fraction.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if not groups:
-        raise ValueError("cannot split an empty list of slices")
-    members: dict[str, list[int]] = {}
-    for index, group in enumerate(groups):
-        members.setdefault(str(group), []).append(index)
-    order = sorted(members)
-    random.Random(seed).shuffle(order)
-    val_groups: list[str] = []
-    if len(order) > 1 and val_fraction > 0:
-        target = max(1, round(val_fraction * len(groups)))
-        n_val = 0
-        for group in order[:-1]:  # the last group always stays in training
-            if n_val >= target:
-                break
-            val_groups.append(group)
-            n_val += len(members[group])
-    chosen = set(val_groups)
-    train = sorted(i for g in order if g not in chosen for i in members[g])
-    val = sorted(i for g in val_groups for i in members[g])
-    return train, val
 
 
 def proximal_term(

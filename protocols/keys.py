@@ -20,6 +20,7 @@ SERVER_ROUND: Final = "server-round"
 MODEL_SPEC: Final = "model-spec"  #: JSON of protocols.model.ModelSpec
 MODEL_LAYOUT: Final = "model-layout"  #: JSON layout to unpack the packed weights
 MODEL_HASH: Final = "model-hash"
+ROLE: Final = "role"  #: evaluate: "internal" (the site trained this model) | "external"
 PROXIMAL_MU: Final = "proximal-mu"  #: injected by Flower's FedProx
 
 TASKS: Final[tuple[str, ...]] = ("identify", "train", "evaluate", "compare")
@@ -27,7 +28,7 @@ TASKS: Final[tuple[str, ...]] = ("identify", "train", "evaluate", "compare")
 #: The only instruction keys a site accepts; any other key is refused by the site guard.
 #: Study settings travel as "<section>.<name>" run-config keys (see protocols.study).
 INSTRUCTION_KEYS: Final[frozenset[str]] = frozenset(
-    {TASK, SERVER_ROUND, MODEL_SPEC, MODEL_LAYOUT, MODEL_HASH, PROXIMAL_MU}
+    {TASK, SERVER_ROUND, MODEL_SPEC, MODEL_LAYOUT, MODEL_HASH, PROXIMAL_MU, ROLE}
 )
 
 # MetricRecord keys of a training reply (aggregates only) ---------------------------

@@ -11,7 +11,8 @@ from typing import Literal
 from pydantic import Field
 
 from protocols.base import Schema
-from protocols.findings import Finding
+from protocols.findings import Finding, KeyStats, LabelAudit
+from protocols.protocol import LabelProtocol
 
 
 class Distribution(Schema):
@@ -77,14 +78,6 @@ class SarcopeniaConfusion(Schema):
     unknown: int = Field(ge=0, description="slices without height or sex")
 
 
-class HuRanges(Schema):
-    """HU ranges used for density checks and harmonised rescoring."""
-
-    muscle: tuple[float, float] = (-29.0, 150.0)
-    subcutaneous_fat: tuple[float, float] = (-190.0, -30.0)
-    visceral_fat: tuple[float, float] = (-150.0, -50.0)
-
-
 class PolarMap(Schema):
     """Discordant area (cm^2) summed over slices, angle x normalised radius, per class and direction.
 
@@ -115,6 +108,10 @@ class DiscrepancySummary(Schema):
         "mean over slices",
     )
     polar: PolarMap | None = None
+    key_stats: dict[str, KeyStats] = Field(
+        default_factory=dict,
+        description="'<class>:<direction>:<region>' -> sufficient statistics, for every kind seen",
+    )
     n_no_spine: int = Field(
         default=0, ge=0, description="slices where no spine was found (regions named from the body alone)"
     )
@@ -123,10 +120,20 @@ class DiscrepancySummary(Schema):
     )
 
 
-class EvaluationPayload(Schema):
-    """Everything a site sends after scoring a model (``evaluate``) or two label sets (``compare``)."""
+Role = Literal["internal", "external"]
 
-    schema_version: Literal["1"] = "1"
+
+class EvaluationPayload(Schema):
+    """Everything a site sends after scoring a model (``evaluate``) or two label sets (``compare``).
+
+    ``evaluate``: ``scores``, areas, SMI and sarcopenia calls use the model's prediction cut to
+    the study protocol's HU ranges (what body-composition tools report, and what verdicts
+    use); ``raw_scores`` keep the prediction as it came out of the network. A site that
+    trained the model (``role`` internal) is scored on its held-out test patients only
+    (``split`` test); any other site on every usable slice (external).
+    """
+
+    schema_version: Literal["2"] = "2"
     task: Literal["evaluate", "compare"]
     site: str
     dataset_fingerprint: str
@@ -139,9 +146,25 @@ class EvaluationPayload(Schema):
     areas: dict[str, AreaAgreement] = Field(description="keys = protocols.classes.TISSUES")
     smi: SmiAgreement | None = None
     sarcopenia: SarcopeniaConfusion | None = None
-    hu_ranges: HuRanges = HuRanges()
+    role: Role | None = Field(
+        default=None,
+        description="evaluate: internal (the site trained the model; test split only) or external",
+    )
+    split: Literal["test", "all"] = Field("all", description="which of the site's slices were scored")
+    n_in_split: int | None = Field(
+        default=None, ge=0, description="manifest rows in the scored part (split 'test'), before exclusions"
+    )
+    protocol: LabelProtocol = Field(
+        default_factory=LabelProtocol, description="the study's label protocol this site applied"
+    )
+    raw_scores: dict[str, ClassScores] | None = Field(
+        default=None, description="evaluate: the prediction as the network gave it, before the HU ranges"
+    )
     harmonised_scores: dict[str, ClassScores] | None = Field(
-        default=None, description="scores after applying the HU ranges to both masks"
+        default=None, description="scores after applying the protocol's HU ranges to both masks"
+    )
+    label_audit: LabelAudit | None = Field(
+        default=None, description="the site's labels checked against the protocol, without any model"
     )
     discrepancy: DiscrepancySummary | None = None
     findings: list[Finding] = Field(default_factory=list)

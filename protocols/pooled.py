@@ -6,8 +6,11 @@ may cover fewer sites than were pooled. As MONAI reports "not available" with a 
 valid values instead of a silent zero, a pooled value here names its :class:`Coverage`:
 the sites it is over and the sites that withheld it, "incomplete" whenever one did.
 
-``common.pooling`` computes :class:`PooledResults`; ``server.report`` adds the coverage of
-each table with a pooled row and stores both as :class:`PooledReport`.
+Internal and external sites are pooled separately, never together: ``common.pooling`` computes
+one :class:`PooledResults` per role (internal: the sites that trained the model, scored on
+their held-out test patients; external: every usable slice of the other sites; no role: a
+comparison of label sets); ``server.report`` adds the coverage of each table with a pooled
+row and stores each as a :class:`PooledGroup` of :class:`PooledReport`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from protocols.base import Schema
-from protocols.payloads import AreaAgreement, ClassScores, SarcopeniaConfusion, SmiAgreement
+from protocols.payloads import AreaAgreement, ClassScores, Role, SarcopeniaConfusion, SmiAgreement
 
 CoverageState = Literal["complete", "incomplete"]
 
@@ -62,7 +65,7 @@ class Coverage(Schema):
 
 
 class PooledResults(Schema):
-    """The study pooled over the sites with a usable payload.
+    """One group of sites pooled: the usable payloads of one ``role``.
 
     Counts (bins, undefined, pixels, exclusions, sarcopenia calls) add across sites; means and
     sds are exact over the concatenated slices; medians and quartiles are None (not poolable).
@@ -70,6 +73,9 @@ class PooledResults(Schema):
     the values some pooled site did not send; :meth:`coverage` turns it into a :class:`Coverage`.
     """
 
+    role: Role | None = Field(
+        default=None, description="the role every pooled site has (None: a comparison of label sets)"
+    )
     sites: list[str] = Field(description="the sites pooled (status ok, at least one slice scored)")
     n_listed: int = Field(ge=0)
     n_used: int = Field(ge=0)
@@ -83,6 +89,11 @@ class PooledResults(Schema):
     )
     harmonised_scores: dict[str, ClassScores] | None = Field(
         default=None, description="only when every pooled site sent harmonised scores"
+    )
+    raw_scores: dict[str, ClassScores] | None = Field(
+        default=None,
+        description="evaluate: the raw prediction's scores (before the protocol's HU ranges), pooled over "
+        "the sites that sent them (see withheld); None when no site did",
     )
     withheld: dict[str, list[str]] = Field(
         default_factory=dict,
@@ -105,11 +116,60 @@ class PooledResults(Schema):
         )
 
 
-class PooledReport(Schema):
-    """What ``report.json`` records of the pooling: the results, and each pooled table's coverage."""
+class PooledGroup(Schema):
+    """One pooled group of ``report.json``: its role and n, the results, each pooled table's coverage."""
 
+    role: Role | None = Field(description="internal, external, or None (a comparison of label sets)")
+    n_sites: int = Field(ge=0, description="sites pooled")
+    n_slices: int = Field(ge=0, description="slices scored, summed over the pooled sites")
+    n_patients: int = Field(ge=0, description="distinct patients, summed over the pooled sites")
     results: PooledResults
     tables: dict[str, Coverage] = Field(
         default_factory=dict,
-        description="CSV table stem (tables/<stem>.csv) -> the sites its pooled row is over",
+        description="CSV table stem (tables/<stem>.csv) -> the sites this group's pooled row is over",
     )
+
+    @model_validator(mode="after")
+    def _matches_results(self) -> PooledGroup:
+        r = self.results
+        stated = (self.role, self.n_sites, self.n_slices, self.n_patients)
+        if stated != (r.role, len(r.sites), r.n_used, r.n_groups):
+            raise ValueError(
+                f"pooled group {stated} (role, sites, slices, patients) differs from its results "
+                f"{(r.role, len(r.sites), r.n_used, r.n_groups)}"
+            )
+        return self
+
+    @classmethod
+    def of(cls, results: PooledResults, tables: dict[str, Coverage]) -> PooledGroup:
+        return cls(
+            role=results.role,
+            n_sites=len(results.sites),
+            n_slices=results.n_used,
+            n_patients=results.n_groups,
+            results=results,
+            tables=tables,
+        )
+
+
+class PooledReport(Schema):
+    """What ``report.json`` records of the pooling: one group per role, never two roles in one group."""
+
+    groups: list[PooledGroup] = Field(description="internal first, then external, then sites without a role")
+
+    @model_validator(mode="after")
+    def _separate(self) -> PooledReport:
+        roles = [g.role for g in self.groups]
+        if len(set(roles)) != len(roles):
+            raise ValueError(f"one pooled group per role, got roles {roles}")
+        seen: dict[str, Role | None] = {}
+        for g in self.groups:
+            for site in g.results.sites:
+                if site in seen:
+                    raise ValueError(f"site {site!r} is pooled as {seen[site]!r} and as {g.role!r}")
+                seen[site] = g.role
+        return self
+
+    def group(self, role: Role | None) -> PooledGroup | None:
+        """The group of ``role`` (None when no usable site has it)."""
+        return next((g for g in self.groups if g.role == role), None)

@@ -6,8 +6,10 @@ with the sites each pooled value is over (``protocols.pooled``), and what every 
 on: model hash, SMI cut-off set and HU ranges. ``server.report`` renders it to CSV, Markdown
 and HTML; the JSON file is the record.
 
-Version 2 added ``pooled`` (version 1 had no pooled results: a report of version 1 becomes
-version 2 by setting ``schema_version`` to "2"; ``server.report.write_report`` fills ``pooled``).
+Version 3: the study's label ``protocol`` (replaces ``hu_ranges``), each site's ``role``
+(internal: it trained the model and was scored on its held-out test patients only;
+external: every usable slice) and its ``findings`` attributed by the coordinator with the
+model's ``error_profile`` (pooled from the internal sites). Version 2 added ``pooled``.
 """
 
 from __future__ import annotations
@@ -18,15 +20,25 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from protocols.base import Schema
-from protocols.payloads import EvaluationPayload, HuRanges
+from protocols.findings import ErrorProfile, Finding
+from protocols.payloads import EvaluationPayload, Role
 from protocols.pooled import PooledReport
+from protocols.protocol import LabelProtocol
 
-REPORT_SCHEMA_VERSION: Literal["2"] = "2"
+REPORT_SCHEMA_VERSION: Literal["3"] = "3"
 
 SiteStatus = Literal[
     "ok", "no_usable_slices", "failed", "timeout", "refused", "not_selected", "not_connected"
 ]
-SITE_STATUSES: tuple[str, ...] = ("ok", "no_usable_slices", "failed", "timeout", "refused", "not_selected")
+SITE_STATUSES: tuple[str, ...] = (
+    "ok",
+    "no_usable_slices",
+    "failed",
+    "timeout",
+    "refused",
+    "not_selected",
+    "not_connected",
+)
 
 
 def installed_version() -> str:
@@ -44,12 +56,26 @@ class SiteResult(Schema):
     node_id: int | None = None
     status: SiteStatus
     reason: str | None = Field(default=None, description="why the status is not 'ok', in words")
+    role: Role | None = Field(
+        default=None,
+        description="internal: trained the model, scored on its held-out test patients only; "
+        "external: scored on every usable slice (None: a comparison of label sets)",
+    )
     payload: EvaluationPayload | None = None
+    findings: list[Finding] = Field(
+        default_factory=list,
+        description="the site's findings attributed by the coordinator (its label audit and the model's "
+        "error profile from the internal sites); the payload keeps what the site sent",
+    )
 
     @model_validator(mode="after")
     def _ok_has_payload(self) -> SiteResult:
         if self.status == "ok" and self.payload is None:
             raise ValueError(f"site {self.site!r}: status 'ok' needs a payload")
+        if self.payload is not None and self.payload.role != self.role:
+            raise ValueError(
+                f"site {self.site!r}: role {self.role!r} differs from its payload's {self.payload.role!r}"
+            )
         return self
 
 
@@ -81,7 +107,7 @@ class RoundRecord(Schema):
 class StudyReport(Schema):
     """Everything a coordinator needs to read one study run (``report.json``)."""
 
-    schema_version: Literal["2"] = REPORT_SCHEMA_VERSION
+    schema_version: Literal["3"] = REPORT_SCHEMA_VERSION
     sarcofed_version: str = Field(default_factory=installed_version)
     created: str = Field(description="ISO 8601 time the report was made (the study's date, no patient date)")
     run_id: str
@@ -90,10 +116,17 @@ class StudyReport(Schema):
     model_hash: str | None = None
     model_spec: dict[str, str | int | float | list[float]] | None = None
     cutoff_set: str
-    hu_ranges: HuRanges = HuRanges()
+    protocol: LabelProtocol = Field(
+        default_factory=LabelProtocol, description="the label protocol the study follows"
+    )
     sites: list[SiteResult]
     training: list[RoundRecord] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    error_profile: ErrorProfile | None = Field(
+        default=None,
+        description="the model's own systematic errors: its findings on the internal sites' test patients "
+        "(labels following the protocol), pooled; None without an internal site",
+    )
     pooled: PooledReport | None = Field(
         default=None,
         description="the sites' results pooled, with the sites each value is over; filled by the report "

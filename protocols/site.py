@@ -68,6 +68,26 @@ class SiteConfig(BaseModel):
     name: str = Field(min_length=1, max_length=80)
     description: str | None = None
     labels: LabelMap
+    #: hashes (or their first 12+ hex digits) of models this site's data helped train: such a
+    #: model is scored here as internal, on the site's held-out test patients only.
+    contributed_models: tuple[str, ...] = ()
+
+    @field_validator("contributed_models")
+    @classmethod
+    def _hash_prefixes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [v for v in value if len(v) < 12 or any(c not in "0123456789abcdef" for c in v.lower())]
+        if bad:
+            raise ValueError(
+                f"contributed_models holds {bad}; give each model's weights hash (at least its first 12 "
+                "hex digits, as `sarcofed site evaluate` and the study report print it)"
+            )
+        return tuple(v.lower() for v in value)
+
+    def contributed_to(self, model_hash: str | None) -> bool:
+        """Whether this site declares that its data trained the model with ``model_hash``."""
+        return model_hash is not None and any(
+            model_hash.lower().startswith(p) for p in self.contributed_models
+        )
 
 
 class ManifestRow(BaseModel):

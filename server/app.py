@@ -32,8 +32,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import paths
 from common.errors import SarcofedError
-from protocols.payloads import HuRanges
-from protocols.report import RoundRecord, StudyReport
+from protocols.findings import ErrorProfile
+from protocols.report import RoundRecord, SiteResult, StudyReport
 from protocols.study import StudyConfig
 from server.validation import identify_sites, run_validation
 
@@ -176,6 +176,7 @@ def _run_study(
     notes: list[str] = []
     state_dict = None
     model_hash = None
+    internal: set[str] = set()
 
     if mode in ("train+evaluate", "train"):
         from server.training import run_training
@@ -209,6 +210,9 @@ def _run_study(
             )
         loaded = load_model(outcome.model_path)
         spec, state_dict, model_hash = loaded.spec, loaded.model.state_dict(), loaded.weights_hash
+        from server.training import contributing_sites
+
+        internal = contributing_sites(history, int(loaded.meta.get("round", study.study.num_rounds)))
     elif model_future is not None:
         loaded = model_future.result()
         spec, state_dict, model_hash = loaded.spec, loaded.model.state_dict(), loaded.weights_hash
@@ -219,8 +223,18 @@ def _run_study(
         task = "compare" if mode == "compare" else "evaluate"
         with timed(f"{task}-round"):
             results = run_validation(
-                grid, study, sites, task=task, spec=spec, state_dict=state_dict, model_hash=model_hash
+                grid,
+                study,
+                sites,
+                task=task,
+                spec=spec,
+                state_dict=state_dict,
+                model_hash=model_hash,
+                internal_sites=internal,
             )
+    results, profile = _attribute(results, study)
+    if mode in ("train+evaluate", "train") and state_dict is not None:
+        _record_context(run_dir / "model.pt", internal, study, profile)
     report = StudyReport(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         run_id=str(context.run_id),
@@ -229,7 +243,8 @@ def _run_study(
         model_hash=model_hash if state_dict is not None else None,
         model_spec=spec.model_dump(mode="json") if state_dict is not None else None,
         cutoff_set=study.study.cutoff_set,
-        hu_ranges=HuRanges(),
+        protocol=study.protocol,
+        error_profile=profile,
         sites=results,
         training=history,
         notes=notes,
@@ -245,6 +260,28 @@ def _run_study(
             level, "site %s: %s%s", result.site, result.status, f" ({result.reason})" if result.reason else ""
         )
     log(INFO, "study report: %s", paths.html)
+
+
+def _attribute(results: list[SiteResult], study: StudyConfig) -> tuple[list[SiteResult], ErrorProfile | None]:
+    """Every site's findings attributed with the study's evidence (see common.attribution)."""
+    from common.attribution import study_attribution
+
+    payloads = {r.site: r.payload for r in results if r.payload is not None}
+    profile, findings = study_attribution(payloads, study.protocol)
+    return [r.model_copy(update={"findings": findings.get(r.site, [])}) for r in results], profile
+
+
+def _record_context(
+    model_path: Path, internal: set[str], study: StudyConfig, profile: ErrorProfile | None
+) -> None:
+    """Write into model.pt who trained it, their split, the protocol and its error profile, so a
+    later `sarcofed site evaluate` scores a training site as internal and attributes findings."""
+    from common.model import load_model, save_model
+    from common.model_meta import context_meta
+
+    loaded = load_model(model_path)
+    meta = dict(loaded.meta) | context_meta(internal, study.train, study.protocol, profile)
+    save_model(model_path, loaded.model.state_dict(), loaded.spec, meta=meta)
 
 
 __all__ = ["app", "check_model_names", "main", "timed", "wait_for_sites"]

@@ -11,13 +11,17 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import PercentFormatter
 
+from common.stats import wilson_interval
 from protocols.classes import IOU_BINS, SEED_COLUMN
 from protocols.payloads import AreaAgreement, ClassScores, PolarMap, SmiAgreement
 from protocols.report import RoundRecord
@@ -34,6 +38,17 @@ TISSUE_TEXT: dict[str, str] = {
     "subcutaneous_fat": "subcutaneous fat",
     "visceral_fat": "visceral fat",
     "msv": "all three",
+}
+#: Groups side by side (internal, external, sites without a role): Okabe-Ito blue, orange, green,
+#: with a hatch on the second so that print in grey still tells them apart.
+GROUP_STYLE: tuple[tuple[str, str], ...] = (("#0072B2", ""), ("#E69F00", "//"), ("#009E73", ".."))
+#: How an attributed finding is framed in the findings matrix (colour, line style), and its cell word.
+LineStyle = Literal["solid", "dashed", "dotted"]
+ATTRIBUTION_STYLE: dict[str, tuple[str, LineStyle, str]] = {
+    "site convention": ("#000000", "solid", "site"),
+    "model": ("#0072B2", "dashed", "model"),
+    "undetermined": ("#666666", "dotted", "?"),
+    "not attributed": ("#08306b", "solid", ""),
 }
 _DPI = 110
 
@@ -136,31 +151,120 @@ def smi_figure(rows: Mapping[str, SmiAgreement]) -> bytes:
 
 
 def findings_matrix_figure(
-    prevalence: np.ndarray, systematic: np.ndarray, sites: Sequence[str], columns: Sequence[str]
+    prevalence: np.ndarray,
+    systematic: np.ndarray,
+    sites: Sequence[str],
+    columns: Sequence[str],
+    attribution: np.ndarray | None = None,
 ) -> bytes:
-    """Sites x findings heat map of prevalence (NaN = not reported); systematic cells outlined and starred."""
-    fig = Figure(figsize=(1.6 + 0.75 * len(columns), 1.4 + 0.42 * len(sites)), layout="constrained")
+    """Sites x findings heat map of prevalence (NaN = not reported).
+
+    Each reported cell says its prevalence and, when ``attribution`` is given (the
+    ``server.report.findings.ATTRIBUTION_TEXT`` words), whose difference it is: "site" (a label
+    convention of the site, solid black frame), "model" (dashed blue frame) or "?" (undetermined,
+    dotted grey frame). A frame marks a systematic finding (consistent across slices).
+    """
+    fig = Figure(figsize=(2.4 + 0.95 * len(columns), 1.9 + 0.55 * len(sites)), layout="constrained")
     ax = fig.add_subplot()
     masked = np.ma.masked_invalid(prevalence)
     image = ax.imshow(masked, cmap="Oranges", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_facecolor("#f0f0f0")
+    used: set[str] = set()
     for i in range(len(sites)):
         for j in range(len(columns)):
             value = prevalence[i, j]
             if math.isnan(value):
                 continue
-            text = f"{value:.0%}" + ("*" if systematic[i, j] else "")
+            who = str(attribution[i, j]) if attribution is not None else "not attributed"
+            colour, style, word = ATTRIBUTION_STYLE.get(who, ATTRIBUTION_STYLE["not attributed"])
+            text = f"{value:.0%}" + ("*" if systematic[i, j] else "") + (f"\n{word}" if word else "")
             ax.text(
-                j, i, text, ha="center", va="center", fontsize=8, color="white" if value > 0.6 else "black"
+                j, i, text, ha="center", va="center", fontsize=9, color="white" if value > 0.6 else "black"
             )
-            if systematic[i, j]:
+            if systematic[i, j] or attribution is not None:
+                used.add(who)
                 ax.add_patch(
-                    Rectangle((j - 0.5, i - 0.5), 1.0, 1.0, fill=False, edgecolor="#08306b", linewidth=2.2)
+                    Rectangle(
+                        (j - 0.46, i - 0.46),
+                        0.92,
+                        0.92,
+                        fill=False,
+                        edgecolor=colour,
+                        linestyle=style,
+                        linewidth=2.4 if systematic[i, j] else 1.0,
+                    )
                 )
-    ax.set_xticks(np.arange(len(columns)), [c.replace("/", "\n") for c in columns], fontsize=7)
-    ax.set_yticks(np.arange(len(sites)), list(sites), fontsize=8)
-    ax.set_title("Label-convention findings: prevalence (* and frame = systematic)", fontsize=9)
+    ax.set_xticks(
+        np.arange(len(columns)),
+        [c.replace("/", "\n").replace("_", " ") for c in columns],
+        fontsize=9,
+        rotation=30,
+        ha="right",
+        rotation_mode="anchor",
+    )
+    ax.set_yticks(np.arange(len(sites)), list(sites), fontsize=9)
+    ax.set_title("Findings: share of slices (* thick frame = systematic)", fontsize=10)
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of slices")
+    if attribution is not None and used:
+        handles = [
+            Line2D([], [], color=ATTRIBUTION_STYLE[w][0], linestyle=ATTRIBUTION_STYLE[w][1], lw=2, label=w)
+            for w in ATTRIBUTION_STYLE
+            if w in used
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False)
+    return to_png(fig)
+
+
+def internal_external_figure(
+    groups: Mapping[str, Mapping[str, ClassScores]], classes: Sequence[str] = ("muscle", "msv")
+) -> bytes:
+    """Grouped bars: share of defined slices per IoU bin, one bar per group (internal, external) side
+    by side in each bin, one panel per class; whiskers = 95% Wilson interval, share written above.
+
+    ``groups`` maps a legend label ("internal: 18 slices of 16 patients at 2 sites") to the
+    group's pooled scores by class. A class whose bins a group did not send is left out of it.
+    """
+    labels = list(groups)
+    width = 0.8 / max(len(labels), 1)
+    x = np.arange(len(IOU_BINS))
+    fig = Figure(figsize=(4.6 * len(classes), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(classes), sharey=True, squeeze=False)[0]
+    for ax, cls in zip(axes, classes, strict=True):
+        for g, label in enumerate(labels):
+            scores = groups[label].get(cls)
+            if scores is None or not scores.bins.keys() >= set(IOU_BINS):
+                continue
+            n = sum(scores.bins[b] for b in IOU_BINS)
+            shares = np.array([scores.bins[b] / n if n else 0.0 for b in IOU_BINS])
+            bounds = [wilson_interval(scores.bins[b], n) for b in IOU_BINS]
+            err = np.array(
+                [
+                    [s - lo for s, (lo, _) in zip(shares, bounds, strict=True)],
+                    [hi - s for s, (_, hi) in zip(shares, bounds, strict=True)],
+                ]
+            )
+            colour, hatch = GROUP_STYLE[g % len(GROUP_STYLE)]
+            xs = x - 0.4 + width * (g + 0.5)
+            ax.bar(xs, shares, width=width * 0.95, color=colour, hatch=hatch, edgecolor="white", label=label)
+            ax.errorbar(xs, shares, yerr=np.clip(err, 0.0, None), fmt="none", ecolor="black", capsize=3, lw=1)
+            for xi, share, (_, hi) in zip(xs, shares, bounds, strict=True):
+                ax.text(xi, hi + 0.02, f"{share:.0%}", ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(x, [f"IoU {b}" for b in IOU_BINS], fontsize=10)
+        ax.set_title(f"{SEED_COLUMN.get(cls, cls)} ({TISSUE_TEXT.get(cls, cls)})", fontsize=11)
+        ax.set_ylim(0.0, 1.12)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.tick_params(axis="y", labelsize=10)
+    axes[0].set_ylabel("share of slices where the class is defined", fontsize=10)
+    handles = [
+        Patch(
+            facecolor=GROUP_STYLE[g % len(GROUP_STYLE)][0],
+            hatch=GROUP_STYLE[g % len(GROUP_STYLE)][1],
+            edgecolor="white",
+            label=label,
+        )
+        for g, label in enumerate(labels)
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=1, fontsize=10, frameon=False)
     return to_png(fig)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -105,6 +105,10 @@ def broadcast(
     grid: Grid, node_ids: Iterable[int], content: RecordDict, message_type: str, timeout: float
 ) -> Replies:
     """Send the same content to every node and wait up to ``timeout`` seconds."""
-    nodes = list(node_ids)
-    messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in nodes]
-    return sort_replies(nodes, send_and_receive(grid, messages, timeout))
+    return send_each(grid, dict.fromkeys(node_ids, content), message_type, timeout)
+
+
+def send_each(grid: Grid, contents: Mapping[int, RecordDict], message_type: str, timeout: float) -> Replies:
+    """Send each node its own content (e.g. its role in a validation round); wait up to ``timeout``."""
+    messages = [Message(content=c, message_type=message_type, dst_node_id=n) for n, c in contents.items()]
+    return sort_replies(list(contents), send_and_receive(grid, messages, timeout))

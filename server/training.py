@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,6 +225,15 @@ def run_training(
     return TrainingOutcome(state.state_dict, model_path, state.history, state.stopped_early)
 
 
+def contributing_sites(history: Sequence[RoundRecord], up_to_round: int) -> set[str]:
+    """The sites whose training replies went into the weights of round ``up_to_round``.
+
+    They are the model's internal sites: the study validates them on their held-out test
+    patients only. A site that trained only after that round did not shape those weights.
+    """
+    return {s for r in history if r.status == "ok" and r.round <= up_to_round for s in r.sites_replied}
+
+
 def _to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
     packed, _ = pack_state(state_dict)
     return ArrayRecord({keys.PACKED: Array(np.ascontiguousarray(packed))})
@@ -244,4 +253,4 @@ def _append(path: Path, record: RoundRecord) -> None:
         fh.write(record.model_dump_json() + "\n")
 
 
-__all__ = ["TrainingOutcome", "make_strategy", "pooled_validation", "run_training"]
+__all__ = ["TrainingOutcome", "contributing_sites", "make_strategy", "pooled_validation", "run_training"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,10 +17,10 @@ from flwr.serverapp import Grid
 from pydantic import ValidationError
 
 from protocols import keys
-from protocols.payloads import EvaluationPayload
+from protocols.payloads import EvaluationPayload, Role
 from protocols.report import SiteResult, SiteStatus
 from protocols.study import StudyConfig
-from server.messaging import broadcast, instruction
+from server.messaging import broadcast, instruction, send_each
 
 if TYPE_CHECKING:  # torch and the model zoo load only when a model is sent (not for identify)
     import torch
@@ -69,10 +69,19 @@ def run_validation(
     spec: ModelSpec | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     model_hash: str | None = None,
+    internal_sites: Collection[str] = (),
 ) -> list[SiteResult]:
-    """Send ``evaluate`` (with the model) or ``compare`` to the chosen sites; keep each result."""
+    """Send ``evaluate`` (with the model) or ``compare`` to the chosen sites; keep each result.
+
+    ``evaluate`` tells each site its role: ``internal`` for the ``internal_sites`` (they
+    trained the model: only their held-out test patients are scored), ``external`` for the
+    others (every usable slice). A site may still answer internal when its site.toml declares
+    that it trained this model (``contributed_models``).
+    """
     chosen = {n: s for n, s in sites.items() if not study.study.sites or s in study.study.sites}
-    config: dict[str, object] = {**study.to_flat("study", "eval")}
+    # the split settings (train) and the label protocol travel too: an internal site scores the
+    # same test patients it held out in training, and every site applies the same protocol
+    config: dict[str, object] = {**study.to_flat("study", "eval", "train", "protocol")}
     arrays = None
     if task == "evaluate":
         assert spec is not None and state_dict is not None  # programming error, not user input
@@ -82,9 +91,15 @@ def run_validation(
         arrays = ArrayRecord({keys.PACKED: Array(np.ascontiguousarray(packed))})
         config |= {keys.MODEL_SPEC: spec.model_dump_json(), keys.MODEL_LAYOUT: layout}
         config[keys.MODEL_HASH] = model_hash or ""
-    replies = broadcast(
-        grid, chosen, instruction(task, config, arrays), MessageType.EVALUATE, study.study.round_timeout
-    )
+    roles: dict[int, Role | None] = {
+        n: (("internal" if s in internal_sites else "external") if task == "evaluate" else None)
+        for n, s in chosen.items()
+    }
+    contents = {
+        n: instruction(task, config | ({keys.ROLE: role} if role else {}), arrays)
+        for n, role in roles.items()
+    }
+    replies = send_each(grid, contents, MessageType.EVALUATE, study.study.round_timeout)
     results: list[SiteResult] = []
     for node, site in sorted(sites.items(), key=lambda kv: kv[1]):
         if node not in chosen:
@@ -105,19 +120,30 @@ def run_validation(
                 )
                 continue
             status: SiteStatus = "ok" if payload.n_used > 0 else "no_usable_slices"
-            reason = None if payload.n_used else f"no usable slice; excluded: {payload.excluded}"
-            results.append(SiteResult(site=site, node_id=node, status=status, reason=reason, payload=payload))
+            reason = None if payload.n_used else _no_slice_reason(payload)
+            results.append(
+                SiteResult(
+                    site=site, node_id=node, status=status, reason=reason, role=payload.role, payload=payload
+                )
+            )
         elif node in replies.refused:
             results.append(
-                SiteResult(site=site, node_id=node, status="refused", reason=replies.refused[node])
+                SiteResult(
+                    site=site, node_id=node, status="refused", reason=replies.refused[node], role=roles[node]
+                )
             )
         elif node in replies.failed:
-            results.append(SiteResult(site=site, node_id=node, status="failed", reason=replies.failed[node]))
+            results.append(
+                SiteResult(
+                    site=site, node_id=node, status="failed", reason=replies.failed[node], role=roles[node]
+                )
+            )
         else:
             results.append(
                 SiteResult(
                     site=site,
                     node_id=node,
+                    role=roles[node],
                     status="timeout",
                     reason=f"no reply within study.round-timeout = {study.study.round_timeout:.0f} s",
                 )
@@ -132,3 +158,12 @@ def run_validation(
             )
         )
     return results
+
+
+def _no_slice_reason(payload: EvaluationPayload) -> str:
+    if payload.split == "test":
+        return (
+            f"no usable slice among its held-out test patients ({payload.n_in_split} manifest rows in the "
+            f"test part; train.test-fraction too small for this site?); excluded: {payload.excluded}"
+        )
+    return f"no usable slice; excluded: {payload.excluded}"

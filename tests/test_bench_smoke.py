@@ -116,19 +116,17 @@ def test_federation_config_and_superlink_lookup_touch_only_what_they_are_given(t
 def test_centralised_trains_on_the_sites_train_splits_and_scores_their_val_splits(tmp_path: Path) -> None:
     from bench_federated import centralised
 
-    from client.site_tasks import training_samples
     from common.dataset import load_site
     from common.demo.hospitals import make_demo
-    from common.training import split_train_val
+    from common.splits import split_site
 
     sites = make_demo(tmp_path / "sites", sites=2, slices=4, size=64)
     args = argparse.Namespace(
         rounds=1, sites=2, encoder="resnet18", size=64, local_epochs=1, val_fraction=0.25, seed=0, slices=4
     )
     study = StudyConfig.from_run_config(run_config(args, tmp_path / "sites", tmp_path / "studies"))  # type: ignore[arg-type]
-    groups = [[s.group for s in training_samples(load_site(d))[0]] for d in sites]
-    splits = [split_train_val(g, study.train.val_fraction, study.train.seed) for g in groups]
+    splits = [split_site(load_site(d), study.train) for d in sites]
     result = centralised(sites, study)
-    assert result.n_train == sum(len(t) for t, _ in splits)
-    assert result.n_val == sum(len(v) for _, v in splits) > 0
+    assert result.n_train == sum(len(s.train) for s in splits)
+    assert result.n_val == sum(len(s.val) for s in splits) > 0
     assert result.muscle_iou is not None and 0.0 <= result.muscle_iou <= 1.0

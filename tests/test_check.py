@@ -173,3 +173,23 @@ def test_check_on_every_pydicom_test_file(tmp_path: Path) -> None:
     assert "evaluation_error" not in report.excluded  # no unexpected crash inside the check
     assert report.n_usable >= 10  # CT_small, 693_J2KI and the 16x16 CT slices of the DICOMDIR tree
     assert {"not_ct", "unreadable_image", "no_pixel_data", "not_axial"} <= set(report.excluded)
+
+
+def test_check_shows_the_sites_label_conventions_without_any_model(tmp_path: Path) -> None:
+    """Every site gets the model-free label audit from `site check`: a hospital that leaves out
+    psoas sees it named before joining any study; a reference-convention one sees none."""
+    from common.demo.hospitals import make_site as make_demo_site
+    from common.demo.hospitals import site_profile
+
+    psoas = check_site(load_site(make_demo_site(tmp_path / "b", site_profile(1), slices=6, size=192, seed=1)))
+    assert psoas.label_audit is not None
+    named = {(c.tissue, c.direction, c.region) for c in psoas.label_audit.findings}
+    assert named == {("muscle", "site_excludes", "psoas")}
+    reference = check_site(
+        load_site(make_demo_site(tmp_path / "a", site_profile(0), slices=6, size=128, seed=1))
+    )
+    assert reference.label_audit is not None and reference.label_audit.findings == []
+    console = Console(record=True, width=120)
+    render_check(psoas, console)
+    text = console.export_text()
+    assert "alberta protocol" in text and "a convention of this site" in text

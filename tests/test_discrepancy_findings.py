@@ -98,3 +98,42 @@ def test_polar_maps_add_up_over_slices() -> None:
     total = np.asarray(summary.polar.maps["muscle:site_excludes"]).sum()
     finding = summary.findings[0]
     assert total == pytest.approx(finding.mean_area_cm2 * 5)
+
+
+def _small_imat(seed: int):
+    """A site that counts small fat islands in the back muscles as muscle (~1.5% of muscle area)."""
+    rng = np.random.default_rng(seed)
+    toy = toy_slice(angle_deg=float(rng.uniform(-15, 15)), noise_sd=8.0, seed=seed)
+    hu, ref = toy.hu.copy(), toy.ref.copy()
+    inner = ndimage.binary_erosion(toy.paraspinal, iterations=3)
+    rows, cols = np.nonzero(inner)
+    pick = rng.choice(rows.size, size=int(0.015 * (toy.ref == 1).sum()), replace=False)
+    hu[rows[pick], cols[pick]] = -80.0
+    ref[rows[pick], cols[pick]] = 0  # the reference cuts fat out of muscle; the site does not
+    return hu, toy.ref, ref, toy.spacing
+
+
+def test_a_small_difference_on_every_slice_is_systematic_with_a_small_size() -> None:
+    """Consistency, not size, makes a finding systematic (the old 2%-of-area rule missed this)."""
+    acc = DiscrepancyAccumulator()
+    for seed in range(8):
+        hu, site, ref, spacing = _small_imat(seed)
+        acc.add(analyse_slice(hu, spacing, site, ref))
+    summary = acc.finalise()
+    (finding,) = [f for f in summary.findings if f.systematic]
+    assert (finding.tissue, finding.direction, finding.region) == (
+        "muscle",
+        "site_includes",
+        "intramuscular_fat",
+    )
+    assert finding.mean_area_share < 0.02 and finding.n_present == 8
+    assert finding.prevalence_low is not None and finding.prevalence_low > 0.5
+    assert finding.net_area_low_cm2 is not None and finding.net_area_low_cm2 > 0
+
+
+def test_large_disagreement_on_a_third_of_the_slices_is_not_systematic() -> None:
+    summary = _summary(["psoas", "same", "same"] * 3)
+    (finding,) = summary.findings
+    assert finding.mean_area_share > 0.02 and not finding.systematic
+    stats = summary.key_stats["muscle:site_excludes:psoas"]
+    assert (stats.n, stats.n_present) == (9, 3)

@@ -26,6 +26,9 @@ def test_the_finding_explains_most_of_the_smi_shift_and_no_more_calls_than_chang
     # (a few of its pixels are named boundary/other), and never more.
     assert smi.mean_diff is not None and smi.mean_diff > 0
     assert 0.7 * smi.mean_diff <= finding.smi_shift_mean <= smi.mean_diff + 0.05
+    # the size comes with its interval (over the slices with a height)
+    assert finding.smi_shift_low is not None and finding.smi_shift_high is not None
+    assert finding.smi_shift_low < finding.smi_shift_mean < finding.smi_shift_high
     # Adding back part of the left-out muscle cannot flip a call that adding all of it keeps.
     assert finding.calls_changed is not None
     assert finding.calls_changed <= calls.label_only + calls.test_only

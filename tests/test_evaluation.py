@@ -14,7 +14,8 @@ import pytest
 from common.dataset import load_site
 from common.evaluation import SliceRecord, aggregate, harmonise, score_slice
 from common.pooling import pool_area_agreement, pool_class_scores, pool_smi_agreement
-from protocols.payloads import EvaluationPayload, HuRanges
+from protocols.payloads import EvaluationPayload
+from protocols.protocol import HuRanges
 
 M, S, V = 1, 2, 3
 SPACING = (1.0, 1.0)  # 0.01 cm^2 per pixel

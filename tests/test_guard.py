@@ -331,3 +331,37 @@ def test_empty_allow_list_warns_once_per_site_per_run(site: Path, caplog: pytest
     with caplog.at_level(logging.WARNING, logger="client.guard"):
         open_guard(site, run_id=5, task="identify", config={keys.TASK: "identify"}, app_hash=APP)
     assert warnings() == 3  # pinned: nothing to warn about
+
+
+def test_raw_scores_key_stats_and_the_label_audit_follow_the_policy_too(site: Path) -> None:
+    from protocols.findings import AuditCheck, KeyStats, LabelAudit
+
+    check = {
+        "class": "muscle", "direction": "site_excludes", "region": "psoas", "n_slices": 2, "n_present": 2,
+        "prevalence": 1.0, "prevalence_low": 0.3, "prevalence_high": 1.0, "systematic": False,
+        "conforms": False, "mean_area_cm2": 3.0, "mean_area_share": 0.1, "sentence": "psoas left out",
+    }  # fmt: skip
+    wide = {**check, "n_slices": 12, "n_present": 0, "prevalence": 0.0, "region": "paraspinal"}
+    audit = LabelAudit(
+        protocol="alberta", n_slices=12, checks=[AuditCheck.model_validate(c) for c in (check, wide)]
+    )
+    base = payload()
+    small = KeyStats(
+        n=2, n_present=2, sum_net_share=0.2, sum_sq_net_share=0.02, sum_net_cm2=6, sum_sq_net_cm2=18
+    )
+    stats = {"muscle:site_excludes:psoas": small}
+    sent = base.model_copy(
+        update={
+            "raw_scores": base.scores,
+            "label_audit": audit,
+            "discrepancy": base.discrepancy.model_copy(update={"key_stats": stats}),  # type: ignore[union-attr]
+        }
+    )
+    released = guard(site, min_cell_count=3).release_payload(sent)
+    assert released.raw_scores is not None and released.raw_scores["muscle"].bins == {}
+    assert released.label_audit is not None
+    assert [c.region for c in released.label_audit.checks] == ["paraspinal"]
+    assert released.discrepancy is not None and released.discrepancy.key_stats == {}
+    assert {"raw_scores.muscle.bins", "label_audit.muscle:site_excludes:psoas"} <= set(released.suppressed)
+    no_disc = guard(site, accept_tasks=("evaluate",)).release_payload(sent)
+    assert no_disc.label_audit is None and "label_audit" in no_disc.suppressed

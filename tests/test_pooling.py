@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from report_builders import BINS_A, payload, scores, study_report, suppressed_study
+from report_builders import BINS_A, BINS_B, RAW, payload, scores, study_report, suppressed_study, two_sites
 
 from common.pooling import (
     limits_of_agreement,
+    pool_by_role,
     pool_class_scores,
     pool_payloads,
     pool_report,
@@ -20,7 +21,7 @@ from common.pooling import (
 )
 from protocols.classes import IOU_BINS
 from protocols.payloads import AreaAgreement
-from protocols.pooled import Coverage
+from protocols.pooled import Coverage, PooledGroup, PooledReport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +70,7 @@ def test_limits_of_agreement() -> None:
 
 
 def test_sarcopenia_counts_add_and_mixed_cut_offs_refuse() -> None:
-    pooled = pool_payloads(usable_payloads(study_report()))
+    pooled = pool_payloads(two_sites())
     assert pooled.sarcopenia is not None
     assert (pooled.sarcopenia.both_sarcopenic, pooled.sarcopenia.test_only) == (2 + 3, 0 + 1)
     korean = pooled.sarcopenia.model_copy(update={"cutoff_set": "korean"})
@@ -81,16 +82,80 @@ def test_sarcopenia_counts_add_and_mixed_cut_offs_refuse() -> None:
 
 
 def test_only_ok_sites_with_slices_are_pooled() -> None:
-    assert list(usable_payloads(study_report())) == ["hospital-a", "hospital-b"]
-    pooled = pool_report(study_report())
-    assert pooled is not None and pooled.sites == ["hospital-a", "hospital-b"]
+    assert list(usable_payloads(study_report())) == ["hospital-a", "hospital-f", "hospital-b", "hospital-g"]
+    internal, external = pool_report(study_report())
+    assert (internal.role, internal.sites) == ("internal", ["hospital-a", "hospital-f"])
+    assert (external.role, external.sites) == ("external", ["hospital-b", "hospital-g"])  # not hospital-d (0)
     no_site = study_report().model_copy(update={"sites": []})
-    assert pool_report(no_site) is None
+    assert pool_report(no_site) == []
+
+
+# --------------------------------------------------------------------------- internal vs external
+
+
+def test_internal_and_external_are_pooled_separately_never_together() -> None:
+    """pool_by_role: one pool per role, each the sum of its own sites only."""
+    a = payload("a", 10, BINS_A, seed=0, shift=0.0, role="internal")
+    b = payload("b", 8, BINS_B, seed=1, shift=0.0, role="external")
+    c = payload("c", 10, BINS_A, seed=0, shift=1.0, role="internal")
+    internal, external = pool_by_role({"b": b, "a": a, "c": c})  # internal first, whatever the order
+    assert (internal.role, internal.sites, internal.n_used, internal.n_groups) == (
+        "internal",
+        ["a", "c"],
+        20,
+        18,
+    )
+    assert (external.role, external.sites, external.n_used) == ("external", ["b"], 8)
+    assert internal.scores["muscle"].bins == {
+        b_: 2 * n for b_, n in zip(IOU_BINS, BINS_A["muscle"], strict=False)
+    }
+    assert external.scores["muscle"].bins == dict(zip(IOU_BINS, BINS_B["muscle"], strict=False))
+    assert external.areas["muscle"].n == 8  # nothing of a or c
+    roleless = payload("x", 8, BINS_A, seed=0, shift=0.0)
+    assert [p.role for p in pool_by_role({"x": roleless, "b": b})] == ["external", None]
+
+
+def test_pooling_payloads_of_different_roles_together_is_refused() -> None:
+    a = payload("a", 10, BINS_A, seed=0, shift=0.0, role="internal")
+    b = payload("b", 8, BINS_B, seed=1, shift=0.0, role="external")
+    with pytest.raises(ValueError, match=r"never together; got \{'internal': \['a'\], 'external': \['b'\]\}"):
+        pool_payloads({"a": a, "b": b})
+
+
+def test_a_pooled_report_refuses_a_site_in_two_groups_and_a_role_twice() -> None:
+    a = payload("a", 10, BINS_A, seed=0, shift=0.0, role="internal")
+    b = payload("b", 8, BINS_B, seed=1, shift=0.0, role="external")
+    internal = PooledGroup.of(pool_payloads({"a": a}), {})
+    external = PooledGroup.of(pool_payloads({"b": b}), {})
+    assert PooledReport(groups=[internal, external]).group("external") == external
+    with pytest.raises(ValueError, match="one pooled group per role"):
+        PooledReport(groups=[internal, internal])
+    renamed = pool_payloads({"a": b.model_copy(update={"site": "a"})})  # site "a" again, as external
+    with pytest.raises(ValueError, match="site 'a' is pooled as 'internal' and as 'external'"):
+        PooledReport(groups=[internal, PooledGroup.of(renamed, {})])
+    with pytest.raises(ValueError, match="differs from its results"):
+        PooledGroup(role="external", n_sites=1, n_slices=10, n_patients=9, results=internal.results)
+
+
+def test_raw_scores_pool_over_the_sites_that_sent_them() -> None:
+    a = payload("hospital-a", 10, BINS_A, seed=0, shift=0.0, role="external")
+    b = payload("hospital-b", 8, BINS_B, seed=1, shift=0.0, role="external")
+    pooled = pool_payloads({"hospital-a": a, "hospital-b": b})
+    raw_top = RAW["hospital-a"]["muscle"][0] + RAW["hospital-b"]["muscle"][0]
+    assert pooled.raw_scores is not None and pooled.raw_scores["muscle"].bins["[0.9,1.0]"] == raw_top
+    assert pooled.scores["muscle"].bins["[0.9,1.0]"] == BINS_A["muscle"][0] + BINS_B["muscle"][0]
+    silent = pool_payloads({"hospital-a": a, "hospital-b": b.model_copy(update={"raw_scores": None})})
+    assert silent.raw_scores is not None
+    assert silent.raw_scores["muscle"].bins["[0.9,1.0]"] == RAW["hospital-a"]["muscle"][0]
+    assert silent.coverage("raw_scores.muscle.bins").suppressed == ["hospital-b"]
+    assert silent.coverage("scores.muscle.bins").complete
 
 
 def test_withheld_paths_are_the_policy_marks_and_what_is_missing() -> None:
     p = payload("x", 8, BINS_A, seed=0, shift=0.0)
-    assert withheld_paths(p) == {"harmonised_scores"}  # this builder's sites send no harmonised scores
+    # this builder's sites send no harmonised scores, and without a role no raw scores either
+    assert withheld_paths(p) == {"harmonised_scores", "raw_scores"}
+    assert withheld_paths(p.model_copy(update={"task": "compare"})) == {"harmonised_scores"}  # no model
     hidden = p.model_copy(
         update={
             "scores": {**p.scores, "msv": p.scores["msv"].model_copy(update={"bins": {}})},
@@ -101,6 +166,7 @@ def test_withheld_paths_are_the_policy_marks_and_what_is_missing() -> None:
     )
     assert withheld_paths(hidden) == {
         "harmonised_scores",
+        "raw_scores",
         "scores.msv.bins",
         "areas.visceral_fat",
         "areas.muscle",
@@ -109,16 +175,18 @@ def test_withheld_paths_are_the_policy_marks_and_what_is_missing() -> None:
 
 
 def test_a_site_that_suppressed_its_bins_makes_the_pooled_bins_incomplete() -> None:
-    """The defect of issue 11: hospital-c's bins are suppressed, its pixels are not."""
-    pooled = pool_report(suppressed_study())
-    assert pooled is not None and pooled.sites == ["hospital-a", "hospital-b", "hospital-c"]
+    """The defect of issue 11: hospital-c's bins are suppressed, its pixels are not. It is external:
+    its group is incomplete, the internal group is not touched."""
+    internal, pooled = pool_report(suppressed_study())
+    assert internal.coverage("scores.muscle.bins").complete and "hospital-c" not in internal.sites
+    assert pooled.role == "external" and pooled.sites == ["hospital-b", "hospital-g", "hospital-c"]
     muscle = pooled.scores["muscle"]
-    assert muscle.bins["[0.9,1.0]"] == 8 + 2  # hospital-a and -b only
-    assert muscle.union_px == 1000 * (10 + 8 + 10)  # all three
+    assert muscle.bins["[0.9,1.0]"] == 2 + 1  # hospital-b and -g only
+    assert muscle.union_px == 1000 * (8 + 6 + 10)  # all three
     bins = pooled.coverage("scores.muscle.bins")
     assert (bins.state, bins.sites, bins.suppressed) == (
         "incomplete",
-        ["hospital-a", "hospital-b"],
+        ["hospital-b", "hospital-g"],
         ["hospital-c"],
     )
     assert bins.describe() == "incomplete: 1 of 3 sites suppressed (hospital-c)"

@@ -15,29 +15,27 @@ import pandas as pd
 import pytest
 from report_builders import (
     BINS_A,
-    boundary_finding,
+    PSOAS_EVIDENCE,
     payload,
-    psoas_finding,
     scores,
     site_diffs,
     study_report,
     suppressed_study,
+    two_sites,
 )
 
-from common.pooling import attribute_findings, finding_key, pool_payloads, usable_payloads
+from common.pooling import pool_payloads
 from protocols.classes import IOU_BINS, TISSUES
-from protocols.findings import Finding
-from protocols.payloads import AreaAgreement, DiscrepancySummary, EvaluationPayload
+from protocols.payloads import AreaAgreement
 from protocols.report import RoundRecord, SiteResult, StudyReport
 from server.report import summary_lines, with_pooled, write_report
 from server.report.blocks import Block, Bullets, Heading, Image, Table, Text
 from server.report.document import build_document
+from server.report.groups import POOLED
 from server.report.render import render_html, render_markdown
-from server.report.sentences import attribution_lines
 from server.report.tables import (
     COVERAGE_COLUMN,
     NOT_POOLABLE,
-    POOLED,
     area_table,
     file_stem,
     iou_summary_table,
@@ -99,7 +97,7 @@ def test_training_history_dicts_from_the_training_study_validate() -> None:
 
 
 def test_pooled_seed_table_is_the_hand_added_counts() -> None:
-    pooled = pool_payloads(usable_payloads(study_report()))
+    pooled = pool_payloads(two_sites())
     table = seed_table(pooled.scores, pooled.n_used)
     assert list(table.index) == [*IOU_BINS, "undefined"]
     assert list(table.columns) == ["M", "S", "V", "MSV", "ratio"]
@@ -142,14 +140,14 @@ def test_a_suppressed_bin_is_not_shown_as_zero() -> None:
 
 def test_pooled_bland_altman_equals_the_concatenated_slices() -> None:
     parts = {"a": site_diffs(0, 10, 0.5), "b": site_diffs(1, 8, -4.0)}
-    pooled = pool_payloads(usable_payloads(study_report()))
+    pooled = pool_payloads(two_sites())
     for tissue in TISSUES:
         all_diffs = np.concatenate([parts["a"][tissue], parts["b"][tissue]])
         area = pooled.areas[tissue]
         assert area.n == 18
         assert area.mean_diff_cm2 == pytest.approx(all_diffs.mean(), rel=1e-12)
         assert area.sd_diff_cm2 == pytest.approx(all_diffs.std(ddof=1), rel=1e-10)
-    table = area_table({}, pooled).set_index("tissue")
+    table = area_table({}, [pooled]).set_index("tissue")
     muscle = np.concatenate([parts["a"]["muscle"], parts["b"]["muscle"]])
     low = muscle.mean() - 1.96 * muscle.std(ddof=1)
     high = muscle.mean() + 1.96 * muscle.std(ddof=1)
@@ -161,13 +159,13 @@ def test_pooled_bland_altman_equals_the_concatenated_slices() -> None:
 
 
 def test_pooled_iou_mean_is_weighted_and_median_not_poolable() -> None:
-    pooled = pool_payloads(usable_payloads(study_report()))
+    pooled = pool_payloads(two_sites())
     muscle = pooled.scores["muscle"]
     assert muscle.iou.n == 18
     assert muscle.iou.mean == pytest.approx((10 * 0.9 + 8 * 0.8) / 18)
     assert muscle.iou.median is None
     assert muscle.intersection_px == 900 * 18 and muscle.union_px == 1000 * 18
-    summary = iou_summary_table({}, pooled)
+    summary = iou_summary_table({}, [pooled])
     assert set(summary["iou_median"]) == {NOT_POOLABLE}
 
 
@@ -176,6 +174,7 @@ def test_file_stems_are_safe_and_unique() -> None:
     assert file_stem("Hospital B/ICU", taken) == "Hospital_B_ICU"
     assert file_stem("Hospital B ICU", taken) == "Hospital_B_ICU-2"
     assert file_stem("pooled", taken) == "site-pooled"
+    assert file_stem("pooled_internal", taken) == "site-pooled_internal"  # never a pooled group's file
     assert file_stem("../..", taken) == "site"
 
 
@@ -194,20 +193,27 @@ def test_report_json_round_trips(written: tuple[Path, StudyReport]) -> None:
     out, report = written
     stored = StudyReport.model_validate_json((out / "report.json").read_text(encoding="utf-8"))
     assert stored == with_pooled(report)
-    assert stored.pooled is not None and stored.pooled.results.sites == ["hospital-a", "hospital-b"]
-    assert stored.pooled.tables["pooled_iou_bins"].state == "complete"
+    assert stored.pooled is not None
+    internal, external = stored.pooled.groups
+    assert (internal.role, internal.results.sites) == ("internal", ["hospital-a", "hospital-f"])
+    assert (external.role, external.results.sites) == ("external", ["hospital-b", "hospital-g"])
+    assert internal.tables["pooled_internal_iou_bins"].state == "complete"
 
 
 def test_csv_tables_per_site_and_pooled(written: tuple[Path, StudyReport]) -> None:
     out, _ = written
     names = {p.name for p in (out / "tables").glob("*.csv")}
-    expected = {"hospital-a_iou_bins.csv", "hospital-b_iou_bins.csv", "pooled_iou_bins.csv", "sites.csv"}
+    expected = {"hospital-a_iou_bins.csv", "hospital-b_iou_bins.csv", "sites.csv"}
+    expected |= {"pooled_internal_iou_bins.csv", "pooled_external_iou_bins.csv", "internal_external.csv"}
     expected |= {"area_agreement.csv", "smi_agreement.csv", "sarcopenia_confusion.csv", "findings.csv"}
+    expected |= {"raw_vs_protocol_bins.csv", "label_audit.csv"}
     assert expected <= names
-    with (out / "tables" / "pooled_iou_bins.csv").open(encoding="utf-8", newline="") as handle:
+    assert "pooled_iou_bins.csv" not in names  # internal and external are never pooled together
+    with (out / "tables" / "pooled_internal_iou_bins.csv").open(encoding="utf-8", newline="") as handle:
         pooled = list(csv.reader(handle))
     assert pooled[0] == ["IoU", "M", "S", "V", "MSV", "ratio", "coverage"]
-    assert pooled[1] == ["[0.9,1.0]", "10", "16", "11", "12", "49/71 (69%)", "complete: all 2 sites"]
+    # hospital-a + hospital-f: M 8+7, S 9+8, V 6+6, MSV 8+7 -> 59 of 71 defined cells
+    assert pooled[1] == ["[0.9,1.0]", "15", "17", "12", "15", "59/71 (83%)", "complete: all 2 sites"]
 
 
 def test_failed_sites_appear_with_their_reason_everywhere(written: tuple[Path, StudyReport]) -> None:
@@ -257,6 +263,7 @@ def test_figures_are_real_pngs(written: tuple[Path, StudyReport]) -> None:
         "findings_matrix",
         "polar_maps",
         "training_loss",
+        "internal_external",
     } <= names
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000, png.name
@@ -274,9 +281,33 @@ def test_summary_lines() -> None:
     lines = summary_lines(study_report())
     assert lines[0].startswith("study demo-study (run 42): evaluate, model f00dfeed1234")
     assert "training: 3 round(s), last round 3 pooled val loss 0.450" in lines
+    assert "hospital-a: ok, internal, 10/12 test-split slices, muscle IoU >= 0.9 in 8/10 (80%)" in lines
+    assert (
+        "hospital-b: ok, external, 8/10 slices, muscle IoU >= 0.9 in 2/8 (25%), "
+        "site conventions: muscle/site_excludes/psoas"
+    ) in lines
+    assert "hospital-c (external): failed - ClientApp raised: disk full" in lines
+    assert lines[-2:] == [
+        "pooled internal (2 sites, 18 slices, 16 patients): muscle IoU >= 0.9 in 15/18 (83%; 95% CI 61%-94%)",
+        "pooled external (2 sites, 14 slices, 12 patients): muscle IoU >= 0.9 in 3/14 (21%; 95% CI 8%-48%)",
+    ]
+
+
+def test_summary_lines_of_sites_without_a_role_pool_them_together() -> None:
+    """A comparison of label sets (no role): one pooled line, as before there were roles."""
+    report = study_report().model_copy(
+        update={
+            "sites": [SiteResult(site=s, status="ok", payload=p) for s, p in two_sites().items()],
+            "error_profile": None,
+        }
+    )
+    lines = summary_lines(report)
     assert "hospital-a: ok, 10/12 slices, muscle IoU >= 0.9 in 8/10 (80%)" in lines
-    assert any(line.startswith("hospital-b: ok") and "muscle/site_excludes/psoas" in line for line in lines)
-    assert "hospital-c: failed - ClientApp raised: disk full" in lines
+    # unattributed findings: the systematic ones are listed as before
+    assert (
+        "hospital-b: ok, 8/10 slices, muscle IoU >= 0.9 in 2/8 (25%), systematic: muscle/site_excludes/psoas"
+        in lines
+    )
     assert lines[-1] == "pooled (2 sites, 18 slices): muscle IoU >= 0.9 in 10/18 (56%)"
 
 
@@ -292,7 +323,10 @@ def _write_examples() -> None:  # pragma: no cover - run by hand
             "model_hash": None,
             "model_spec": None,
             "cutoff_set": "korean",
-            "sites": [s.model_copy(update={"payload": None}) for s in full.sites if s.status != "ok"],
+            "sites": [
+                s.model_copy(update={"payload": None, "role": None}) for s in full.sites if s.status != "ok"
+            ],
+            "error_profile": None,
             "notes": [],
         }
     )
@@ -321,31 +355,198 @@ def test_a_training_only_study_writes_its_report(tmp_path: Path) -> None:
     assert StudyReport.model_validate_json(paths.json.read_text()).training == report.training
 
 
-def test_findings_most_sites_share_are_attributed_to_the_reference_not_the_sites() -> None:
-    def with_findings(site: str, findings: list[Finding]) -> EvaluationPayload:
-        base = payload(site, 8, BINS_A, seed=0, shift=0.0)
-        summary = DiscrepancySummary(n_slices=8, findings=findings)
-        return base.model_copy(update={"discrepancy": summary, "findings": findings})
+# --------------------------------------------------------------------------- internal vs external
 
-    imat = psoas_finding(8).model_copy(update={"region": "intramuscular_fat", "direction": "site_excludes"})
-    psoas_in = psoas_finding(8).model_copy(update={"direction": "site_includes"})
-    payloads = {
-        # a and c include psoas where the model does not; b agrees with the model (b leaves psoas out)
-        "hospital-a": with_findings("hospital-a", [imat, psoas_in]),
-        "hospital-b": with_findings("hospital-b", [imat, psoas_finding(8)]),
-        "hospital-c": with_findings("hospital-c", [psoas_in, boundary_finding(8, 0.3)]),  # scattered: ignored
+
+def test_internal_and_external_sites_are_pooled_separately_never_together() -> None:
+    """Each group's pooled bins are the sums of its own sites only: an internal site's bins are never in
+    the external pool, nor the other way round."""
+    report = with_pooled(study_report())
+    assert report.pooled is not None
+    groups = {g.role: g for g in report.pooled.groups}
+    assert set(groups) == {"internal", "external"}
+    by_site = {s.site: s.payload for s in report.sites if s.payload is not None}
+    for role, sites in (
+        ("internal", ["hospital-a", "hospital-f"]),
+        ("external", ["hospital-b", "hospital-g"]),
+    ):
+        group = groups[role]
+        assert group.results.sites == sites
+        assert (group.n_sites, group.n_slices) == (2, sum(by_site[s].n_used for s in sites))  # type: ignore[union-attr]
+        assert group.n_patients == sum(by_site[s].n_groups for s in sites)  # type: ignore[union-attr]
+        for cls, pooled in group.results.scores.items():
+            expected = {b: sum(by_site[s].scores[cls].bins[b] for s in sites) for b in IOU_BINS}  # type: ignore[union-attr]
+            assert pooled.bins == expected, (role, cls)
+    # the seed's story: 15 of 18 internal test slices at muscle IoU >= 0.9, 3 of 14 external ones
+    assert groups["internal"].results.scores["muscle"].bins["[0.9,1.0]"] == 8 + 7
+    assert groups["external"].results.scores["muscle"].bins["[0.9,1.0]"] == 2 + 1
+
+
+def test_each_site_entry_in_report_json_carries_its_role_and_n(written: tuple[Path, StudyReport]) -> None:
+    out, _ = written
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    sites = {s["site"]: s for s in data["sites"]}
+    assert {s: e["role"] for s, e in sites.items()} == {
+        "hospital-a": "internal",
+        "hospital-f": "internal",
+        "hospital-b": "external",
+        "hospital-g": "external",
+        "hospital-c": "external",
+        "hospital-d": "external",
+        "hospital-e": "external",
     }
-    attributed = attribute_findings(payloads)
-    assert attributed["hospital-a"] == {finding_key(imat): "shared", finding_key(psoas_in): "shared"}
-    assert attributed["hospital-b"][finding_key(psoas_finding(8))] == "site"
-    lines = attribution_lines(payloads, "evaluate")
-    assert any("2 of 3 sites" in line and "psoas" in line and "model" in line for line in lines)
-    assert any(line.startswith("hospital-b: unlike the other sites") and "psoas" in line for line in lines)
-    assert any(
-        line.startswith("hospital-c: unlike the other sites") and "intramuscular" in line for line in lines
+    assert (sites["hospital-a"]["payload"]["split"], sites["hospital-a"]["payload"]["n_used"]) == ("test", 10)
+    assert (sites["hospital-b"]["payload"]["split"], sites["hospital-b"]["payload"]["n_used"]) == ("all", 8)
+    with (out / "tables" / "sites.csv").open(encoding="utf-8", newline="") as handle:
+        rows = {row["site"]: row for row in csv.DictReader(handle)}
+    assert (rows["hospital-a"]["role"], rows["hospital-a"]["split"], rows["hospital-a"]["n_used"]) == (
+        "internal",
+        "test",
+        "10",
     )
-    # A single site cannot be compared with anyone: nothing is called shared.
-    assert set(attribute_findings({"a": payloads["hospital-b"]})["a"].values()) == {"site"}
+    assert rows["hospital-a"]["n_in_split"] == "12" and rows["hospital-a"]["n_listed"] == "60"
+    assert (rows["hospital-g"]["role"], rows["hospital-g"]["split"], rows["hospital-g"]["n_used"]) == (
+        "external",
+        "all",
+        "6",
+    )
+
+
+def test_md_and_html_open_with_internal_and_external_side_by_side(written: tuple[Path, StudyReport]) -> None:
+    out, _ = written
+    md = (out / "report.md").read_text(encoding="utf-8")
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## Internal and external validation at a glance"  # right after the header
+    glance = md[md.index(headings[0]) : md.index(headings[1])]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in glance.splitlines() if line.startswith("| ")}
+    assert (
+        "| internal | 18 slices of 16 patients at 2 sites | 15/18 = 83% (95% CI 61%–94%) |"
+        in rows["pooled_internal"]
+    )
+    assert (
+        "| external | 14 slices of 12 patients at 2 sites | 3/14 = 21% (95% CI 8%–48%) |"
+        in rows["pooled_external"]
+    )
+    for site in ("hospital-a", "hospital-f", "hospital-b", "hospital-g"):
+        assert site in rows, site
+    assert "| internal | 10 slices of 9 patients (test split) | 8/10 = 80%" in rows["hospital-a"]
+    assert "figures/internal_external.png" in glance
+    page = (out / "report.html").read_text(encoding="utf-8")
+    first = page[page.index("<h2>") : page.index("<h2>", page.index("<h2>") + 1)]
+    assert "Internal and external validation at a glance" in first
+    assert (
+        "<td>pooled_internal</td><td>internal</td>" in first
+        and "<td>pooled_external</td><td>external</td>" in first
+    )
+    assert "15/18 = 83% (95% CI 61%–94%)" in first and "3/14 = 21% (95% CI 8%–48%)" in first
+
+
+def test_seed_tables_are_captioned_with_their_group_and_n(written: tuple[Path, StudyReport]) -> None:
+    out, _ = written
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert (
+        "*pooled_internal: internal (held-out test patients of the sites that trained the model), "
+        "18 slices of 16 patients at 2 sites (hospital-a, hospital-f)."
+    ) in md
+    assert "*pooled_external: external (every usable slice of sites that did not train the model), " in md
+    assert "*hospital-a, internal (trained the model; held-out test patients only): 10 slices of 9 " in md
+    internal = md.index("### Internal sites")
+    external = md.index("### External sites")
+    assert internal < md.index("*hospital-f, internal") < external < md.index("*hospital-g, external")
+
+
+def test_raw_and_protocol_applied_bins_side_by_side(written: tuple[Path, StudyReport]) -> None:
+    out, _ = written
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "prediction is cut to these HU ranges before it is scored" in md  # in the header
+    section = md[md.index("## Raw and protocol-applied prediction") : md.index("## Area agreement")]
+    assert (
+        "| IoU | M protocol-applied (used for verdicts) | M raw prediction | MSV protocol-applied" in section
+    )
+    # internal: protocol-applied 15/18 at the top, raw 5 + 4 = 9/18
+    assert "| [0.9,1.0] | 15/18 (83%) | 9/18 (50%) |" in section
+    assert "| [0.9,1.0] | 3/14 (21%) | 1/14 (7%) |" in section  # external: raw 1 + 0
+    with (out / "tables" / "raw_vs_protocol_bins.csv").open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    pooled = {(r["site"], r["class"], r["scoring"]): r for r in rows}
+    assert pooled[("pooled_internal", "M", "raw")]["0.9-1.0"] == "9"
+    assert pooled[("pooled_internal", "M", "protocol")]["0.9-1.0"] == "15"
+    assert {r["role"] for r in rows if r["site"] == "hospital-b"} == {"external"}
+
+
+def test_a_site_convention_shows_its_evidence_and_impact(written: tuple[Path, StudyReport]) -> None:
+    out, _ = written
+    md = (out / "report.md").read_text(encoding="utf-8")
+    section = md[md.index("### Findings at hospital-b (external)") :]
+    row = next(line for line in section.splitlines() if line.startswith("| muscle | site_excludes | psoas |"))
+    assert "7 of 8 slices (95% CI 53%–98%)" in row
+    assert "12.1 cm² (95% CI 9.8 to 14.4)" in row and "+4.3 cm²/m²" in row and "2 of 8" in row
+    assert "**site convention**" in row and PSOAS_EVIDENCE.replace("|", "\\|") in row
+    # the model's contour band at the same site is the model's, with its evidence
+    boundary = next(x for x in section.splitlines() if x.startswith("| muscle | site_excludes | boundary |"))
+    assert "| model |" in boundary and "following the protocol here" in boundary
+    # impact sentences only for the site's convention, not for the model's error
+    impact = md[md.index("### Impact of the sites' label conventions") :].split("\n\n")[1]
+    assert impact.count("- ") == 1 and "leaving out psoas" in impact
+    # the matrix marks whose difference each cell is
+    assert "| hospital-b | **88% (site)** | 25% (model) |" in md
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert '<td class="sys">site convention</td>' in page
+    with (out / "tables" / "findings.csv").open(encoding="utf-8", newline="") as handle:
+        found = {(r["site"], r["region"]): r for r in csv.DictReader(handle)}
+    assert found[("hospital-b", "psoas")]["attribution"] == "site_convention"
+    assert found[("hospital-b", "psoas")]["evidence"] == PSOAS_EVIDENCE
+    assert found[("hospital-b", "psoas")]["role"] == "external"
+    assert found[("hospital-f", "boundary")]["attribution"] == "model"
+
+
+def test_the_models_own_errors_and_the_label_audits_are_listed(written: tuple[Path, StudyReport]) -> None:
+    out, _ = written
+    md = (out / "report.md").read_text(encoding="utf-8")
+    profile = md[md.index("### The model's own systematic errors") : md.index("### Findings across sites")]
+    lines = [line for line in profile.splitlines() if line.startswith("- ")]
+    assert len(lines) == 1  # visceral fat on 4 of 18 slices is not systematic
+    assert lines[0].startswith(
+        "- muscle / site_excludes / boundary: the model adds tissue along the contours"
+    )
+    assert "15 of 18 internal test slices (95% CI 61%–94%)" in lines[0]
+    audit = md[md.index("### Label audit (model-free)") : md.index("### Impact")]
+    assert "| hospital-b | external | muscle | site_excludes | psoas | 7 of 8 slices" in audit
+    assert "- hospital-g: no labelling convention: none of 2 checks over 6 slices" in audit
+    with (out / "tables" / "label_audit.csv").open(encoding="utf-8", newline="") as handle:
+        checks = list(csv.DictReader(handle))
+    assert {(c["site"], c["region"], c["systematic"]) for c in checks} >= {
+        ("hospital-b", "psoas", "True"),
+        ("hospital-g", "psoas", "False"),
+    }
+
+
+def test_sites_without_a_role_are_pooled_together_as_before(tmp_path: Path) -> None:
+    """A comparison of label sets has no role: one group, ``pooled`` rows and ``pooled_iou_bins.csv``."""
+    report = study_report(with_training=False).model_copy(
+        update={
+            "task": "compare",
+            "sites": [SiteResult(site=s, status="ok", payload=p) for s, p in two_sites().items()],
+            "error_profile": None,
+        }
+    )
+    report = report.model_copy(
+        update={
+            "sites": [
+                s.model_copy(update={"payload": s.payload.model_copy(update={"task": "compare"})})  # type: ignore[union-attr]
+                for s in report.sites
+            ]
+        }
+    )
+    paths = write_report(report, tmp_path)
+    stored = StudyReport.model_validate_json(paths.json.read_text(encoding="utf-8"))
+    assert stored.pooled is not None and [g.role for g in stored.pooled.groups] == [None]
+    assert stored.pooled.groups[0].results.sites == ["hospital-a", "hospital-b"]
+    assert {"pooled_iou_bins", "internal_external"} <= set(paths.tables)
+    md = paths.markdown.read_text(encoding="utf-8")
+    assert "## Sites at a glance" in md and "## Raw and protocol-applied prediction" not in md
+    assert "| hospital-b | **88%** | 25% |" in md  # not attributed: no model in a comparison
+    assert "hospital-b: leaving out psoas lowers this site's muscle area" in md
 
 
 # --------------------------------------------------------------------------- a site that suppressed its bins
@@ -361,59 +562,90 @@ def suppressed_written(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_pooled_bins_with_a_suppressed_site_say_incomplete_in_every_format(suppressed_written: Path) -> None:
-    """hospital-c's policy suppressed its M, S and V bins: the pooled bins are hospital-a's and -b's
-    sums only. report.json, report.md and report.html must say the pooled bins are incomplete and
-    name hospital-c, never present them as counts over all three sites."""
+    """External hospital-c's policy suppressed its M, S and V bins: the pooled external bins are
+    hospital-b's and -g's sums only. report.json, report.md and report.html must say the pooled
+    external bins are incomplete and name hospital-c, never present them as counts over all three
+    external sites; the internal group is untouched and complete."""
     out = suppressed_written
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert data["schema_version"] == "2"
-    assert data["pooled"]["tables"]["pooled_iou_bins"] == {
+    assert data["schema_version"] == "3"
+    groups = {g["role"]: g for g in data["pooled"]["groups"]}
+    assert groups["external"]["tables"]["pooled_external_iou_bins"] == {
         "state": "incomplete",
-        "sites": ["hospital-a", "hospital-b"],
+        "sites": ["hospital-b", "hospital-g"],
         "suppressed": ["hospital-c"],
     }
-    results = data["pooled"]["results"]
+    assert groups["internal"]["tables"]["pooled_internal_iou_bins"]["state"] == "complete"
+    assert (groups["external"]["n_sites"], groups["external"]["n_slices"]) == (3, 8 + 6 + 10)
+    results = groups["external"]["results"]
     assert results["withheld"]["scores.muscle.bins"] == ["hospital-c"]
     assert "scores.msv.bins" not in results["withheld"]  # hospital-c's MSV bins had no small cell
-    # M's top bin: hospital-a 8 + hospital-b 2; hospital-c's 8 are not there, and its pixels are
-    assert results["scores"]["muscle"]["bins"]["[0.9,1.0]"] == 8 + 2
-    assert results["scores"]["muscle"]["union_px"] == 1000 * (10 + 8 + 10)
+    # M's top bin: hospital-b 2 + hospital-g 1; hospital-c's 8 are not there, and its pixels are
+    assert results["scores"]["muscle"]["bins"]["[0.9,1.0]"] == 2 + 1
+    assert results["scores"]["muscle"]["union_px"] == 1000 * (8 + 6 + 10)
     for name in ("report.md", "report.html"):
         text = (out / name).read_text(encoding="utf-8")
-        assert "counts summed over 3 sites" not in text, name
-        caption = next(line for line in text.splitlines() if "Pooled" in line and "counts summed" in line)
+        assert "counts summed over 3 sites" not in text.lower(), name
+        caption = next(
+            line
+            for line in text.splitlines()
+            if "pooled_external: external" in line and "Counts summed" in line
+        )
         assert f"M, S, V: {INCOMPLETE}" in caption, (name, caption)
         assert "not over all 3 sites" in caption, (name, caption)
-        assert f"Pooled bar: {INCOMPLETE}." in text, name
+        assert f"pooled_external: {INCOMPLETE}." in text, name  # the IoU bins figure's pooled bar
 
 
 def test_pooled_bins_csv_with_a_suppressed_site_computes_no_share(suppressed_written: Path) -> None:
-    with (suppressed_written / "tables" / "pooled_iou_bins.csv").open(encoding="utf-8", newline="") as handle:
+    path = suppressed_written / "tables" / "pooled_external_iou_bins.csv"
+    with path.open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["ratio"] for row in rows] == ["incomplete"] * 5
-    assert rows[0]["M"] == "10" and rows[0]["MSV"] == str(8 + 4 + 8)
+    assert rows[0]["M"] == "3" and rows[0]["MSV"] == str(4 + 2 + 8)
     assert rows[0][COVERAGE_COLUMN] == f"M, S, V: {INCOMPLETE}; MSV: complete: all 3 sites"
 
 
+def test_a_suppressed_site_shows_as_incomplete_in_its_group_at_a_glance(suppressed_written: Path) -> None:
+    with (suppressed_written / "tables" / "internal_external.csv").open(
+        encoding="utf-8", newline=""
+    ) as handle:
+        rows = {row["site"]: row for row in csv.DictReader(handle)}
+    assert rows["pooled_external"][COVERAGE_COLUMN] == INCOMPLETE
+    assert rows["pooled_internal"][COVERAGE_COLUMN] == "complete: all 2 sites"
+    assert rows["hospital-c"]["m_defined"] == ""  # suppressed: not available, never 0
+    assert rows["pooled_external"]["m_0.9-1.0"] == "3" and rows["pooled_external"]["m_defined"] == "14"
+    md = (suppressed_written / "report.md").read_text(encoding="utf-8")
+    glance = md[md.index("at a glance") : md.index("## Sites")]
+    row = next(line for line in glance.splitlines() if line.startswith("| pooled_external |"))
+    assert INCOMPLETE in row and "3/14 = 21%" in row
+    assert "| hospital-c | external |" in glance and "suppressed" in glance
+
+
 def test_every_pooled_row_and_caption_states_its_coverage() -> None:
-    """In the document, each table with a pooled row says which sites that row is over."""
+    """In the document, each table with pooled rows says which sites each is over."""
     tables = [b for b in build_document(suppressed_study()) if isinstance(b, Table)]
-    pooled_tables = [t for t in tables if "site" in t.frame.columns and POOLED in set(t.frame["site"])]
-    assert len(pooled_tables) == 4  # IoU summary, area, SMI, sarcopenia (all over the three sites)
+    pooled_tables = [
+        t for t in tables if "site" in t.frame.columns and t.frame["site"].str.startswith(POOLED).any()
+    ]
+    assert len(pooled_tables) == 4  # IoU summary, area, SMI, sarcopenia
     for table in pooled_tables:
-        pooled_rows = table.frame[table.frame["site"] == POOLED]
-        assert "Pooled row: " in table.caption, table.caption
+        pooled_rows = table.frame[table.frame["site"].str.startswith(POOLED)]
+        assert set(pooled_rows["site"]) == {"pooled_internal", "pooled_external"}, table.caption
+        assert "Pooled rows: pooled_internal: " in table.caption, table.caption
         assert pooled_rows[COVERAGE_COLUMN].str.match("(in)?complete: ").all(), table.caption
     sarcopenia = next(t for t in pooled_tables if "cutoff_set" in t.frame.columns)
-    assert "Pooled row: incomplete: 1 of 3 sites suppressed (hospital-c)." in sarcopenia.caption
+    assert f"pooled_external: {INCOMPLETE}." in sarcopenia.caption
     site_c = sarcopenia.frame[sarcopenia.frame["site"] == "hospital-c"]
     assert site_c.empty  # hospital-c withheld its calls: no row, and the pooled row says so
 
 
 def test_summary_line_of_a_pool_with_a_suppressed_site() -> None:
     lines = summary_lines(suppressed_study())
-    assert "hospital-c: ok, 10/12 slices, muscle IoU >= 0.9 in suppressed" in lines
-    assert lines[-1] == f"pooled (3 sites, 28 slices): muscle IoU >= 0.9 in 10/18 (56%) ({INCOMPLETE})"
+    assert "hospital-c: ok, external, 10/12 slices, muscle IoU >= 0.9 in suppressed" in lines
+    assert lines[-1] == (
+        "pooled external (3 sites, 24 slices, 21 patients): muscle IoU >= 0.9 in 3/14 (21%; 95% CI 8%-48%) "
+        f"({INCOMPLETE})"
+    )
 
 
 # --------------------------------------------------------------------------- rendering on its own
@@ -445,11 +677,11 @@ def test_area_rows_of_a_site_that_suppressed_an_area() -> None:
         update={"areas": {**b.areas, "muscle": AreaAgreement(n=0)}, "suppressed": ["areas.muscle"]}
     )
     payloads = {"a": a, "b": b}
-    table = area_table(payloads, pool_payloads(payloads)).set_index(["site", "tissue"])
+    table = area_table(payloads, [pool_payloads(payloads)]).set_index(["site", "tissue"])
     assert table.loc[("b", "muscle"), COVERAGE_COLUMN] == "suppressed"
     assert table.loc[("b", "visceral_fat"), COVERAGE_COLUMN] == ""
     pooled_muscle = table.loc[(POOLED, "muscle")]
     assert pooled_muscle["n"] == 10
     assert pooled_muscle[COVERAGE_COLUMN] == "incomplete: 1 of 2 sites suppressed (b)"
-    assert pooled_muscle["pooling"].startswith("over slices of the sites that sent it")
+    assert pooled_muscle["pooling"].startswith("over slices of the group's sites that sent it")
     assert table.loc[(POOLED, "visceral_fat"), "pooling"].startswith("over slices of all sites")

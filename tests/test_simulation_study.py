@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 
 from common.dataset import load_site
-from common.evaluation import evaluate_site
+from common.evaluation import Scope, evaluate_site
 from common.metrics import bin_name
+from common.splits import split_site
 from protocols.classes import IOU_BINS
 from protocols.report import StudyReport
+from protocols.study import StudyConfig
 from server.demo_study import make_demo_sites
 from server.flwr_cli import flower_env, flwr_run, local_superlink_pids, stop_processes
 
@@ -29,10 +31,12 @@ pytestmark = pytest.mark.slow
 SMALL = {
     "model.encoder": "resnet18",
     "model.image-size": 64,
-    "demo.slices": 10,  # >= 5 training slices: the default site policy refuses fewer
+    # >= 5 training and >= 5 test slices per site: the default site policy releases nothing smaller
+    "demo.slices": 20,
     "demo.size": 96,
     "train.local-epochs": 1,
     "train.val-fraction": 0.2,
+    "train.test-fraction": 0.3,
     "study.round-timeout": 300.0,
 }
 
@@ -93,19 +97,28 @@ def test_demo_study_trains_validates_reports_and_resumes(tmp_path: Path, flower_
     ok_sites = [s for s in report.sites if s.status == "ok"]
     assert len(ok_sites) == 2
 
-    # The seed's tables equal an independent recomputation from per-slice metrics at each site.
+    # Both sites trained the model: internal, scored on their held-out test patients only, and the
+    # seed's tables equal an independent recomputation from per-slice metrics on exactly those.
+    study = StudyConfig.from_run_config(config)
     for result in ok_sites:
         site_dir = next(
             p
             for p in demo_dir.iterdir()
             if p.is_dir() and f'"{result.site}"' in (p / "site.toml").read_text()
         )
-        payload, records = evaluate_site(load_site(site_dir), run_dir / "model.pt", batch_size=4)
-        assert result.payload is not None and result.payload.model_hash == payload.model_hash
+        site = load_site(site_dir)
+        test_rows = split_site(site, study.train).test
+        assert result.role == "internal" and result.payload is not None
+        assert (result.payload.split, result.payload.n_in_split) == ("test", len(test_rows))
+        scope = Scope(role="internal", rows=test_rows)
+        payload, records = evaluate_site(site, run_dir / "model.pt", batch_size=4, scope=scope)
+        assert result.payload.model_hash == payload.model_hash and result.payload.n_used == len(records)
         for cls in ("muscle", "subcutaneous_fat", "visceral_fat", "msv"):
             expected = Counter(bin_name(r.iou[cls]) for r in records if r.iou[cls] is not None)
             assert result.payload.scores[cls].bins == {b: expected.get(b, 0) for b in IOU_BINS}, cls
-    assert (run_dir / "report.html").exists() and (run_dir / "tables" / "pooled_iou_bins.csv").exists()
+    assert (run_dir / "report.html").exists() and (
+        run_dir / "tables" / "pooled_internal_iou_bins.csv"
+    ).exists()
 
     # Resume: one more round continues from the checkpoint (round 3), weights from round 2.
     weights_before = report.training[-1].weights_hash

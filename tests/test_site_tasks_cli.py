@@ -73,12 +73,23 @@ def test_train_then_evaluate_with_the_trained_model(psoas_site: Path, tmp_path: 
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["n_train"] + summary["n_val"] == 8 and model.exists()
+    held_out = summary["n_test_held_out"]
+    assert summary["n_train"] + summary["n_val"] + held_out == 8 and held_out >= 1 and model.exists()
+    # the model names this site: it is scored as internal, on its held-out test patients only
     result = runner.invoke(app, ["site", "evaluate", str(psoas_site), "--model", str(model), "--json"])
     assert result.exit_code == 0, result.output
     payload = EvaluationPayload.model_validate_json(result.output)
     assert payload.task == "evaluate" and payload.model_hash == summary["weights_hash"]
+    assert (payload.role, payload.split, payload.n_in_split) == ("internal", "test", held_out)
+    assert sum(payload.scores["muscle"].bins.values()) + payload.scores["muscle"].undefined == held_out
+    # asked to score it as an external site would, every slice counts
+    result = runner.invoke(
+        app, ["site", "evaluate", str(psoas_site), "--model", str(model), "--json", "--role", "external"]
+    )
+    payload = EvaluationPayload.model_validate_json(result.output)
+    assert (payload.role, payload.split) == ("external", "all")
     assert sum(payload.scores["muscle"].bins.values()) + payload.scores["muscle"].undefined == 8
+    assert payload.raw_scores is not None and payload.label_audit is not None
 
 
 def test_missing_model_is_a_clear_error_not_a_traceback(psoas_site: Path, tmp_path: Path) -> None:

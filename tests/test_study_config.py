@@ -104,3 +104,25 @@ def test_comma_lists_and_flat_round_trip() -> None:
     assert study.study.exclude_from_training == ("hospital-b", "hospital-c")
     again = StudyConfig.from_run_config(study.to_flat())
     assert again == study
+
+
+def test_the_label_protocol_is_declared_by_run_config_keys() -> None:
+    study = StudyConfig.from_run_config(
+        {
+            "protocol.name": "no-psoas",
+            "protocol.muscles": "paraspinal,abdominal_wall",
+            "protocol.muscle-hu": "-30,150",
+        }
+    )
+    assert study.protocol.muscles == ("paraspinal", "abdominal_wall")
+    assert study.protocol.hu_ranges.muscle == (-30.0, 150.0)
+    assert StudyConfig.from_run_config(study.to_flat()) == study  # survives the trip through a ConfigRecord
+    with pytest.raises(ValueError, match=r"protocol\.muscle-hu"):
+        StudyConfig.from_run_config({"protocol.muscle-hu": "150,-29"})
+    with pytest.raises(ValueError, match=r"protocol\.muscles"):
+        StudyConfig.from_run_config({"protocol.muscles": "psoas,liver"})
+
+
+def test_validation_and_test_fractions_must_leave_patients_to_train_on() -> None:
+    with pytest.raises(ValueError, match="leave patients to train on"):
+        StudyConfig.from_run_config({"train.val-fraction": 0.5, "train.test-fraction": 0.5})

@@ -14,7 +14,6 @@ from common.training import (
     _augment,
     evaluate_loss,
     proximal_term,
-    split_train_val,
     train_local,
 )
 from protocols.classes import METRIC_CLASSES
@@ -90,36 +89,6 @@ class HalfMuscle(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------- split
-
-
-@pytest.mark.parametrize("n_groups", [2, 3, 7, 20])
-def test_split_never_puts_a_group_on_both_sides(n_groups: int) -> None:
-    rng = np.random.default_rng(n_groups)
-    groups = [f"g{int(rng.integers(n_groups))}" for _ in range(3 * n_groups)]
-    groups[:n_groups] = [f"g{i}" for i in range(n_groups)]  # every group present
-    for seed in range(50):
-        for fraction in (0.0, 0.1, 0.25, 0.5, 0.9):
-            train, val = split_train_val(groups, fraction, seed)
-            assert sorted(train + val) == list(range(len(groups)))
-            assert train, "training must never be empty"
-            assert not {groups[i] for i in train} & {groups[i] for i in val}
-            assert bool(val) == (fraction > 0), (seed, fraction)
-
-
-def test_split_is_deterministic_and_depends_on_seed() -> None:
-    groups = [f"p{i // 2}" for i in range(40)]
-    assert split_train_val(groups, 0.25, 7) == split_train_val(groups, 0.25, 7)
-    assert len({tuple(split_train_val(groups, 0.25, s)[1]) for s in range(10)}) > 1
-
-
-def test_split_fraction_and_tiny_sites() -> None:
-    train, val = split_train_val([f"p{i}" for i in range(100)], 0.2, 0)
-    assert (len(train), len(val)) == (80, 20)
-    assert split_train_val(["a", "a", "a"], 0.5, 0) == ([0, 1, 2], [])  # one patient: no validation
-    train, val = split_train_val(["a", "b"], 0.1, 0)  # two patients: one each side
-    assert len(train) == len(val) == 1
-    with pytest.raises(ValueError, match="val_fraction"):
-        split_train_val(["a", "b"], 1.0, 0)
 
 
 # ------------------------------------------------------------------------- FedProx

@@ -57,6 +57,7 @@ def test_site_reports_training_slices_not_batches(tmp_path: Path) -> None:
     study = StudyConfig.from_run_config(
         {
             "train.val-fraction": 0.0,
+            "train.test-fraction": 0.0,
             "train.batch-size": 4,
             "model.image-size": 64,
             "model.encoder": "resnet18",

@@ -5,22 +5,27 @@ site can add slices one at a time and never holds or sends per-slice values.
 :meth:`DiscrepancyAccumulator.finalise` turns them into a
 :class:`protocols.payloads.DiscrepancySummary`.
 
-For each (class, direction, region), over the slices where the reference has the class:
+For each (class, direction, region), over the slices where the reference has the class,
+the disagreement of a slice is taken *net*: this direction's area minus the opposite
+direction's in the same region. A reader (or a model) whose contours wobble both ways has
+a net near zero and changing sign; a convention has a net of one sign on slice after slice.
 
-- ``prevalence``: share of slices where it is *present*: its area exceeds
-  ``presence_share`` of the reference class area and ``presence_cm2``. For ``boundary`` the
-  *net* band is used (this direction minus the opposite one), so random 1-px jitter, which
-  moves contours both ways, is never present while contours drawn tight are;
-- ``mean_area_share`` and ``mean_area_cm2``: mean over those slices of the discordant area
-  as a share of the reference class area, and in cm^2 (0 on slices without it);
+- ``n_present`` / ``prevalence``: slices where the net is present, i.e. exceeds
+  ``presence_share`` of the reference class area and ``presence_cm2`` (small floors that
+  keep single noisy pixels out; they are not a size threshold), with a 95% Wilson interval;
+- ``systematic``: that interval lies above one half: the difference is *consistent*,
+  whatever its size. Size is reported separately, never mixed into "systematic":
+  ``mean_area_cm2`` / ``mean_area_share`` (this direction's discordant area per slice, 0 on
+  slices without it), ``mean_net_area_cm2`` with its 95% t interval, and, for muscle, the
+  SMI shift and changed sarcopenia calls (``common.discrepancy.impact``);
 - ``density_consistency``: share of the discordant pixels (pooled over slices) whose HU
   lies in the class's range (for ``intramuscular_fat`` this is low by definition: the
-  sentence reports the fat-density share);
-- ``systematic``: prevalence >= ``systematic_prevalence`` and mean area share (net for
-  ``boundary``) >= ``systematic_share``: a labelling convention, not scattered noise.
+  sentence reports the fat-density share).
 
 Findings are reported when their prevalence reaches ``report_prevalence``; systematic
-ones come first. Below ``min_slices`` slices nothing but ``n_slices`` is released.
+ones come first. ``key_stats`` keeps the sufficient statistics of every kind seen (the
+coordinator pools the model's error profile from them). Below ``min_slices`` slices
+nothing but ``n_slices`` is released.
 """
 
 from __future__ import annotations
@@ -29,27 +34,40 @@ from dataclasses import dataclass
 
 from common.discrepancy.polar import N_ANGLE, N_RADIUS, empty_polar, polar_key
 from common.discrepancy.slice import Key, SliceDiscrepancy
+from common.stats import mean_interval, wilson_interval
 from protocols.classes import TISSUES
-from protocols.findings import DIRECTIONS, REGIONS, Finding
-from protocols.payloads import DiscrepancySummary, HuRanges, PolarMap
+from protocols.findings import DIRECTIONS, REGIONS, Finding, KeyStats
+from protocols.payloads import DiscrepancySummary, PolarMap
+from protocols.protocol import HuRanges
 
-PRESENCE_SHARE = 0.02
-PRESENCE_CM2 = 0.5
-SYSTEMATIC_PREVALENCE = 0.6
-SYSTEMATIC_SHARE = 0.02
+#: A slice shows a kind of disagreement when its net area exceeds this share of the class ...
+PRESENCE_SHARE = 0.01
+#: ... and this many cm^2: floors against pixel noise, not a size threshold.
+PRESENCE_CM2 = 0.25
+#: Systematic: the 95% Wilson interval of the share of slices showing it lies above this.
+SYSTEMATIC_SHARE_OF_SLICES = 0.5
 REPORT_PREVALENCE = 0.2
 #: Density share above which discordant tissue "has the class's density".
 DENSE = 0.7
 
-SUPPRESSED_KEYS = ("discrepancy.findings", "discrepancy.region_area_share", "discrepancy.polar")
+SUPPRESSED_KEYS = (
+    "discrepancy.findings",
+    "discrepancy.region_area_share",
+    "discrepancy.key_stats",
+    "discrepancy.polar",
+)
 
 
 @dataclass
 class _Sums:
+    n: int = 0
     n_present: int = 0
     sum_area_cm2: float = 0.0
     sum_share: float = 0.0
     sum_net_share: float = 0.0
+    sum_sq_net_share: float = 0.0
+    sum_net_cm2: float = 0.0
+    sum_sq_net_cm2: float = 0.0
     n_px: int = 0
     n_class_density: int = 0
     n_fat_density: int = 0
@@ -57,6 +75,11 @@ class _Sums:
 
 def _opposite(direction: str) -> str:
     return "site_includes" if direction == "site_excludes" else "site_excludes"
+
+
+def is_systematic(n_present: int, n: int) -> bool:
+    """Consistent on most slices: the 95% Wilson interval of ``n_present / n`` lies above one half."""
+    return n > 0 and wilson_interval(n_present, n)[0] > SYSTEMATIC_SHARE_OF_SLICES
 
 
 class DiscrepancyAccumulator:
@@ -68,8 +91,6 @@ class DiscrepancyAccumulator:
         hu_ranges: HuRanges | None = None,
         presence_share: float = PRESENCE_SHARE,
         presence_cm2: float = PRESENCE_CM2,
-        systematic_prevalence: float = SYSTEMATIC_PREVALENCE,
-        systematic_share: float = SYSTEMATIC_SHARE,
         report_prevalence: float = REPORT_PREVALENCE,
         n_angle: int = N_ANGLE,
         n_radius: int = N_RADIUS,
@@ -77,8 +98,6 @@ class DiscrepancyAccumulator:
         self.hu_ranges = hu_ranges or HuRanges()
         self.presence_share = presence_share
         self.presence_cm2 = presence_cm2
-        self.systematic_prevalence = systematic_prevalence
-        self.systematic_share = systematic_share
         self.report_prevalence = report_prevalence
         self.n_slices = 0
         self.n_no_spine = 0
@@ -105,22 +124,26 @@ class DiscrepancyAccumulator:
             for direction in DIRECTIONS:
                 for region in REGIONS:
                     key = Key(tissue, direction, region)
+                    sums = self.sums[key]
+                    sums.n += 1
                     stat = result.stats.get(key)
+                    net_cm2 = (stat.area_cm2 if stat else 0.0) - result.area(
+                        tissue, _opposite(direction), region
+                    )
+                    net = net_cm2 / area
+                    sums.sum_net_share += net
+                    sums.sum_sq_net_share += net * net
+                    sums.sum_net_cm2 += net_cm2
+                    sums.sum_sq_net_cm2 += net_cm2 * net_cm2
+                    if net > self.presence_share and net_cm2 > self.presence_cm2:
+                        sums.n_present += 1
                     if stat is None:
                         continue
-                    sums = self.sums[key]
-                    share = stat.area_cm2 / area
-                    net = share
-                    if region == "boundary":
-                        net = share - result.area(tissue, _opposite(direction), "boundary") / area
                     sums.sum_area_cm2 += stat.area_cm2
-                    sums.sum_share += share
-                    sums.sum_net_share += net
+                    sums.sum_share += stat.area_cm2 / area
                     sums.n_px += stat.n_px
                     sums.n_class_density += stat.n_class_density
                     sums.n_fat_density += stat.n_fat_density
-                    if net > self.presence_share and net * area >= self.presence_cm2:
-                        sums.n_present += 1
 
     def finalise(self, min_slices: int = 5) -> DiscrepancySummary:
         """Aggregate summary; below ``min_slices`` slices only the slice count is released."""
@@ -130,9 +153,20 @@ class DiscrepancyAccumulator:
             )
         findings: list[Finding] = []
         shares: dict[str, float] = {}
+        key_stats: dict[str, KeyStats] = {}
         for key, sums in self.sums.items():
             n = self.n_with_class[key.tissue]
-            if n == 0 or sums.n_px == 0:
+            if n == 0 or (sums.n_px == 0 and sums.sum_sq_net_cm2 == 0.0):
+                continue
+            key_stats[key.text()] = KeyStats(
+                n=sums.n,
+                n_present=sums.n_present,
+                sum_net_share=sums.sum_net_share,
+                sum_sq_net_share=sums.sum_sq_net_share,
+                sum_net_cm2=sums.sum_net_cm2,
+                sum_sq_net_cm2=sums.sum_sq_net_cm2,
+            )
+            if sums.n_px == 0:
                 continue
             shares[key.text()] = sums.sum_share / n
             finding = self._finding(key, sums, n)
@@ -154,15 +188,14 @@ class DiscrepancyAccumulator:
             n_slices=self.n_slices,
             findings=findings,
             region_area_share=shares,
+            key_stats=key_stats,
             polar=polar,
             n_no_spine=self.n_no_spine,
         )
 
     def _finding(self, key: Key, sums: _Sums, n: int) -> Finding:
-        prevalence = sums.n_present / n
-        share = sums.sum_share / n
-        net = sums.sum_net_share / n
-        systematic = prevalence >= self.systematic_prevalence and net >= self.systematic_share
+        low, high = wilson_interval(sums.n_present, n)
+        net = mean_interval(n, sums.sum_net_cm2, sums.sum_sq_net_cm2)
         density = sums.n_class_density / sums.n_px
         fat = sums.n_fat_density / sums.n_px
         thickness = None
@@ -173,13 +206,19 @@ class DiscrepancyAccumulator:
             tissue=key.tissue,  # type: ignore[arg-type]
             direction=key.direction,  # type: ignore[arg-type]
             region=key.region,  # type: ignore[arg-type]
-            prevalence=prevalence,
-            mean_area_share=share,
+            prevalence=sums.n_present / n,
+            mean_area_share=sums.sum_share / n,
             mean_area_cm2=sums.sum_area_cm2 / n,
             density_consistency=density,
-            systematic=systematic,
+            systematic=is_systematic(sums.n_present, n),
             n_slices=n,
             sentence="",
+            n_present=sums.n_present,
+            prevalence_low=low,
+            prevalence_high=high,
+            mean_net_area_cm2=net.mean,
+            net_area_low_cm2=net.low,
+            net_area_high_cm2=net.high,
         )
         text = sentence(finding, fat_share=fat, thickness_px=thickness, hu_ranges=self.hu_ranges)
         return finding.model_copy(update={"sentence": text})
@@ -208,8 +247,13 @@ def sentence(f: Finding, *, fat_share: float, thickness_px: float | None, hu_ran
     """One plain sentence saying what a finding means."""
     tissue = TISSUE_TEXT[f.tissue]
     lo, hi = getattr(hu_ranges, f.tissue)
+    interval = (
+        f", 95% CI {_pct(f.prevalence_low)}-{_pct(f.prevalence_high)}"
+        if f.prevalence_low is not None and f.prevalence_high is not None
+        else ""
+    )
     how_much = (
-        f"in {_pct(f.prevalence)} of {f.n_slices} slices (mean {f.mean_area_cm2:.1f} cm², "
+        f"in {_pct(f.prevalence)} of {f.n_slices} slices{interval} (mean {f.mean_area_cm2:.1f} cm², "
         f"{_pct(f.mean_area_share)} of the reference {tissue} area)"
     )
     excludes = f.direction == "site_excludes"
@@ -260,4 +304,4 @@ def sentence(f: Finding, *, fat_share: float, thickness_px: float | None, hu_ran
     return f"{head}; {tail}"
 
 
-__all__ = ["DiscrepancyAccumulator", "sentence"]
+__all__ = ["DiscrepancyAccumulator", "is_systematic", "sentence"]

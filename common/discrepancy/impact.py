@@ -3,7 +3,9 @@
 For each kind of muscle disagreement (class, direction, region), undo it on every slice
 with a known height: add back the muscle the site left out (``site_excludes``) or take
 away what it added (``site_includes``), and see how the SMI and the sarcopenia call move.
-Only sums and counts leave: the mean SMI shift and how many calls would change.
+Only sums and counts leave: the mean SMI shift (with its 95% t interval, over every slice
+with a known height: slices without the difference shift by 0) and how many calls would
+change.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 from common.cutoffs import is_sarcopenic
 from common.discrepancy.slice import Key, SliceDiscrepancy
+from common.stats import mean_interval
 from protocols.findings import Finding
 
 
@@ -20,6 +23,7 @@ from protocols.findings import Finding
 class _Sums:
     n: int = 0
     shift_sum: float = 0.0
+    shift_sq_sum: float = 0.0
     changed: int = 0
 
 
@@ -47,6 +51,7 @@ class ImpactAccumulator:
             sums = self._sums[key]
             sums.n += 1
             sums.shift_sum += delta / h2
+            sums.shift_sq_sum += (delta / h2) ** 2
             other = is_sarcopenic((site_muscle_cm2 + delta) / h2, sex, self.cutoff_set)
             if call is not None and other is not None and other != call:
                 sums.changed += 1
@@ -56,10 +61,13 @@ class ImpactAccumulator:
         if finding.tissue != "muscle" or not self.n_known:
             return finding
         sums = self._sums.get(Key(finding.tissue, finding.direction, finding.region), _Sums())
+        # over every slice with a height: slices without this difference shift by 0
+        shift = mean_interval(self.n_known, sums.shift_sum, sums.shift_sq_sum)
         return finding.model_copy(
             update={
-                # averaged over every slice with a height: slices without this difference shift by 0
-                "smi_shift_mean": sums.shift_sum / self.n_known,
+                "smi_shift_mean": shift.mean,
+                "smi_shift_low": shift.low,
+                "smi_shift_high": shift.high,
                 "calls_changed": sums.changed,
                 "calls_known": self.n_known,
             }

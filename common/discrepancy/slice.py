@@ -34,7 +34,7 @@ from common.discrepancy.frame import REGION_NAMES, BodyFrame, body_frame, fill_s
 from common.discrepancy.polar import N_ANGLE, N_RADIUS, add_to_polar, empty_polar
 from protocols.classes import TISSUES
 from protocols.findings import DIRECTIONS
-from protocols.payloads import HuRanges
+from protocols.protocol import HuRanges
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,18 @@
 Everything is computed from the sites' payloads (aggregates) only; the pooling itself is
 ``common.pooling``'s, and every pooled number says which sites it is over. The parts:
 
-- ``tables``: the tables as pandas DataFrames (``report_tables``: every CSV of a study);
-- ``document``: the report's sections as format-independent blocks (``blocks``);
+- ``groups``: internal and external sites pooled separately, never together, each group named
+  with its n ("internal (held-out test patients of the sites that trained the model), 18
+  slices of 16 patients at 2 sites");
+- ``tables``: the tables as pandas DataFrames, one function each;
+- ``glance``: internal vs external (and each site) side by side, raw vs protocol-applied bins;
+- ``findings``: each site's findings with the coordinator's attribution, the model's error
+  profile, the label audits, impact sentences;
+- ``document`` and ``conventions``: the report's sections as format-independent blocks (``blocks``);
 - ``render``: Markdown and self-contained HTML (inline CSS, figures as base64 PNG);
-- ``sentences``: notes, findings' impact and attribution, the CLI's ``summary_lines``;
-- ``files``: ``write_report`` writes them all (report.json with its ``pooled`` results).
+- ``sentences``: notes and the CLI's ``summary_lines``;
+- ``files``: ``report_tables`` (every CSV of a study) and ``write_report``, which writes them all
+  (report.json with its ``pooled`` groups).
 
 Figures are drawn by ``server.figures``.
 """
@@ -15,8 +22,7 @@ Figures are drawn by ``server.figures``.
 from __future__ import annotations
 
 from server.report.document import build_document
-from server.report.files import ReportPaths, with_pooled, write_report
+from server.report.files import ReportPaths, report_tables, with_pooled, write_report
 from server.report.sentences import summary_lines
-from server.report.tables import report_tables
 
 __all__ = ["ReportPaths", "build_document", "report_tables", "summary_lines", "with_pooled", "write_report"]

@@ -1,33 +1,39 @@
 """The report's content: its sections as blocks (headings, text, tables, figures), format-independent.
 
 :func:`build_document` turns a :class:`~protocols.report.StudyReport` into blocks that
-``render`` draws as Markdown or HTML. Every caption that shows a pooled number also says
-which sites it is over (``protocols.pooled.Coverage``).
+``render`` draws as Markdown or HTML. Internal and external sites are pooled separately,
+never together (``server.report.groups``): every per-site table and caption says the site's
+role and n, every pooled table or caption names its group and n and the sites it is over
+(``protocols.pooled.Coverage``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 from common.cutoffs import get_cutoff_set
-from common.pooling import pool_payloads, usable_payloads
 from protocols.classes import METRIC_CLASSES, SEED_COLUMN, TISSUES
 from protocols.payloads import AreaAgreement, ClassScores, EvaluationPayload, SmiAgreement
 from protocols.pooled import PooledResults
 from protocols.report import RoundRecord, StudyReport
 from server import figures
 from server.report.blocks import Block, Bullets, Heading, Image, Table, Text
-from server.report.sentences import attribution_lines, consistency_notes, impact_sentences, test_phrase
+from server.report.conventions import conventions_section
+from server.report.glance import (
+    glance_caption,
+    glance_display,
+    raw_protocol_caption,
+    raw_protocol_display,
+)
+from server.report.groups import Group, counts_text, pooled_label, report_groups, site_caption
+from server.report.sentences import consistency_notes, test_phrase
 from server.report.tables import (
+    BINS_STEM,
     COVERAGE_COLUMN,
     NOT_POOLABLE,
-    POOLED,
     POOLED_TABLE_PATHS,
     area_table,
     coverage_text,
-    findings_matrix,
-    harmonised_table,
     iou_summary_table,
     pooled_seed_table,
     sarcopenia_table,
@@ -38,11 +44,37 @@ from server.report.tables import (
 )
 
 
+def _roles_line(report: StudyReport) -> str | None:
+    """Which sites are internal and which external, and what each was scored on."""
+    internal = [s.site for s in report.sites if s.role == "internal"]
+    external = [s.site for s in report.sites if s.role == "external"]
+    if not internal and not external:
+        return None
+    parts = []
+    if internal:
+        parts.append(
+            f"Internal sites: {', '.join(internal)} (they trained the model; scored on their held-out test "
+            "patients only)."
+        )
+    if external:
+        parts.append(
+            f"External sites: {', '.join(external)} (they did not train it; scored on every usable slice)."
+        )
+    return " ".join(parts) + " The two are pooled separately, never together."
+
+
 def _header(report: StudyReport, n_usable: int) -> list[Block]:
     cut = get_cutoff_set(report.cutoff_set)
     men = f"men < {cut.men}" + (f" (< {cut.men_bmi25} if BMI >= 25)" if cut.men_bmi25 is not None else "")
-    hu = report.hu_ranges
     spec = ", ".join(f"{k}={v}" for k, v in (report.model_spec or {}).items()) or "none (no model)"
+    protocol = f"Label protocol: {report.protocol.describe()}."
+    if report.task == "evaluate":
+        protocol += (
+            " The model's prediction is cut to these HU ranges before it is scored: every score, area, "
+            "SMI, sarcopenia call and verdict in this report uses this protocol-applied prediction; the "
+            "raw prediction's IoU bins are kept beside it (section 'Raw and protocol-applied prediction')."
+        )
+    roles = _roles_line(report)
     return [
         Heading(f"Study report: {report.study_name}", 1),
         Bullets(
@@ -54,20 +86,45 @@ def _header(report: StudyReport, n_usable: int) -> list[Block]:
                 f"Model hash: {report.model_hash or 'none'}; model: {spec}.",
                 f"SMI cut-off set: {cut.name.value} ({men}, women < {cut.women} cm²/m²; {cut.note}). "
                 f"{cut.citation}",
-                f"HU ranges: muscle {hu.muscle[0]:g}..{hu.muscle[1]:g}, subcutaneous fat "
-                f"{hu.subcutaneous_fat[0]:g}..{hu.subcutaneous_fat[1]:g}, visceral fat "
-                f"{hu.visceral_fat[0]:g}..{hu.visceral_fat[1]:g}.",
+                protocol,
+                *((roles,) if roles else ()),
                 f"Sites: {n_usable} of {len(report.sites)} returned a usable result.",
             )
         ),
     ]
 
 
+def _n(pooled: PooledResults) -> str:
+    return counts_text(pooled.n_used, pooled.n_groups, len(pooled.sites))
+
+
+def _glance_section(groups: Sequence[Group]) -> list[Block]:
+    """Internal vs external (and each site) side by side, right after the header."""
+    with_roles = [g for g in groups if g.role is not None]
+    title = "Internal and external validation at a glance" if with_roles else "Sites at a glance"
+    blocks: list[Block] = [Heading(title), Table(glance_display(groups), glance_caption(groups))]
+    if with_roles:
+        bars = {f"{g.role}: {_n(g.pooled)}": g.pooled.scores for g in with_roles}
+        blocks.append(
+            Image(
+                "internal_external",
+                figures.internal_external_figure(bars),
+                "Share of slices per IoU bin, internal vs external, pooled separately (whiskers: 95% "
+                "Wilson interval). Muscle (M) and the three tissues together (MSV).",
+            )
+        )
+    return blocks
+
+
 def _sites_section(report: StudyReport) -> list[Block]:
     blocks: list[Block] = [
         Heading("Sites"),
         Table(
-            sites_table(report), "Dataset fingerprint = what each site scored (no file name leaves a site)."
+            sites_table(report),
+            "role: internal = trained the model, scored on its held-out test patients only (split test); "
+            "external = did not train it, scored on every usable slice (split all). n_in_split = manifest "
+            "rows in the scored split, n_used = slices scored. Dataset fingerprint = what each site scored "
+            "(no file name leaves a site).",
         ),
     ]
     unusable = [s for s in report.sites if s.status != "ok"]
@@ -77,6 +134,7 @@ def _sites_section(report: StudyReport) -> list[Block]:
             Bullets(
                 tuple(
                     f"{s.site}"
+                    + (f" ({s.role})" if s.role else "")
                     + (f" (node {s.node_id})" if s.node_id is not None else "")
                     + f": {s.status} - {s.reason or 'no reason given'}"
                     for s in unusable
@@ -103,73 +161,108 @@ def _training_section(rounds: Sequence[RoundRecord]) -> list[Block]:
     ]
 
 
-def _pooled_state(pooled: PooledResults, table: str) -> str:
-    """ "Pooled row: complete: all 3 sites." for a table's caption."""
-    return f"Pooled row: {pooled.coverage(*POOLED_TABLE_PATHS[table]).describe()}."
+def _shown(groups: Sequence[Group]) -> list[PooledResults]:
+    """The pooled rows a document table shows: groups of more than one site (one site is its own pool)."""
+    return [g.pooled for g in groups if len(g.payloads) > 1]
 
 
-def _pooled_bins_caption(pooled: PooledResults, n_sites: int) -> str:
-    table = pooled.coverage(*POOLED_TABLE_PATHS[f"{POOLED}_iou_bins"])
+def _pooled_state(pools: Sequence[PooledResults], table: str) -> str:
+    """ " Pooled rows: pooled_internal: complete: all 2 sites." for a table's caption."""
+    if not pools:
+        return ""
+    states = "; ".join(
+        f"{pooled_label(p.role)}: {p.coverage(*POOLED_TABLE_PATHS[table]).describe()}" for p in pools
+    )
+    return f" Pooled row{'s' if len(pools) > 1 else ''}: {states}."
+
+
+def _pooled_bins_caption(group: Group) -> str:
+    pooled = group.pooled
+    table = pooled.coverage(*POOLED_TABLE_PATHS[BINS_STEM])
+    head = f"{group.label}: {group.caption} ({', '.join(pooled.sites)})."
     if table.complete:
-        return f"Pooled: counts summed over {n_sites} sites ({pooled.n_used} slices); {table.describe()}."
+        return f"{head} Counts summed over the {len(pooled.sites)} sites; {table.describe()}."
     by_column = {
         SEED_COLUMN[c]: pooled.coverage(f"scores.{c}.bins", f"scores.{c}.undefined") for c in METRIC_CLASSES
     }
     return (
-        f"Pooled: counts summed over the sites that sent them, not over all {n_sites} sites: "
+        f"{head} Counts summed over the sites that sent them, not over all {len(pooled.sites)} sites: "
         f"{coverage_text(by_column)}. No ratio: the counts do not cover the same slices."
     )
 
 
-def _scores_section(payloads: Mapping[str, EvaluationPayload], pooled: PooledResults) -> list[Block]:
+def _scores_section(groups: Sequence[Group]) -> list[Block]:
     blocks: list[Block] = [
         Heading("IoU bins (the seed's Table 2 layout)"),
         Text(
             "Slices per IoU bin for M (muscle), S (subcutaneous fat), V (visceral fat) and MSV (the three "
             "together: intersection/union summed over the three). Ratio = row total / defined slice-class "
             "cells (the seed divides by 4 x slices, which assumes every class is defined on every slice); "
-            "the 'undefined' row counts slices where the class is empty in both masks, over all cells."
+            "the 'undefined' row counts slices where the class is empty in both masks, over all cells. "
+            "Internal and external sites are pooled separately, never together."
         ),
     ]
-    several = len(payloads) > 1
-    if several:
-        frame = pooled_seed_table(pooled).drop(columns=COVERAGE_COLUMN)  # stated in the caption
-        blocks.append(Table(frame, _pooled_bins_caption(pooled, len(payloads)), index=True))
-    for site, p in payloads.items():
-        blocks.append(Table(seed_table(p.scores, p.n_used), f"{site}: {p.n_used} slices.", index=True))
-    columns: dict[str, Mapping[str, ClassScores]] = {site: p.scores for site, p in payloads.items()}
-    summary = pooled.coverage(*POOLED_TABLE_PATHS["iou_summary"])
-    bins_caption = "Share of slices per IoU bin."
-    if several:
-        bins = pooled.coverage(*POOLED_TABLE_PATHS[f"{POOLED}_iou_bins"])
-        columns[POOLED if bins.complete else f"{POOLED}\n(incomplete)"] = pooled.scores
-        bins_caption += f" Pooled bar: {bins.describe()}."
+    columns: dict[str, Mapping[str, ClassScores]] = {}
+    for g in groups:
+        blocks.append(Heading(g.title, 3))
+        several = len(g.payloads) > 1
+        if several:
+            frame = pooled_seed_table(g.pooled).drop(columns=COVERAGE_COLUMN)  # stated in the caption
+            blocks.append(Table(frame, _pooled_bins_caption(g), index=True))
+        for site, p in g.payloads.items():
+            alone = not several and g.role is not None
+            caption = site_caption(site, p) + (
+                f" The only {g.role} site: this table is the {g.role} group ({g.caption})." if alone else ""
+            )
+            blocks.append(Table(seed_table(p.scores, p.n_used), caption, index=True))
+            columns[f"{site}\n({g.role})" if g.role else site] = p.scores
+        if several:
+            bins = g.pooled.coverage(*POOLED_TABLE_PATHS[BINS_STEM])
+            columns[g.label.replace("_", "\n") + ("" if bins.complete else "\n(incomplete)")] = (
+                g.pooled.scores
+            )
+    shown = _shown(groups)
     blocks += [
-        Image("iou_bins", figures.iou_bins_figure(columns, METRIC_CLASSES), bins_caption),
+        Image(
+            "iou_bins",
+            figures.iou_bins_figure(columns, METRIC_CLASSES),
+            "Share of slices per IoU bin, each site (with its role) and each group of several sites "
+            "pooled on its own." + _pooled_state(shown, BINS_STEM).replace("Pooled row", "Pooled bar"),
+        ),
         Heading("IoU and Dice summary", 3),
         Table(
-            iou_summary_table(payloads, pooled if several else None),
-            "Mean and sd over slices where the class is defined (pooled row: exact over "
-            + ("all sites' slices" if summary.complete else "the slices of the sites that sent them")
-            + f"); median and quartiles of the pooled row are {NOT_POOLABLE} from summaries; "
-            "iou_pooled_over_pixels = summed intersection / summed union."
-            + (f" Pooled row: {summary.describe()}." if several else ""),
+            iou_summary_table({s: p for g in groups for s, p in g.payloads.items()}, shown),
+            "Mean and sd over slices where the class is defined (pooled rows: exact over the slices of "
+            f"their group's sites that sent them); median and quartiles of a pooled row are {NOT_POOLABLE} "
+            "from summaries; iou_pooled_over_pixels = summed intersection / summed union."
+            + _pooled_state(shown, "iou_summary"),
         ),
     ]
     return blocks
 
 
-def _agreement_section(
-    report: StudyReport, payloads: Mapping[str, EvaluationPayload], pooled: PooledResults
-) -> list[Block]:
-    shown = pooled if len(payloads) > 1 else None
+def _raw_protocol_section(groups: Sequence[Group]) -> list[Block]:
+    """Raw and protocol-applied prediction side by side, per group (evaluate studies)."""
+    with_raw = [g for g in groups if any(p.raw_scores for p in g.payloads.values())]
+    if not with_raw:
+        return []
+    blocks: list[Block] = [
+        Heading("Raw and protocol-applied prediction"),
+        Text(
+            "The verdicts use the protocol-applied prediction (cut to the protocol's HU ranges); the raw "
+            "prediction is shown for comparison. Muscle (M) and the three tissues together (MSV)."
+        ),
+    ]
+    for g in with_raw:
+        blocks.append(Table(raw_protocol_display(g.pooled), raw_protocol_caption(g), index=True))
+    return blocks
+
+
+def _agreement_section(report: StudyReport, groups: Sequence[Group]) -> list[Block]:
+    payloads: dict[str, EvaluationPayload] = {s: p for g in groups for s, p in g.payloads.items()}
+    shown = _shown(groups)
     area_rows: dict[str, Mapping[str, AreaAgreement]] = {site: p.areas for site, p in payloads.items()}
-    if shown is not None:
-        area_rows[POOLED] = shown.areas
-
-    def state(table: str) -> str:
-        return f" {_pooled_state(shown, table)}" if shown is not None else ""
-
+    area_rows |= {g.label: g.pooled.areas for g in groups if len(g.payloads) > 1}
     test = test_phrase(report.task)
     blocks: list[Block] = [
         Heading("Area agreement"),
@@ -177,36 +270,35 @@ def _agreement_section(
             area_table(payloads, shown),
             f"Tissue areas, test ({test}) - label, cm²; limits = mean ± 1.96 sd. Pooled mean HU is the "
             "sites' mean HU weighted by slices (exact only when the tissue is on every slice)."
-            + state("area_agreement"),
+            + _pooled_state(shown, "area_agreement"),
         ),
         Image(
             "area_agreement",
             figures.area_agreement_figure(area_rows, TISSUES),
-            "Area agreement per site." + state("area_agreement"),
+            "Area agreement per site and pooled group." + _pooled_state(shown, "area_agreement"),
         ),
     ]
     smi_sites = {site: p for site, p in payloads.items() if p.smi is not None and p.smi.n > 0}
-    smi_pooled = shown if shown is not None and shown.smi is not None and shown.smi.n > 0 else None
+    smi_pools = [p for p in shown if p.smi is not None and p.smi.n > 0]
     smi_rows: dict[str, SmiAgreement] = {site: p.smi for site, p in smi_sites.items() if p.smi is not None}
-    if smi_pooled is not None and smi_pooled.smi is not None:
-        smi_rows[POOLED] = smi_pooled.smi
+    smi_rows |= {g.label: g.pooled.smi for g in groups if g.pooled in smi_pools and g.pooled.smi is not None}
     if smi_rows:
         blocks += [
             Heading("Skeletal muscle index (SMI) agreement"),
             Table(
-                smi_table(smi_sites, smi_pooled),
+                smi_table(smi_sites, smi_pools),
                 "SMI in cm²/m² over slices with a known height; test - label."
-                + (state("smi_agreement") if smi_pooled is not None else ""),
+                + _pooled_state(smi_pools, "smi_agreement"),
             ),
             Image(
                 "smi_agreement",
                 figures.smi_figure(smi_rows),
-                "SMI agreement per site." + (state("smi_agreement") if smi_pooled is not None else ""),
+                "SMI agreement per site and pooled group." + _pooled_state(smi_pools, "smi_agreement"),
             ),
         ]
-    frame = sarcopenia_table(payloads, shown)
+    sarcopenia_pools = [p for p in shown if p.sarcopenia is not None]
+    frame = sarcopenia_table(payloads, sarcopenia_pools)
     if not frame.empty:
-        with_pooled = shown is not None and shown.sarcopenia is not None
         blocks += [
             Heading("Sarcopenia calls"),
             Table(
@@ -214,108 +306,30 @@ def _agreement_section(
                 "Slices called sarcopenic by the label (truth) and by the test, cut-off set "
                 f"{report.cutoff_set}; unknown = no height or sex. Counts are slices (a patient with "
                 "several slices counts several times)."
-                + (state("sarcopenia_confusion") if with_pooled else ""),
+                + _pooled_state(sarcopenia_pools, "sarcopenia_confusion"),
             ),
         ]
-    return blocks
-
-
-def _conventions_section(payloads: Mapping[str, EvaluationPayload], task: str) -> list[Block]:
-    blocks: list[Block] = [Heading("Label conventions")]
-    prevalence, systematic = findings_matrix(payloads)
-    if prevalence.empty:
-        blocks.append(Text("No site reported a label-convention finding."))
-    else:
-        shown = prevalence.map(lambda v: "" if math.isnan(v) else f"{v:.0%}")
-        blocks += [
-            Table(
-                shown,
-                "Share of slices showing each finding (class/direction/region); highlighted = systematic. "
-                "Empty = not reported by that site.",
-                index=True,
-                highlight=systematic,
-            ),
-            Image(
-                "findings_matrix",
-                figures.findings_matrix_figure(
-                    prevalence.to_numpy(),
-                    systematic.to_numpy(),
-                    list(prevalence.index),
-                    list(prevalence.columns),
-                ),
-                "Sites x findings.",
-            ),
-        ]
-    attribution = attribution_lines(payloads, task)
-    if attribution:
-        blocks += [
-            Heading("Model or site? Shared versus site-specific findings", 3),
-            Bullets(tuple(attribution)),
-        ]
-    impacts = [line for site, p in payloads.items() for line in impact_sentences(site, p)]
-    if impacts:
-        blocks += [Heading("Impact of systematic findings", 3), Bullets(tuple(impacts))]
-    polar = {
-        site: p.discrepancy.polar for site, p in payloads.items() if p.discrepancy and p.discrepancy.polar
-    }
-    if polar:
-        keys = sorted(
-            {k for m in polar.values() for k in m.maps},
-            key=lambda k: (TISSUES.index(k.split(":")[0]) if k.split(":")[0] in TISSUES else 9, k),
-        )
-        blocks.append(
-            Image(
-                "polar_maps",
-                figures.polar_maps_figure(polar, keys),
-                "Where the site's labels and the test disagree: discordant cm² per slice by angle and "
-                "normalised radius (0 centre, 1 outline), each site divided by its own slice count; angles "
-                "as the sites' discrepancy analysis defines them.",
-            )
-        )
-    harmonised = {site: p for site, p in payloads.items() if p.harmonised_scores}
-    if harmonised:
-        blocks += [
-            Heading("Harmonised rescoring (muscle)", 3),
-            Text(
-                "Both masks cut to the HU ranges before scoring: contour and density conventions "
-                "mostly vanish."
-            ),
-        ]
-        bars: dict[str, Mapping[str, ClassScores]] = {}
-        for site, p in harmonised.items():
-            blocks.append(
-                Table(
-                    harmonised_table(p.scores, p.harmonised_scores or {}),
-                    f"{site}: muscle IoU bins.",
-                    index=True,
-                )
-            )
-            bars[f"{site}\nraw"] = p.scores
-            bars[f"{site}\nharmonised"] = p.harmonised_scores or {}
-        blocks.append(
-            Image(
-                "harmonised_muscle",
-                figures.iou_bins_figure(bars, ("muscle",)),
-                "Muscle IoU bins, raw vs harmonised.",
-            )
-        )
     return blocks
 
 
 def build_document(report: StudyReport) -> list[Block]:
     """The report's content, independent of the output format."""
-    payloads = usable_payloads(report)
-    blocks = [*_header(report, len(payloads)), *_sites_section(report), *_training_section(report.training)]
-    if not payloads:
+    groups = report_groups(report)
+    n_usable = sum(len(g.payloads) for g in groups)
+    blocks = _header(report, n_usable)
+    if groups:
+        blocks += _glance_section(groups)
+    blocks += [*_sites_section(report), *_training_section(report.training)]
+    if not groups:
         return [
             *blocks,
             Heading("Results"),
             Text("No site returned a usable result: nothing to score or pool."),
         ]
-    pooled = pool_payloads(payloads)
     return [
         *blocks,
-        *_scores_section(payloads, pooled),
-        *_agreement_section(report, payloads, pooled),
-        *_conventions_section(payloads, report.task),
+        *_scores_section(groups),
+        *(_raw_protocol_section(groups) if report.task == "evaluate" else []),
+        *_agreement_section(report, groups),
+        *conventions_section(report),
     ]

@@ -1,4 +1,4 @@
-"""Write a study report's files: report.json (with the pooled results), tables/*.csv, figures/*.png,
+"""Write a study report's files: report.json (with the pooled groups), tables/*.csv, figures/*.png,
 report.md and a self-contained report.html."""
 
 from __future__ import annotations
@@ -7,13 +7,32 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from common.pooling import pool_report
-from protocols.pooled import PooledReport
+from protocols.pooled import PooledGroup, PooledReport
 from protocols.report import StudyReport
 from server.report.blocks import Image
 from server.report.document import build_document
+from server.report.findings import audit_table, findings_table
+from server.report.glance import glance_table, raw_protocol_table
+from server.report.groups import report_groups
 from server.report.render import render_html, render_markdown
-from server.report.tables import report_tables, table_coverage
+from server.report.tables import (
+    BINS_STEM,
+    area_table,
+    bins_stem,
+    file_stem,
+    harmonised_table,
+    iou_summary_table,
+    pooled_seed_table,
+    sarcopenia_table,
+    seed_table,
+    sites_table,
+    smi_table,
+    table_coverage,
+    training_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +50,51 @@ class ReportPaths:
 
 
 def with_pooled(report: StudyReport) -> StudyReport:
-    """The report with ``pooled`` filled from its sites' payloads (None when no site is usable).
+    """The report with ``pooled`` filled from its sites' payloads: one group per role, internal and
+    external apart (None when no site is usable).
 
     Pooled results are always recomputed: the payloads are the record, ``pooled`` is what
     the report made of them.
     """
-    results = pool_report(report)
-    pooled = PooledReport(results=results, tables=table_coverage(results)) if results else None
-    return report.model_copy(update={"pooled": pooled})
+    groups = [PooledGroup.of(results, table_coverage(results)) for results in pool_report(report)]
+    return report.model_copy(update={"pooled": PooledReport(groups=groups) if groups else None})
+
+
+def report_tables(report: StudyReport) -> dict[str, pd.DataFrame]:
+    """The CSV tables by file stem (``tables/<stem>.csv``): machine column names, a ``role`` column
+    and one pooled row (or file) per group."""
+    groups = report_groups(report)
+    tables: dict[str, pd.DataFrame] = {"sites": sites_table(report)}
+    if report.training:
+        tables["training_rounds"] = training_table(report.training)
+    if not groups:
+        return tables
+    payloads = {site: p for g in groups for site, p in g.payloads.items()}
+    pools = [g.pooled for g in groups]
+    tables["internal_external"] = glance_table(groups)
+    taken: set[str] = set()
+    for site, p in payloads.items():
+        tables[f"{file_stem(site, taken)}_{BINS_STEM}"] = seed_table(p.scores, p.n_used)
+    for g in groups:
+        tables[bins_stem(g.role)] = pooled_seed_table(g.pooled)
+    tables["iou_summary"] = iou_summary_table(payloads, pools)
+    tables["area_agreement"] = area_table(payloads, pools)
+    tables["smi_agreement"] = smi_table(payloads, pools)
+    tables["sarcopenia_confusion"] = sarcopenia_table(payloads, pools)
+    optional = {
+        "raw_vs_protocol_bins": raw_protocol_table(groups),
+        "findings": findings_table(report),
+        "label_audit": audit_table(report),
+    }
+    tables |= {stem: frame for stem, frame in optional.items() if not frame.empty}
+    harmonised = [
+        harmonised_table(p.scores, p.harmonised_scores).reset_index().assign(site=site)
+        for site, p in payloads.items()
+        if p.harmonised_scores
+    ]
+    if harmonised:
+        tables["harmonised_muscle_bins"] = pd.concat(harmonised, ignore_index=True)
+    return tables
 
 
 def write_report(report: StudyReport, out_dir: Path) -> ReportPaths:

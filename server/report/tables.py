@@ -1,10 +1,12 @@
 """The report's tables as pandas DataFrames, from the sites' payloads and the pooled results.
 
 Each table is one function; :func:`report_tables` builds every CSV table of a study
-(``tables/<stem>.csv``). A table with a pooled row has a ``coverage`` column: on the pooled
-row the sites it is over ("complete: all 3 sites" or "incomplete: 1 of 3 sites suppressed
-(site-x)"), on a site row "suppressed" where that site withheld the value. Numbers come from
-``common.pooling``; nothing is pooled here.
+(``tables/<stem>.csv``). Internal and external sites are pooled separately: a table has one
+pooled row per group (``pooled_internal``, ``pooled_external``; ``pooled`` when the sites
+have no role) and a ``role`` column on every row. A table with pooled rows has a
+``coverage`` column: on a pooled row the sites it is over ("complete: all 3 sites" or
+"incomplete: 1 of 3 sites suppressed (site-x)"), on a site row "suppressed" where that site
+withheld the value. Numbers come from ``common.pooling``; nothing is pooled here.
 """
 
 from __future__ import annotations
@@ -12,30 +14,34 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import pandas as pd
 
-from common.pooling import findings_by_site, limits_of_agreement, pool_report, site_findings, usable_payloads
+from common.pooling import limits_of_agreement
 from protocols.classes import IOU_BINS, METRIC_CLASSES, SEED_COLUMN, TISSUES
-from protocols.payloads import ClassScores, EvaluationPayload
+from protocols.payloads import ClassScores, EvaluationPayload, Role
 from protocols.pooled import Coverage, PooledResults
 from protocols.report import RoundRecord, StudyReport
+from server.report.groups import POOLED, pooled_label, role_name
 
 log = logging.getLogger(__name__)
 
-POOLED = "pooled"
 NOT_POOLABLE = "not poolable"
 RATIO_COLUMN = "ratio"
 COVERAGE_COLUMN = "coverage"
 UNDEFINED_ROW = "undefined"
 SUPPRESSED = "suppressed"
-POOLING_SLICES = "over slices of all sites (exact from n, sum, sum of squares)"
-POOLING_SLICES_PARTIAL = "over slices of the sites that sent it (exact from n, sum, sum of squares)"
+POOLING_SLICES = "over slices of all sites of its group (exact from n, sum, sum of squares)"
+POOLING_SLICES_PARTIAL = "over slices of the group's sites that sent it (exact from n, sum, sum of squares)"
 POOLING_SITE = "over this site's slices"
-#: The payload paths behind the pooled row of each table (CSV stem -> paths).
+ROLE_COLUMN = "role"
+#: The pooled seed table's CSV stem, after the group's label (``pooled_internal_iou_bins``).
+BINS_STEM = "iou_bins"
+#: The payload paths behind the pooled rows of each table (CSV stem, or BINS_STEM -> paths).
 POOLED_TABLE_PATHS: dict[str, tuple[str, ...]] = {
-    f"{POOLED}_iou_bins": tuple(f"scores.{c}.{f}" for c in METRIC_CLASSES for f in ("bins", "undefined")),
+    BINS_STEM: tuple(f"scores.{c}.{f}" for c in METRIC_CLASSES for f in ("bins", "undefined")),
     "iou_summary": tuple(
         f"scores.{c}.{f}" for c in METRIC_CLASSES for f in ("iou", "dice", "intersection_px", "union_px")
     ),
@@ -48,9 +54,17 @@ POOLED_TABLE_PATHS: dict[str, tuple[str, ...]] = {
 # --------------------------------------------------------------------------- coverage
 
 
+def bins_stem(role: Role | None) -> str:
+    """The CSV stem of a group's pooled seed table: ``pooled_internal_iou_bins`` (``pooled_iou_bins``)."""
+    return f"{pooled_label(role)}_{BINS_STEM}"
+
+
 def table_coverage(pooled: PooledResults) -> dict[str, Coverage]:
-    """CSV stem -> the sites the table's pooled row is over (what ``report.json`` records)."""
-    return {stem: pooled.coverage(*paths) for stem, paths in POOLED_TABLE_PATHS.items()}
+    """CSV stem -> the sites the table's pooled row of this group is over (what ``report.json`` records)."""
+    return {
+        (bins_stem(pooled.role) if key == BINS_STEM else key): pooled.coverage(*paths)
+        for key, paths in POOLED_TABLE_PATHS.items()
+    }
 
 
 def coverage_text(coverages: Mapping[str, Coverage]) -> str:
@@ -63,16 +77,31 @@ def coverage_text(coverages: Mapping[str, Coverage]) -> str:
     return "; ".join(f"{', '.join(labels)}: {text}" for text, labels in groups.items())
 
 
-def _site_state(pooled: PooledResults | None, site: str, *paths: str) -> str:
-    return SUPPRESSED if pooled is not None and site in pooled.coverage(*paths).suppressed else ""
+def _site_state(pools: Sequence[PooledResults], site: str, *paths: str) -> str:
+    """ "suppressed" when the site withheld a value at ``paths`` in the group it is pooled in."""
+    return SUPPRESSED if any(site in p.coverage(*paths).suppressed for p in pools if site in p.sites) else ""
 
 
-def _pooling_cells(pooled: PooledResults | None, label: str, *paths: str) -> tuple[str, str]:
-    """The ``pooling`` and ``coverage`` cells of an agreement row (a site's or the pooled one)."""
-    if label != POOLED or pooled is None:
-        return POOLING_SITE, _site_state(pooled, label, *paths)
+def _pooling_cells(pooled: PooledResults, *paths: str) -> tuple[str, str]:
+    """The ``pooling`` and ``coverage`` cells of a group's pooled agreement row."""
     coverage = pooled.coverage(*paths)
     return (POOLING_SLICES if coverage.complete else POOLING_SLICES_PARTIAL), coverage.describe()
+
+
+T = TypeVar("T")
+
+
+def _rows(
+    payloads: Mapping[str, EvaluationPayload],
+    pools: Sequence[PooledResults],
+    value: Callable[[EvaluationPayload | PooledResults], T],
+) -> list[tuple[str, str, T, PooledResults | None]]:
+    """(label, role, value, pool or None for a site row): the sites, then each group's pooled row."""
+    rows: list[tuple[str, str, T, PooledResults | None]] = [
+        (site, role_name(p.role), value(p), None) for site, p in payloads.items()
+    ]
+    rows += [(pooled_label(g.role), role_name(g.role), value(g), g) for g in pools]
+    return rows
 
 
 # --------------------------------------------------------------------------- IoU bins
@@ -152,10 +181,12 @@ def pooled_seed_table(pooled: PooledResults) -> pd.DataFrame:
     return frame
 
 
-def harmonised_table(raw: Mapping[str, ClassScores], harmonised: Mapping[str, ClassScores]) -> pd.DataFrame:
-    """Muscle IoU bins before and after harmonised rescoring (both masks cut to the HU ranges)."""
+def harmonised_table(
+    scored: Mapping[str, ClassScores], harmonised: Mapping[str, ClassScores]
+) -> pd.DataFrame:
+    """Muscle IoU bins as scored and after harmonised rescoring (both masks cut to the HU ranges)."""
     rows = {}
-    for name, scores in (("M raw", raw.get("muscle")), ("M harmonised", harmonised.get("muscle"))):
+    for name, scores in (("M scored", scored.get("muscle")), ("M harmonised", harmonised.get("muscle"))):
         if scores is not None:
             rows[name] = [scores.bins.get(b) for b in IOU_BINS] + [scores.undefined]
     return pd.DataFrame(rows, index=pd.Index([*IOU_BINS, UNDEFINED_ROW], name="IoU"), dtype="Int64")
@@ -164,9 +195,10 @@ def harmonised_table(raw: Mapping[str, ClassScores], harmonised: Mapping[str, Cl
 # --------------------------------------------------------------------------- per site and pooled rows
 
 
-def _iou_row(label: str, cls: str, s: ClassScores, pooled: bool, state: str) -> dict[str, object]:
+def _iou_row(label: str, role: str, cls: str, s: ClassScores, pooled: bool, state: str) -> dict[str, object]:
     return {
         "site": label,
+        ROLE_COLUMN: role,
         "class": SEED_COLUMN[cls],
         "n_defined": s.iou.n,
         "iou_mean_over_slices": s.iou.mean,
@@ -181,46 +213,43 @@ def _iou_row(label: str, cls: str, s: ClassScores, pooled: bool, state: str) -> 
 
 
 def iou_summary_table(
-    payloads: Mapping[str, EvaluationPayload], pooled: PooledResults | None = None
+    payloads: Mapping[str, EvaluationPayload], pools: Sequence[PooledResults] = ()
 ) -> pd.DataFrame:
-    """Per site (and pooled) and class: per-slice IoU/Dice summary and IoU pooled over pixels."""
+    """Per site (and pooled per group) and class: per-slice IoU/Dice summary and IoU pooled over pixels."""
     paths = {
         c: tuple(p for p in POOLED_TABLE_PATHS["iou_summary"] if p.startswith(f"scores.{c}."))
         for c in METRIC_CLASSES
     }
-    rows = [
-        _iou_row(site, c, p.scores[c], False, _site_state(pooled, site, *paths[c]))
-        for site, p in payloads.items()
-        for c in METRIC_CLASSES
-        if c in p.scores
-    ]
-    if pooled is not None:
-        rows += [
-            _iou_row(POOLED, c, pooled.scores[c], True, pooled.coverage(*paths[c]).describe())
-            for c in METRIC_CLASSES
-            if c in pooled.scores
-        ]
+    rows = []
+    for label, role, scores, pool in _rows(payloads, pools, lambda p: p.scores):
+        for c in METRIC_CLASSES:
+            if c not in scores:
+                continue
+            state = pool.coverage(*paths[c]).describe() if pool else _site_state(pools, label, *paths[c])
+            rows.append(_iou_row(label, role, c, scores[c], pool is not None, state))
     return pd.DataFrame(rows)
 
 
 def area_table(
-    payloads: Mapping[str, EvaluationPayload], pooled: PooledResults | None = None
+    payloads: Mapping[str, EvaluationPayload], pools: Sequence[PooledResults] = ()
 ) -> pd.DataFrame:
-    """Area agreement per site (and pooled) and tissue, with Bland-Altman limits (test - label, cm^2)."""
-    rows = [(site, p.areas) for site, p in payloads.items()]
-    if pooled is not None:
-        rows.append((POOLED, pooled.areas))
+    """Area agreement per site (and pooled per group) and tissue, with Bland-Altman limits (test - label,
+    cm^2)."""
     out = []
-    for label, areas in rows:
+    for label, role, areas, pool in _rows(payloads, pools, lambda p: p.areas):
         for tissue in TISSUES:
             if tissue not in areas:
                 continue
             a = areas[tissue]
             loa = limits_of_agreement(a.mean_diff_cm2, a.sd_diff_cm2)
-            pooling, state = _pooling_cells(pooled, label, f"areas.{tissue}")
+            path = f"areas.{tissue}"
+            pooling, state = (
+                _pooling_cells(pool, path) if pool else (POOLING_SITE, _site_state(pools, label, path))
+            )
             out.append(
                 {
                     "site": label,
+                    ROLE_COLUMN: role,
                     "tissue": tissue,
                     "n": a.n,
                     "mean_label_cm2": a.mean_label_cm2,
@@ -238,20 +267,20 @@ def area_table(
     return pd.DataFrame(out)
 
 
-def smi_table(payloads: Mapping[str, EvaluationPayload], pooled: PooledResults | None = None) -> pd.DataFrame:
-    """SMI agreement (cm^2/m^2, test - label) per site and pooled, with limits of agreement."""
-    rows = [(site, p.smi) for site, p in payloads.items()]
-    if pooled is not None:
-        rows.append((POOLED, pooled.smi))
+def smi_table(payloads: Mapping[str, EvaluationPayload], pools: Sequence[PooledResults] = ()) -> pd.DataFrame:
+    """SMI agreement (cm^2/m^2, test - label) per site and pooled per group, with limits of agreement."""
     out = []
-    for label, s in rows:
+    for label, role, s, pool in _rows(payloads, pools, lambda p: p.smi):
         if s is None:
             continue
-        pooling, state = _pooling_cells(pooled, label, "smi")
+        pooling, state = (
+            _pooling_cells(pool, "smi") if pool else (POOLING_SITE, _site_state(pools, label, "smi"))
+        )
         loa = limits_of_agreement(s.mean_diff, s.sd_diff)
         out.append(
             {
                 "site": label,
+                ROLE_COLUMN: role,
                 "n": s.n,
                 "mean_label": s.mean_label,
                 "mean_test": s.mean_test,
@@ -267,21 +296,20 @@ def smi_table(payloads: Mapping[str, EvaluationPayload], pooled: PooledResults |
 
 
 def sarcopenia_table(
-    payloads: Mapping[str, EvaluationPayload], pooled: PooledResults | None = None
+    payloads: Mapping[str, EvaluationPayload], pools: Sequence[PooledResults] = ()
 ) -> pd.DataFrame:
-    """Sarcopenia calls (label = truth) per site and pooled (counts of slices add)."""
-    rows = [(site, p.sarcopenia, "") for site, p in payloads.items()]
-    if pooled is not None:
-        rows.append((POOLED, pooled.sarcopenia, pooled.coverage("sarcopenia").describe()))
+    """Sarcopenia calls (label = truth) per site and pooled per group (counts of slices add)."""
     out = []
-    for label, c, state in rows:
+    for label, role, c, pool in _rows(payloads, pools, lambda p: p.sarcopenia):
         if c is None:
             continue
+        state = pool.coverage("sarcopenia").describe() if pool else ""
         known = c.both_sarcopenic + c.label_only + c.test_only + c.neither
         positives, negatives = c.both_sarcopenic + c.label_only, c.neither + c.test_only
         out.append(
             {
                 "site": label,
+                ROLE_COLUMN: role,
                 "cutoff_set": c.cutoff_set,
                 "both_sarcopenic": c.both_sarcopenic,
                 "label_only": c.label_only,
@@ -301,59 +329,36 @@ def sarcopenia_table(
 
 
 def sites_table(report: StudyReport) -> pd.DataFrame:
-    """One row per site: status and reason, dataset fingerprint, slice counts, exclusions."""
+    """One row per site: role, status and reason, what it was scored on (split, n), fingerprint,
+    exclusions. ``split``: ``test`` = the held-out test patients only (internal), ``all`` = every
+    usable slice; ``n_in_split``: manifest rows in that split, ``n_used``: slices scored."""
     rows = []
     for s in report.sites:
         p = s.payload
         rows.append(
             {
                 "site": s.site,
+                ROLE_COLUMN: role_name(s.role),
                 # Flower node ids are unsigned 64-bit: keep them as text, not int64.
                 "node_id": str(s.node_id) if s.node_id is not None else None,
                 "status": s.status,
                 "reason": s.reason or ("" if s.status == "ok" else "no reason given"),
-                "dataset_fingerprint": p.dataset_fingerprint if p else None,
-                "model_hash": p.model_hash if p else None,
+                "split": p.split if p else None,
                 "n_listed": p.n_listed if p else None,
+                "n_in_split": (p.n_in_split if p.split == "test" else p.n_listed) if p else None,
                 "n_used": p.n_used if p else None,
                 "n_patients": p.n_groups if p else None,
                 "excluded": "; ".join(f"{k}: {v}" for k, v in sorted(p.excluded.items())) if p else None,
+                "dataset_fingerprint": p.dataset_fingerprint if p else None,
+                "model_hash": p.model_hash if p else None,
             }
         )
-    columns = ["site", "node_id", "status", "reason", "dataset_fingerprint", "model_hash"]
-    columns += ["n_listed", "n_used", "n_patients", "excluded"]
+    columns = ["site", ROLE_COLUMN, "node_id", "status", "reason", "split", "n_listed", "n_in_split"]
+    columns += ["n_used", "n_patients", "excluded", "dataset_fingerprint", "model_hash"]
     frame = pd.DataFrame(rows, columns=columns)  # a training-only study has no site rows
-    counts = ["n_listed", "n_used", "n_patients"]
+    counts = ["n_listed", "n_in_split", "n_used", "n_patients"]
     frame[counts] = frame[counts].astype("Int64")
     return frame
-
-
-def findings_matrix(payloads: Mapping[str, EvaluationPayload]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Sites x "class/direction/region": prevalence (NaN = not reported) and systematic flags."""
-    per_site, columns = findings_by_site(payloads)
-    prevalence = pd.DataFrame(
-        [[found[k].prevalence if k in found else math.nan for k in columns] for found in per_site.values()],
-        index=pd.Index(list(per_site), name="site"),
-        columns=columns,
-        dtype=float,
-    )
-    systematic = pd.DataFrame(
-        [[bool(k in found and found[k].systematic) for k in columns] for found in per_site.values()],
-        index=prevalence.index,
-        columns=columns,
-        dtype=bool,
-    )
-    return prevalence, systematic
-
-
-def findings_table(payloads: Mapping[str, EvaluationPayload]) -> pd.DataFrame:
-    """Every finding of every site, long format (the CSV behind the matrix)."""
-    rows = [
-        {"site": site, **f.model_dump(mode="json", by_alias=True)}
-        for site, p in payloads.items()
-        for f in site_findings(p)
-    ]
-    return pd.DataFrame(rows)
 
 
 def training_table(rounds: Sequence[RoundRecord]) -> pd.DataFrame:
@@ -375,46 +380,16 @@ def training_table(rounds: Sequence[RoundRecord]) -> pd.DataFrame:
     )
 
 
-# --------------------------------------------------------------------------- every CSV table
+# --------------------------------------------------------------------------- file names
 
 
 def file_stem(site: str, taken: set[str]) -> str:
-    """A file-name-safe, unique stem for a site name (never 'pooled')."""
+    """A file-name-safe, unique stem for a site name (never one a pooled table uses: 'pooled...')."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", site).strip("._") or "site"
-    if stem == POOLED:
+    if stem.startswith(POOLED):
         stem = f"site-{stem}"
     base, i = stem, 2
     while stem in taken:
         stem, i = f"{base}-{i}", i + 1
     taken.add(stem)
     return stem
-
-
-def report_tables(report: StudyReport) -> dict[str, pd.DataFrame]:
-    """The CSV tables by file stem (``tables/<stem>.csv``)."""
-    payloads = usable_payloads(report)
-    pooled = pool_report(report)
-    tables: dict[str, pd.DataFrame] = {"sites": sites_table(report)}
-    if report.training:
-        tables["training_rounds"] = training_table(report.training)
-    if pooled is None:
-        return tables
-    taken: set[str] = set()
-    for site, p in payloads.items():
-        tables[f"{file_stem(site, taken)}_iou_bins"] = seed_table(p.scores, p.n_used)
-    tables[f"{POOLED}_iou_bins"] = pooled_seed_table(pooled)
-    tables["iou_summary"] = iou_summary_table(payloads, pooled)
-    tables["area_agreement"] = area_table(payloads, pooled)
-    tables["smi_agreement"] = smi_table(payloads, pooled)
-    tables["sarcopenia_confusion"] = sarcopenia_table(payloads, pooled)
-    findings = findings_table(payloads)
-    if not findings.empty:
-        tables["findings"] = findings
-    harmonised = [
-        harmonised_table(p.scores, p.harmonised_scores).reset_index().assign(site=site)
-        for site, p in payloads.items()
-        if p.harmonised_scores
-    ]
-    if harmonised:
-        tables["harmonised_muscle_bins"] = pd.concat(harmonised, ignore_index=True)
-    return tables

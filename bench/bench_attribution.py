@@ -1,0 +1,260 @@
+"""Model or labels? Precision and recall of ``site_convention`` findings with an imperfect model.
+
+The validation issue's acceptance experiment, on synthetic hospitals (``common.demo``):
+
+1. train a U-Net on the train patients of reference-convention hospitals (their test
+   patients held out, exactly as a training study splits them);
+2. score it at those hospitals as *internal* sites (their test patients only): the model's
+   findings there are its own errors, pooled into its error profile;
+3. score it as *external* sites at unseen hospitals: one per planted label convention
+   (psoas left out, IMAT included, paraspinals left out, contours 2 px tight, VAT range
+   -190..-30) and two reference-convention hospitals;
+4. attribute every finding with the coordinator's own function
+   (``common.attribution.study_attribution``) and count: a ``site_convention`` finding is
+   correct when it is one the hospital's planted convention implies (:data:`EXPECTED`);
+   recall is over the planted conventions' primary findings.
+
+Every site is scored with ``client.site_tasks.run_evaluate``, the function the ClientApp
+runs. Prints one line per hospital and the precision / recall; ``--json`` for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _util import print_table, set_threads
+
+#: Per demo profile key: the findings its convention implies (the first is the one to find).
+EXPECTED: dict[str, tuple[str, ...]] = {
+    "psoas left out": ("muscle:site_excludes:psoas",),
+    "IMAT included in muscle": ("muscle:site_includes:intramuscular_fat", "muscle:site_includes:boundary"),
+    "paraspinals left out": ("muscle:site_excludes:paraspinal",),
+    "contours drawn 2 px tight": ("muscle:site_excludes:boundary",),
+    "VAT range -190..-30": ("visceral_fat:site_includes:boundary", "visceral_fat:site_includes:other"),
+}
+#: Demo profile indices (``common.demo.hospitals.SITE_PROFILES``).
+REFERENCE, NOISY_REFERENCE = 0, 6
+PLANTED = (1, 2, 3, 4, 5)
+
+
+@dataclass
+class SiteOutcome:
+    """One hospital of the suite: what it is, how it was scored and what was attributed."""
+
+    site: str
+    convention: str
+    role: str
+    n_used: int
+    muscle_ge_09: float | None
+    systematic: dict[str, str] = field(default_factory=dict)  # finding key -> attribution
+    audit: list[str] = field(default_factory=list)  # label-audit conventions
+
+
+@dataclass
+class SuiteResult:
+    sites: list[SiteOutcome]
+    model_errors: list[str]
+    precision: float | None
+    recall: float
+    true_positive: int
+    false_positive: list[str]
+    missed: list[str]
+    train_seconds: float
+    internal_muscle_ge_09: float | None
+
+
+def _share_ge_09(payload) -> float | None:  # type: ignore[no-untyped-def]
+    bins = payload.scores["muscle"].bins
+    total = sum(bins.values())
+    return bins.get("0.9-1.0", 0) / total if total else None
+
+
+def score(sites: list[SiteOutcome]) -> tuple[float | None, float, int, list[str], list[str]]:
+    """Precision and recall of site_convention findings (see the module docstring)."""
+    tp, false_positive, missed = 0, [], []
+    planted = [s for s in sites if s.convention in EXPECTED]
+    for s in sites:
+        claimed = [k for k, a in s.systematic.items() if a == "site_convention"]
+        allowed = EXPECTED.get(s.convention, ())
+        for key in claimed:
+            if key in allowed:
+                tp += 1
+            else:
+                false_positive.append(f"{s.site}: {key}")
+    for s in planted:
+        if s.systematic.get(EXPECTED[s.convention][0]) != "site_convention":
+            missed.append(f"{s.site}: {EXPECTED[s.convention][0]}")
+    claimed_total = tp + len(false_positive)
+    precision = tp / claimed_total if claimed_total else None
+    recall = (len(planted) - len(missed)) / len(planted) if planted else 0.0
+    return precision, recall, tp, false_positive, missed
+
+
+def run_suite(
+    work: Path,
+    *,
+    slices: int = 16,
+    size: int = 128,
+    image_size: int = 128,
+    epochs: int = 30,
+    encoder: str = "resnet18",
+    train_sites: int = 2,
+    seeds: int = 1,
+    lr: float = 1e-3,
+) -> SuiteResult:
+    """Make the hospitals under ``work``, train, score, attribute (see the module docstring)."""
+    import torch
+
+    from client.site_tasks import run_evaluate, training_samples
+    from common.attribution import study_attribution
+    from common.dataset import load_site
+    from common.demo.hospitals import SITE_PROFILES, make_site
+    from common.model import build_model
+    from common.splits import split_site
+    from common.training import TrainConfig, train_local
+    from protocols.study import StudyConfig
+
+    study = StudyConfig.from_run_config(
+        {"model.encoder": encoder, "model.image-size": image_size, "train.test-fraction": 0.25}
+    )
+    trainers = []
+    for i in range(train_sites):
+        profile = SITE_PROFILES[(REFERENCE, NOISY_REFERENCE)[i % 2]]
+        trainers.append(make_site(work / f"train-{i}", profile, slices=slices, size=size, seed=100 + i))
+    externals = []
+    for seed in range(seeds):
+        for index in (*PLANTED, REFERENCE, NOISY_REFERENCE):
+            profile = SITE_PROFILES[index]
+            externals.append(
+                (
+                    profile.key,
+                    make_site(
+                        work / f"ext-{index}-{seed}",
+                        profile,
+                        slices=slices,
+                        size=size,
+                        seed=500 + 10 * seed + index,
+                    ),
+                )
+            )
+    train, val = [], []
+    for path in trainers:
+        site = load_site(path)
+        split = split_site(site, study.train)
+        train += training_samples(site, split.train)[0]
+        val += training_samples(site, split.val)[0] if split.val else []
+    torch.manual_seed(0)
+    model = build_model(study.model)
+    started = time.perf_counter()
+    config = TrainConfig(local_epochs=epochs, optimizer="adam", lr=lr, augment=True)
+    train_local(model, study.model, train, val, config)
+    train_seconds = time.perf_counter() - started
+
+    payloads, conventions = {}, {}
+    for i, path in enumerate(trainers):
+        site = load_site(path)
+        payloads[site.name] = run_evaluate(site, model, study.model, study, role="internal")
+        conventions[site.name] = f"reference (trained on, #{i})"
+    for key, path in externals:
+        site = load_site(path)
+        name = f"{site.name}@{path.name}"
+        payloads[name] = run_evaluate(site, model, study.model, study, role="external")
+        conventions[name] = key
+    profile, attributed = study_attribution(payloads, study.protocol)
+    outcomes = []
+    for name, payload in payloads.items():
+        audit = payload.label_audit.findings if payload.label_audit else []
+        outcomes.append(
+            SiteOutcome(
+                site=name,
+                convention=conventions[name],
+                role=str(payload.role),
+                n_used=payload.n_used,
+                muscle_ge_09=_share_ge_09(payload),
+                systematic={
+                    f"{f.tissue}:{f.direction}:{f.region}": str(f.attribution)
+                    for f in attributed.get(name, [])
+                    if f.systematic
+                },
+                audit=[f"{c.tissue}:{c.direction}:{c.region}" for c in audit],
+            )
+        )
+    from common.attribution import systematic_in_profile
+
+    internal = [payloads[load_site(p).name] for p in trainers]
+    hits = sum(p.scores["muscle"].bins.get("0.9-1.0", 0) for p in internal)
+    total = sum(sum(p.scores["muscle"].bins.values()) for p in internal)
+    precision, recall, tp, fp, missed = score(outcomes)
+    return SuiteResult(
+        sites=outcomes,
+        model_errors=systematic_in_profile(profile) if profile else [],
+        precision=precision,
+        recall=recall,
+        true_positive=tp,
+        false_positive=fp,
+        missed=missed,
+        train_seconds=train_seconds,
+        internal_muscle_ge_09=hits / total if total else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", type=Path, required=True, help="where the demo hospitals are written")
+    parser.add_argument("--slices", type=int, default=24, help="labelled slices per hospital")
+    parser.add_argument("--size", type=int, default=192, help="CT image size (pixels)")
+    parser.add_argument("--image-size", type=int, default=192, help="model input size")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--train-sites", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=2, help="hospitals per profile")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    result = run_suite(
+        args.work_dir,
+        slices=args.slices,
+        size=args.size,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        encoder=args.encoder,
+        train_sites=args.train_sites,
+        seeds=args.seeds,
+    )
+    if args.json:
+        print(json.dumps(result, default=lambda o: o.__dict__, indent=2))
+        return 0
+    rows = [
+        [
+            s.site,
+            s.convention,
+            s.role,
+            str(s.n_used),
+            "-" if s.muscle_ge_09 is None else f"{s.muscle_ge_09:.0%}",
+            "; ".join(f"{k}={a}" for k, a in sorted(s.systematic.items())) or "-",
+        ]
+        for s in result.sites
+    ]
+    print_table(["site", "convention", "role", "n", "muscle>=0.9", "systematic findings = attribution"], rows)
+    errors = ", ".join(result.model_errors) or "none"
+    print(f"\nmodel's own systematic errors (internal test patients): {errors}")
+    print(
+        f"internal muscle IoU >= 0.9: {result.internal_muscle_ge_09}; training {result.train_seconds:.0f} s"
+    )
+    p = "n/a" if result.precision is None else f"{result.precision:.2f}"
+    print(f"site_convention precision {p} ({result.true_positive} correct), recall {result.recall:.2f}")
+    for line in result.false_positive:
+        print(f"  false site_convention: {line}")
+    for line in result.missed:
+        print(f"  missed: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

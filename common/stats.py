@@ -1,0 +1,104 @@
+"""Small-sample statistics for aggregates: binomial and mean intervals, one-sided tests.
+
+Everything here works from sufficient statistics (counts, sums, sums of squares), so the
+same functions serve a site summarising its own slices and a coordinator comparing sites.
+Intervals are two-sided 95% unless ``level`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from scipy import stats as _stats
+
+LEVEL = 0.95
+
+
+def _z(level: float) -> float:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+    return float(_stats.norm.ppf(0.5 + level / 2.0))
+
+
+def wilson_interval(k: int, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (``(0, 1)`` when ``n == 0``).
+
+    Wilson rather than the Wald interval: it stays inside [0, 1] and keeps its coverage at
+    the small n (5 to 30 slices) a site has, including k = 0 and k = n.
+    """
+    if n < 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    z = _z(level)
+    p = k / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return low, high
+
+
+@dataclass(frozen=True)
+class MeanInterval:
+    """Mean of ``n`` values with its t interval (``low``/``high`` None below two values)."""
+
+    n: int
+    mean: float | None
+    sd: float | None
+    low: float | None
+    high: float | None
+
+
+def mean_interval(n: int, total: float, total_sq: float, level: float = LEVEL) -> MeanInterval:
+    """Mean, sd and t interval of ``n`` values from their sum and sum of squares."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if n == 0:
+        return MeanInterval(0, None, None, None, None)
+    mean = total / n
+    if n < 2:
+        return MeanInterval(n, mean, None, None, None)
+    var = max(total_sq - total * total / n, 0.0) / (n - 1)
+    sd = math.sqrt(var)
+    half = float(_stats.t.ppf(0.5 + level / 2.0, n - 1)) * sd / math.sqrt(n)
+    return MeanInterval(n, mean, sd, mean - half, mean + half)
+
+
+def proportion_greater_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """One-sided p-value of Fisher's exact test that proportion 1 exceeds proportion 2."""
+    for k, n in ((k1, n1), (k2, n2)):
+        if n < 0 or not 0 <= k <= n:
+            raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n1 == 0 or n2 == 0:
+        return 1.0
+    table = [[k1, n1 - k1], [k2, n2 - k2]]
+    return float(_stats.fisher_exact(table, alternative="greater").pvalue)
+
+
+def welch_difference(
+    a: MeanInterval, b: MeanInterval, level: float = LEVEL
+) -> tuple[float, float, float] | None:
+    """Difference of means a - b with its Welch interval (None when either side lacks an sd)."""
+    if a.mean is None or b.mean is None or a.sd is None or b.sd is None:
+        return None
+    va, vb = a.sd**2 / a.n, b.sd**2 / b.n
+    diff = a.mean - b.mean
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return diff, diff, diff
+    dof = (va + vb) ** 2 / ((va**2 / (a.n - 1)) + (vb**2 / (b.n - 1))) if va + vb > 0 else 1.0
+    half = float(_stats.t.ppf(0.5 + level / 2.0, dof)) * se
+    return diff, diff - half, diff + half
+
+
+__all__ = [
+    "LEVEL",
+    "MeanInterval",
+    "mean_interval",
+    "proportion_greater_p",
+    "welch_difference",
+    "wilson_interval",
+]

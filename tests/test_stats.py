@@ -1,0 +1,40 @@
+"""Small-sample statistics from sufficient statistics, checked by hand and against numpy/scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from common.stats import mean_interval, proportion_greater_p, welch_difference, wilson_interval
+
+
+def test_wilson_interval_known_values() -> None:
+    low, high = wilson_interval(5, 5)
+    assert low == pytest.approx(0.5655, abs=1e-4) and high == 1.0
+    assert wilson_interval(0, 12) == (0.0, pytest.approx(0.2425, abs=1e-4))
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    low, high = wilson_interval(4, 5)
+    assert low < 0.5 < high  # 4 of 5 slices is not enough to call it consistent
+
+
+def test_wilson_interval_refuses_impossible_counts() -> None:
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        wilson_interval(6, 5)
+
+
+def test_mean_interval_matches_numpy_and_scipy() -> None:
+    values = np.array([1.0, 2.5, 3.0, 7.5])
+    got = mean_interval(len(values), float(values.sum()), float((values**2).sum()))
+    assert got.mean == pytest.approx(values.mean()) and got.sd == pytest.approx(values.std(ddof=1))
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+    assert (got.low, got.high) == (pytest.approx(low), pytest.approx(high))
+    assert mean_interval(1, 2.0, 4.0).low is None and mean_interval(0, 0, 0).mean is None
+
+
+def test_one_sided_fisher_and_welch() -> None:
+    assert proportion_greater_p(10, 12, 2, 24) < 1e-3
+    assert proportion_greater_p(2, 12, 10, 24) > 0.9
+    a, b = mean_interval(3, 6.0, 14.0), mean_interval(3, 3.0, 5.0)
+    diff, low, high = welch_difference(a, b)  # type: ignore[misc]
+    assert diff == pytest.approx(1.0) and low < 0 < high
