@@ -391,7 +391,7 @@ def main() -> None:
         t0 = time.perf_counter()
         site_model = site_tasks.load_state(spec, packed, layout)
         t1 = time.perf_counter()
-        site_tasks.run_evaluate(load_site(site), site_model, spec, study, model_hash)
+        site_tasks.run_evaluate(load_site(site), site_model, spec, study)
         local_unpack[site.name], local_eval[site.name] = t1 - t0, time.perf_counter() - t1
     local = time.perf_counter() - start
     load_local = os.getloadavg()[0]
