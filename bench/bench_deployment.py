@@ -357,7 +357,7 @@ def main() -> None:
     from client import site_tasks
     from common.dataset import load_site
     from common.demo.hospitals import make_site, site_profile
-    from common.model import ModelSpec, build_model, pack_state, save_model, weights_hash
+    from common.model import ModelSpec, build_model, pack_state, save_model
     from protocols.study import StudyConfig
 
     root = Path(tempfile.mkdtemp(prefix="sarcofed-bench-deploy-"))
@@ -376,7 +376,7 @@ def main() -> None:
     model = build_model(spec)
     model_path = save_model(root / "model.pt", model, spec)
     packed, layout = pack_state(model.state_dict())
-    model_hash = weights_hash(model.state_dict())
+
     common_config: dict[str, object] = {
         "model.encoder": args.encoder,
         "model.image-size": args.size,
