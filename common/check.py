@@ -3,7 +3,7 @@
 :func:`check_site` reads every manifest row (one bad file never stops it) and returns a
 :class:`SiteCheckReport`. The report is for the person at the site: it lists file names
 and stays local; nothing here is sent anywhere. Pixel statistics are pooled over pixels of
-all usable slices. The HU ranges are ``protocols.payloads.HuRanges`` (Alberta protocol).
+all usable slices. The HU ranges are ``protocols.protocol.HuRanges`` (Alberta protocol).
 The CLI renders the report (``client.render.render_check``).
 """
 

@@ -1,4 +1,4 @@
-"""The study report a coordinator reads: ``report.json`` (schema version 2).
+"""The study report a coordinator reads: ``report.json`` (schema version 3).
 
 One :class:`SiteResult` per site (with its payload when it sent one, or the status and reason
 when it did not), the training rounds when the study trained, the results pooled across sites
