@@ -123,10 +123,10 @@ def _run(
             # the hash of the weights this site received, not the one the coordinator claims
             received = weights_hash(model.state_dict())  # type: ignore[attr-defined]
             role = site_tasks.site_role(site, str(config.get(keys.ROLE, "external")), received)
-            payload = site_tasks.run_evaluate(site, model, spec, study, role=role)  # type: ignore[arg-type]
+            scored = site_tasks.run_evaluate(site, model, spec, study, role=role)  # type: ignore[arg-type]
         else:
-            payload = site_tasks.run_compare(site, study)
-        released = guard.release_payload(payload)
+            scored = site_tasks.run_compare(site, study)
+        released = guard.release_payload(scored.payload, patients=scored.patients)
         text = released.model_dump_json()
         return Message(RecordDict({keys.PAYLOAD: ConfigRecord({keys.PAYLOAD_JSON: text})}), reply_to=msg)
     raise SarcofedError(f"unknown task {task!r}; this site accepts {', '.join(keys.TASKS)}")

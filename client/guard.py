@@ -33,6 +33,7 @@ from pydantic import ValidationError
 
 from client.allowlist import app_refusal, current_app_hash
 from client.audit import AuditLog
+from client.ledger import ReleaseLedger
 from client.policy import SitePolicy, load_policy
 from common.dataset import IDENTIFYING_COLUMNS, SiteDataset
 from common.errors import SiteFolderError
@@ -126,6 +127,57 @@ def _small(count: int | None, k: int) -> bool:
     return count is not None and 0 < count < k
 
 
+#: Marks that medians and quartiles were withheld (they are order statistics: the values of
+#: individual slices; with n, mean and sd they give back every value of a small site).
+QUANTILES_MARK = "quantiles"
+
+
+def _withhold_quantiles(data: dict[str, Any]) -> bool:
+    """Drop median / q1 / q3 from every distribution of a payload dict; whether any was there."""
+    found = False
+    for field in ("scores", "raw_scores", "harmonised_scores"):
+        for scores in (data.get(field) or {}).values():
+            for dist in ("iou", "dice"):
+                values = scores.get(dist) or {}
+                for q in ("median", "q1", "q3"):
+                    if values.get(q) is not None:
+                        values[q] = None
+                        found = True
+    return found
+
+
+def release_refusal(
+    payload: EvaluationPayload, patients: Collection[str], policy: SitePolicy, ledger: ReleaseLedger
+) -> str | None:
+    """Why the site refuses to release this payload at all (``None``: it may leave, after suppression).
+
+    Too few slices or patients; or a patient set that differs from an earlier release's by at
+    least one and fewer than ``min-patients`` patients (one patient's values would follow by
+    subtraction, ``n2 * mean2 - n1 * mean1``).
+    """
+    if payload.n_used < policy.min_slices:
+        return (
+            f"only {payload.n_used} usable slice(s); this site's policy releases results over at "
+            f"least {policy.min_slices} (min-slices in policy.toml)"
+        )
+    n_patients = len(set(patients))
+    if n_patients < policy.min_patients:
+        return (
+            f"the {payload.n_used} usable slice(s) come from only {n_patients} patient(s); this site's "
+            f"policy releases results over at least {policy.min_patients} patients (min-patients in "
+            "policy.toml)"
+        )
+    earlier = ledger.too_close(patients, policy.min_patients)
+    if earlier is not None:
+        return (
+            f"this reply would summarise almost the same patients as the {earlier.task} reply this site "
+            f"sent in run {earlier.run_id} ({earlier.time}): fewer than {policy.min_patients} patients "
+            "(min-patients in policy.toml) differ, so a patient's values would follow by subtraction; "
+            "the same patients, or at least that many more or fewer, may be released"
+        )
+    return None
+
+
 def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[dict[str, Any], list[str]]:
     """Apply the policy to a payload: the payload as a dict, and the names of what was suppressed.
 
@@ -135,6 +187,8 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
     k = policy.min_cell_count
     data = payload.model_dump(mode="json", by_alias=True)
     marks: list[str] = []
+    if _withhold_quantiles(data):
+        marks.append(QUANTILES_MARK)
 
     if not policy.accepts("discrepancy"):
         if data.get("discrepancy") is not None:
@@ -259,15 +313,17 @@ class SiteGuard:
         self.refuse(reason)
         return SiteRefusal(reason)
 
-    def release_payload(self, payload: EvaluationPayload) -> EvaluationPayload:
-        """The payload as it may leave: policy applied, re-validated, audited."""
+    def release_payload(self, payload: EvaluationPayload, *, patients: Collection[str]) -> EvaluationPayload:
+        """The payload as it may leave: policy applied, re-validated, audited, recorded.
+
+        ``patients``: the keys of the patients whose slices the payload summarises (kept at the
+        site: the release ledger stores keyed hashes of them, never the keys).
+        """
         if not isinstance(payload, EvaluationPayload):
             raise self._refuse(f"reply is a {type(payload).__name__}, not an EvaluationPayload")
-        if payload.n_used < self.policy.min_slices:
-            raise self._refuse(
-                f"only {payload.n_used} usable slice(s); this site's policy releases results over at "
-                f"least {self.policy.min_slices} (min-slices in policy.toml)"
-            )
+        reason = release_refusal(payload, patients, self.policy, ReleaseLedger.for_site(self.site_dir))
+        if reason:
+            raise self._refuse(reason)
         data, marks = suppress_payload(payload, self.policy)
         data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
         try:
@@ -281,6 +337,7 @@ class SiteGuard:
         if leak:
             raise self._refuse(f"reply contains {leak}; nothing was sent")
         self._sent(json.loads(text))
+        ReleaseLedger.for_site(self.site_dir).record(run_id=self.run_id, task=self.task, patients=patients)
         return released
 
     def release_weights(

@@ -9,6 +9,8 @@ Example (every key optional; the values shown are the defaults)::
 
     accept-tasks = ["train", "evaluate", "compare", "discrepancy"]
     min-slices = 5            # refuse to reply about fewer usable slices than this
+    min-patients = 5          # ... or fewer patients; and a reply's patients must differ from every
+                              # earlier reply's by none or by at least this many (no subtraction)
     min-cell-count = 1        # counts 1..(n-1) in a reported cell are suppressed; 1 = none
     allow-polar-maps = true   # discordant-area maps (angle x radius) may leave
     allowed-apps = []         # sha256 of the sarcofed code reviewed; [] = not pinned
@@ -39,6 +41,9 @@ POLICY_TASKS: tuple[PolicyTask, ...] = ("train", "evaluate", "compare", "discrep
 
 #: Minimum number of usable slices a reply must summarise when policy.toml does not say.
 DEFAULT_MIN_SLICES = 5
+#: Minimum number of patients a reply summarises, and the least difference in patients between
+#: two replies (below it, one patient's values follow by subtraction).
+DEFAULT_MIN_PATIENTS = 5
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -60,6 +65,7 @@ class SitePolicy(BaseModel):
 
     accept_tasks: tuple[PolicyTask, ...] = Field(POLICY_TASKS, alias="accept-tasks")
     min_slices: int = Field(DEFAULT_MIN_SLICES, ge=1, alias="min-slices")
+    min_patients: int = Field(DEFAULT_MIN_PATIENTS, ge=1, alias="min-patients")
     min_cell_count: int = Field(1, ge=1, alias="min-cell-count")
     allow_polar_maps: bool = Field(True, alias="allow-polar-maps")
     allowed_apps: tuple[str, ...] = Field((), alias="allowed-apps")
@@ -88,6 +94,7 @@ class SitePolicy(BaseModel):
             "# sarcofed site release policy: what this hospital lets leave (see docs/DEPLOYMENT.md).\n"
             f"accept-tasks = [{tasks}]\n"
             f"min-slices = {self.min_slices}\n"
+            f"min-patients = {self.min_patients}\n"
             f"min-cell-count = {self.min_cell_count}\n"
             f"allow-polar-maps = {str(self.allow_polar_maps).lower()}\n"
             f"allowed-apps = [{apps}{chr(10) if apps else ''}]\n"

@@ -22,7 +22,7 @@ from common.paths import demo_sites_dir, simulated_site_dir
 from common.splits import split_site
 from protocols import keys
 from protocols.findings import ErrorProfile
-from protocols.payloads import EvaluationPayload, Role
+from protocols.payloads import Role
 from protocols.protocol import LabelProtocol
 from protocols.study import StudyConfig, TrainSection
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # torch and the model zoo cost seconds to import: only tasks 
     import torch
 
     from common.model import ModelSpec
+    from common.site_evaluation import Scored
     from common.training import TrainSample
 
 #: The command that makes the simulated hospitals (named in the error when one is missing).
@@ -177,10 +178,11 @@ def run_evaluate(
     *,
     role: Role = "external",
     profile: ErrorProfile | None = None,
-) -> EvaluationPayload:
+) -> Scored:
     """Score the study model on this site (its test patients when internal); aggregates only.
 
     ``model_hash`` in the payload is the hash of the weights this site received, computed here.
+    The patients scored stay at the site (the guard's release ledger needs them).
     """
     from common.site_evaluation import evaluate_with_model
 
@@ -198,7 +200,7 @@ def run_evaluate(
     )
 
 
-def run_compare(site: SiteDataset, study: StudyConfig) -> EvaluationPayload:
+def run_compare(site: SiteDataset, study: StudyConfig) -> Scored:
     """Score the site's labels against its reference masks; no model involved."""
     from common.site_evaluation import compare_with_reference
 

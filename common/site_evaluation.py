@@ -11,6 +11,8 @@ caller parses the site folder once (``common.dataset.load_site``) and passes the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from common.attribution import attribute_all
 from common.dataset import LoadedSlice, SiteDataset
 from common.discrepancy import DiscrepancyAccumulator, analyse_slice
 from common.discrepancy.impact import ImpactAccumulator
-from common.evaluation import EXTERNAL, Scope, compare_site, evaluate_site
+from common.evaluation import EXTERNAL, Scope, SliceRecord, compare_site, evaluate_site
 from common.label_audit import LabelAuditAccumulator, audit_slice
 from common.model import LoadedModel, ModelSpec, weights_hash
 from protocols.findings import ErrorProfile
@@ -29,6 +31,23 @@ from protocols.protocol import LabelProtocol
 
 #: Below this many slices a site's discrepancy maps are withheld (the site policy may ask more).
 DEFAULT_MIN_SLICES = 5
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A site's evaluation: the aggregate payload, and (kept at the site) whose slices it summarises.
+
+    ``patients`` are the patient keys (manifest ``group``) of the scored slices: the site's
+    release ledger needs them to refuse a reply that differs from an earlier one by a single
+    patient. They never leave the site.
+    """
+
+    payload: EvaluationPayload
+    patients: frozenset[str]
+
+
+def _patients(records: Sequence[SliceRecord]) -> frozenset[str]:
+    return frozenset(r.group if r.group is not None else f"slice-{i}" for i, r in enumerate(records))
 
 
 class _Analyses:
@@ -83,7 +102,7 @@ def evaluate_with_model(
     protocol: LabelProtocol | None = None,
     scope: Scope = EXTERNAL,
     profile: ErrorProfile | None = None,
-) -> EvaluationPayload:
+) -> Scored:
     """Score a model on a parsed site; ``model`` is a model.pt path, a LoadedModel or a module + spec.
 
     Findings carry an attribution from this site's own evidence: its label audit, and the
@@ -98,7 +117,7 @@ def evaluate_with_model(
         state = model.state_dict()
         model = LoadedModel(model=model, spec=spec, meta={}, weights_hash=model_hash or weights_hash(state))
     hook = _Analyses(cutoff_set, protocol, discrepancy)
-    payload, _records = evaluate_site(
+    payload, records = evaluate_site(
         site,
         model,
         cutoff_set=cutoff_set,
@@ -109,7 +128,7 @@ def evaluate_with_model(
         scope=scope,
         on_slice=hook,
     )
-    return hook.attach(payload, min_slices, profile=profile, attribute=True)
+    return Scored(hook.attach(payload, min_slices, profile=profile, attribute=True), _patients(records))
 
 
 def compare_with_reference(
@@ -121,14 +140,14 @@ def compare_with_reference(
     progress: bool = False,
     min_slices: int = DEFAULT_MIN_SLICES,
     protocol: LabelProtocol | None = None,
-) -> EvaluationPayload:
+) -> Scored:
     """Score the site's labels against its reference masks (no model), with findings and the audit.
 
     Findings of a comparison are not attributed: both sides are readers of this site.
     """
     protocol = protocol or LabelProtocol()
     hook = _Analyses(cutoff_set, protocol, discrepancy)
-    payload, _records = compare_site(
+    payload, records = compare_site(
         site,
         cutoff_set=cutoff_set,
         progress=progress,
@@ -136,4 +155,4 @@ def compare_with_reference(
         protocol=protocol,
         on_slice=hook,
     )
-    return hook.attach(payload, min_slices, profile=None, attribute=False)
+    return Scored(hook.attach(payload, min_slices, profile=None, attribute=False), _patients(records))
