@@ -126,7 +126,7 @@ def _run(
             scored = site_tasks.run_evaluate(site, model, spec, study, role=role)  # type: ignore[arg-type]
         else:
             scored = site_tasks.run_compare(site, study)
-        released = guard.release_payload(scored.payload, patients=scored.patients)
+        released = guard.release_payload(scored.payload, records=scored.records)
         text = released.model_dump_json()
         return Message(RecordDict({keys.PAYLOAD: ConfigRecord({keys.PAYLOAD_JSON: text})}), reply_to=msg)
     raise SarcofedError(f"unknown task {task!r}; this site accepts {', '.join(keys.TASKS)}")

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -37,6 +37,7 @@ from client.ledger import ReleaseLedger
 from client.policy import SitePolicy, load_policy
 from common.dataset import IDENTIFYING_COLUMNS, SiteDataset
 from common.errors import SiteFolderError
+from common.evaluation import SliceRecord, patients_of
 from protocols import keys
 from protocols.payloads import AreaAgreement, ClassScores, Distribution, EvaluationPayload
 from protocols.study import StudyConfig
@@ -147,13 +148,18 @@ def _withhold_quantiles(data: dict[str, Any]) -> bool:
 
 
 def release_refusal(
-    payload: EvaluationPayload, patients: Collection[str], policy: SitePolicy, ledger: ReleaseLedger
+    payload: EvaluationPayload,
+    patients: Collection[str],
+    policy: SitePolicy,
+    ledger: ReleaseLedger,
+    run_id: int | None = None,
 ) -> str | None:
     """Why the site refuses to release this payload at all (``None``: it may leave, after suppression).
 
-    Too few slices or patients; or a patient set that differs from an earlier release's by at
-    least one and fewer than ``min-patients`` patients (one patient's values would follow by
-    subtraction, ``n2 * mean2 - n1 * mean1``).
+    Too few slices or patients; without differential privacy, a patient set that differs from
+    an earlier release's by at least one and fewer than ``min-patients`` patients (one
+    patient's values would follow by subtraction, ``n2 * mean2 - n1 * mean1``); with it, a
+    reply that would exceed the study's or the site's epsilon budget.
     """
     if payload.n_used < policy.min_slices:
         return (
@@ -167,6 +173,24 @@ def release_refusal(
             f"policy releases results over at least {policy.min_patients} patients (min-patients in "
             "policy.toml)"
         )
+    dp = policy.aggregate_dp
+    if dp.enabled:
+        study = ledger.spent(run_id) if run_id is not None else 0.0
+        total = ledger.spent()
+        if study + dp.epsilon_per_reply > dp.epsilon_per_study + 1e-12:
+            return (
+                "this reply would take the study's privacy loss to epsilon "
+                f"{study + dp.epsilon_per_reply:g}; "
+                f"this site's policy allows {dp.epsilon_per_study:g} per study (epsilon-per-study in "
+                "[aggregate-dp] of policy.toml)"
+            )
+        if total + dp.epsilon_per_reply > dp.epsilon_total + 1e-12:
+            return (
+                f"this site has released epsilon {total:g} with differential privacy; one more reply would "
+                f"exceed its total budget of {dp.epsilon_total:g} (epsilon-total in [aggregate-dp] of "
+                "policy.toml): nothing more is released"
+            )
+        return None
     earlier = ledger.too_close(patients, policy.min_patients)
     if earlier is not None:
         return (
@@ -313,18 +337,39 @@ class SiteGuard:
         self.refuse(reason)
         return SiteRefusal(reason)
 
-    def release_payload(self, payload: EvaluationPayload, *, patients: Collection[str]) -> EvaluationPayload:
+    def release_payload(
+        self, payload: EvaluationPayload, *, records: Sequence[SliceRecord]
+    ) -> EvaluationPayload:
         """The payload as it may leave: policy applied, re-validated, audited, recorded.
 
-        ``patients``: the keys of the patients whose slices the payload summarises (kept at the
-        site: the release ledger stores keyed hashes of them, never the keys).
+        ``records``: the per-slice records the payload was computed from (kept at the site):
+        the release ledger stores keyed hashes of their patients, and a DP release is computed
+        from them.
         """
         if not isinstance(payload, EvaluationPayload):
             raise self._refuse(f"reply is a {type(payload).__name__}, not an EvaluationPayload")
-        reason = release_refusal(payload, patients, self.policy, ReleaseLedger.for_site(self.site_dir))
+        patients = patients_of(records)
+        ledger = ReleaseLedger.for_site(self.site_dir)
+        reason = release_refusal(payload, patients, self.policy, ledger, self.run_id)
         if reason:
             raise self._refuse(reason)
         data, marks = suppress_payload(payload, self.policy)
+        epsilon = 0.0
+        dp = self.policy.aggregate_dp
+        if dp.enabled:
+            from client.dp_release import private_payload
+
+            cutoff = payload.sarcopenia.cutoff_set if payload.sarcopenia else "prado2008"
+            data, dp_marks, release = private_payload(
+                data,
+                records,
+                epsilon=dp.epsilon_per_reply,
+                max_per_patient=dp.max_slices_per_patient,
+                cutoff_set=cutoff,
+            )
+            marks += dp_marks
+            data["dp"] = release.model_dump(mode="json")
+            epsilon = release.epsilon
         data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
         try:
             released = EvaluationPayload.model_validate(data)
@@ -337,7 +382,7 @@ class SiteGuard:
         if leak:
             raise self._refuse(f"reply contains {leak}; nothing was sent")
         self._sent(json.loads(text))
-        ReleaseLedger.for_site(self.site_dir).record(run_id=self.run_id, task=self.task, patients=patients)
+        ledger.record(run_id=self.run_id, task=self.task, patients=patients, epsilon=epsilon)
         return released
 
     def release_weights(

@@ -39,6 +39,8 @@ class PriorRelease:
     run_id: int
     task: str
     patients: frozenset[str]
+    #: differential-privacy loss spent by this release (0 for a release without DP)
+    epsilon: float = 0.0
 
 
 def ledger_path(site_dir: Path) -> Path:
@@ -90,10 +92,10 @@ class ReleaseLedger:
                     continue
                 try:
                     row = json.loads(line)
+                    patients = frozenset(str(p) for p in row["patients"])
+                    spent = float(row.get("epsilon", 0.0))
                     out.append(
-                        PriorRelease(
-                            row["time"], int(row["run_id"]), str(row["task"]), frozenset(row["patients"])
-                        )
+                        PriorRelease(str(row["time"]), int(row["run_id"]), str(row["task"]), patients, spent)
                     )
                 except (ValueError, KeyError, TypeError) as err:
                     raise ValueError(f"{self.path}:{number}: not a ledger entry ({err})") from err
@@ -111,7 +113,11 @@ class ReleaseLedger:
                 return release
         return None
 
-    def record(self, *, run_id: int, task: str, patients: Iterable[str]) -> None:
+    def spent(self, run_id: int | None = None) -> float:
+        """Epsilon spent by earlier DP releases: of run ``run_id``, or of all runs."""
+        return sum(r.epsilon for r in self.prior() if run_id is None or r.run_id == run_id)
+
+    def record(self, *, run_id: int, task: str, patients: Iterable[str], epsilon: float = 0.0) -> None:
         """Append one release (creates the ledger, mode 0600, on first use)."""
         key = self._key() or _create(self.path)
         row = {
@@ -119,6 +125,7 @@ class ReleaseLedger:
             "run_id": int(run_id),
             "task": task,
             "patients": sorted(self._hash(key, patients)),
+            "epsilon": float(epsilon),
         }
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row, sort_keys=True) + "\n")

@@ -19,6 +19,12 @@ Example (every key optional; the values shown are the defaults)::
     enabled = false
     clipping-norm = 10.0
     noise-multiplier = 0.1
+    [aggregate-dp]            # DP on evaluation/comparison replies (off by default)
+    enabled = false
+    epsilon-per-reply = 1.0   # per patient, pure DP (Laplace, OpenDP)
+    epsilon-per-study = 3.0   # one run id
+    epsilon-total = 20.0      # everything this site ever releases with DP
+    max-slices-per-patient = 2
 """
 
 from __future__ import annotations
@@ -58,6 +64,22 @@ class WeightsDp(BaseModel):
     noise_multiplier: float = Field(0.1, ge=0, alias="noise-multiplier")
 
 
+class AggregateDp(BaseModel):
+    """Differential privacy on evaluation / comparison replies (``client.dp_release``).
+
+    Each reply spends ``epsilon-per-reply`` (pure DP per patient); a reply that would take a
+    study (one run) past ``epsilon-per-study`` or the site past ``epsilon-total`` is refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    enabled: bool = False
+    epsilon_per_reply: float = Field(1.0, gt=0, alias="epsilon-per-reply")
+    epsilon_per_study: float = Field(3.0, gt=0, alias="epsilon-per-study")
+    epsilon_total: float = Field(20.0, gt=0, alias="epsilon-total")
+    max_slices_per_patient: int = Field(2, ge=1, alias="max-slices-per-patient")
+
+
 class SitePolicy(BaseModel):
     """``policy.toml``: what this site releases. Keys are kebab-case in the file."""
 
@@ -70,6 +92,7 @@ class SitePolicy(BaseModel):
     allow_polar_maps: bool = Field(True, alias="allow-polar-maps")
     allowed_apps: tuple[str, ...] = Field((), alias="allowed-apps")
     weights_dp: WeightsDp = Field(WeightsDp(), alias="weights-dp")
+    aggregate_dp: AggregateDp = Field(AggregateDp(), alias="aggregate-dp")
 
     @field_validator("allowed_apps")
     @classmethod
@@ -102,6 +125,12 @@ class SitePolicy(BaseModel):
             f"enabled = {str(self.weights_dp.enabled).lower()}\n"
             f"clipping-norm = {self.weights_dp.clipping_norm}\n"
             f"noise-multiplier = {self.weights_dp.noise_multiplier}\n"
+            "\n[aggregate-dp]\n"
+            f"enabled = {str(self.aggregate_dp.enabled).lower()}\n"
+            f"epsilon-per-reply = {self.aggregate_dp.epsilon_per_reply}\n"
+            f"epsilon-per-study = {self.aggregate_dp.epsilon_per_study}\n"
+            f"epsilon-total = {self.aggregate_dp.epsilon_total}\n"
+            f"max-slices-per-patient = {self.aggregate_dp.max_slices_per_patient}\n"
         )
 
 

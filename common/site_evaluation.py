@@ -11,7 +11,6 @@ caller parses the site folder once (``common.dataset.load_site``) and passes the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from common.attribution import attribute_all
 from common.dataset import LoadedSlice, SiteDataset
 from common.discrepancy import DiscrepancyAccumulator, analyse_slice
 from common.discrepancy.impact import ImpactAccumulator
-from common.evaluation import EXTERNAL, Scope, SliceRecord, compare_site, evaluate_site
+from common.evaluation import EXTERNAL, Scope, SliceRecord, compare_site, evaluate_site, patients_of
 from common.label_audit import LabelAuditAccumulator, audit_slice
 from common.model import LoadedModel, ModelSpec, weights_hash
 from protocols.findings import ErrorProfile
@@ -35,19 +34,19 @@ DEFAULT_MIN_SLICES = 5
 
 @dataclass(frozen=True)
 class Scored:
-    """A site's evaluation: the aggregate payload, and (kept at the site) whose slices it summarises.
+    """A site's evaluation: the aggregate payload, and (kept at the site) the per-slice records.
 
-    ``patients`` are the patient keys (manifest ``group``) of the scored slices: the site's
-    release ledger needs them to refuse a reply that differs from an earlier one by a single
-    patient. They never leave the site.
+    The records never leave the site: its release policy needs them, for the patients a reply
+    summarises (the release ledger refuses one that differs from an earlier one by a single
+    patient) and to release the aggregates with differential privacy when the policy asks.
     """
 
     payload: EvaluationPayload
-    patients: frozenset[str]
+    records: tuple[SliceRecord, ...]
 
-
-def _patients(records: Sequence[SliceRecord]) -> frozenset[str]:
-    return frozenset(r.group if r.group is not None else f"slice-{i}" for i, r in enumerate(records))
+    @property
+    def patients(self) -> frozenset[str]:
+        return patients_of(self.records)
 
 
 class _Analyses:
@@ -128,7 +127,7 @@ def evaluate_with_model(
         scope=scope,
         on_slice=hook,
     )
-    return Scored(hook.attach(payload, min_slices, profile=profile, attribute=True), _patients(records))
+    return Scored(hook.attach(payload, min_slices, profile=profile, attribute=True), tuple(records))
 
 
 def compare_with_reference(
@@ -155,4 +154,4 @@ def compare_with_reference(
         protocol=protocol,
         on_slice=hook,
     )
-    return Scored(hook.attach(payload, min_slices, profile=None, attribute=False), _patients(records))
+    return Scored(hook.attach(payload, min_slices, profile=None, attribute=False), tuple(records))

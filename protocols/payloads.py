@@ -123,6 +123,21 @@ class DiscrepancySummary(Schema):
 Role = Literal["internal", "external"]
 
 
+class DpRelease(Schema):
+    """How a reply was made differentially private (when the site's policy asks for it).
+
+    ``noised``: payload path -> expected error of that number (the standard deviation of the
+    noise added to it, in its own unit: slices, cm^2, ...). Everything the release withholds is
+    named in the payload's ``suppressed``.
+    """
+
+    epsilon: float = Field(gt=0, description="privacy loss of this reply, per patient")
+    delta: float = Field(ge=0, le=1)
+    mechanism: str
+    max_slices_per_patient: int = Field(ge=1)
+    noised: dict[str, float] = Field(default_factory=dict)
+
+
 class EvaluationPayload(Schema):
     """Everything a site sends after scoring a model (``evaluate``) or two label sets (``compare``).
 
@@ -165,6 +180,9 @@ class EvaluationPayload(Schema):
     )
     label_audit: LabelAudit | None = Field(
         default=None, description="the site's labels checked against the protocol, without any model"
+    )
+    dp: DpRelease | None = Field(
+        default=None, description="set when the site released this reply with differential privacy"
     )
     discrepancy: DiscrepancySummary | None = None
     findings: list[Finding] = Field(default_factory=list)

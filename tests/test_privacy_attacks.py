@@ -160,3 +160,50 @@ def test_the_same_patients_may_be_released_again(tmp_path: Path) -> None:
     ledger = json.loads((tmp_path / "hospital-e.releases.jsonl").read_text().splitlines()[1])
     assert "patient-0" not in json.dumps(ledger)  # keyed hashes only
     assert oct((tmp_path / "hospital-e.releases.jsonl").stat().st_mode & 0o777) == "0o600"
+
+
+# ------------------------------------------------------------------ with differential privacy
+
+
+def _enable_dp(site: Path, **budget: float) -> None:
+    from client.policy import AggregateDp, SitePolicy, write_policy
+
+    write_policy(site, SitePolicy(aggregate_dp=AggregateDp(enabled=True, **budget)))  # type: ignore[arg-type]
+
+
+def test_with_dp_the_difference_of_two_releases_is_noise_not_the_patient(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "site", n=6, size=48, with_reference=True, name="hospital-dp")
+    donor = make_site(tmp_path / "donor", n=7, size=48, with_reference=True, name="donor")
+    _enable_dp(site)
+    first = _released(_compare(site, run_id=1))
+    _add_patient(site, donor, 6)
+    truth = _muscle_area_of(site, "new-patient-6")
+    second = _released(_compare(site, run_id=2))
+    assert first is not None and second is not None  # DP releases may differ by one patient...
+    a1, a2 = first.areas["muscle"], second.areas["muscle"]
+    assert a1.mean_label_cm2 is None and "areas.muscle.sd" in first.suppressed  # ...label areas withheld
+    implied = a2.sum_diff_cm2 - a1.sum_diff_cm2  # the closest an attacker gets: noise, not the patient
+    assert second.dp is not None
+    expected_error = second.dp.noised["areas.muscle.sum_diff_cm2"]
+    assert expected_error > 10 * truth  # documented: the noise dwarfs one patient's value
+    assert abs(implied - truth) > 0.1
+    for withheld in ("scores.muscle.dice", "scores.muscle.pixels", "discrepancy", "label_audit"):
+        assert withheld in second.suppressed
+    assert second.findings == [] and second.discrepancy is None
+    assert second.scores["muscle"].iou.median is None and second.scores["muscle"].dice.n == 0
+
+
+def test_the_epsilon_budget_is_spent_per_reply_and_refused_beyond(tmp_path: Path) -> None:
+    site = make_site(tmp_path, n=6, size=48, with_reference=True, name="hospital-budget")
+    _enable_dp(site, epsilon_per_reply=1.0, epsilon_per_study=2.0, epsilon_total=3.0)
+    assert _released(_compare(site, run_id=1)) is not None
+    assert _released(_compare(site, run_id=1)) is not None
+    third = _compare(site, run_id=1)  # a third reply in the same study would reach epsilon 3 > 2
+    assert third.has_error() and "epsilon-per-study" in third.error.reason
+    assert _released(_compare(site, run_id=2)) is not None  # another study: total 3 <= 3
+    last = _compare(site, run_id=3)
+    assert last.has_error() and "epsilon-total" in last.error.reason
+    from client.audit import audit_path, read_audit
+
+    sent = [e for e in read_audit(audit_path(site)) if e.event == "sent"]
+    assert [e.payload["dp"]["epsilon"] for e in sent] == [1.0, 1.0, 1.0]  # the audit log records the spend
