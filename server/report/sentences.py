@@ -4,6 +4,7 @@ study ends (:func:`summary_lines`: each site with its role and n, each pooled gr
 from __future__ import annotations
 
 from common.pooling import has_bins
+from common.release_words import release_sentences
 from common.stats import wilson_interval
 from protocols.classes import IOU_BINS
 from protocols.payloads import ClassScores, EvaluationPayload
@@ -36,9 +37,7 @@ def consistency_notes(report: StudyReport) -> list[str]:
             notes.append(
                 f"{s.site} applied the label protocol {p.protocol.describe()} (study: the one above)."
             )
-        suppressed = [*p.suppressed, *(p.discrepancy.suppressed if p.discrepancy else [])]
-        if suppressed:
-            notes.append(f"{s.site} suppressed by its release policy: {', '.join(suppressed)}.")
+        notes += [f"{s.site}: {sentence}" for sentence in release_sentences(p)]
     return notes
 
 
