@@ -184,7 +184,7 @@ def _noise_difference(
             "n": data["n_used"],
             "mean_diff_cm2": noisy_sum / data["n_used"] if data["n_used"] else None,
             "sum_diff_cm2": noisy_sum,
-            "sum_sq_diff_cm2": 0.0,
+            "sum_sq_diff_cm2": None,
         }
     }
     marks += ["areas.muscle.sd", "areas.subcutaneous_fat", "areas.visceral_fat"]
@@ -196,7 +196,7 @@ def _noise_difference(
         "n": noisy_n,
         "mean_diff": noisy_smi / noisy_n if noisy_n else None,
         "sum_diff": noisy_smi,
-        "sum_sq_diff": 0.0,
+        "sum_sq_diff": None,
     }
     marks.append("smi.sd")
 

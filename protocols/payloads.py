@@ -50,7 +50,9 @@ class AreaAgreement(Schema):
     mean_diff_cm2: float | None = None
     sd_diff_cm2: float | None = None
     sum_diff_cm2: float = 0.0
-    sum_sq_diff_cm2: float = 0.0
+    sum_sq_diff_cm2: float | None = Field(
+        default=0.0, description="None when withheld (a differentially private reply): no sd, no limits"
+    )
     mean_hu_label: float | None = None
     mean_hu_test: float | None = None
 
@@ -64,7 +66,9 @@ class SmiAgreement(Schema):
     mean_diff: float | None = None
     sd_diff: float | None = None
     sum_diff: float = 0.0
-    sum_sq_diff: float = 0.0
+    sum_sq_diff: float | None = Field(
+        default=0.0, description="None when withheld (a differentially private reply): no sd, no limits"
+    )
 
 
 class SarcopeniaConfusion(Schema):
