@@ -28,7 +28,7 @@ What someone with write access to the folder holding the log can and cannot do:
 
 - cannot edit, insert, reorder or delete an entry, nor rewrite the whole log with a
   recomputed chain, unnoticed, as long as they cannot read the key (0600, owned by the
-  account sarcofed runs as): ``verify_log`` names the first line that does not check;
+  account sarcofed runs as): ``verify_log`` names each line that does not check;
 - cannot cut entries from the end unnoticed: the stored anchor (MAC'ed) still counts them,
   ``verify_log`` reports "the log ends before entry N the anchor saw", and the next append
   refuses to continue the log (the site answers nothing until someone looks);
@@ -49,7 +49,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -358,7 +358,7 @@ class AuditVerification:
             "key_present": self.key_present,
             "intact": self.intact,
             "problems": list(self.problems),
-            "anchors": [a.__dict__ for a in self.anchors],
+            "anchors": [asdict(a) for a in self.anchors],
             "current_anchor": self.current_anchor.model_dump() if self.current_anchor else None,
             "loose_permissions": list(self.loose),
         }
