@@ -19,7 +19,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client import site_tasks
-from client.guard import SiteGuard, SiteRefusal, open_guard
+from client.guard import AUDIT_UNAVAILABLE, SiteGuard, SiteRefusal, open_guard
+from client.redact import machine_paths
 from common.dataset import SiteDataset, load_site
 from common.errors import SarcofedError
 from protocols import keys
@@ -65,17 +66,30 @@ def _handle(msg: Message, context: Context, task_default: str) -> Message:
     except SiteRefusal as refusal:
         return _error(msg, REFUSED, f"refused by site policy: {refusal.reason}")
     except SarcofedError as err:
-        # Before the guard exists only sarcofed's own messages leave (config errors, no site-dir).
-        return _error(msg, FAILED, guard.error_reason(str(err)) if guard else str(err))
+        return _error(msg, FAILED, _failure(guard, str(err), err))
     except Exception as err:  # a site crash must reach the coordinator as a reason, not a hang
         log.error("task %s failed:\n%s", task, traceback.format_exc())
-        reason = f"{type(err).__name__}: {err}"
-        return _error(msg, FAILED, guard.error_reason(reason) if guard else _unguarded(err))
+        return _error(msg, FAILED, _failure(guard, f"{type(err).__name__}: {err}", err))
 
 
-def _unguarded(err: Exception) -> str:
-    """Before the guard exists (no site folder yet), send only the error's kind, never its text."""
-    return f"{type(err).__name__} before the site guard was set up (details are in the site's log)"
+def _failure(guard: SiteGuard | None, reason: str, err: Exception) -> str:
+    """A failure reason as it may leave: through the guard (redacted and audited) once it exists.
+
+    Before the guard exists only sarcofed's own messages leave (the study's config, no site
+    folder, an audit log it cannot write), with this machine's home folders named, not
+    spelled out; any other error leaves as its kind only. When the guard cannot even audit
+    the failure, the reason says only that.
+    """
+    if guard is None:
+        if isinstance(err, SarcofedError):
+            log.warning("task failed before the site guard was set up: %s", reason)
+            return machine_paths(reason)
+        return f"{type(err).__name__} before the site guard was set up (details are in the site's log)"
+    try:
+        return guard.error_reason(reason)
+    except Exception:
+        log.error("the failure could not be audited:\n%s", traceback.format_exc())
+        return AUDIT_UNAVAILABLE
 
 
 def _model_from(msg: Message, config: ConfigRecord) -> tuple[ModelSpec, object]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -33,10 +32,12 @@ from pydantic import ValidationError
 
 from client.allowlist import app_refusal, current_app_hash
 from client.audit import AuditLog
+from client.audit_anchor import AuditLogError
 from client.ledger import ReleaseLedger
 from client.policy import SitePolicy, load_policy
+from client.redact import redact
 from common.dataset import IDENTIFYING_COLUMNS, SiteDataset
-from common.errors import SiteFolderError
+from common.errors import SarcofedError, SiteFolderError
 from common.evaluation import SliceRecord, patients_of
 from protocols import keys
 from protocols.payloads import AreaAgreement, ClassScores, Distribution, EvaluationPayload
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 ALWAYS_ACCEPTED: tuple[str, ...] = ("identify",)
 #: Strings from manifest.csv shorter than this are not searched for in replies (too common).
 MIN_IDENTIFIER_LEN = 6
+#: The reason a site gives when it cannot audit: it then answers nothing (what failed stays in its log).
+AUDIT_UNAVAILABLE = "this site cannot write its audit log, so it answers nothing until the site fixes it"
 
 
 class SiteRefusal(Exception):
@@ -109,19 +112,6 @@ def leaked_column(text: str, strings: Collection[str]) -> str | None:
         if value.lower() in lowered:
             return "a file name or group key from manifest.csv"
     return None
-
-
-def redact(text: str, site_dir: Path, strings: Collection[str] = ()) -> str:
-    """``text`` with the site folder's path and ``strings`` (see :func:`never_leave`) replaced.
-
-    For error reasons that go back to the coordinator: an exception message may name a
-    file; what leaves says ``<site>/<file>`` instead.
-    """
-    site = str(Path(site_dir).expanduser().resolve())
-    out = text.replace(site, "<site>").replace(str(site_dir), "<site>")
-    for value in sorted(strings, key=len, reverse=True):
-        out = re.sub(re.escape(value), "<file>", out, flags=re.IGNORECASE)
-    return out
 
 
 def _small(count: int | None, k: int) -> bool:
@@ -328,8 +318,13 @@ class SiteGuard:
         )
 
     def error_reason(self, reason: str) -> str:
-        """An error reason as it may leave: file names and the site path redacted; audited."""
+        """An error reason as it may leave (``client.redact.redact``: no path, no file name), audited.
+
+        The reason as it was, paths and all, goes to the site's own log only.
+        """
         safe = redact(reason, self.site_dir, self.identifiers or ())
+        if safe != reason:
+            log.warning("site %s: %s (run %s) failed: %s", self.site_dir, self.task, self.run_id, reason)
         self.refuse(safe)
         return safe
 
@@ -476,16 +471,24 @@ def open_guard(
 
     Checks, in order: the site's policy.toml is readable (an unreadable policy refuses
     everything), the running code is on the app allow-list, the task is accepted, and the
-    instruction asks for nothing outside the study protocol. An empty allow-list is logged
+    instruction asks for nothing outside the study protocol. An audit log that cannot be
+    written (or no longer verifies against its anchor) raises ``SarcofedError`` with a reason
+    that names no file: nothing is answered unaudited. An empty allow-list is logged
     as a warning on the first message of each run (the audit log says which run is new).
     """
     site_dir = Path(site_dir)
     audit = AuditLog.for_site(site_dir)
     app_hash = app_hash or current_app_hash()
-    first_of_run = not audit.has_run(run_id)
-    audit.append(
-        "received", run_id=run_id, task=task, app_hash=app_hash, payload={"config": _jsonable(config)}
-    )
+    try:
+        first_of_run = not audit.has_run(run_id)
+        audit.append(
+            "received", run_id=run_id, task=task, app_hash=app_hash, payload={"config": _jsonable(config)}
+        )
+    except (OSError, AuditLogError) as err:  # the reason leaves; which file and why stay here
+        log.error("site %s: cannot write its audit log %s: %s", site_dir, audit.path, err)
+        raise SarcofedError(
+            f"{AUDIT_UNAVAILABLE} (its log says why; `sarcofed site audit SITE --verify` checks the log)"
+        ) from err
     try:
         policy = load_policy(site_dir)
     except SiteFolderError as err:
