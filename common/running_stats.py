@@ -8,9 +8,11 @@ and the coordinator chooses the batch size and the order (``train.batch-size``,
 site's policy (``[training] batchnorm-stats``, ``client.policy``) picks one rule:
 
 - ``recompute`` (default): after training, the statistics are recomputed in one pass over
-  every training slice with ``torch.optim.swa_utils.update_bn`` (equal weight per batch of a
-  fixed order, no momentum): an aggregate over the whole training split, like every other
-  number a site releases, whatever the batch size and order;
+  every training slice in a fixed order, as ``torch.optim.swa_utils.update_bn`` does but
+  weighted by slices (each batch's momentum is its share of the slices seen so far): the
+  running mean is the exact mean over every training slice, the variance the slice-weighted
+  mean of the batch variances. An aggregate over the whole training split, like every other
+  number a site releases, whatever the batch order;
 - ``received``: the statistics the site received, copied back unchanged: none of the site's
   images are in them (but the global model's statistics then never learn from this site);
 - ``local``: as training left them (PyTorch's moving average; sarcofed before this option).
@@ -73,10 +75,33 @@ def apply_running_stats(
                 state[name].copy_(received[name].to(state[name].dtype))
         return
     if rule == "recompute":
-        with torch.no_grad():
-            torch.optim.swa_utils.update_bn(batches, model)
+        _recompute(model, batches)
         return
     raise ValueError(f"unknown batchnorm-stats rule {rule!r}; valid choices are: {', '.join(RUNNING_STATS)}")
+
+
+def _recompute(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """One pass in training mode: momentum ``b / seen`` gives every slice the same weight."""
+    import torch
+
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+    was_training = model.training
+    model.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for images in batches:
+                seen += len(images)
+                for layer in layers:
+                    layer.momentum = len(images) / seen
+                model(images)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+        model.train(was_training)
 
 
 __all__ = ["RUNNING_STATS", "RunningStats", "apply_running_stats", "running_stat_names"]
