@@ -383,7 +383,8 @@ class SiteGuard:
                 raise self._refuse(
                     f"this round's DP-SGD spent epsilon {epsilon:.3g} (delta {dp_sgd.target_delta:g}), "
                     f"more than this site's max-epsilon {dp_sgd.max_epsilon:g} ([dp-sgd] in policy.toml); "
-                    "lower train.local-epochs or raise train.batch-size"
+                    "lower train.local-epochs or train.batch-size (a smaller sampling rate per step), "
+                    "or the site raises noise-multiplier"
                 )
         withheld = withheld_validation(released, self.policy)
         if withheld:

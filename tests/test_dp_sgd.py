@@ -99,6 +99,7 @@ def test_planned_epsilon_follows_noise_epochs_and_batch() -> None:
     assert steps_per_epoch(10, 4) == 3 and steps_per_epoch(1, 4) == 1
     base = planned_epsilon(PRIVATE, 100, 4, 1)
     assert planned_epsilon(PRIVATE, 100, 4, 3) > base  # more epochs spend more
+    assert planned_epsilon(PRIVATE, 100, 2, 1) < base  # smaller batches (rarer sampling) spend less
     assert planned_epsilon(PrivateTraining(2.0, 1.0, 1e-5), 100, 4, 1) < base  # more noise, less
     assert planned_epsilon(PrivateTraining(1.0, 1.0, 1e-3), 100, 4, 1) < base  # looser delta, less
     with pytest.raises(ValueError, match="delta"):

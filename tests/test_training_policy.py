@@ -183,7 +183,7 @@ def test_dp_sgd_sites_release_only_private_rounds_within_their_epsilon_cap(site:
     base = {keys.NUM_EXAMPLES: 9.0}
     with pytest.raises(SiteRefusal, match="requires DP-SGD"):
         g.release_weights(9, "c" * 64, base)
-    with pytest.raises(SiteRefusal, match=r"epsilon 7\.5 .*max-epsilon 5"):
+    with pytest.raises(SiteRefusal, match=r"epsilon 7\.5 .*max-epsilon 5 .*lower train\.local-epochs"):
         g.release_weights(9, "c" * 64, {**base, keys.DP_EPSILON: 7.5, keys.DP_DELTA: 1e-5})
     out = g.release_weights(9, "c" * 64, {**base, keys.DP_EPSILON: 2.5, keys.DP_DELTA: 1e-5})
     assert out[keys.DP_EPSILON] == 2.5
