@@ -59,7 +59,7 @@ def _handle(msg: Message, context: Context, task_default: str) -> Message:
     try:
         study = _study(context, config)
         site_dir = site_tasks.resolve_site_dir(dict(context.node_config), study)
-        guard = open_guard(site_dir, run_id=context.run_id, task=task, config=dict(config))
+        guard = open_guard(site_dir, run_id=context.run_id, task=task, config=dict(config), study=study)
         # The one parse of the site folder for this message: every task and the guard use it.
         site = guard.attach(load_site(site_dir))
         return _run(msg, task, config, study, site, guard)
@@ -112,9 +112,17 @@ def _run(
         from common.model import pack_state, weights_hash
 
         spec, model = _model_from(msg, config)
+        guard.check_training(spec)
         global_packed = msg.content.array_records[keys.ARRAYS][keys.PACKED].numpy()
         mu = float(config.get(keys.PROXIMAL_MU, 0.0))  # type: ignore[arg-type]
-        state, metrics = site_tasks.run_train(site, model, spec, study, proximal_mu=mu)  # type: ignore[arg-type]
+        state, metrics = site_tasks.run_train(
+            site,
+            model,  # type: ignore[arg-type]
+            spec,
+            study,
+            proximal_mu=mu,
+            policy=guard.policy,
+        )
         packed, _layout = pack_state(state)
         # Local DP when the site's policy demands it: clip and noise the update, not the weights.
         update, dp_applied = guard.protect_update(packed - global_packed)

@@ -12,7 +12,11 @@ enforcing the policy on them:
   through ``EvaluationPayload`` so only schema fields leave; no file name or group key
   from manifest.csv anywhere in the text (error reasons: redacted instead);
 - training replies: only the metric keys of ``protocols.keys.TRAIN_METRIC_KEYS``, finite
-  values, at least ``min-slices`` training slices, local DP when the policy demands it.
+  values, at least ``min-slices`` training slices, local DP when the policy demands it;
+  validation metrics only over ``[training] min-val-patients`` / ``min-val-slices``
+  (otherwise withheld and marked ``val-withheld``); DP-SGD with its epsilon when ``[dp-sgd]``
+  demands it (and a study model without BatchNorm, checked before training);
+- every instruction: run-config values inside the site's ``[bounds]``.
 
 Every refusal and every reply sent is appended to the site's audit log first.
 """
@@ -40,6 +44,7 @@ from common.dataset import IDENTIFYING_COLUMNS, SiteDataset
 from common.errors import SarcofedError, SiteFolderError
 from common.evaluation import SliceRecord, patients_of
 from protocols import keys
+from protocols.model import ModelSpec
 from protocols.payloads import AreaAgreement, ClassScores, Distribution, EvaluationPayload
 from protocols.study import StudyConfig
 
@@ -85,6 +90,45 @@ def config_refusal(config: Mapping[str, object]) -> str | None:
             kind = type(value).__name__
             return f"instruction key {key!r} holds a {kind}; only bool/int/float/str are accepted"
     return None
+
+
+def bounds_refusal(policy: SitePolicy, study: StudyConfig) -> str | None:
+    """Why the study's run config is outside the site's ``[bounds]`` (``None`` = inside them).
+
+    Checked on the study as the site parsed it (run config and instruction together), so a
+    value set either way is bounded.
+    """
+    flat = study.to_flat()
+    for key, (low, high) in sorted(policy.bounds.items()):
+        value = flat[key]
+        if not low <= float(value) <= high:
+            return (
+                f"run-config {key} = {value:g} is outside this site's bounds [{low:g}, {high:g}] "
+                f"([bounds] in policy.toml); set {key} between {low:g} and {high:g}"
+            )
+    return None
+
+
+def withheld_validation(metrics: Mapping[str, float], policy: SitePolicy) -> str | None:
+    """Why the validation metrics of a training reply may not leave (``None`` = they may).
+
+    They are sums over the validation patients' slices; with one patient they are that
+    patient's pixel counts and loss (``train.val-fraction`` and ``train.seed`` choose how
+    many and whom), so they leave only over ``min-val-patients`` patients and
+    ``min-val-slices`` slices. A reply that does not say its patient count is withheld too.
+    """
+    if not any(key in metrics for key in keys.VAL_METRIC_KEYS):
+        return None
+    patients = int(metrics.get(keys.N_VAL_PATIENTS, 0))
+    slices = int(metrics.get(keys.N_VAL, 0))
+    need_patients, need_slices = policy.training.min_val_patients, policy.min_val_slices
+    if patients >= need_patients and slices >= need_slices:
+        return None
+    return (
+        f"the validation split holds {patients} patient(s) and {slices} slice(s); this site releases "
+        f"validation metrics over at least {need_patients} patients and {need_slices} slices "
+        "(min-val-patients / min-val-slices in policy.toml [training]); raise train.val-fraction"
+    )
 
 
 def never_leave(site: SiteDataset) -> frozenset[str]:
@@ -380,6 +424,16 @@ class SiteGuard:
         ledger.record(run_id=self.run_id, task=self.task, patients=patients, epsilon=epsilon)
         return released
 
+    def check_training(self, spec: ModelSpec) -> None:
+        """Refuse (``SiteRefusal``, audited) a training instruction this site's policy cannot serve:
+        DP-SGD required and a study model with BatchNorm, which DP-SGD cannot train."""
+        if self.policy.dp_sgd.enabled and spec.norm != "group":
+            raise self._refuse(
+                f"this site trains only with DP-SGD ([dp-sgd] in policy.toml), which cannot train a "
+                f"model with BatchNorm (model.norm = {spec.norm!r}: BatchNorm mixes the slices of a "
+                "batch and keeps statistics of them); run the study with model.norm = 'group'"
+            )
+
     def release_weights(
         self,
         n_train: int,
@@ -388,7 +442,12 @@ class SiteGuard:
         *,
         dp_applied: bool = False,
     ) -> dict[str, float]:
-        """The training metrics as they may leave (allow-listed keys, finite values), audited."""
+        """The training metrics as they may leave (allow-listed keys, finite values), audited.
+
+        Validation metrics over fewer patients or slices than the policy's minimums are
+        withheld and the reply marked ``val-withheld`` (the weights still leave); a reply the
+        policy's DP-SGD does not cover, or that spent more than ``max-epsilon``, is refused.
+        """
         allowed = set(keys.TRAIN_METRIC_KEYS)
         extra = sorted(k for k in metrics if k not in allowed)
         if extra:
@@ -409,12 +468,34 @@ class SiteGuard:
             raise self._refuse(
                 "this site's policy requires local DP on weights, and the update was not privatised"
             )
+        dp_sgd = self.policy.dp_sgd
+        if dp_sgd.enabled:
+            epsilon = released.get(keys.DP_EPSILON)
+            if epsilon is None:
+                raise self._refuse(
+                    "this site's policy requires DP-SGD ([dp-sgd] in policy.toml), and the training "
+                    "was not private"
+                )
+            if epsilon > dp_sgd.max_epsilon:
+                raise self._refuse(
+                    f"this round's DP-SGD spent epsilon {epsilon:.3g} (delta {dp_sgd.target_delta:g}), "
+                    f"more than this site's max-epsilon {dp_sgd.max_epsilon:g} ([dp-sgd] in policy.toml); "
+                    "lower train.local-epochs or train.batch-size (a smaller sampling rate per step), "
+                    "or the site raises noise-multiplier"
+                )
+        withheld = withheld_validation(released, self.policy)
+        if withheld:
+            log.warning("site withholds validation metrics (run %s): %s", self.run_id, withheld)
+            released = {k: v for k, v in released.items() if k not in keys.VAL_METRIC_KEYS}
+            released[keys.VAL_WITHHELD] = 1.0
         self._sent(
             {
                 "n_train": int(n_train),
                 "weights_sha256": weights_sha256,
                 "metrics": released,
                 "weights_dp": dp.model_dump() if dp.enabled else None,
+                "dp_sgd": dp_sgd.model_dump() if dp_sgd.enabled else None,
+                "validation_withheld": withheld,
             }
         )
         return released
@@ -466,12 +547,14 @@ def open_guard(
     task: str,
     config: Mapping[str, object],
     app_hash: str | None = None,
+    study: StudyConfig | None = None,
 ) -> SiteGuard:
     """Audit the instruction, then refuse it (``SiteRefusal``) or return the guard for its reply.
 
     Checks, in order: the site's policy.toml is readable (an unreadable policy refuses
-    everything), the running code is on the app allow-list, the task is accepted, and the
-    instruction asks for nothing outside the study protocol. An audit log that cannot be
+    everything), the running code is on the app allow-list, the task is accepted, the
+    instruction asks for nothing outside the study protocol, and the ``study`` the site
+    parsed (when given) is inside the policy's ``[bounds]``. An audit log that cannot be
     written (or no longer verifies against its anchor) raises ``SarcofedError`` with a reason
     that names no file: nothing is answered unaudited. An empty allow-list is logged
     as a warning on the first message of each run (the audit log says which run is new).
@@ -509,7 +592,7 @@ def open_guard(
             f"this site does not accept '{task}' tasks (accept-tasks in policy.toml: "
             f"{', '.join(policy.accept_tasks) or 'none'})"
         )
-    reason = config_refusal(config)
+    reason = config_refusal(config) or (bounds_refusal(policy, study) if study is not None else None)
     if reason:
         raise guard._refuse(reason)
     return guard

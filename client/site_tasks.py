@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from client.policy import SitePolicy
 from common.dataset import MANIFEST_CSV, SiteDataset, iter_slices
 from common.errors import SarcofedError, SliceError
 from common.evaluation import Scope
@@ -119,33 +120,47 @@ def run_train(
     study: StudyConfig,
     *,
     proximal_mu: float = 0.0,
+    policy: SitePolicy | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Local training on the site's train patients, validation on its validation patients.
 
     The test patients (``train.test-fraction``) are held out: the study's internal validation
-    scores them and nothing else. Returns new weights and aggregate metrics.
+    scores them and nothing else. What the site's ``policy`` (default: the default policy)
+    asks of the training itself is done here: DP-SGD (``[dp-sgd]``) and the BatchNorm statistics
+    rule (``[training] batchnorm-stats``); what it asks of the reply (the validation minimums,
+    the epsilon cap) the guard enforces on the metrics (``SiteGuard.release_weights``).
+    Returns new weights and aggregate metrics, among them the number of validation patients.
     """
+    from common.dp_sgd import PrivateTraining
     from common.training import TrainConfig, train_local
 
+    policy = policy or SitePolicy()
     train_samples, val_samples = _train_and_val(site, study.train)
     config = TrainConfig.from_study(study.train, proximal_mu=proximal_mu)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dp = policy.dp_sgd
+    private = PrivateTraining(dp.noise_multiplier, dp.max_grad_norm, dp.target_delta) if dp.enabled else None
     result = train_local(
         model,
         spec,
         train_samples,
         val_samples,
         config,
-        global_state=global_state if proximal_mu > 0 else None,
+        global_state=global_state,
+        private=private,
+        running_stats=policy.training.batchnorm_stats,
     )
     metrics: dict[str, float] = {
         keys.NUM_EXAMPLES: float(result.n_train),
         keys.N_VAL: float(result.n_val),
+        keys.N_VAL_PATIENTS: float(len({sample.group for sample in val_samples})),
         keys.TRAIN_LOSS: float(result.train_loss_mean),
         keys.TRAIN_LOSS_SUM: float(result.train_loss_sum),
         keys.EPOCHS: float(result.epochs),
         keys.SECONDS: float(result.seconds),
     }
+    if result.epsilon is not None and result.delta is not None:
+        metrics[keys.DP_EPSILON], metrics[keys.DP_DELTA] = result.epsilon, result.delta
     if result.val_loss_mean is not None:
         metrics[keys.VAL_LOSS] = float(result.val_loss_mean)
         metrics[keys.VAL_LOSS_SUM] = float(result.val_loss_sum)
