@@ -207,3 +207,16 @@ def test_the_epsilon_budget_is_spent_per_reply_and_refused_beyond(tmp_path: Path
 
     sent = [e for e in read_audit(audit_path(site)) if e.event == "sent"]
     assert [e.payload["dp"]["epsilon"] for e in sent] == [1.0, 1.0, 1.0]  # the audit log records the spend
+
+
+def test_the_site_cli_preview_withholds_the_same_quantiles(tmp_path: Path) -> None:
+    """`sarcofed site compare --json` shows exactly what would be sent: no order statistics either."""
+    from typer.testing import CliRunner
+
+    from server.cli import app as cli
+
+    site = make_site(tmp_path, n=5, size=48, with_reference=True, name="small-cli")
+    result = CliRunner().invoke(cli, ["site", "compare", str(site), "--json"])
+    assert result.exit_code == 0, result.output
+    previewed = EvaluationPayload.model_validate_json(result.stdout)
+    assert reconstruct_five(previewed.scores["muscle"].iou) is None and "quantiles" in previewed.suppressed
