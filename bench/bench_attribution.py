@@ -158,12 +158,12 @@ def run_suite(
     payloads, conventions = {}, {}
     for i, path in enumerate(trainers):
         site = load_site(path)
-        payloads[site.name] = run_evaluate(site, model, study.model, study, role="internal")
+        payloads[site.name] = run_evaluate(site, model, study.model, study, role="internal").payload
         conventions[site.name] = f"reference (trained on, #{i})"
     for key, path in externals:
         site = load_site(path)
         name = f"{site.name}@{path.name}"
-        payloads[name] = run_evaluate(site, model, study.model, study, role="external")
+        payloads[name] = run_evaluate(site, model, study.model, study, role="external").payload
         conventions[name] = key
     profile, attributed = study_attribution(payloads, study.protocol)
     outcomes = []

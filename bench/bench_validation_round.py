@@ -175,7 +175,7 @@ def main() -> None:
         local: dict[Path, tuple[float, int]] = {}
         for site_dir in site_dirs:
             clock = time.perf_counter()
-            payload = run_evaluate(load_site(site_dir), loaded.model, spec, study)
+            payload = run_evaluate(load_site(site_dir), loaded.model, spec, study).payload
             local[site_dir] = (time.perf_counter() - clock, payload.n_used)
 
     used = {r.site: r.payload.n_used for r in report.sites if r.payload is not None}

@@ -19,7 +19,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client import site_tasks
-from client.guard import SiteGuard, SiteRefusal, open_guard
+from client.guard import AUDIT_UNAVAILABLE, SiteGuard, SiteRefusal, open_guard
+from client.redact import machine_paths
 from common.dataset import SiteDataset, load_site
 from common.errors import SarcofedError
 from protocols import keys
@@ -58,24 +59,37 @@ def _handle(msg: Message, context: Context, task_default: str) -> Message:
     try:
         study = _study(context, config)
         site_dir = site_tasks.resolve_site_dir(dict(context.node_config), study)
-        guard = open_guard(site_dir, run_id=context.run_id, task=task, config=dict(config))
+        guard = open_guard(site_dir, run_id=context.run_id, task=task, config=dict(config), study=study)
         # The one parse of the site folder for this message: every task and the guard use it.
         site = guard.attach(load_site(site_dir))
         return _run(msg, task, config, study, site, guard)
     except SiteRefusal as refusal:
         return _error(msg, REFUSED, f"refused by site policy: {refusal.reason}")
     except SarcofedError as err:
-        # Before the guard exists only sarcofed's own messages leave (config errors, no site-dir).
-        return _error(msg, FAILED, guard.error_reason(str(err)) if guard else str(err))
+        return _error(msg, FAILED, _failure(guard, str(err), err))
     except Exception as err:  # a site crash must reach the coordinator as a reason, not a hang
         log.error("task %s failed:\n%s", task, traceback.format_exc())
-        reason = f"{type(err).__name__}: {err}"
-        return _error(msg, FAILED, guard.error_reason(reason) if guard else _unguarded(err))
+        return _error(msg, FAILED, _failure(guard, f"{type(err).__name__}: {err}", err))
 
 
-def _unguarded(err: Exception) -> str:
-    """Before the guard exists (no site folder yet), send only the error's kind, never its text."""
-    return f"{type(err).__name__} before the site guard was set up (details are in the site's log)"
+def _failure(guard: SiteGuard | None, reason: str, err: Exception) -> str:
+    """A failure reason as it may leave: through the guard (redacted and audited) once it exists.
+
+    Before the guard exists only sarcofed's own messages leave (the study's config, no site
+    folder, an audit log it cannot write), with this machine's home folders named, not
+    spelled out; any other error leaves as its kind only. When the guard cannot even audit
+    the failure, the reason says only that.
+    """
+    if guard is None:
+        if isinstance(err, SarcofedError):
+            log.warning("task failed before the site guard was set up: %s", reason)
+            return machine_paths(reason)
+        return f"{type(err).__name__} before the site guard was set up (details are in the site's log)"
+    try:
+        return guard.error_reason(reason)
+    except Exception:
+        log.error("the failure could not be audited:\n%s", traceback.format_exc())
+        return AUDIT_UNAVAILABLE
 
 
 def _model_from(msg: Message, config: ConfigRecord) -> tuple[ModelSpec, object]:
@@ -98,9 +112,17 @@ def _run(
         from common.model import pack_state, weights_hash
 
         spec, model = _model_from(msg, config)
+        guard.check_training(spec)
         global_packed = msg.content.array_records[keys.ARRAYS][keys.PACKED].numpy()
         mu = float(config.get(keys.PROXIMAL_MU, 0.0))  # type: ignore[arg-type]
-        state, metrics = site_tasks.run_train(site, model, spec, study, proximal_mu=mu)  # type: ignore[arg-type]
+        state, metrics = site_tasks.run_train(
+            site,
+            model,  # type: ignore[arg-type]
+            spec,
+            study,
+            proximal_mu=mu,
+            policy=guard.policy,
+        )
         packed, _layout = pack_state(state)
         # Local DP when the site's policy demands it: clip and noise the update, not the weights.
         update, dp_applied = guard.protect_update(packed - global_packed)
@@ -123,10 +145,10 @@ def _run(
             # the hash of the weights this site received, not the one the coordinator claims
             received = weights_hash(model.state_dict())  # type: ignore[attr-defined]
             role = site_tasks.site_role(site, str(config.get(keys.ROLE, "external")), received)
-            payload = site_tasks.run_evaluate(site, model, spec, study, role=role)  # type: ignore[arg-type]
+            scored = site_tasks.run_evaluate(site, model, spec, study, role=role)  # type: ignore[arg-type]
         else:
-            payload = site_tasks.run_compare(site, study)
-        released = guard.release_payload(payload)
+            scored = site_tasks.run_compare(site, study)
+        released = guard.release_payload(scored.payload, records=scored.records)
         text = released.model_dump_json()
         return Message(RecordDict({keys.PAYLOAD: ConfigRecord({keys.PAYLOAD_JSON: text})}), reply_to=msg)
     raise SarcofedError(f"unknown task {task!r}; this site accepts {', '.join(keys.TASKS)}")

@@ -12,7 +12,11 @@ enforcing the policy on them:
   through ``EvaluationPayload`` so only schema fields leave; no file name or group key
   from manifest.csv anywhere in the text (error reasons: redacted instead);
 - training replies: only the metric keys of ``protocols.keys.TRAIN_METRIC_KEYS``, finite
-  values, at least ``min-slices`` training slices, local DP when the policy demands it.
+  values, at least ``min-slices`` training slices, local DP when the policy demands it;
+  validation metrics only over ``[training] min-val-patients`` / ``min-val-slices``
+  (otherwise withheld and marked ``val-withheld``); DP-SGD with its epsilon when ``[dp-sgd]``
+  demands it (and a study model without BatchNorm, checked before training);
+- every instruction: run-config values inside the site's ``[bounds]``.
 
 Every refusal and every reply sent is appended to the site's audit log first.
 """
@@ -22,8 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -33,10 +36,15 @@ from pydantic import ValidationError
 
 from client.allowlist import app_refusal, current_app_hash
 from client.audit import AuditLog
+from client.audit_anchor import AuditLogError
+from client.ledger import ReleaseLedger
 from client.policy import SitePolicy, load_policy
+from client.redact import redact
 from common.dataset import IDENTIFYING_COLUMNS, SiteDataset
-from common.errors import SiteFolderError
+from common.errors import SarcofedError, SiteFolderError
+from common.evaluation import SliceRecord, patients_of
 from protocols import keys
+from protocols.model import ModelSpec
 from protocols.payloads import AreaAgreement, ClassScores, Distribution, EvaluationPayload
 from protocols.study import StudyConfig
 
@@ -46,6 +54,8 @@ log = logging.getLogger(__name__)
 ALWAYS_ACCEPTED: tuple[str, ...] = ("identify",)
 #: Strings from manifest.csv shorter than this are not searched for in replies (too common).
 MIN_IDENTIFIER_LEN = 6
+#: The reason a site gives when it cannot audit: it then answers nothing (what failed stays in its log).
+AUDIT_UNAVAILABLE = "this site cannot write its audit log, so it answers nothing until the site fixes it"
 
 
 class SiteRefusal(Exception):
@@ -82,6 +92,45 @@ def config_refusal(config: Mapping[str, object]) -> str | None:
     return None
 
 
+def bounds_refusal(policy: SitePolicy, study: StudyConfig) -> str | None:
+    """Why the study's run config is outside the site's ``[bounds]`` (``None`` = inside them).
+
+    Checked on the study as the site parsed it (run config and instruction together), so a
+    value set either way is bounded.
+    """
+    flat = study.to_flat()
+    for key, (low, high) in sorted(policy.bounds.items()):
+        value = flat[key]
+        if not low <= float(value) <= high:
+            return (
+                f"run-config {key} = {value:g} is outside this site's bounds [{low:g}, {high:g}] "
+                f"([bounds] in policy.toml); set {key} between {low:g} and {high:g}"
+            )
+    return None
+
+
+def withheld_validation(metrics: Mapping[str, float], policy: SitePolicy) -> str | None:
+    """Why the validation metrics of a training reply may not leave (``None`` = they may).
+
+    They are sums over the validation patients' slices; with one patient they are that
+    patient's pixel counts and loss (``train.val-fraction`` and ``train.seed`` choose how
+    many and whom), so they leave only over ``min-val-patients`` patients and
+    ``min-val-slices`` slices. A reply that does not say its patient count is withheld too.
+    """
+    if not any(key in metrics for key in keys.VAL_METRIC_KEYS):
+        return None
+    patients = int(metrics.get(keys.N_VAL_PATIENTS, 0))
+    slices = int(metrics.get(keys.N_VAL, 0))
+    need_patients, need_slices = policy.training.min_val_patients, policy.min_val_slices
+    if patients >= need_patients and slices >= need_slices:
+        return None
+    return (
+        f"the validation split holds {patients} patient(s) and {slices} slice(s); this site releases "
+        f"validation metrics over at least {need_patients} patients and {need_slices} slices "
+        "(min-val-patients / min-val-slices in policy.toml [training]); raise train.val-fraction"
+    )
+
+
 def never_leave(site: SiteDataset) -> frozenset[str]:
     """The strings of a parsed site that no reply may contain: manifest paths, file names, group keys.
 
@@ -109,21 +158,82 @@ def leaked_column(text: str, strings: Collection[str]) -> str | None:
     return None
 
 
-def redact(text: str, site_dir: Path, strings: Collection[str] = ()) -> str:
-    """``text`` with the site folder's path and ``strings`` (see :func:`never_leave`) replaced.
-
-    For error reasons that go back to the coordinator: an exception message may name a
-    file; what leaves says ``<site>/<file>`` instead.
-    """
-    site = str(Path(site_dir).expanduser().resolve())
-    out = text.replace(site, "<site>").replace(str(site_dir), "<site>")
-    for value in sorted(strings, key=len, reverse=True):
-        out = re.sub(re.escape(value), "<file>", out, flags=re.IGNORECASE)
-    return out
-
-
 def _small(count: int | None, k: int) -> bool:
     return count is not None and 0 < count < k
+
+
+#: Marks that medians and quartiles were withheld (they are order statistics: the values of
+#: individual slices; with n, mean and sd they give back every value of a small site).
+QUANTILES_MARK = "quantiles"
+
+
+def _withhold_quantiles(data: dict[str, Any]) -> bool:
+    """Drop median / q1 / q3 from every distribution of a payload dict; whether any was there."""
+    found = False
+    for field in ("scores", "raw_scores", "harmonised_scores"):
+        for scores in (data.get(field) or {}).values():
+            for dist in ("iou", "dice"):
+                values = scores.get(dist) or {}
+                for q in ("median", "q1", "q3"):
+                    if values.get(q) is not None:
+                        values[q] = None
+                        found = True
+    return found
+
+
+def release_refusal(
+    payload: EvaluationPayload,
+    patients: Collection[str],
+    policy: SitePolicy,
+    ledger: ReleaseLedger,
+    run_id: int | None = None,
+) -> str | None:
+    """Why the site refuses to release this payload at all (``None``: it may leave, after suppression).
+
+    Too few slices or patients; without differential privacy, a patient set that differs from
+    an earlier release's by at least one and fewer than ``min-patients`` patients (one
+    patient's values would follow by subtraction, ``n2 * mean2 - n1 * mean1``); with it, a
+    reply that would exceed the study's or the site's epsilon budget.
+    """
+    if payload.n_used < policy.min_slices:
+        return (
+            f"only {payload.n_used} usable slice(s); this site's policy releases results over at "
+            f"least {policy.min_slices} (min-slices in policy.toml)"
+        )
+    n_patients = len(set(patients))
+    if n_patients < policy.min_patients:
+        return (
+            f"the {payload.n_used} usable slice(s) come from only {n_patients} patient(s); this site's "
+            f"policy releases results over at least {policy.min_patients} patients (min-patients in "
+            "policy.toml)"
+        )
+    dp = policy.aggregate_dp
+    if dp.enabled:
+        study = ledger.spent(run_id) if run_id is not None else 0.0
+        total = ledger.spent()
+        if study + dp.epsilon_per_reply > dp.epsilon_per_study + 1e-12:
+            return (
+                "this reply would take the study's privacy loss to epsilon "
+                f"{study + dp.epsilon_per_reply:g}; "
+                f"this site's policy allows {dp.epsilon_per_study:g} per study (epsilon-per-study in "
+                "[aggregate-dp] of policy.toml)"
+            )
+        if total + dp.epsilon_per_reply > dp.epsilon_total + 1e-12:
+            return (
+                f"this site has released epsilon {total:g} with differential privacy; one more reply would "
+                f"exceed its total budget of {dp.epsilon_total:g} (epsilon-total in [aggregate-dp] of "
+                "policy.toml): nothing more is released"
+            )
+        return None
+    earlier = ledger.too_close(patients, policy.min_patients)
+    if earlier is not None:
+        return (
+            f"this reply would summarise almost the same patients as the {earlier.task} reply this site "
+            f"sent in run {earlier.run_id} ({earlier.time}): fewer than {policy.min_patients} patients "
+            "(min-patients in policy.toml) differ, so a patient's values would follow by subtraction; "
+            "the same patients, or at least that many more or fewer, may be released"
+        )
+    return None
 
 
 def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[dict[str, Any], list[str]]:
@@ -135,6 +245,8 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
     k = policy.min_cell_count
     data = payload.model_dump(mode="json", by_alias=True)
     marks: list[str] = []
+    if _withhold_quantiles(data):
+        marks.append(QUANTILES_MARK)
 
     if not policy.accepts("discrepancy"):
         if data.get("discrepancy") is not None:
@@ -250,8 +362,13 @@ class SiteGuard:
         )
 
     def error_reason(self, reason: str) -> str:
-        """An error reason as it may leave: file names and the site path redacted; audited."""
+        """An error reason as it may leave (``client.redact.redact``: no path, no file name), audited.
+
+        The reason as it was, paths and all, goes to the site's own log only.
+        """
         safe = redact(reason, self.site_dir, self.identifiers or ())
+        if safe != reason:
+            log.warning("site %s: %s (run %s) failed: %s", self.site_dir, self.task, self.run_id, reason)
         self.refuse(safe)
         return safe
 
@@ -259,16 +376,39 @@ class SiteGuard:
         self.refuse(reason)
         return SiteRefusal(reason)
 
-    def release_payload(self, payload: EvaluationPayload) -> EvaluationPayload:
-        """The payload as it may leave: policy applied, re-validated, audited."""
+    def release_payload(
+        self, payload: EvaluationPayload, *, records: Sequence[SliceRecord]
+    ) -> EvaluationPayload:
+        """The payload as it may leave: policy applied, re-validated, audited, recorded.
+
+        ``records``: the per-slice records the payload was computed from (kept at the site):
+        the release ledger stores keyed hashes of their patients, and a DP release is computed
+        from them.
+        """
         if not isinstance(payload, EvaluationPayload):
             raise self._refuse(f"reply is a {type(payload).__name__}, not an EvaluationPayload")
-        if payload.n_used < self.policy.min_slices:
-            raise self._refuse(
-                f"only {payload.n_used} usable slice(s); this site's policy releases results over at "
-                f"least {self.policy.min_slices} (min-slices in policy.toml)"
-            )
+        patients = patients_of(records)
+        ledger = ReleaseLedger.for_site(self.site_dir)
+        reason = release_refusal(payload, patients, self.policy, ledger, self.run_id)
+        if reason:
+            raise self._refuse(reason)
         data, marks = suppress_payload(payload, self.policy)
+        epsilon = 0.0
+        dp = self.policy.aggregate_dp
+        if dp.enabled:
+            from client.dp_release import private_payload
+
+            cutoff = payload.sarcopenia.cutoff_set if payload.sarcopenia else "prado2008"
+            data, dp_marks, release = private_payload(
+                data,
+                records,
+                epsilon=dp.epsilon_per_reply,
+                max_per_patient=dp.max_slices_per_patient,
+                cutoff_set=cutoff,
+            )
+            marks += dp_marks
+            data["dp"] = release.model_dump(mode="json")
+            epsilon = release.epsilon
         data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
         try:
             released = EvaluationPayload.model_validate(data)
@@ -281,7 +421,18 @@ class SiteGuard:
         if leak:
             raise self._refuse(f"reply contains {leak}; nothing was sent")
         self._sent(json.loads(text))
+        ledger.record(run_id=self.run_id, task=self.task, patients=patients, epsilon=epsilon)
         return released
+
+    def check_training(self, spec: ModelSpec) -> None:
+        """Refuse (``SiteRefusal``, audited) a training instruction this site's policy cannot serve:
+        DP-SGD required and a study model with BatchNorm, which DP-SGD cannot train."""
+        if self.policy.dp_sgd.enabled and spec.norm != "group":
+            raise self._refuse(
+                f"this site trains only with DP-SGD ([dp-sgd] in policy.toml), which cannot train a "
+                f"model with BatchNorm (model.norm = {spec.norm!r}: BatchNorm mixes the slices of a "
+                "batch and keeps statistics of them); run the study with model.norm = 'group'"
+            )
 
     def release_weights(
         self,
@@ -291,7 +442,12 @@ class SiteGuard:
         *,
         dp_applied: bool = False,
     ) -> dict[str, float]:
-        """The training metrics as they may leave (allow-listed keys, finite values), audited."""
+        """The training metrics as they may leave (allow-listed keys, finite values), audited.
+
+        Validation metrics over fewer patients or slices than the policy's minimums are
+        withheld and the reply marked ``val-withheld`` (the weights still leave); a reply the
+        policy's DP-SGD does not cover, or that spent more than ``max-epsilon``, is refused.
+        """
         allowed = set(keys.TRAIN_METRIC_KEYS)
         extra = sorted(k for k in metrics if k not in allowed)
         if extra:
@@ -312,12 +468,34 @@ class SiteGuard:
             raise self._refuse(
                 "this site's policy requires local DP on weights, and the update was not privatised"
             )
+        dp_sgd = self.policy.dp_sgd
+        if dp_sgd.enabled:
+            epsilon = released.get(keys.DP_EPSILON)
+            if epsilon is None:
+                raise self._refuse(
+                    "this site's policy requires DP-SGD ([dp-sgd] in policy.toml), and the training "
+                    "was not private"
+                )
+            if epsilon > dp_sgd.max_epsilon:
+                raise self._refuse(
+                    f"this round's DP-SGD spent epsilon {epsilon:.3g} (delta {dp_sgd.target_delta:g}), "
+                    f"more than this site's max-epsilon {dp_sgd.max_epsilon:g} ([dp-sgd] in policy.toml); "
+                    "lower train.local-epochs or train.batch-size (a smaller sampling rate per step), "
+                    "or the site raises noise-multiplier"
+                )
+        withheld = withheld_validation(released, self.policy)
+        if withheld:
+            log.warning("site withholds validation metrics (run %s): %s", self.run_id, withheld)
+            released = {k: v for k, v in released.items() if k not in keys.VAL_METRIC_KEYS}
+            released[keys.VAL_WITHHELD] = 1.0
         self._sent(
             {
                 "n_train": int(n_train),
                 "weights_sha256": weights_sha256,
                 "metrics": released,
                 "weights_dp": dp.model_dump() if dp.enabled else None,
+                "dp_sgd": dp_sgd.model_dump() if dp_sgd.enabled else None,
+                "validation_withheld": withheld,
             }
         )
         return released
@@ -369,21 +547,31 @@ def open_guard(
     task: str,
     config: Mapping[str, object],
     app_hash: str | None = None,
+    study: StudyConfig | None = None,
 ) -> SiteGuard:
     """Audit the instruction, then refuse it (``SiteRefusal``) or return the guard for its reply.
 
     Checks, in order: the site's policy.toml is readable (an unreadable policy refuses
-    everything), the running code is on the app allow-list, the task is accepted, and the
-    instruction asks for nothing outside the study protocol. An empty allow-list is logged
+    everything), the running code is on the app allow-list, the task is accepted, the
+    instruction asks for nothing outside the study protocol, and the ``study`` the site
+    parsed (when given) is inside the policy's ``[bounds]``. An audit log that cannot be
+    written (or no longer verifies against its anchor) raises ``SarcofedError`` with a reason
+    that names no file: nothing is answered unaudited. An empty allow-list is logged
     as a warning on the first message of each run (the audit log says which run is new).
     """
     site_dir = Path(site_dir)
     audit = AuditLog.for_site(site_dir)
     app_hash = app_hash or current_app_hash()
-    first_of_run = not audit.has_run(run_id)
-    audit.append(
-        "received", run_id=run_id, task=task, app_hash=app_hash, payload={"config": _jsonable(config)}
-    )
+    try:
+        first_of_run = not audit.has_run(run_id)
+        audit.append(
+            "received", run_id=run_id, task=task, app_hash=app_hash, payload={"config": _jsonable(config)}
+        )
+    except (OSError, AuditLogError) as err:  # the reason leaves; which file and why stay here
+        log.error("site %s: cannot write its audit log %s: %s", site_dir, audit.path, err)
+        raise SarcofedError(
+            f"{AUDIT_UNAVAILABLE} (its log says why; `sarcofed site audit SITE --verify` checks the log)"
+        ) from err
     try:
         policy = load_policy(site_dir)
     except SiteFolderError as err:
@@ -404,7 +592,7 @@ def open_guard(
             f"this site does not accept '{task}' tasks (accept-tasks in policy.toml: "
             f"{', '.join(policy.accept_tasks) or 'none'})"
         )
-    reason = config_refusal(config)
+    reason = config_refusal(config) or (bounds_refusal(policy, study) if study is not None else None)
     if reason:
         raise guard._refuse(reason)
     return guard

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from common.release_words import release_sentences
 from protocols.classes import IOU_BINS, METRIC_CLASSES, SEED_COLUMN, TISSUES, ExclusionReason
 from protocols.findings import LabelAudit
 from protocols.payloads import EvaluationPayload
@@ -120,8 +121,8 @@ def render_payload(payload: EvaluationPayload, console: Console) -> None:
             console.print(f" - ({mark}) {f.sentence}")
     elif payload.discrepancy is not None:
         console.print("No label-definition finding: this site's labels agree with the reference convention.")
-    if payload.suppressed:
-        console.print(f"[yellow]suppressed by the site policy:[/] {', '.join(payload.suppressed)}")
+    for sentence in release_sentences(payload):
+        console.print(f"[yellow]{escape(sentence)}[/yellow]")
 
 
 def _fmt(value: float | None, pattern: str = "{:.1f}") -> str:

@@ -15,7 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from client.allowlist import code_hash, current_app_hash, loaded_code_root
-from client.audit import AuditLogError, audit_path, read_audit, verify_chain
+from client.audit import AuditEntry, AuditVerification, audit_path, read_audit, verify_log
+from client.audit_anchor import AuditLogError, anchor_path, key_path, read_anchor
 from client.deploy import (
     DEFAULT_RUNTIME_PORT,
     JoinSpec,
@@ -46,49 +47,153 @@ def _fail(message: str) -> NoReturn:
 def audit(
     site_dir: Path = SITE_DIR,
     as_json: bool = typer.Option(
-        False, "--json", help="Print the entries as JSON lines (payloads included)."
+        False,
+        "--json",
+        help="Print the entries as JSON lines (payloads included); when verifying, a last line "
+        '{"verification": {...}} says what was checked.',
     ),
     run: int | None = typer.Option(None, "--run", help="Only this run id."),
-    verify: bool = typer.Option(False, "--verify", help="Check the hash chain (edited or removed lines)."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Check the chain and the anchors; exit 1 if anything does not check."
+    ),
+    anchor: Path | None = typer.Option(
+        None,
+        "--anchor",
+        help="Also check the log against this anchor, one you exported earlier and kept elsewhere "
+        "(implies --verify).",
+        show_default=False,
+    ),
+    export_anchor: Path | None = typer.Option(
+        None,
+        "--export-anchor",
+        help="Write the anchor of the log as it is now to FILE ('-': print it), once the log verifies. "
+        "Keep it off this machine.",
+        show_default=False,
+    ),
 ) -> None:
-    """Show the site's audit log: every instruction received and every reply sent or refused.
+    """Show the site's audit log: every instruction received, every reply sent or refused; is it intact?
 
-    The log is SITE_DIR.audit.jsonl, beside the site folder. Each row is one event; the
-    payload column is the sha256 of exactly what left (use --json to see the payload).
+    The log is SITE_DIR.audit.jsonl, beside the site folder, with its key (.audit.key) and
+    anchor (.audit.anchor.json); all three are readable by this account only and never sent.
+    Each entry is chained to the one before with an HMAC under the key, so an edited,
+    inserted or removed entry, or a log rewritten by someone without the key, shows. The
+    anchor counts the entries and holds the last one's HMAC, so a log cut at the end shows.
+
+    Why keep an anchor elsewhere: whoever can write to the folder holding the log can
+    delete the log, its key and its anchor together (the site then looks as if it never
+    logged anything), or cut the log and put back an older anchor. Only an anchor kept
+    elsewhere shows that. Export one after each study (--export-anchor FILE), copy it to
+    another machine or print it, and check the log against it later (--anchor FILE).
     """
     path = audit_path(site_dir)
-    if not path.exists():
+    if not any(p.exists() for p in (path, key_path(path), anchor_path(path))):
         _fail(f"{path}: no audit log yet (nothing was received)")
     try:
+        given = read_anchor(anchor) if anchor else None
+        report = verify_log(path, given, anchor_source=f"given ({anchor})")
         entries = [e for e in read_audit(path) if run is None or e.run_id == run]
     except AuditLogError as err:
         _fail(str(err))
+    checking = verify or anchor is not None or export_anchor is not None
+    if export_anchor is not None and str(export_anchor) == "-":
+        _export_anchor(report, None)
+        return
     if as_json:
         for entry in entries:
             typer.echo(entry.model_dump_json())
+        if checking:
+            typer.echo(json.dumps({"verification": report.to_json()}))
     else:
-        table = Table(title=str(path))
-        for column in ("time (UTC)", "event", "run", "task", "app", "payload sha256", "detail"):
-            table.add_column(column)
-        style = {"sent": "green", "refused": "red", "received": "cyan"}
-        for e in entries:
-            size = f"{len(json.dumps(e.payload))} B" if e.payload is not None else ""
-            table.add_row(
-                e.time[:19],
-                f"[{style[e.event]}]{e.event}[/]",
-                str(e.run_id),
-                e.task,
-                e.app_hash[:12],
-                f"{e.payload_sha256[:12]} {size}".strip(),
-                escape(e.detail or ""),
-            )
-        Console().print(table)
-    if verify:
-        problems = verify_chain(path)
-        if problems:
-            _fail("audit log chain broken: " + "; ".join(problems))
-        if not as_json:
-            Console().print("[green]hash chain intact[/green]")
+        _audit_table(path, entries)
+        _print_verification(report)
+    if export_anchor is not None:
+        _export_anchor(report, export_anchor)
+    if checking and not report.intact:
+        if as_json:
+            _fail("audit log chain broken: " + "; ".join(report.problems))
+        _fail(f"audit log chain broken: {len(report.problems)} problem(s), listed above")
+
+
+def _audit_table(path: Path, entries: list[AuditEntry]) -> None:
+    table = Table(title=str(path))
+    for column in ("time (UTC)", "event", "run", "task", "app", "payload sha256", "detail"):
+        table.add_column(column)
+    style = {"sent": "green", "refused": "red", "received": "cyan"}
+    for e in entries:
+        size = f"{len(json.dumps(e.payload))} B" if e.payload is not None else ""
+        table.add_row(
+            e.time[:19],
+            f"[{style[e.event]}]{e.event}[/]",
+            str(e.run_id),
+            e.task,
+            e.app_hash[:12],
+            f"{e.payload_sha256[:12]} {size}".strip(),
+            escape(e.detail or ""),
+        )
+    Console().print(table)
+
+
+def _print_verification(report: AuditVerification) -> None:
+    """The chain's kind, whether it is intact, and each anchor compared, in words."""
+    console = Console()
+    kinds = {
+        "keyed": f"keyed (HMAC-SHA256 with this site's key), {report.entries} entries",
+        "partly keyed": (
+            f"{report.entries} entries: the first {report.entries - report.keyed_entries} unkeyed "
+            "(written by an older sarcofed, pinned by the first keyed entry), the rest keyed"
+        ),
+        "unkeyed": (
+            f"unkeyed (written by an older sarcofed), {report.entries} entries: a rewrite with a "
+            "recomputed chain would not show; the next entry keys the log"
+        ),
+        "empty": "empty",
+    }
+    console.print(f"chain: {kinds[report.chain]}")
+    if report.intact:
+        console.print("[green]hash chain intact[/green]")
+    else:
+        console.print(f"[red]the log does not verify ({len(report.problems)} problem(s)):[/red]")
+        from_anchors = {f"{c.source} anchor: {c.problem}" for c in report.anchors}
+        for problem in report.problems:
+            if problem not in from_anchors:  # those are shown with their anchor below
+                console.print(f"[red]  {escape(problem)}[/red]")
+    for check in report.anchors:
+        verdict = (
+            "[green]matches: the log holds every entry it saw[/green]"
+            if check.problem is None
+            else f"[red]{escape(check.problem)}[/red]"
+        )
+        console.print(f"anchor {escape(check.source)}: entry {check.entries}, taken {check.time}: {verdict}")
+    if not any(not c.source.startswith("stored") for c in report.anchors):
+        console.print(
+            "[yellow]no anchor kept elsewhere was checked: export one (--export-anchor FILE), keep it "
+            "off this machine, and check against it later (--anchor FILE)[/yellow]"
+        )
+    if report.loose:
+        console.print(
+            f"[yellow]others can read {escape(', '.join(report.loose))}: the next entry tightens "
+            "them to 0600[/yellow]"
+        )
+
+
+def _export_anchor(report: AuditVerification, out: Path | None) -> None:
+    """Write (``out``) or print (``None``) the log's current anchor; only for an intact keyed log."""
+    if not report.intact:
+        _fail("not exporting an anchor for a log that does not verify: " + "; ".join(report.problems))
+    if report.current_anchor is None:
+        _fail(
+            f"{report.path}: no anchor to export (the log is {report.chain}); "
+            "the next instruction the site receives keys it"
+        )
+    text = report.current_anchor.model_dump_json(indent=2) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    out.write_text(text, encoding="utf-8")
+    Console(stderr=True).print(
+        f"anchor written to {escape(str(out))} (entry {report.current_anchor.entries}); keep it off "
+        "this machine and check the log against it with --anchor"
+    )
 
 
 def keys(

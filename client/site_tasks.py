@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from client.policy import SitePolicy
 from common.dataset import MANIFEST_CSV, SiteDataset, iter_slices
 from common.errors import SarcofedError, SliceError
 from common.evaluation import Scope
@@ -22,7 +23,7 @@ from common.paths import demo_sites_dir, simulated_site_dir
 from common.splits import split_site
 from protocols import keys
 from protocols.findings import ErrorProfile
-from protocols.payloads import EvaluationPayload, Role
+from protocols.payloads import Role
 from protocols.protocol import LabelProtocol
 from protocols.study import StudyConfig, TrainSection
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # torch and the model zoo cost seconds to import: only tasks 
     import torch
 
     from common.model import ModelSpec
+    from common.site_evaluation import Scored
     from common.training import TrainSample
 
 #: The command that makes the simulated hospitals (named in the error when one is missing).
@@ -118,33 +120,47 @@ def run_train(
     study: StudyConfig,
     *,
     proximal_mu: float = 0.0,
+    policy: SitePolicy | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Local training on the site's train patients, validation on its validation patients.
 
     The test patients (``train.test-fraction``) are held out: the study's internal validation
-    scores them and nothing else. Returns new weights and aggregate metrics.
+    scores them and nothing else. What the site's ``policy`` (default: the default policy)
+    asks of the training itself is done here: DP-SGD (``[dp-sgd]``) and the BatchNorm statistics
+    rule (``[training] batchnorm-stats``); what it asks of the reply (the validation minimums,
+    the epsilon cap) the guard enforces on the metrics (``SiteGuard.release_weights``).
+    Returns new weights and aggregate metrics, among them the number of validation patients.
     """
+    from common.dp_sgd import PrivateTraining
     from common.training import TrainConfig, train_local
 
+    policy = policy or SitePolicy()
     train_samples, val_samples = _train_and_val(site, study.train)
     config = TrainConfig.from_study(study.train, proximal_mu=proximal_mu)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dp = policy.dp_sgd
+    private = PrivateTraining(dp.noise_multiplier, dp.max_grad_norm, dp.target_delta) if dp.enabled else None
     result = train_local(
         model,
         spec,
         train_samples,
         val_samples,
         config,
-        global_state=global_state if proximal_mu > 0 else None,
+        global_state=global_state,
+        private=private,
+        running_stats=policy.training.batchnorm_stats,
     )
     metrics: dict[str, float] = {
         keys.NUM_EXAMPLES: float(result.n_train),
         keys.N_VAL: float(result.n_val),
+        keys.N_VAL_PATIENTS: float(len({sample.group for sample in val_samples})),
         keys.TRAIN_LOSS: float(result.train_loss_mean),
         keys.TRAIN_LOSS_SUM: float(result.train_loss_sum),
         keys.EPOCHS: float(result.epochs),
         keys.SECONDS: float(result.seconds),
     }
+    if result.epsilon is not None and result.delta is not None:
+        metrics[keys.DP_EPSILON], metrics[keys.DP_DELTA] = result.epsilon, result.delta
     if result.val_loss_mean is not None:
         metrics[keys.VAL_LOSS] = float(result.val_loss_mean)
         metrics[keys.VAL_LOSS_SUM] = float(result.val_loss_sum)
@@ -177,10 +193,11 @@ def run_evaluate(
     *,
     role: Role = "external",
     profile: ErrorProfile | None = None,
-) -> EvaluationPayload:
+) -> Scored:
     """Score the study model on this site (its test patients when internal); aggregates only.
 
     ``model_hash`` in the payload is the hash of the weights this site received, computed here.
+    The patients scored stay at the site (the guard's release ledger needs them).
     """
     from common.site_evaluation import evaluate_with_model
 
@@ -198,7 +215,7 @@ def run_evaluate(
     )
 
 
-def run_compare(site: SiteDataset, study: StudyConfig) -> EvaluationPayload:
+def run_compare(site: SiteDataset, study: StudyConfig) -> Scored:
     """Score the site's labels against its reference masks; no model involved."""
     from common.site_evaluation import compare_with_reference
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from client.guard import suppress_payload
+from client.guard import release_refusal, suppress_payload
+from client.ledger import ReleaseLedger
 from client.policy import load_policy
 from client.render import render_payload
 from client.site_tasks import evaluation_scope, run_local_training
@@ -22,12 +24,23 @@ from common.dataset import load_site
 from common.errors import SarcofedError
 from protocols.payloads import EvaluationPayload, Role
 
+if TYPE_CHECKING:  # torch loads only when a command runs a model
+    from common.site_evaluation import Scored
+
 CUTOFF_HELP = "SMI cut-off set for sarcopenia calls: prado2008, martin2013 or korean."
 
 
-def preview_release(site_dir: Path, payload: EvaluationPayload) -> EvaluationPayload:
-    """The payload as this site's policy.toml would release it (suppressed cells marked)."""
-    data, marks = suppress_payload(payload, load_policy(site_dir))
+def preview_release(site_dir: Path, scored: Scored) -> EvaluationPayload:
+    """The payload as this site's policy.toml would release it (suppressed cells marked).
+
+    When the policy would refuse to send it at all (too few slices or patients, or too close to
+    an earlier release: see ``client.guard.release_refusal``), the reason goes to stderr.
+    """
+    policy = load_policy(site_dir)
+    refusal = release_refusal(scored.payload, scored.patients, policy, ReleaseLedger.for_site(site_dir))
+    if refusal:
+        Console(stderr=True).print(f"[yellow]this site would refuse to send this reply:[/] {escape(refusal)}")
+    data, marks = suppress_payload(scored.payload, policy)
     data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
     return EvaluationPayload.model_validate(data)
 
@@ -82,7 +95,7 @@ def evaluate_cmd(
         context = model_context(loaded.meta)
         internal = site.name in context.internal_sites or site.config.contributed_to(loaded.weights_hash)
         chosen: Role = "internal" if role == "internal" or (role == "auto" and internal) else "external"
-        payload = evaluate_with_model(
+        scored = evaluate_with_model(
             site,
             loaded,
             cutoff_set=cutoff_set,
@@ -93,7 +106,7 @@ def evaluate_cmd(
             scope=evaluation_scope(site, chosen, context.split),
             profile=context.profile,
         )
-        payload = preview_release(site_dir, payload)
+        payload = preview_release(site_dir, scored)
     except SarcofedError as err:
         _fail(err)
     _emit(payload, as_json)

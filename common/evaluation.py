@@ -268,6 +268,11 @@ def sarcopenia_confusion(records: Sequence[SliceRecord], cutoff_set: str) -> Sar
     )
 
 
+def patients_of(records: Sequence[SliceRecord]) -> frozenset[str]:
+    """The patient keys of the records (a record without a group is its own patient)."""
+    return frozenset(r.group if r.group is not None else f"slice-{i}" for i, r in enumerate(records))
+
+
 def count_groups(records: Sequence[SliceRecord]) -> int:
     """Distinct patients: distinct ``group`` values, plus one per slice without a group."""
     return len({r.group for r in records if r.group is not None}) + sum(r.group is None for r in records)

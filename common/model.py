@@ -5,6 +5,8 @@ channels, classes, input size and the HU window used to normalise CT; re-exporte
 state_dict. This module adds what needs the model zoo: the arch / encoder name checks
 (:func:`check_model_names`) and :func:`build_model`. Encoders are always built with
 ``encoder_weights=None``: hospitals are offline and nothing may download at run time.
+A spec with ``norm = "group"`` gets every BatchNorm replaced by GroupNorm
+(:func:`to_group_norm`), the same network at every site and at the coordinator.
 
 Transport: Flower's cost grows with the number of arrays rather than bytes, so
 :func:`pack_state` flattens a whole state_dict into ONE float32 vector plus a JSON layout
@@ -21,6 +23,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,6 +58,7 @@ __all__ = [
     "model_from_state",
     "pack_state",
     "save_model",
+    "to_group_norm",
     "unpack_state",
     "weights_hash",
 ]
@@ -104,15 +108,49 @@ def check_model_names(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+#: GroupNorm's usual group count (Wu & He 2018); fewer where a layer's channels do not divide.
+GROUPS: Final = 32
+
+
+def to_group_norm(model: torch.nn.Module, *, name: str = "model") -> torch.nn.Module:
+    """``model`` with every ``BatchNorm2d`` replaced, in place, by ``GroupNorm(gcd(32, C), C)``.
+
+    As Opacus's ``ModuleValidator.fix`` does (its choice for DP-SGD), but without Opacus and
+    with a group count that always divides the channels. Only plain ``torch.nn.BatchNorm2d``
+    is replaced: a subclass that also holds an activation (timm's ``BatchNormAct2d``) would
+    lose it, so such a network raises ValueError naming the layer instead. Returns ``model``.
+    """
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is torch.nn.BatchNorm2d:
+                channels = child.num_features
+                group_norm = torch.nn.GroupNorm(math.gcd(GROUPS, channels), channels, eps=child.eps)
+                setattr(parent, child_name, group_norm)
+    left = [
+        f"{n} ({type(m).__name__})"
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    if left:
+        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+        raise ValueError(
+            f"model.norm = 'group' cannot convert {name}: its layers {', '.join(left[:3])}{more} are "
+            "batch normalisation that sarcofed does not replace; choose an encoder built from torch "
+            "BatchNorm2d (resnet18, resnet34, resnet50, mobilenet_v2, ...) or model.norm = 'batch'"
+        )
+    return model
+
+
 def build_model(spec: ModelSpec) -> torch.nn.Module:
     """A freshly initialised network for ``spec`` (never downloads weights).
 
-    Raises ValueError for an unknown arch or encoder (with the valid choices) or a pair smp
-    cannot build.
+    ``spec.norm == "group"`` replaces the BatchNorm layers by GroupNorm (:func:`to_group_norm`).
+    Raises ValueError for an unknown arch or encoder (with the valid choices), a pair smp
+    cannot build, or a network whose normalisation cannot be converted.
     """
     check_model_names(spec)
     try:
-        return smp.create_model(
+        model = smp.create_model(
             spec.arch,
             encoder_name=spec.encoder,
             encoder_weights=None,
@@ -123,6 +161,9 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
         raise ValueError(
             f"cannot build arch {spec.arch!r} with encoder {spec.encoder!r}: {type(err).__name__}: {err}"
         ) from err
+    if spec.norm == "group":
+        to_group_norm(model, name=f"arch {spec.arch!r} with encoder {spec.encoder!r}")
+    return model
 
 
 def model_from_state(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:

@@ -69,21 +69,25 @@ def pool_distributions(parts: Sequence[Distribution]) -> Distribution:
     The pooled sd uses the parallel-variance identity SS = sum((n_i - 1) sd_i^2 +
     n_i (mean_i - mean)^2) (a part with n_i = 1 has no sd and contributes 0 within). The median
     and quartiles cannot be pooled from summaries: they are None, unless a single part holds
-    all the values (then it is returned unchanged).
+    all the values (then it is returned unchanged). A part released without its sd (a
+    differentially private reply) still pools into the mean (``n * mean`` is its sum); the
+    pooled sd is then None (not available), never a partial one.
     """
     nonempty = [d for d in parts if d.n > 0]
     if not nonempty:
         return Distribution(n=0)
     if len(nonempty) == 1:
         return nonempty[0]
-    moments: list[tuple[int, float, float]] = []  # n, mean, sd (0 for a single value)
+    moments: list[tuple[int, float, float | None]] = []  # n, mean, sd (0 for a single value)
     for d in nonempty:
-        if d.mean is None or (d.n >= 2 and d.sd is None):
-            raise ValueError(f"cannot pool a distribution of n={d.n} without mean/sd: {d}")
-        moments.append((d.n, d.mean, d.sd or 0.0))
+        if d.mean is None:
+            raise ValueError(f"cannot pool a distribution of n={d.n} without its mean: {d}")
+        moments.append((d.n, d.mean, 0.0 if d.n < 2 else d.sd))
     n = sum(k for k, _, _ in moments)
     mean = sum(k * m for k, m, _ in moments) / n
-    ss = sum((k - 1) * sd**2 + k * (m - mean) ** 2 for k, m, sd in moments)
+    if any(sd is None for _, _, sd in moments):
+        return Distribution(n=n, mean=mean)
+    ss = sum((k - 1) * (sd or 0.0) ** 2 + k * (m - mean) ** 2 for k, m, sd in moments)
     return Distribution(n=n, mean=mean, sd=math.sqrt(ss / (n - 1)))
 
 
@@ -112,11 +116,21 @@ def pool_class_scores(parts: Sequence[ClassScores]) -> ClassScores:
     )
 
 
-def _pool_moments(n: int, sum_diff: float, sum_sq_diff: float) -> tuple[float | None, float | None]:
+def _sum_or_none(values: Iterable[float | None]) -> float | None:
+    """The sum, or None when any part withheld its value (never a partial sum)."""
+    out = 0.0
+    for v in values:
+        if v is None:
+            return None
+        out += v
+    return out
+
+
+def _pool_moments(n: int, sum_diff: float, sum_sq_diff: float | None) -> tuple[float | None, float | None]:
     if n == 0:
         return None, None
     mean = sum_diff / n
-    if n < 2:
+    if n < 2 or sum_sq_diff is None:
         return mean, None
     var = max(sum_sq_diff - sum_diff * sum_diff / n, 0.0) / (n - 1)
     return mean, math.sqrt(var)
@@ -137,7 +151,7 @@ def pool_area_agreement(parts: Sequence[AreaAgreement]) -> AreaAgreement:
     """
     n = sum(p.n for p in parts)
     sum_diff = sum(p.sum_diff_cm2 for p in parts)
-    sum_sq = sum(p.sum_sq_diff_cm2 for p in parts)
+    sum_sq = _sum_or_none(p.sum_sq_diff_cm2 for p in parts)
     mean_diff, sd_diff = _pool_moments(n, sum_diff, sum_sq)
     return AreaAgreement(
         n=n,
@@ -156,7 +170,7 @@ def pool_smi_agreement(parts: Sequence[SmiAgreement]) -> SmiAgreement:
     """Pool SMI agreement across sites, exactly (from ``sum_diff`` and ``sum_sq_diff``)."""
     n = sum(p.n for p in parts)
     sum_diff = sum(p.sum_diff for p in parts)
-    sum_sq = sum(p.sum_sq_diff for p in parts)
+    sum_sq = _sum_or_none(p.sum_sq_diff for p in parts)
     mean_diff, sd_diff = _pool_moments(n, sum_diff, sum_sq)
     return SmiAgreement(
         n=n,

@@ -11,6 +11,7 @@ caller parses the site folder once (``common.dataset.load_site``) and passes the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from common.attribution import attribute_all
 from common.dataset import LoadedSlice, SiteDataset
 from common.discrepancy import DiscrepancyAccumulator, analyse_slice
 from common.discrepancy.impact import ImpactAccumulator
-from common.evaluation import EXTERNAL, Scope, compare_site, evaluate_site
+from common.evaluation import EXTERNAL, Scope, SliceRecord, compare_site, evaluate_site, patients_of
 from common.label_audit import LabelAuditAccumulator, audit_slice
 from common.model import LoadedModel, ModelSpec, weights_hash
 from protocols.findings import ErrorProfile
@@ -29,6 +30,23 @@ from protocols.protocol import LabelProtocol
 
 #: Below this many slices a site's discrepancy maps are withheld (the site policy may ask more).
 DEFAULT_MIN_SLICES = 5
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A site's evaluation: the aggregate payload, and (kept at the site) the per-slice records.
+
+    The records never leave the site: its release policy needs them, for the patients a reply
+    summarises (the release ledger refuses one that differs from an earlier one by a single
+    patient) and to release the aggregates with differential privacy when the policy asks.
+    """
+
+    payload: EvaluationPayload
+    records: tuple[SliceRecord, ...]
+
+    @property
+    def patients(self) -> frozenset[str]:
+        return patients_of(self.records)
 
 
 class _Analyses:
@@ -83,7 +101,7 @@ def evaluate_with_model(
     protocol: LabelProtocol | None = None,
     scope: Scope = EXTERNAL,
     profile: ErrorProfile | None = None,
-) -> EvaluationPayload:
+) -> Scored:
     """Score a model on a parsed site; ``model`` is a model.pt path, a LoadedModel or a module + spec.
 
     Findings carry an attribution from this site's own evidence: its label audit, and the
@@ -98,7 +116,7 @@ def evaluate_with_model(
         state = model.state_dict()
         model = LoadedModel(model=model, spec=spec, meta={}, weights_hash=model_hash or weights_hash(state))
     hook = _Analyses(cutoff_set, protocol, discrepancy)
-    payload, _records = evaluate_site(
+    payload, records = evaluate_site(
         site,
         model,
         cutoff_set=cutoff_set,
@@ -109,7 +127,7 @@ def evaluate_with_model(
         scope=scope,
         on_slice=hook,
     )
-    return hook.attach(payload, min_slices, profile=profile, attribute=True)
+    return Scored(hook.attach(payload, min_slices, profile=profile, attribute=True), tuple(records))
 
 
 def compare_with_reference(
@@ -121,14 +139,14 @@ def compare_with_reference(
     progress: bool = False,
     min_slices: int = DEFAULT_MIN_SLICES,
     protocol: LabelProtocol | None = None,
-) -> EvaluationPayload:
+) -> Scored:
     """Score the site's labels against its reference masks (no model), with findings and the audit.
 
     Findings of a comparison are not attributed: both sides are readers of this site.
     """
     protocol = protocol or LabelProtocol()
     hook = _Analyses(cutoff_set, protocol, discrepancy)
-    payload, _records = compare_site(
+    payload, records = compare_site(
         site,
         cutoff_set=cutoff_set,
         progress=progress,
@@ -136,4 +154,4 @@ def compare_with_reference(
         protocol=protocol,
         on_slice=hook,
     )
-    return hook.attach(payload, min_slices, profile=None, attribute=False)
+    return Scored(hook.attach(payload, min_slices, profile=None, attribute=False), tuple(records))

@@ -6,24 +6,29 @@ Everything here is pure (no Flower): ``client`` splits patients with ``common.sp
 
 Recipe (seed paper, Table 1): 0.5 Dice + 0.5 cross-entropy (:class:`~common.loss.SeedLoss`),
 RMSprop, lr 2e-4, batch 4, at ``spec.image_size``. Optional FedProx proximal term
-``mu / 2 * ||w - w_global||^2`` over the trainable parameters.
+``mu / 2 * ||w - w_global||^2`` over the trainable parameters. Optional DP-SGD
+(``common.dp_sgd``, a site's choice); the BatchNorm running statistics the weights carry back
+follow the site's rule (``common.running_stats``) and are set before validation, so the
+validation numbers describe the weights that leave.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from pydantic import Field
 
+from common.dp_sgd import PrivateTraining, train_private
 from common.loss import SeedLoss
 from common.metrics import overlap_from_confusion
 from common.model import ModelSpec
 from common.preprocess import mask_to_size, to_model_input
+from common.running_stats import RunningStats, apply_running_stats
 from protocols.classes import METRIC_CLASSES
 from protocols.study import TrainSection
 
@@ -81,6 +86,9 @@ class LocalTrainResult:
     epochs: int
     seconds: float
     epoch_losses: list[float] = field(default_factory=list)  #: mean training loss per epoch
+    #: DP-SGD only: the epsilon this round spent at ``delta`` (Opacus's RDP accountant).
+    epsilon: float | None = None
+    delta: float | None = None
 
 
 def proximal_term(
@@ -198,6 +206,45 @@ def evaluate_loss(
     return loss_sum, len(samples), counts
 
 
+def _train_epochs(
+    model: torch.nn.Module,
+    n_train: int,
+    batch: Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]],
+    optimiser: torch.optim.Optimizer,
+    loss_fn: SeedLoss,
+    config: TrainConfig,
+    gen: torch.Generator,
+    anchor: Mapping[str, torch.Tensor] | None,
+    on_batch: Callable[[int], object] | None,
+) -> tuple[list[float], float]:
+    """The recipe's epochs (shuffled by ``gen``): mean loss per epoch and the last epoch's sum."""
+    epoch_losses: list[float] = []
+    epoch_sum = 0.0
+    for epoch in range(config.local_epochs):
+        order = torch.randperm(n_train, generator=gen).tolist()
+        epoch_sum = 0.0
+        for idx in _batches(order, config.batch_size):
+            images, labels = batch(idx)
+            optimiser.zero_grad(set_to_none=True)
+            loss = loss_fn(model(images), labels)
+            total = loss + proximal_term(model, anchor, config.proximal_mu) if anchor is not None else loss
+            if not torch.isfinite(total):
+                raise FloatingPointError(
+                    f"training loss became {float(total)} in epoch {epoch + 1}; lower train.lr "
+                    f"(now {config.lr}) or set max_grad_norm"
+                )
+            total.backward()
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimiser.step()
+            epoch_sum += float(loss.detach()) * len(idx)
+            if on_batch is not None:
+                on_batch(len(idx))
+        epoch_losses.append(epoch_sum / n_train)
+        log.info("epoch %d/%d: train loss %.4f", epoch + 1, config.local_epochs, epoch_losses[-1])
+    return epoch_losses, epoch_sum
+
+
 def train_local(
     model: torch.nn.Module,
     spec: ModelSpec,
@@ -207,18 +254,25 @@ def train_local(
     *,
     global_state: Mapping[str, torch.Tensor] | None = None,
     progress: bool = False,
+    private: PrivateTraining | None = None,
+    running_stats: RunningStats = "local",
 ) -> LocalTrainResult:
     """Train ``model`` in place for ``config.local_epochs`` epochs on ``train``; score ``val``.
 
     Deterministic for ``config.seed`` (on CPU): ``torch.manual_seed`` is set and shuffling /
     augmentation draw from their own seeded generator. A fresh optimiser is made each call
     (optimiser state does not travel between rounds). With ``config.proximal_mu > 0`` the
-    FedProx term against ``global_state`` is added to the optimised loss.
+    FedProx term against ``global_state`` is added to the optimised loss. With ``private``
+    the round is DP-SGD (``common.dp_sgd``: Poisson batches and noise that no seed replays,
+    so not deterministic) and the result says the epsilon spent. ``running_stats`` is the
+    rule for the BatchNorm statistics left in the weights (``received`` needs ``global_state``).
     """
     if not train:
         raise ValueError("train_local needs at least one training slice")
     if config.proximal_mu > 0 and global_state is None:
         raise ValueError(f"proximal_mu={config.proximal_mu} needs global_state (the round's global weights)")
+    if running_stats == "received" and global_state is None:
+        raise ValueError("running_stats='received' needs global_state (the weights the site received)")
     _check_samples(train, spec, "training")
     _check_samples(val, spec, "validation")
     started = time.perf_counter()
@@ -230,43 +284,40 @@ def train_local(
     loss_fn = _loss_fn(config)
     optimiser = _optimizer(model, config)
     model.train()
-    epoch_losses: list[float] = []
-    epoch_sum = 0.0
+    spent: tuple[float, float] | None = None
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=config.local_epochs * len(train), desc="train", unit="slice")
+
+    def batch(idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = _tensors(train, idx, spec)
+        return _augment(images, labels, gen) if config.augment else (images, labels)
+
     try:
-        for epoch in range(config.local_epochs):
-            order = torch.randperm(len(train), generator=gen).tolist()
-            epoch_sum = 0.0
-            for idx in _batches(order, config.batch_size):
-                images, labels = _tensors(train, idx, spec)
-                if config.augment:
-                    images, labels = _augment(images, labels, gen)
-                optimiser.zero_grad(set_to_none=True)
-                loss = loss_fn(model(images), labels)
-                total = (
-                    loss + proximal_term(model, anchor, config.proximal_mu) if anchor is not None else loss
-                )
-                if not torch.isfinite(total):
-                    raise FloatingPointError(
-                        f"training loss became {float(total)} in epoch {epoch + 1}; lower train.lr "
-                        f"(now {config.lr}) or set max_grad_norm"
-                    )
-                total.backward()
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimiser.step()
-                epoch_sum += float(loss.detach()) * len(idx)
-                if bar is not None:
-                    bar.update(len(idx))
-            epoch_losses.append(epoch_sum / len(train))
-            log.info("epoch %d/%d: train loss %.4f", epoch + 1, config.local_epochs, epoch_losses[-1])
+        if private is not None:
+            outcome = train_private(
+                model,
+                len(train),
+                batch,
+                optimiser,
+                config,
+                private,
+                anchor=anchor,
+                on_batch=bar.update if bar is not None else None,
+            )
+            epoch_losses, epoch_sum = outcome.epoch_losses, outcome.last_epoch_sum
+            spent = (outcome.epsilon, outcome.delta)
+        else:
+            epoch_losses, epoch_sum = _train_epochs(
+                model, len(train), batch, optimiser, loss_fn, config, gen, anchor, bar.update if bar else None
+            )
     finally:
         if bar is not None:
             bar.close()
+    in_order = (_tensors(train, idx, spec)[0] for idx in _batches(list(range(len(train))), config.batch_size))
+    apply_running_stats(model, running_stats, received=global_state, batches=in_order)
     if val:
         val_sum, n_val, counts = evaluate_loss(model, spec, val, config)
         val_mean: float | None = val_sum / n_val
@@ -286,4 +337,6 @@ def train_local(
         epochs=config.local_epochs,
         seconds=time.perf_counter() - started,
         epoch_losses=epoch_losses,
+        epsilon=spent[0] if spent else None,
+        delta=spent[1] if spent else None,
     )

@@ -40,6 +40,12 @@ VAL_LOSS: Final = "val-loss"  #: mean validation loss (only when N_VAL > 0)
 VAL_LOSS_SUM: Final = "val-loss-sum"  #: its sum over the validation slices (pools across sites)
 EPOCHS: Final = "epochs"
 SECONDS: Final = "seconds"  #: the site's local training time
+N_VAL_PATIENTS: Final = "n-val-patients"  #: patients of the validation split that gave a slice
+#: 1.0 when the site's policy withheld the validation metrics (too few validation patients or
+#: slices: min-val-patients / min-val-slices in its policy.toml); the val-* keys are then absent.
+VAL_WITHHELD: Final = "val-withheld"
+DP_EPSILON: Final = "dp-epsilon"  #: DP-SGD: epsilon this round's local training spent (Opacus RDP)
+DP_DELTA: Final = "dp-delta"  #: DP-SGD: the delta that epsilon is for
 
 
 def val_overlap_keys(cls: str) -> tuple[str, str]:
@@ -57,6 +63,18 @@ TRAIN_METRIC_KEYS: Final[tuple[str, ...]] = (
     VAL_LOSS_SUM,
     EPOCHS,
     SECONDS,
+    *(key for cls in METRIC_CLASSES for key in val_overlap_keys(cls)),
+    N_VAL_PATIENTS,
+    VAL_WITHHELD,
+    DP_EPSILON,
+    DP_DELTA,
+)
+
+#: The keys of a training reply that describe the validation split's slices: what a site
+#: withholds when its validation split is below its policy's minimums.
+VAL_METRIC_KEYS: Final[tuple[str, ...]] = (
+    VAL_LOSS,
+    VAL_LOSS_SUM,
     *(key for cls in METRIC_CLASSES for key in val_overlap_keys(cls)),
 )
 

@@ -50,7 +50,9 @@ class AreaAgreement(Schema):
     mean_diff_cm2: float | None = None
     sd_diff_cm2: float | None = None
     sum_diff_cm2: float = 0.0
-    sum_sq_diff_cm2: float = 0.0
+    sum_sq_diff_cm2: float | None = Field(
+        default=0.0, description="None when withheld (a differentially private reply): no sd, no limits"
+    )
     mean_hu_label: float | None = None
     mean_hu_test: float | None = None
 
@@ -64,7 +66,9 @@ class SmiAgreement(Schema):
     mean_diff: float | None = None
     sd_diff: float | None = None
     sum_diff: float = 0.0
-    sum_sq_diff: float = 0.0
+    sum_sq_diff: float | None = Field(
+        default=0.0, description="None when withheld (a differentially private reply): no sd, no limits"
+    )
 
 
 class SarcopeniaConfusion(Schema):
@@ -123,6 +127,21 @@ class DiscrepancySummary(Schema):
 Role = Literal["internal", "external"]
 
 
+class DpRelease(Schema):
+    """How a reply was made differentially private (when the site's policy asks for it).
+
+    ``noised``: payload path -> expected error of that number (the standard deviation of the
+    noise added to it, in its own unit: slices, cm^2, ...). Everything the release withholds is
+    named in the payload's ``suppressed``.
+    """
+
+    epsilon: float = Field(gt=0, description="privacy loss of this reply, per patient")
+    delta: float = Field(ge=0, le=1)
+    mechanism: str
+    max_slices_per_patient: int = Field(ge=1)
+    noised: dict[str, float] = Field(default_factory=dict)
+
+
 class EvaluationPayload(Schema):
     """Everything a site sends after scoring a model (``evaluate``) or two label sets (``compare``).
 
@@ -165,6 +184,9 @@ class EvaluationPayload(Schema):
     )
     label_audit: LabelAudit | None = Field(
         default=None, description="the site's labels checked against the protocol, without any model"
+    )
+    dp: DpRelease | None = Field(
+        default=None, description="set when the site released this reply with differential privacy"
     )
     discrepancy: DiscrepancySummary | None = None
     findings: list[Finding] = Field(default_factory=list)

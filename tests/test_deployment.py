@@ -23,6 +23,9 @@ from server.deploy import DeploymentError, run_status, write_connection
 
 pytestmark = pytest.mark.slow
 
+#: demo sites are tiny; their own policy.toml relaxes min-patients to 2 (common.demo.hospitals)
+DEMO_MIN_PATIENTS = 2
+
 SIZE = 64
 SLICES = 6
 ENCODER = "tu-mobilenetv3_small_050"
@@ -77,7 +80,9 @@ def test_validation_study_on_the_deployment_engine(
         intruder = dep.add_site(intruder_site, register=False, name="intruder", max_wait_time=30)
 
         # run 1: all three sites; site-0 pins the hash of the code it reviewed (the app snapshot)
-        write_policy(sites[0], SitePolicy(allowed_apps=(code_hash(dep.app_dir),)))
+        write_policy(
+            sites[0], SitePolicy(allowed_apps=(code_hash(dep.app_dir),), min_patients=DEMO_MIN_PATIENTS)
+        )
         status = dep.run(validation_config(dep, model_path, "all"), timeout=400)
         assert status.ok, status
         first = report(dep, "all")
@@ -96,8 +101,8 @@ def test_validation_study_on_the_deployment_engine(
         assert all(p.popen.poll() is None for p in nodes), "a registered SuperNode died"
 
         # run 2: site-1 no longer accepts evaluate; site-2 pinned other code
-        write_policy(sites[1], SitePolicy(accept_tasks=("train", "compare")))
-        write_policy(sites[2], SitePolicy(allowed_apps=("0" * 64,)))
+        write_policy(sites[1], SitePolicy(accept_tasks=("train", "compare"), min_patients=DEMO_MIN_PATIENTS))
+        write_policy(sites[2], SitePolicy(allowed_apps=("0" * 64,), min_patients=DEMO_MIN_PATIENTS))
         status = dep.run(validation_config(dep, model_path, "refusals"), timeout=400)
         assert status.ok, status
         second = {s["node_id"]: s for s in report(dep, "refusals").values()}
@@ -128,8 +133,8 @@ def test_validation_study_on_the_deployment_engine(
 
         # run 3: site-0's SuperNode crashes; the study still completes and says what happened
         nodes[0].stop()
-        write_policy(sites[1], SitePolicy())
-        write_policy(sites[2], SitePolicy())
+        write_policy(sites[1], SitePolicy(min_patients=DEMO_MIN_PATIENTS))
+        write_policy(sites[2], SitePolicy(min_patients=DEMO_MIN_PATIENTS))
         config = validation_config(dep, model_path, "dropout") | {
             "study.min-sites": 2,
             "study.round-timeout": 30.0,
@@ -163,7 +168,7 @@ def test_superlink_restart_fails_the_run_honestly_and_sites_reconnect(
     from server.deploy import start_run, wait_for_run
 
     for site in sites:
-        write_policy(site, SitePolicy())
+        write_policy(site, SitePolicy(min_patients=DEMO_MIN_PATIENTS))
     with deployment(tmp_path / "deploy") as dep:
         nodes = [dep.add_site(site) for site in sites[:2]]
         config = validation_config(dep, model_path, "interrupted") | {"study.min-sites": 2}

@@ -16,7 +16,7 @@ def test_the_finding_explains_most_of_the_smi_shift_and_no_more_calls_than_chang
     tmp_path: Path, profile: int
 ) -> None:
     site = make_site(tmp_path / "site", site_profile(profile), slices=10, size=128, seed=5)
-    payload = compare_with_reference(load_site(site))
+    payload = compare_with_reference(load_site(site)).payload
     systematic = [f for f in payload.findings if f.systematic]
     assert len(systematic) == 1
     finding = systematic[0]
@@ -36,7 +36,7 @@ def test_the_finding_explains_most_of_the_smi_shift_and_no_more_calls_than_chang
 
 def test_fat_findings_carry_no_smi_impact(tmp_path: Path) -> None:
     site = make_site(tmp_path / "site", site_profile(2), slices=8, size=128, seed=5)  # IMAT as muscle
-    payload = compare_with_reference(load_site(site))
+    payload = compare_with_reference(load_site(site)).payload
     assert any(f.region == "intramuscular_fat" for f in payload.findings)
     for f in payload.findings:
         if f.tissue != "muscle":

@@ -21,6 +21,7 @@ from client.guard import (
 )
 from client.policy import SitePolicy, WeightsDp, write_policy
 from common.dataset import load_site
+from common.evaluation import SliceRecord, score_slice
 from protocols import keys
 from protocols.findings import Finding
 from protocols.payloads import (
@@ -48,6 +49,20 @@ def _scores(bins: dict[str, int], undefined: int = 0) -> ClassScores:
         intersection_px=900,
         union_px=1000,
     )
+
+
+def _records(n: int = 12) -> list[SliceRecord]:
+    """Per-slice records of ``n`` patients (kept at the site; the guard needs their patients)."""
+    label = np.array([[1, 1, 2, 0], [1, 1, 2, 0], [3, 3, 2, 0], [0, 0, 0, 0]], dtype=np.uint8)
+    hu = np.zeros(label.shape, dtype=np.float32)
+    return [
+        score_slice(label, label, hu, (10.0, 10.0), group=f"patient-{i}", height_m=1.7, sex="M")
+        for i in range(n)
+    ]
+
+
+#: the slices the payloads below summarise, one per patient
+RECORDS = _records()
 
 
 def payload(n_used: int = 12) -> EvaluationPayload:
@@ -109,10 +124,23 @@ def events(site: Path) -> list[tuple[str, str | None]]:
     return [(e.event, e.detail) for e in read_audit(audit_path(site))]
 
 
-def test_default_policy_releases_payload_unchanged_and_audits_it(site: Path) -> None:
+def _without_quantiles(p: EvaluationPayload) -> EvaluationPayload:
+    scores = {
+        c: s.model_copy(
+            update={
+                d: getattr(s, d).model_copy(update=dict.fromkeys(("median", "q1", "q3")))
+                for d in ("iou", "dice")
+            }
+        )
+        for c, s in p.scores.items()
+    }
+    return p.model_copy(update={"scores": scores, "suppressed": ["quantiles"]})
+
+
+def test_default_policy_releases_payload_unchanged_but_quantiles_and_audits_it(site: Path) -> None:
     sent = payload()
-    released = guard(site).release_payload(sent)
-    assert released == sent and released.suppressed == []
+    released = guard(site).release_payload(sent, records=RECORDS)
+    assert released == _without_quantiles(sent) and released.suppressed == ["quantiles"]
     entries = list(read_audit(audit_path(site)))
     assert [e.event for e in entries] == ["received", "sent"]
     assert entries[0].app_hash == APP and entries[0].run_id == 3
@@ -120,7 +148,7 @@ def test_default_policy_releases_payload_unchanged_and_audits_it(site: Path) -> 
 
 
 def test_small_cells_are_suppressed_and_named_never_silently_zeroed(site: Path) -> None:
-    released = guard(site, min_cell_count=3).release_payload(payload())
+    released = guard(site, min_cell_count=3).release_payload(payload(), records=RECORDS)
     assert released.scores["muscle"].bins == {}  # 2 < 3 in one bin: the whole table goes
     assert released.scores["visceral_fat"].bins == {"0.9-1.0": 12}  # untouched
     assert released.excluded == {}
@@ -129,36 +157,37 @@ def test_small_cells_are_suppressed_and_named_never_silently_zeroed(site: Path) 
     assert released.findings == [] and released.discrepancy is not None
     assert released.discrepancy.findings == []
     assert set(released.suppressed) == {
+        "quantiles",
         "scores.muscle.bins",
         "excluded",
         "sarcopenia",
         "findings.muscle:site_excludes:psoas",
         "discrepancy.findings.muscle:site_excludes:psoas",
     }
-    released4 = guard(site, min_cell_count=4).release_payload(payload())
+    released4 = guard(site, min_cell_count=4).release_payload(payload(), records=RECORDS)
     assert released4.smi is None and "smi" in released4.suppressed
 
 
 def test_polar_maps_and_discrepancy_follow_the_policy(site: Path) -> None:
-    no_polar = guard(site, allow_polar_maps=False).release_payload(payload())
+    no_polar = guard(site, allow_polar_maps=False).release_payload(payload(), records=RECORDS)
     assert no_polar.discrepancy is not None and no_polar.discrepancy.polar is None
-    assert no_polar.suppressed == ["discrepancy.polar"]
-    no_disc = guard(site, accept_tasks=("evaluate",)).release_payload(payload())
+    assert no_polar.suppressed == ["quantiles", "discrepancy.polar"]
+    no_disc = guard(site, accept_tasks=("evaluate",)).release_payload(payload(), records=RECORDS)
     assert no_disc.discrepancy is None and no_disc.findings == []
-    assert set(no_disc.suppressed) == {"discrepancy", "findings"}
+    assert set(no_disc.suppressed) == {"quantiles", "discrepancy", "findings"}
 
 
 def test_too_few_slices_is_refused_and_audited(site: Path) -> None:
     g = guard(site, min_slices=13)
     with pytest.raises(SiteRefusal, match="only 12 usable slice"):
-        g.release_payload(payload())
+        g.release_payload(payload(), records=RECORDS)
     assert [e for e, _ in events(site)] == ["received", "refused"]
 
 
 def test_reply_naming_a_manifest_file_is_refused_without_repeating_it(site: Path) -> None:
     bad = payload().model_copy(update={"site": "CANARY-PATIENT-001.dcm"})
     with pytest.raises(SiteRefusal) as info:
-        guard(site).release_payload(bad)
+        guard(site).release_payload(bad, records=RECORDS)
     assert "CANARY" not in info.value.reason
     assert "sent" not in [e for e, _ in events(site)]
 
@@ -223,10 +252,12 @@ def test_local_dp_is_required_when_the_policy_asks(site: Path) -> None:
     assert abs(float(noisy.std()) - 0.5) < 0.02
 
 
-def test_suppress_payload_is_pure_and_k1_changes_nothing() -> None:
+def test_suppress_payload_is_pure_and_k1_withholds_only_quantiles() -> None:
     p = payload()
     data, marks = suppress_payload(p, SitePolicy())
-    assert marks == [] and EvaluationPayload.model_validate(data) == p
+    assert marks == ["quantiles"]
+    assert EvaluationPayload.model_validate(data | {"suppressed": marks}) == _without_quantiles(p)
+    assert p.scores["muscle"].iou.median is not None  # the input is untouched
 
 
 def test_error_reasons_are_redacted_before_they_leave(site: Path) -> None:
@@ -259,7 +290,7 @@ def _semicolon_site(tmp_path: Path) -> Path:
 def test_semicolon_manifest_file_names_and_groups_are_refused(tmp_path: Path, name: str) -> None:
     site = _semicolon_site(tmp_path)
     with pytest.raises(SiteRefusal) as info:
-        guard(site).release_payload(payload().model_copy(update={"site": f"site {name}"}))
+        guard(site).release_payload(payload().model_copy(update={"site": f"site {name}"}), records=RECORDS)
     assert "qzx" not in info.value.reason.lower()
     assert "sent" not in [e for e, _ in events(site)]
 
@@ -290,7 +321,9 @@ def test_invalid_rows_are_screened_too(tmp_path: Path) -> None:
         dataset
     )
     with pytest.raises(SiteRefusal):
-        guard(site).release_payload(payload().model_copy(update={"site": "QZX-BAD-MASK.png"}))
+        guard(site).release_payload(
+            payload().model_copy(update={"site": "QZX-BAD-MASK.png"}), records=RECORDS
+        )
 
 
 def test_never_leave_keeps_whole_group_keys_and_skips_short_strings(tmp_path: Path) -> None:
@@ -312,7 +345,7 @@ def test_a_site_that_cannot_be_parsed_still_has_its_path_redacted(tmp_path: Path
     opened = open_guard(site, run_id=3, task="evaluate", config={keys.TASK: "evaluate"}, app_hash=APP)
     assert opened.error_reason(f"{site}/manifest.csv: missing") == "<site>/manifest.csv: missing"
     with pytest.raises(SiteRefusal, match="no parsed site"):
-        opened.release_payload(payload())  # unscreened replies never leave
+        opened.release_payload(payload(), records=RECORDS)  # unscreened replies never leave
 
 
 def test_empty_allow_list_warns_once_per_site_per_run(site: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -357,11 +390,11 @@ def test_raw_scores_key_stats_and_the_label_audit_follow_the_policy_too(site: Pa
             "discrepancy": base.discrepancy.model_copy(update={"key_stats": stats}),  # type: ignore[union-attr]
         }
     )
-    released = guard(site, min_cell_count=3).release_payload(sent)
+    released = guard(site, min_cell_count=3).release_payload(sent, records=RECORDS)
     assert released.raw_scores is not None and released.raw_scores["muscle"].bins == {}
     assert released.label_audit is not None
     assert [c.region for c in released.label_audit.checks] == ["paraspinal"]
     assert released.discrepancy is not None and released.discrepancy.key_stats == {}
     assert {"raw_scores.muscle.bins", "label_audit.muscle:site_excludes:psoas"} <= set(released.suppressed)
-    no_disc = guard(site, accept_tasks=("evaluate",)).release_payload(sent)
+    no_disc = guard(site, accept_tasks=("evaluate",)).release_payload(sent, records=RECORDS)
     assert no_disc.label_audit is None and "label_audit" in no_disc.suppressed

@@ -63,7 +63,7 @@ def test_internal_evaluation_scores_only_test_patients_never_trained_or_selected
     run_train(site, model, STUDY.model, STUDY)
     trained = set(loaded_rows)
     loaded_rows.clear()
-    payload = run_evaluate(site, model, STUDY.model, STUDY, role="internal")
+    payload = run_evaluate(site, model, STUDY.model, STUDY, role="internal").payload
     scored = set(loaded_rows)
     assert scored == set(split.test)
     assert trained == set(split.train) | set(split.val)
@@ -76,7 +76,7 @@ def test_internal_evaluation_scores_only_test_patients_never_trained_or_selected
 
 def test_external_evaluation_scores_every_slice(site_dir: Path, loaded_rows: list[int]) -> None:
     site = load_site(site_dir)
-    payload = run_evaluate(site, build_model(STUDY.model), STUDY.model, STUDY, role="external")
+    payload = run_evaluate(site, build_model(STUDY.model), STUDY.model, STUDY, role="external").payload
     assert sorted(loaded_rows) == list(range(len(site.rows)))
     assert (payload.role, payload.split, payload.n_used) == ("external", "all", len(site.rows))
 

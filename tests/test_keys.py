@@ -18,5 +18,13 @@ def test_training_metric_keys_are_the_wire_names() -> None:
         "epochs",
         "seconds",
         *(f"val-{cls}-{part}" for cls in METRIC_CLASSES for part in ("intersection", "union")),
+        "n-val-patients",
+        "val-withheld",
+        "dp-epsilon",
+        "dp-delta",
     )
-    assert len(set(keys.TRAIN_METRIC_KEYS)) == len(keys.TRAIN_METRIC_KEYS) == 8 + 2 * len(METRIC_CLASSES)
+    assert len(set(keys.TRAIN_METRIC_KEYS)) == len(keys.TRAIN_METRIC_KEYS) == 12 + 2 * len(METRIC_CLASSES)
+    # what a site withholds with a too small validation split: every per-slice validation sum
+    assert set(keys.VAL_METRIC_KEYS) == {"val-loss", "val-loss-sum"} | {
+        f"val-{cls}-{part}" for cls in METRIC_CLASSES for part in ("intersection", "union")
+    }

@@ -21,6 +21,9 @@ from server.deploy import flwr_env
 pytestmark = pytest.mark.slow
 
 CANARIES = ("QZXCANARYA71", "QZXCANARYB72")
+#: demo sites are tiny; their own policy.toml relaxes min-patients to 2 (common.demo.hospitals)
+DEMO_MIN_PATIENTS = 2
+
 SIZE = 64
 ENCODER = "tu-mobilenetv3_small_050"
 
@@ -33,7 +36,9 @@ def _canary_sites(root: Path) -> list[Path]:
         site = make_site(
             root / f"site-{i}", site_profile(i), slices=8, size=SIZE, seed=i, site_tag=str(i), canary=canary
         )
-        write_policy(site, SitePolicy(min_slices=2))  # tiny demo sites; the leak is what matters here
+        write_policy(
+            site, SitePolicy(min_slices=2, min_patients=DEMO_MIN_PATIENTS)
+        )  # tiny demo sites; the leak is what matters here
         sites.append(site)
     return sites
 

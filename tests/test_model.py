@@ -253,3 +253,26 @@ def test_load_detects_tampered_weights(tmp_path) -> None:
 def test_save_rejects_non_scalar_meta(tmp_path) -> None:
     with pytest.raises(ValueError, match="'sites'"):
         save_model(tmp_path / "m.pt", {"w": torch.zeros(1)}, SMALL, {"sites": ["a"]})  # type: ignore[dict-item]
+
+
+def test_group_norm_spec_builds_the_same_network_without_batchnorm(tmp_path: Path) -> None:
+    spec = ModelSpec(encoder="resnet18", image_size=64, norm="group")
+    model = build_model(spec)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in build_model(SMALL).modules())
+    assert all(m.num_channels % m.num_groups == 0 and m.num_groups <= 32 for m in norms)
+    assert not any("running" in name for name in model.state_dict())
+    model.eval()
+    assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 4, 64, 64)
+    # written with its norm (a batch spec is written without, as before), and read back as it was
+    assert '"norm":"group"' in spec.model_dump_json()
+    assert ModelSpec.model_validate_json(spec.model_dump_json()) == spec
+    loaded = load_model(save_model(tmp_path / "group.pt", model, spec))
+    assert loaded.spec == spec and loaded.weights_hash == weights_hash(model.state_dict())
+
+
+def test_group_norm_refuses_encoders_whose_batchnorm_holds_more_than_a_norm() -> None:
+    """timm's BatchNormAct2d also holds the activation: replacing it would drop the activation."""
+    with pytest.raises(ValueError, match=r"BatchNormAct2d.*resnet18.*model\.norm = 'batch'"):
+        build_model(ModelSpec(encoder="tu-mobilenetv3_small_050", image_size=64, norm="group"))

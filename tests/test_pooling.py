@@ -219,3 +219,18 @@ def test_area_of_a_suppressed_site_is_not_pooled_as_slices() -> None:
     assert muscle.sd_diff_cm2 == pytest.approx(a.areas["muscle"].sd_diff_cm2)
     assert pooled.coverage("areas.muscle").describe() == "incomplete: 1 of 2 sites suppressed (b)"
     assert pooled.coverage("areas.subcutaneous_fat").complete
+
+
+def test_a_withheld_spread_makes_the_pooled_spread_unavailable_not_zero() -> None:
+    """A differentially private reply sends sums but no sum of squares: pooled means stay exact,
+    the pooled sd and limits of agreement become unavailable (never computed from a 0)."""
+    from common.pooling import pool_area_agreement, pool_distributions
+    from protocols.payloads import AreaAgreement, Distribution
+
+    exact = AreaAgreement(n=4, mean_diff_cm2=1.0, sd_diff_cm2=2.0, sum_diff_cm2=4.0, sum_sq_diff_cm2=16.0)
+    private = AreaAgreement(n=6, mean_diff_cm2=-1.0, sum_diff_cm2=-6.0, sum_sq_diff_cm2=None)
+    pooled = pool_area_agreement([exact, private])
+    assert pooled.mean_diff_cm2 == pytest.approx(-0.2) and pooled.sd_diff_cm2 is None
+    assert pooled.sum_sq_diff_cm2 is None
+    mean_only = pool_distributions([Distribution(n=3, mean=0.5, sd=0.1), Distribution(n=2, mean=0.0)])
+    assert mean_only.mean == pytest.approx(0.3) and mean_only.sd is None

@@ -685,3 +685,19 @@ def test_area_rows_of_a_site_that_suppressed_an_area() -> None:
     assert pooled_muscle[COVERAGE_COLUMN] == "incomplete: 1 of 2 sites suppressed (b)"
     assert pooled_muscle["pooling"].startswith("over slices of the group's sites that sent it")
     assert table.loc[(POOLED, "visceral_fat"), "pooling"].startswith("over slices of all sites")
+
+
+def test_withheld_validation_and_dp_sgd_rounds_are_said_in_words() -> None:
+    from protocols import keys
+    from server.report.sentences import training_release_notes
+
+    def round_(n: int, epsilon: float) -> RoundRecord:
+        return RoundRecord(
+            round=n, per_site={"site-a": {keys.VAL_WITHHELD: 1.0}, "site-b": {keys.DP_EPSILON: epsilon}}
+        )
+
+    report = study_report().model_copy(update={"training": [round_(1, 2.5), round_(2, 3.0)]})
+    notes = training_release_notes(report)
+    assert notes[0].startswith("site-a: validation metrics withheld in round(s) 1, 2")
+    assert "min-val-patients" in notes[0]
+    assert notes[1].startswith("site-b: trained with DP-SGD") and "epsilon 3 per round" in notes[1]

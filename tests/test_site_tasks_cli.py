@@ -27,7 +27,7 @@ def psoas_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_compare_prints_the_payload_with_the_psoas_finding(psoas_site: Path) -> None:
     result = runner.invoke(app, ["site", "compare", str(psoas_site), "--json"])
     assert result.exit_code == 0, result.output
-    payload = EvaluationPayload.model_validate_json(result.output)
+    payload = EvaluationPayload.model_validate_json(result.stdout)
     assert payload.task == "compare" and payload.n_used == 8
     systematic = [(f.tissue, f.direction, f.region) for f in payload.findings if f.systematic]
     assert systematic == [("muscle", "site_excludes", "psoas")]
@@ -45,7 +45,7 @@ def test_preview_applies_the_site_policy_and_marks_what_it_suppressed(
     (site / "policy.toml").write_text("min-cell-count = 3\nallow-polar-maps = false\n")
     result = runner.invoke(app, ["site", "compare", str(site), "--json"])
     assert result.exit_code == 0, result.output
-    payload = EvaluationPayload.model_validate_json(result.output)
+    payload = EvaluationPayload.model_validate_json(result.stdout)
     assert payload.suppressed, "small cells must be marked, never silently zeroed"
     for name, scores in payload.scores.items():
         assert all(v == 0 or v >= 3 for v in scores.bins.values()), name
@@ -72,13 +72,13 @@ def test_train_then_evaluate_with_the_trained_model(psoas_site: Path, tmp_path: 
         ],
     )
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     held_out = summary["n_test_held_out"]
     assert summary["n_train"] + summary["n_val"] + held_out == 8 and held_out >= 1 and model.exists()
     # the model names this site: it is scored as internal, on its held-out test patients only
     result = runner.invoke(app, ["site", "evaluate", str(psoas_site), "--model", str(model), "--json"])
     assert result.exit_code == 0, result.output
-    payload = EvaluationPayload.model_validate_json(result.output)
+    payload = EvaluationPayload.model_validate_json(result.stdout)
     assert payload.task == "evaluate" and payload.model_hash == summary["weights_hash"]
     assert (payload.role, payload.split, payload.n_in_split) == ("internal", "test", held_out)
     assert sum(payload.scores["muscle"].bins.values()) + payload.scores["muscle"].undefined == held_out
@@ -86,7 +86,7 @@ def test_train_then_evaluate_with_the_trained_model(psoas_site: Path, tmp_path: 
     result = runner.invoke(
         app, ["site", "evaluate", str(psoas_site), "--model", str(model), "--json", "--role", "external"]
     )
-    payload = EvaluationPayload.model_validate_json(result.output)
+    payload = EvaluationPayload.model_validate_json(result.stdout)
     assert (payload.role, payload.split) == ("external", "all")
     assert sum(payload.scores["muscle"].bins.values()) + payload.scores["muscle"].undefined == 8
     assert payload.raw_scores is not None and payload.label_audit is not None

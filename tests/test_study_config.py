@@ -84,14 +84,18 @@ def test_image_size_not_a_multiple_of_32_fails_at_parse_naming_key_and_rule() ->
     assert StudyConfig.from_run_config({"model.image-size": 96}).model.image_size == 96
 
 
-def test_model_section_is_the_model_spec_with_three_run_config_keys() -> None:
+def test_model_section_is_the_model_spec_with_four_run_config_keys() -> None:
     study = StudyConfig.from_run_config({"model.encoder": "resnet18", "model.image-size": 64})
     assert study.model == ModelSpec(encoder="resnet18", image_size=64)  # the spec a site receives
     assert study.to_flat("model") == {
         "model.arch": "unet",
         "model.encoder": "resnet18",
         "model.image-size": 64,
+        "model.norm": "batch",
     }
+    assert StudyConfig.from_run_config({"model.norm": "group"}).model.norm == "group"
+    with pytest.raises(ValueError, match=r"model\.norm: .*unknown model norm 'layer'.*batch, group"):
+        StudyConfig.from_run_config({"model.norm": "layer"})
     # the rest of the spec is the pipeline's, not a study setting
     with pytest.raises(ValueError, match=r"unknown run-config key\(s\) \['model.classes'\]"):
         StudyConfig.from_run_config({"model.classes": 3})

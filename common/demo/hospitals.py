@@ -372,8 +372,19 @@ def make_site(
         + profile.values.toml(),
         encoding="utf-8",
     )
+    (root / "policy.toml").write_text(DEMO_POLICY, encoding="utf-8")
     log.info("wrote demo site %s (%s, %d slices)", root, profile.key, len(rows))
     return root
+
+
+#: The demo hospitals' release policy: the defaults (client.policy), but a reply may summarise
+#: as few as 2 patients, because a demo hospital's held-out test split has only a few. Real
+#: sites keep the default of 5 (docs/PRIVACY.md).
+DEMO_POLICY = """\
+# Demo hospital: the default release policy (see docs/PRIVACY.md), relaxed for tiny demo data:
+# a reply may summarise as few as 2 patients (the default, and what real sites should keep, is 5).
+min-patients = 2
+"""
 
 
 def _write_manifest(root: Path, rows: list[_Row]) -> None:

@@ -4,7 +4,9 @@ study ends (:func:`summary_lines`: each site with its role and n, each pooled gr
 from __future__ import annotations
 
 from common.pooling import has_bins
+from common.release_words import release_sentences
 from common.stats import wilson_interval
+from protocols import keys
 from protocols.classes import IOU_BINS
 from protocols.payloads import ClassScores, EvaluationPayload
 from protocols.report import StudyReport
@@ -36,9 +38,33 @@ def consistency_notes(report: StudyReport) -> list[str]:
             notes.append(
                 f"{s.site} applied the label protocol {p.protocol.describe()} (study: the one above)."
             )
-        suppressed = [*p.suppressed, *(p.discrepancy.suppressed if p.discrepancy else [])]
-        if suppressed:
-            notes.append(f"{s.site} suppressed by its release policy: {', '.join(suppressed)}.")
+        notes += [f"{s.site}: {sentence}" for sentence in release_sentences(p)]
+    notes += training_release_notes(report)
+    return notes
+
+
+def training_release_notes(report: StudyReport) -> list[str]:
+    """Sites whose training replies withheld their validation metrics or were trained with DP-SGD."""
+    withheld: dict[str, list[int]] = {}
+    private: dict[str, list[float]] = {}
+    for record in report.training:
+        for site, metrics in record.per_site.items():
+            if metrics.get(keys.VAL_WITHHELD):
+                withheld.setdefault(site, []).append(record.round)
+            if keys.DP_EPSILON in metrics:
+                private.setdefault(site, []).append(metrics[keys.DP_EPSILON])
+    notes = [
+        f"{site}: validation metrics withheld in round(s) {', '.join(map(str, rounds))}: "
+        "its validation split holds fewer patients or slices than its release policy needs "
+        "(min-val-patients / min-val-slices); "
+        "its weights were used, its validation loss was not (raise train.val-fraction)."
+        for site, rounds in sorted(withheld.items())
+    ]
+    notes += [
+        f"{site}: trained with DP-SGD (its policy's [dp-sgd]): epsilon {max(eps):.3g} per round at most, "
+        f"{len(eps)} round(s)."
+        for site, eps in sorted(private.items())
+    ]
     return notes
 
 
