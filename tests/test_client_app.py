@@ -15,16 +15,7 @@ import common.dataset
 from client import app
 from protocols import keys
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages built outside a Flower process need the identity Flower would have set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _send(task: str, node_config: dict[str, object], run_config: dict[str, object] | None = None) -> Message:

@@ -17,16 +17,7 @@ from protocols.study import StudyConfig
 from server.messaging import Replies
 from server.training import make_strategy, pooled_validation
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages built outside a Flower process need the identity Flower would have set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _reply(weights: np.ndarray, metrics: dict[str, float]) -> Message:
