@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -189,12 +189,12 @@ def run_training(
                 f"round {server_round}: only {len(replies.ok)} site(s) replied, study.min-sites = "
                 f"{study.study.min_sites}; failures: {record.sites_failed}"
             )
-        new_arrays, _ = strategy.aggregate_train(server_round, list(replies.ok.values()))
+        loss, iou = pooled_validation(replies)  # read every site's metrics before the strategy's view
+        new_arrays, _ = strategy.aggregate_train(server_round, _weights_only(replies.ok.values()))
         if new_arrays is None:
             raise SarcofedError(f"round {server_round}: the strategy could not aggregate the replies")
         arrays = new_arrays
         state.state_dict = unpack_state(arrays[keys.PACKED].numpy(), layout)
-        loss, iou = pooled_validation(replies)
         improved = state.stopping.update(server_round, loss)
         start_hash = weights_hash(state.state_dict)  # what this round made is what the next one sends
         record = RoundRecord(
@@ -223,6 +223,22 @@ def run_training(
         if state.stopped_early:
             log.info("early stopping after round %d (best round %d)", server_round, state.stopping.best_round)
     return TrainingOutcome(state.state_dict, model_path, state.history, state.stopped_early)
+
+
+def _weights_only(replies: Iterable[Message]) -> list[Message]:
+    """The replies as Flower's strategy needs them: the weights and the weighting key only.
+
+    Sites send different metric keys (one withheld its validation metrics, another reports a
+    DP-SGD epsilon), and Flower's strategies refuse MetricRecords whose keys differ. The study
+    reads the sites' metrics itself (``pooled_validation``, the round record) before this;
+    the strategy only weights by ``num-examples`` and averages the weights.
+    """
+    out = []
+    for reply in replies:
+        weight = reply.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES]
+        reply.content.metric_records[keys.METRICS] = MetricRecord({keys.NUM_EXAMPLES: weight})
+        out.append(reply)
+    return out
 
 
 def contributing_sites(history: Sequence[RoundRecord], up_to_round: int) -> set[str]:

@@ -171,3 +171,20 @@ def test_a_round_with_too_few_replies_is_recorded_as_failed_before_the_study_sto
     record = RoundRecord.model_validate_json(line)
     assert (record.round, record.status, record.sites_replied) == (1, "failed", ["a"])
     assert record.sites_failed == {"b": "site crashed"} and record.weights_hash is None
+
+
+def test_sites_whose_training_replies_carry_different_metrics_still_train_the_model(tmp_path: Path) -> None:
+    """A site that withheld its validation metrics (or reports a DP-SGD epsilon) sends other metric
+    keys than the rest; Flower's strategy only weights and averages the weights, so the round goes
+    on, and the pooled validation loss is over the sites that released one."""
+    from server.training import run_training
+
+    differing = {
+        1: SITE_METRICS[1],
+        2: {keys.NUM_EXAMPLES: 2.0, keys.VAL_WITHHELD: 1.0, keys.SECONDS: 4.0, keys.DP_EPSILON: 2.5},
+    }
+    study = StudyConfig.from_run_config(SMALL_STUDY | {"study.num-rounds": 1})
+    (record,) = run_training(FakeSites(differing), study, tmp_path, {1: "a", 2: "b"}).history  # type: ignore[arg-type]
+    assert record.status == "ok" and record.weights_hash is not None
+    assert record.pooled_val_loss == pytest.approx(1.0 / 2)  # site a only
+    assert record.per_site["b"][keys.VAL_WITHHELD] == 1.0  # what b sent is recorded as sent
