@@ -185,7 +185,7 @@ DEMO_STUDY: Final[Mapping[str, Scalar]] = MappingProxyType(
         "model.encoder": "resnet18",
         "model.image-size": 128,
         "train.local-epochs": 4,
-        "train.val-fraction": 0.25,
+        "train.val-fraction": 0.3,  # >= 5 validation patients per demo hospital (min-val-patients)
     }
 )
 
