@@ -179,7 +179,7 @@ def _run_study(
     internal: set[str] = set()
 
     if mode in ("train+evaluate", "train"):
-        from server.training import run_training
+        from server.training import run_training, training_notes
 
         with timed("training"):
             outcome = run_training(
@@ -197,8 +197,7 @@ def _run_study(
                 ),
             )
         history = outcome.history
-        if outcome.stopped_early:
-            notes.append("training stopped early on the pooled validation loss")
+        notes += training_notes(outcome)
         if study.study.exclude_from_training:
             notes.append(
                 f"excluded from training (validated only): {', '.join(study.study.exclude_from_training)}"

@@ -16,7 +16,12 @@ from protocols.report import RoundRecord
 
 @dataclass
 class EarlyStopping:
-    """Stop when the pooled validation loss has not improved for ``patience`` rounds."""
+    """Stop when the pooled validation loss has not improved for ``patience`` rounds.
+
+    A round without a pooled loss (no site released one) is not judged: it neither counts
+    towards ``patience`` nor becomes the best round. A non-finite loss (training diverged)
+    counts as no improvement.
+    """
 
     patience: int
     best_loss: float = math.inf
@@ -25,7 +30,9 @@ class EarlyStopping:
 
     def update(self, server_round: int, loss: float | None) -> bool:
         """Record a round's pooled loss; returns True when it is a new best."""
-        if loss is None or not math.isfinite(loss):
+        if loss is None:
+            return False
+        if not math.isfinite(loss):
             self.rounds_without_improvement += 1
             return False
         if loss < self.best_loss:

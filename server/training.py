@@ -3,7 +3,8 @@
 Flower's own strategies do the maths (FedAvg / FedProx, optionally wrapped in Flower's
 central DP with server-side fixed clipping). sarcofed adds what a study needs around
 them: per-site round records (who replied, who failed and why), early stopping on the
-pooled validation loss, best-model checkpointing and resume.
+pooled validation loss, best-model checkpointing and resume. When no site releases a
+validation loss, there is nothing to stop on or choose by: the model is the last round's.
 """
 
 from __future__ import annotations
@@ -206,12 +207,17 @@ def run_training(
             improved=improved,
             seconds=time.monotonic() - started,
         )
-        if improved or not model_path.exists():
+        # the best round by pooled loss; while no round had one, the last round (nothing to judge by)
+        if improved or not model_path.exists() or state.stopping.best_round == 0:
             save_model(
                 model_path,
                 state.state_dict,
                 spec,
-                meta={"round": server_round, "study": study.study.name, "pooled_val_loss": loss or -1.0},
+                meta={
+                    "round": server_round,
+                    "study": study.study.name,
+                    "pooled_val_loss": -1.0 if loss is None else loss,
+                },
             )
         state.completed_round = server_round
         state.stopped_early = state.stopping.should_stop
@@ -223,6 +229,24 @@ def run_training(
         if state.stopped_early:
             log.info("early stopping after round %d (best round %d)", server_round, state.stopping.best_round)
     return TrainingOutcome(state.state_dict, model_path, state.history, state.stopped_early)
+
+
+def training_notes(outcome: TrainingOutcome) -> list[str]:
+    """The report's notes on how the model was chosen: early stopping, rounds without a loss."""
+    done = [r for r in outcome.history if r.status == "ok"]
+    unjudged = [r.round for r in done if r.pooled_val_loss is None]
+    notes = []
+    if done and len(unjudged) == len(done):
+        notes.append("no site released a validation loss: model = last round, no early stopping")
+    elif unjudged:
+        rounds = ", ".join(str(n) for n in unjudged)
+        notes.append(
+            f"round{'s' if len(unjudged) > 1 else ''} {rounds}: no site released a validation loss, so "
+            "these rounds neither counted towards early stopping nor could be the chosen model"
+        )
+    if outcome.stopped_early:
+        notes.append("training stopped early on the pooled validation loss")
+    return notes
 
 
 def _weights_only(replies: Iterable[Message]) -> list[Message]:
@@ -269,4 +293,11 @@ def _append(path: Path, record: RoundRecord) -> None:
         fh.write(record.model_dump_json() + "\n")
 
 
-__all__ = ["TrainingOutcome", "contributing_sites", "make_strategy", "pooled_validation", "run_training"]
+__all__ = [
+    "TrainingOutcome",
+    "contributing_sites",
+    "make_strategy",
+    "pooled_validation",
+    "run_training",
+    "training_notes",
+]

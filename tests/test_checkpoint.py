@@ -17,8 +17,19 @@ def test_early_stopping_counts_rounds_without_improvement() -> None:
     assert stop.update(1, 1.0) is True
     assert stop.update(2, 0.5) is True
     assert stop.update(3, 0.6) is False and not stop.should_stop
-    assert stop.update(4, None) is False and stop.should_stop  # a round without validation counts too
+    assert stop.update(4, math.nan) is False and stop.should_stop  # a diverged round counts
     assert (stop.best_round, stop.best_loss) == (2, 0.5)
+
+
+def test_a_round_without_a_pooled_loss_is_not_judged() -> None:
+    """No site released a validation loss: nothing says the round was worse, so it does not
+    count towards patience (it did, and a study whose sites all withheld stopped after
+    ``patience`` rounds on a round-1 model)."""
+    stop = EarlyStopping(patience=1)
+    assert stop.update(1, None) is False and not stop.should_stop
+    assert stop.update(2, 1.0) is True
+    assert stop.update(3, None) is False and not stop.should_stop
+    assert (stop.best_round, stop.rounds_without_improvement) == (2, 0)
 
 
 def test_checkpoint_round_trip_restores_weights_round_and_patience(tmp_path: Path) -> None:

@@ -188,3 +188,63 @@ def test_sites_whose_training_replies_carry_different_metrics_still_train_the_mo
     assert record.status == "ok" and record.weights_hash is not None
     assert record.pooled_val_loss == pytest.approx(1.0 / 2)  # site a only
     assert record.per_site["b"][keys.VAL_WITHHELD] == 1.0  # what b sent is recorded as sent
+
+
+#: Every site withheld its validation metrics (too few validation patients for its policy).
+WITHHOLDING = {
+    1: {keys.NUM_EXAMPLES: 6.0, keys.VAL_WITHHELD: 1.0, keys.SECONDS: 3.0},
+    2: {keys.NUM_EXAMPLES: 2.0, keys.VAL_WITHHELD: 1.0, keys.SECONDS: 4.0},
+}
+
+
+def test_without_any_pooled_validation_loss_the_model_is_the_last_round_and_training_runs_on(
+    tmp_path: Path,
+) -> None:
+    """No loss to stop on: neither early stopping after ``patience`` rounds nor a round-1 model."""
+    from common.model import load_model
+    from server.training import contributing_sites, run_training, training_notes
+
+    study = StudyConfig.from_run_config(SMALL_STUDY | {"study.num-rounds": 4, "train.patience": 2})
+    outcome = run_training(FakeSites(WITHHOLDING), study, tmp_path, {1: "a", 2: "b"})  # type: ignore[arg-type]
+    assert [r.round for r in outcome.history] == [1, 2, 3, 4] and not outcome.stopped_early
+    assert all(r.pooled_val_loss is None for r in outcome.history)
+    saved = load_model(outcome.model_path)
+    assert saved.meta["round"] == 4 and saved.weights_hash == outcome.history[-1].weights_hash
+    assert contributing_sites(outcome.history, int(saved.meta["round"])) == {"a", "b"}
+    (note,) = training_notes(outcome)
+    assert "no site released a validation loss" in note and "last round" in note
+    assert "no early stopping" in note
+
+
+def test_a_round_without_a_pooled_loss_neither_counts_towards_patience_nor_replaces_the_best_model(
+    tmp_path: Path,
+) -> None:
+    from common.model import load_model
+    from server.training import run_training, training_notes
+
+    class SitesThatStopReleasing(FakeSites):
+        """Release a validation loss in round 1 only, then withhold it."""
+
+        rounds = 0
+
+        def push_messages(self, messages: list[Message]) -> list[str]:
+            self.rounds += 1
+            if self.rounds == 2:
+                self.metrics = WITHHOLDING
+            return super().push_messages(messages)
+
+    study = StudyConfig.from_run_config(SMALL_STUDY | {"study.num-rounds": 3, "train.patience": 1})
+    outcome = run_training(SitesThatStopReleasing(SITE_METRICS), study, tmp_path, {1: "a", 2: "b"})  # type: ignore[arg-type]
+    assert [r.round for r in outcome.history] == [1, 2, 3] and not outcome.stopped_early
+    assert load_model(outcome.model_path).meta["round"] == 1  # the only round with a loss to judge it by
+    (note,) = training_notes(outcome)
+    assert "rounds 2, 3" in note and "no site released a validation loss" in note
+
+
+def test_training_notes_say_when_training_stopped_early(tmp_path: Path) -> None:
+    from server.training import run_training, training_notes
+
+    study = StudyConfig.from_run_config(SMALL_STUDY | {"study.num-rounds": 4, "train.patience": 1})
+    outcome = run_training(FakeSites(SITE_METRICS), study, tmp_path, {1: "a", 2: "b"})  # type: ignore[arg-type]
+    assert outcome.stopped_early and [r.round for r in outcome.history] == [1, 2]  # same loss: no gain
+    assert training_notes(outcome) == ["training stopped early on the pooled validation loss"]
