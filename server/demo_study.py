@@ -2,9 +2,10 @@
 
 Makes the synthetic hospitals (:func:`make_demo_sites`, those missing only), then runs the
 equivalent of ``flwr run .`` with three simulated hospitals: the study model is trained for
-a few federated rounds, validated at every site, and the report is written. Prints where
-the report is. The simulated sites only read their folders: the demo generator
-(``common.demo``) runs here, never inside a ClientApp, and is not in the app bundle.
+a few federated rounds, validated at every site, and the report is written. Prints the
+study's summary (each site with its role and n, each pooled group) and where the report is.
+The simulated sites only read their folders: the demo generator (``common.demo``) runs
+here, never inside a ClientApp, and is not in the app bundle.
 """
 
 from __future__ import annotations
@@ -87,6 +88,23 @@ def make_demo_sites(app: Path, run_config: Mapping[str, RunConfigValue], sites: 
     return site_dirs
 
 
+def study_summary(run_dir: Path) -> list[str]:
+    """The lines the CLI prints when a study has finished (``server.report.summary_lines``: each
+    site with its role and n, each pooled group), from the run folder's ``report.json``."""
+    from pydantic import ValidationError
+
+    from protocols.report import StudyReport
+    from server.report import summary_lines
+
+    path = run_dir / "report.json"
+    try:
+        report = StudyReport.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValidationError) as err:
+        reason = str(err).splitlines()[0]
+        return [f"{path}: cannot read the study report for a summary ({reason}); see report.html"]
+    return summary_lines(report)
+
+
 def demo_study_cmd(
     sites: Annotated[int, typer.Option(min=2, help="Number of simulated hospitals.")] = 3,
     rounds: Annotated[
@@ -157,5 +175,7 @@ def demo_study_cmd(
         raise typer.Exit(1)
     run_dir = Path(latest.read_text(encoding="utf-8").strip()) if latest.exists() else root / "studies"
     console.print(f"[green]demo study finished[/] in {minutes:.1f} min (run {outcome.run_id}).")
+    for line in study_summary(run_dir):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {run_dir / 'report.html'}")
     console.print(f"        {run_dir / 'report.md'} and {run_dir / 'report.json'}")

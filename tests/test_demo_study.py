@@ -51,3 +51,43 @@ def test_missing_demo_sites_are_made_as_the_simulated_sites_made_them(tmp_path: 
         )
         assert _files(sites[partition]) == _files(expected)
     assert make_demo_sites(ROOT, config, 3) == sites  # a second call makes nothing
+
+
+def test_the_demo_study_prints_the_reports_summary_when_it_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After "demo study finished": each site with its role and n, each pooled group (from report.json)."""
+    from typer import Typer
+    from typer.testing import CliRunner
+
+    import server.demo_study as demo_study
+    from server.deploy import FINAL_OK
+    from server.flwr_cli import RunOutcome
+    from server.report import summary_lines
+    from tests.report_builders import study_report
+
+    run_dir = tmp_path / "studies" / "demo-42"
+    run_dir.mkdir(parents=True)
+    report = study_report()
+    (run_dir / "report.json").write_text(report.model_dump_json(), encoding="utf-8")
+    (tmp_path / "studies" / "LATEST").write_text(str(run_dir), encoding="utf-8")
+    monkeypatch.setattr(demo_study, "make_demo_sites", lambda app, config, sites: [])
+    monkeypatch.setattr(demo_study, "local_superlink_pids", lambda: [])
+    monkeypatch.setattr(demo_study, "flwr_run", lambda *a, **kw: RunOutcome(42, FINAL_OK, "", ""))
+    cli = Typer()
+    cli.command()(demo_study.demo_study_cmd)
+
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path), "--quiet"])
+
+    assert result.exit_code == 0, result.output
+    printed = result.output.splitlines()
+    finished = next(i for i, line in enumerate(printed) if "demo study finished" in line)
+    expected = summary_lines(report)
+    assert printed[finished + 1 : finished + 1 + len(expected)] == expected
+
+
+def test_the_summary_of_a_run_without_a_readable_report_says_so(tmp_path: Path) -> None:
+    from server.demo_study import study_summary
+
+    (line,) = study_summary(tmp_path)
+    assert str(tmp_path / "report.json") in line and "cannot read the study report" in line
