@@ -248,8 +248,23 @@ def test_report_states_what_the_numbers_depend_on(written: tuple[Path, StudyRepo
 def test_impact_sentence_for_the_systematic_psoas_finding(written: tuple[Path, StudyReport]) -> None:
     out, _ = written
     md = (out / "report.md").read_text(encoding="utf-8")
-    assert "hospital-b: leaving out psoas lowers this site's muscle area by 12.4 cm² per slice" in md
+    # net of the opposite direction with its interval (12.1), as the table and the SMI shift; not
+    # the one-direction discordant area (12.4)
+    assert (
+        "hospital-b: leaving out psoas lowers this site's muscle area by 12.1 cm² (95% CI 9.8 to 14.4) "
+        "per slice on average" in md
+    )
     assert "M harmonised" in md
+
+
+def test_impact_sentence_without_a_net_area_says_its_area_is_one_directions() -> None:
+    """A site's own systematic finding (no attribution, e.g. a comparison) from a site that sent no
+    net area: the discordant area, not passed off as net."""
+    from server.report.findings import impact_sentences
+
+    site = SiteResult(site="hospital-b", status="ok", payload=two_sites()["hospital-b"])
+    (sentence,) = [line for line in impact_sentences(site) if "psoas" in line]
+    assert "lowers this site's muscle area by 12.4 cm² (discordant, not net) per slice on average" in sentence
 
 
 def test_figures_are_real_pngs(written: tuple[Path, StudyReport]) -> None:

@@ -108,6 +108,8 @@ def interval_text(
 
 
 def _net_area(f: Finding) -> str:
+    """The net area per slice with its interval (as the SMI shift is net); the one-direction
+    discordant area, said so, from a site that sent no net area."""
     if f.mean_net_area_cm2 is None:
         return f"{f.mean_area_cm2:.1f} cm² (discordant, not net)"
     return interval_text(f.mean_net_area_cm2, f.net_area_low_cm2, f.net_area_high_cm2, "cm²")
@@ -281,7 +283,8 @@ def shows_impact(f: Finding) -> bool:
 
 
 def impact_sentences(result: SiteResult) -> list[str]:
-    """One sentence per site convention: what it does to this site's areas, SMI and sarcopenia calls."""
+    """One sentence per site convention: what it does to this site's areas (net of the opposite
+    direction, like the findings table and the SMI shift), SMI and sarcopenia calls."""
     p = result.payload
     if p is None:
         return []
@@ -298,7 +301,7 @@ def impact_sentences(result: SiteResult) -> list[str]:
         else:
             effect = f"including {region} raises this site's {tissue} area"
         out.append(
-            f"{result.site}: {effect} by {f.mean_area_cm2:.1f} cm² per slice on average "
+            f"{result.site}: {effect} by {_net_area(f)} per slice on average "
             f"({f.mean_area_share:.0%} of the {tissue} area in {reference}; seen on {f.prevalence:.0%} of "
             f"{f.n_slices} slices; {f.density_consistency:.0%} of the discordant pixels have {tissue} "
             "density)"
