@@ -1,7 +1,8 @@
 """The external validation round: the study model to every site, one result per site.
 
 Flower's ``aggregate_evaluate`` would average sites away; here each reply is kept with
-its site, validated against the payload schema, and failures keep their reason.
+its site, validated against the payload schema (:func:`parse_reply`), and failures keep
+their reason.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType
 from flwr.serverapp import Grid
 from pydantic import ValidationError
 
+from common.errors import SarcofedError
 from protocols import keys
 from protocols.payloads import EvaluationPayload, Role
 from protocols.report import SiteResult, SiteStatus
@@ -56,8 +58,44 @@ def _deduplicate(names: dict[int, str]) -> None:
         seen.setdefault(name, node)
 
 
-def parse_reply(reply: Message) -> EvaluationPayload:
-    return EvaluationPayload.model_validate_json(str(reply.content[keys.PAYLOAD][keys.PAYLOAD_JSON]))
+#: The payload schema this coordinator reads (``EvaluationPayload.schema_version``).
+PAYLOAD_SCHEMA_VERSION: str = EvaluationPayload.model_fields["schema_version"].default
+
+
+def parse_reply(reply: Message, site: str) -> EvaluationPayload:
+    """The site's payload from its reply; a :class:`SarcofedError` that says what is wrong and
+    what to do: no payload in the reply, a payload of another sarcofed version, a payload that
+    fails the schema."""
+    try:
+        text = str(reply.content[keys.PAYLOAD][keys.PAYLOAD_JSON])
+    except KeyError:
+        raise SarcofedError(
+            f"site {site}: the reply carried no payload (no '{keys.PAYLOAD_JSON}' in its "
+            f"'{keys.PAYLOAD}' record)"
+        ) from None
+    try:
+        return EvaluationPayload.model_validate_json(text)
+    except ValidationError as err:
+        sent = _schema_version(text)
+        if sent is not None and sent != PAYLOAD_SCHEMA_VERSION:
+            raise SarcofedError(
+                f"site {site} sent payload schema {sent}, this coordinator reads {PAYLOAD_SCHEMA_VERSION}: "
+                "run the same sarcofed version at the site and the coordinator"
+            ) from None
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
+        )
+        raise SarcofedError(f"site {site}: its reply failed the payload schema: {problems}") from None
+
+
+def _schema_version(text: str) -> str | None:
+    """The ``schema_version`` a payload's JSON declares, if it is a JSON object that has one."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    return None if version is None else str(version)
 
 
 def run_validation(
@@ -108,15 +146,10 @@ def run_validation(
             )
         elif node in replies.ok:
             try:
-                payload = parse_reply(replies.ok[node])
-            except (ValidationError, KeyError, ValueError) as err:
+                payload = parse_reply(replies.ok[node], site)
+            except SarcofedError as err:
                 results.append(
-                    SiteResult(
-                        site=site,
-                        node_id=node,
-                        status="failed",
-                        reason=f"reply failed the payload schema: {err}",
-                    )
+                    SiteResult(site=site, node_id=node, status="failed", reason=str(err), role=roles[node])
                 )
                 continue
             status: SiteStatus = "ok" if payload.n_used > 0 else "no_usable_slices"
