@@ -42,7 +42,7 @@ from protocols.payloads import (
     SmiAgreement,
 )
 from protocols.pooled import PooledResults
-from protocols.report import StudyReport
+from protocols.report import SiteResult, StudyReport
 
 #: Bland-Altman limits of agreement: mean +- LOA_Z sd.
 LOA_Z = 1.96
@@ -210,13 +210,14 @@ def limits_of_agreement(mean: float | None, sd: float | None) -> tuple[float, fl
 # --------------------------------------------------------------------------- the study
 
 
+def usable_sites(report: StudyReport) -> list[SiteResult]:
+    """The sites whose status is ok and that scored at least one slice, in report order."""
+    return [s for s in report.sites if s.status == "ok" and s.payload is not None and s.payload.n_used > 0]
+
+
 def usable_payloads(report: StudyReport) -> dict[str, EvaluationPayload]:
-    """Site -> payload for the sites whose status is ok and that scored at least one slice."""
-    return {
-        s.site: s.payload
-        for s in report.sites
-        if s.status == "ok" and s.payload is not None and s.payload.n_used > 0
-    }
+    """Site -> payload for the :func:`usable_sites`."""
+    return {s.site: s.payload for s in usable_sites(report) if s.payload is not None}
 
 
 def withheld_paths(payload: EvaluationPayload) -> set[str]:

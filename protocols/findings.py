@@ -13,7 +13,6 @@ Region = Literal["psoas", "paraspinal", "abdominal_wall", "boundary", "intramusc
 REGIONS: tuple[str, ...] = ("psoas", "paraspinal", "abdominal_wall", "boundary", "intramuscular_fat", "other")
 DIRECTIONS: tuple[str, ...] = ("site_excludes", "site_includes")
 Attribution = Literal["site_convention", "model", "undetermined"]
-ATTRIBUTIONS: tuple[str, ...] = ("site_convention", "model", "undetermined")
 
 
 class Finding(Schema):

@@ -30,15 +30,6 @@ REPORT_SCHEMA_VERSION: Literal["3"] = "3"
 SiteStatus = Literal[
     "ok", "no_usable_slices", "failed", "timeout", "refused", "not_selected", "not_connected"
 ]
-SITE_STATUSES: tuple[str, ...] = (
-    "ok",
-    "no_usable_slices",
-    "failed",
-    "timeout",
-    "refused",
-    "not_selected",
-    "not_connected",
-)
 
 
 def installed_version() -> str:

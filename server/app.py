@@ -251,14 +251,14 @@ def _run_study(
     from server.report import write_report
 
     with timed("report"):
-        paths = write_report(report, run_dir)
+        written = write_report(report, run_dir)
         (studies_dir(study) / "LATEST").write_text(str(run_dir), encoding="utf-8")
     for result in results:
         level = INFO if result.status == "ok" else WARNING
         log(
             level, "site %s: %s%s", result.site, result.status, f" ({result.reason})" if result.reason else ""
         )
-    log(INFO, "study report: %s", paths.html)
+    log(INFO, "study report: %s", written.html)
 
 
 def _attribute(results: list[SiteResult], study: StudyConfig) -> tuple[list[SiteResult], ErrorProfile | None]:

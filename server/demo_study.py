@@ -22,7 +22,7 @@ from rich.console import Console
 from common.dataset import MANIFEST_CSV
 from common.errors import SarcofedError
 from common.paths import HOME_ENV, demo_sites_dir, sarcofed_home, simulated_site_dir
-from protocols.study import StudyConfig
+from protocols.study import Scalar, StudyConfig
 from server.flwr_cli import flower_env, flwr_run, local_superlink_pids, stop_processes
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,7 @@ def app_dir() -> Path:
     return here
 
 
-#: A flat run-config value, as ``[tool.flwr.app.config]`` and ``--run-config`` hold them.
-RunConfigValue = bool | int | float | str
-
-
-def simulation_study(app: Path, run_config: Mapping[str, RunConfigValue]) -> StudyConfig:
+def simulation_study(app: Path, run_config: Mapping[str, Scalar]) -> StudyConfig:
     """The study that ``flwr run APP --run-config ...`` runs: pyproject's ``[tool.flwr.app.config]``
     fused with ``run_config`` exactly as Flower fuses them, then parsed."""
     from flwr.common.config import get_fused_config_from_dir
@@ -57,7 +53,7 @@ def simulation_study(app: Path, run_config: Mapping[str, RunConfigValue]) -> Stu
         ) from err
 
 
-def make_demo_sites(app: Path, run_config: Mapping[str, RunConfigValue], sites: int) -> list[Path]:
+def make_demo_sites(app: Path, run_config: Mapping[str, Scalar], sites: int) -> list[Path]:
     """The simulated hospitals of a ``flwr run`` with ``sites`` SuperNodes; those missing are made.
 
     Partition ``N`` reads ``<demo.dir>/site-N`` (``common.paths``); a folder that already
@@ -133,7 +129,7 @@ def demo_study_cmd(
     """
     console = Console()
     root = (home or sarcofed_home()).expanduser().resolve()
-    run_config: dict[str, RunConfigValue] = {
+    run_config: dict[str, Scalar] = {
         "study.output-dir": str(root / "studies"),
         "demo.dir": str(root / "demo-sites"),
     } | ({"study.num-rounds": rounds} if rounds else {})

@@ -21,6 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import PercentFormatter
 
+from common.pooling import has_bins
 from common.stats import wilson_interval
 from protocols.classes import IOU_BINS, SEED_COLUMN
 from protocols.payloads import AreaAgreement, ClassScores, PolarMap, SmiAgreement
@@ -232,7 +233,7 @@ def internal_external_figure(
     for ax, cls in zip(axes, classes, strict=True):
         for g, label in enumerate(labels):
             scores = groups[label].get(cls)
-            if scores is None or not scores.bins.keys() >= set(IOU_BINS):
+            if scores is None or not has_bins(scores):
                 continue
             n = sum(scores.bins[b] for b in IOU_BINS)
             shares = np.array([scores.bins[b] / n if n else 0.0 for b in IOU_BINS])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from common.pooling import usable_sites
 from protocols.classes import TISSUES
 from protocols.payloads import ClassScores
 from protocols.report import StudyReport
@@ -23,7 +24,6 @@ from server.report.findings import (
     findings_matrix,
     impact_sentences,
     profile_lines,
-    scored_sites,
     site_findings,
     site_findings_display,
 )
@@ -110,7 +110,7 @@ def _matrix_blocks(report: StudyReport) -> list[Block]:
 
 def _site_blocks(report: StudyReport) -> list[Block]:
     blocks: list[Block] = []
-    for s in scored_sites(report):
+    for s in usable_sites(report):
         found = site_findings(s)
         if not found:
             continue
@@ -153,7 +153,7 @@ def _audit_blocks(report: StudyReport) -> list[Block]:
 def _polar_blocks(report: StudyReport) -> list[Block]:
     polar = {
         s.site: s.payload.discrepancy.polar
-        for s in scored_sites(report)
+        for s in usable_sites(report)
         if s.payload and s.payload.discrepancy and s.payload.discrepancy.polar
     }
     if not polar:
@@ -176,7 +176,7 @@ def _polar_blocks(report: StudyReport) -> list[Block]:
 def _harmonised_blocks(report: StudyReport) -> list[Block]:
     harmonised = {
         s.site: s.payload
-        for s in scored_sites(report)
+        for s in usable_sites(report)
         if s.payload is not None and s.payload.harmonised_scores
     }
     if not harmonised:
@@ -211,7 +211,7 @@ def _harmonised_blocks(report: StudyReport) -> list[Block]:
 
 def conventions_section(report: StudyReport) -> list[Block]:
     """Label conventions and model errors: attribution, the model's profile, findings, audits, impact."""
-    impacts = [line for s in scored_sites(report) for line in impact_sentences(s)]
+    impacts = [line for s in usable_sites(report) for line in impact_sentences(s)]
     impact: list[Block] = (
         [Heading("Impact of the sites' label conventions", 3), Bullets(tuple(impacts))] if impacts else []
     )

@@ -16,6 +16,7 @@ from typing import Final
 import pandas as pd
 
 from common.attribution import systematic_in_profile
+from common.pooling import usable_sites
 from common.stats import mean_interval, wilson_interval
 from protocols.classes import TISSUES
 from protocols.findings import DIRECTIONS, REGIONS, AuditCheck, ErrorProfile, Finding
@@ -41,11 +42,6 @@ TISSUE_TEXT: Final[dict[str, str]] = {t: t.replace("_", " ") for t in TISSUES}
 
 
 # --------------------------------------------------------------------------- which findings
-
-
-def scored_sites(report: StudyReport) -> list[SiteResult]:
-    """The sites with a usable result (status ok, at least one slice scored), in report order."""
-    return [s for s in report.sites if s.status == "ok" and s.payload is not None and s.payload.n_used > 0]
 
 
 def site_findings(result: SiteResult) -> list[Finding]:
@@ -75,7 +71,7 @@ def _key_order(key: str) -> tuple[int, int, int]:
 def findings_by_site(report: StudyReport) -> tuple[dict[str, dict[str, Finding]], list[str]]:
     """Site -> finding key -> finding (sites without a finding left out), and every key in
     class/direction/region order: the sites x findings matrix."""
-    per_site = {s.site: {finding_key(f): f for f in site_findings(s)} for s in scored_sites(report)}
+    per_site = {s.site: {finding_key(f): f for f in site_findings(s)} for s in usable_sites(report)}
     per_site = {site: found for site, found in per_site.items() if found}
     keys = sorted({k for found in per_site.values() for k in found}, key=_key_order)
     return per_site, keys
@@ -193,7 +189,7 @@ def findings_table(report: StudyReport) -> pd.DataFrame:
     """Every finding of every site with its attribution and evidence, long format (``findings.csv``)."""
     rows = [
         {"site": s.site, ROLE_COLUMN: role_name(s.role), **f.model_dump(mode="json", by_alias=True)}
-        for s in scored_sites(report)
+        for s in usable_sites(report)
         for f in site_findings(s)
     ]
     return pd.DataFrame(rows)
@@ -328,7 +324,6 @@ __all__ = [
     "findings_table",
     "impact_sentences",
     "profile_lines",
-    "scored_sites",
     "shows_impact",
     "site_findings",
     "site_findings_display",

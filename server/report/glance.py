@@ -15,6 +15,7 @@ from typing import Final
 
 import pandas as pd
 
+from common.pooling import has_bins
 from common.stats import wilson_interval
 from protocols.classes import IOU_BINS, SEED_COLUMN
 from protocols.payloads import ClassScores, EvaluationPayload
@@ -43,13 +44,9 @@ PROTOCOL_APPLIED: Final = "protocol-applied (used for verdicts)"
 RAW: Final = "raw prediction"
 
 
-def bins_known(scores: ClassScores | None) -> bool:
-    return scores is not None and scores.bins.keys() >= set(IOU_BINS)
-
-
 def share_cells(scores: ClassScores | None, bin_name: str) -> tuple[int, int, float, float, float] | None:
     """k, n (defined slices), share and its 95% Wilson interval for one bin (None when not sent)."""
-    if scores is None or not bins_known(scores):
+    if scores is None or not has_bins(scores):
         return None
     n = sum(scores.bins[b] for b in IOU_BINS)
     k = scores.bins[bin_name]
@@ -170,7 +167,7 @@ def raw_protocol_display(pooled: PooledResults) -> pd.DataFrame:
         for name, scores in ((PROTOCOL_APPLIED, pooled.scores), (RAW, pooled.raw_scores or {})):
             s = scores.get(cls)
             column = f"{SEED_COLUMN[cls]} {name}"
-            if s is None or not bins_known(s):
+            if s is None or not has_bins(s):
                 columns[column] = [SUPPRESSED] * (len(IOU_BINS) + 1)
                 continue
             defined = sum(s.bins[b] for b in IOU_BINS)

@@ -110,24 +110,13 @@ def report_groups(report: StudyReport) -> list[Group]:
     return groups_of(usable_payloads(report))
 
 
-def group_of(groups: list[Group], site: str) -> Group | None:
-    """The group a site is pooled in (None when it is not pooled)."""
-    return next((g for g in groups if site in g.payloads), None)
-
-
 __all__ = [
     "POOLED",
-    "ROLE_TEXT",
-    "SITE_ROLE_TEXT",
     "Group",
     "counts_text",
-    "group_caption",
-    "group_of",
-    "groups_of",
     "plural",
     "pooled_label",
     "report_groups",
     "role_name",
-    "scored_text",
     "site_caption",
 ]

@@ -1,7 +1,7 @@
 """The report's tables as pandas DataFrames, from the sites' payloads and the pooled results.
 
-Each table is one function; :func:`report_tables` builds every CSV table of a study
-(``tables/<stem>.csv``). Internal and external sites are pooled separately: a table has one
+Each table is one function; ``server.report.files.report_tables`` builds every CSV table of
+a study from them (``tables/<stem>.csv``). Internal and external sites are pooled separately: a table has one
 pooled row per group (``pooled_internal``, ``pooled_external``; ``pooled`` when the sites
 have no role) and a ``role`` column on every row. A table with pooled rows has a
 ``coverage`` column: on a pooled row the sites it is over ("complete: all 3 sites" or
@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import pandas as pd
 
-from common.pooling import limits_of_agreement
+from common.pooling import has_bins, limits_of_agreement
 from protocols.classes import IOU_BINS, METRIC_CLASSES, SEED_COLUMN, TISSUES
 from protocols.payloads import ClassScores, EvaluationPayload, Role
 from protocols.pooled import Coverage, PooledResults
@@ -137,7 +137,7 @@ def seed_table(
         if (
             not incomplete
             and s is not None
-            and s.bins.keys() >= set(IOU_BINS)
+            and has_bins(s)
             and sum(s.bins.values()) + s.undefined != n_slices
         ):
             log.warning(
