@@ -24,6 +24,7 @@ from matplotlib.ticker import PercentFormatter
 from common.pooling import has_bins
 from common.stats import wilson_interval
 from protocols.classes import IOU_BINS, SEED_COLUMN
+from protocols.findings import Attribution
 from protocols.payloads import AreaAgreement, ClassScores, PolarMap, SmiAgreement
 from protocols.report import RoundRecord
 
@@ -43,13 +44,14 @@ TISSUE_TEXT: dict[str, str] = {
 #: Groups side by side (internal, external, sites without a role): Okabe-Ito blue, orange, green,
 #: with a hatch on the second so that print in grey still tells them apart.
 GROUP_STYLE: tuple[tuple[str, str], ...] = (("#0072B2", ""), ("#E69F00", "//"), ("#009E73", ".."))
-#: How an attributed finding is framed in the findings matrix (colour, line style), and its cell word.
+#: How a finding is framed in the findings matrix (colour, line style), and its cell word, by its
+#: attribution (None: not attributed, e.g. a comparison of label sets).
 LineStyle = Literal["solid", "dashed", "dotted"]
-ATTRIBUTION_STYLE: dict[str, tuple[str, LineStyle, str]] = {
-    "site convention": ("#000000", "solid", "site"),
+ATTRIBUTION_STYLE: dict[Attribution | None, tuple[str, LineStyle, str]] = {
+    "site_convention": ("#000000", "solid", "site"),
     "model": ("#0072B2", "dashed", "model"),
     "undetermined": ("#666666", "dotted", "?"),
-    "not attributed": ("#08306b", "solid", ""),
+    None: ("#08306b", "solid", ""),
 }
 _DPI = 110
 
@@ -157,27 +159,30 @@ def findings_matrix_figure(
     sites: Sequence[str],
     columns: Sequence[str],
     attribution: np.ndarray | None = None,
+    attribution_text: Mapping[Attribution | None, str] | None = None,
 ) -> bytes:
     """Sites x findings heat map of prevalence (NaN = not reported).
 
-    Each reported cell says its prevalence and, when ``attribution`` is given (the
-    ``server.report.findings.ATTRIBUTION_TEXT`` words), whose difference it is: "site" (a label
-    convention of the site, solid black frame), "model" (dashed blue frame) or "?" (undetermined,
-    dotted grey frame). A frame marks a systematic finding (consistent across slices).
+    Each reported cell says its prevalence and, when ``attribution`` is given (each cell's
+    ``Finding.attribution``: ``site_convention``, ``model``, ``undetermined`` or None), whose
+    difference it is: "site" (a label convention of the site, solid black frame), "model"
+    (dashed blue frame) or "?" (undetermined, dotted grey frame). A frame marks a systematic
+    finding (consistent across slices). The legend names each attribution with
+    ``attribution_text`` (the report's words), or the attribution itself.
     """
     fig = Figure(figsize=(2.4 + 0.95 * len(columns), 1.9 + 0.55 * len(sites)), layout="constrained")
     ax = fig.add_subplot()
     masked = np.ma.masked_invalid(prevalence)
     image = ax.imshow(masked, cmap="Oranges", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_facecolor("#f0f0f0")
-    used: set[str] = set()
+    used: set[Attribution | None] = set()
     for i in range(len(sites)):
         for j in range(len(columns)):
             value = prevalence[i, j]
             if math.isnan(value):
                 continue
-            who = str(attribution[i, j]) if attribution is not None else "not attributed"
-            colour, style, word = ATTRIBUTION_STYLE.get(who, ATTRIBUTION_STYLE["not attributed"])
+            who: Attribution | None = attribution[i, j] if attribution is not None else None
+            colour, style, word = ATTRIBUTION_STYLE[who]
             text = f"{value:.0%}" + ("*" if systematic[i, j] else "") + (f"\n{word}" if word else "")
             ax.text(
                 j, i, text, ha="center", va="center", fontsize=9, color="white" if value > 0.6 else "black"
@@ -207,9 +212,17 @@ def findings_matrix_figure(
     ax.set_title("Findings: share of slices (* thick frame = systematic)", fontsize=10)
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of slices")
     if attribution is not None and used:
+        names = attribution_text or {}
         handles = [
-            Line2D([], [], color=ATTRIBUTION_STYLE[w][0], linestyle=ATTRIBUTION_STYLE[w][1], lw=2, label=w)
-            for w in ATTRIBUTION_STYLE
+            Line2D(
+                [],
+                [],
+                color=colour,
+                linestyle=style,
+                lw=2,
+                label=names.get(w, w or "not attributed"),
+            )
+            for w, (colour, style, _) in ATTRIBUTION_STYLE.items()
             if w in used
         ]
         fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False)

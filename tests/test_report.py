@@ -515,6 +515,25 @@ def test_a_site_convention_shows_its_evidence_and_impact(written: tuple[Path, St
     assert found[("hospital-f", "boundary")]["attribution"] == "model"
 
 
+def test_the_findings_matrix_and_its_styles_are_keyed_on_the_attribution_not_its_words() -> None:
+    """Renaming a word of the report (``ATTRIBUTION_TEXT``) must not unframe the matrix's cells."""
+    from typing import get_args
+
+    from protocols.findings import Attribution
+    from server import figures
+    from server.report.findings import ATTRIBUTION_TEXT, findings_matrix
+
+    every = {*get_args(Attribution), None}
+    assert set(figures.ATTRIBUTION_STYLE) == every and set(ATTRIBUTION_TEXT) == every
+    prevalence, _, attribution = findings_matrix(study_report())
+    assert attribution.loc["hospital-b", "muscle/site_excludes/psoas"] == "site_convention"
+    assert attribution.loc["hospital-b", "muscle/site_excludes/boundary"] == "model"
+    unreported = [
+        (site, key) for site in prevalence.index for key in prevalence if pd.isna(prevalence.loc[site, key])
+    ]
+    assert unreported and all(attribution.loc[site, key] is None for site, key in unreported)
+
+
 def test_the_models_own_errors_and_the_label_audits_are_listed(written: tuple[Path, StudyReport]) -> None:
     out, _ = written
     md = (out / "report.md").read_text(encoding="utf-8")

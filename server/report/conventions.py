@@ -29,8 +29,6 @@ from server.report.findings import (
 )
 from server.report.tables import harmonised_table
 
-_SHORT = {text: figures.ATTRIBUTION_STYLE[text][2] for text in ATTRIBUTION_TEXT.values()}
-
 
 def _attribution_text(report: StudyReport) -> Text:
     if report.task != "evaluate":
@@ -81,7 +79,7 @@ def _matrix_blocks(report: StudyReport) -> list[Block]:
     for site in prevalence.index:
         for key in prevalence.columns:
             value = prevalence.loc[site, key]
-            short = _SHORT.get(str(attribution.loc[site, key]), "")
+            short = figures.ATTRIBUTION_STYLE[attribution.loc[site, key]][2]
             shown.loc[site, key] = (
                 "" if math.isnan(value) else f"{value:.0%}" + (f" ({short})" if short else "")
             )
@@ -102,6 +100,7 @@ def _matrix_blocks(report: StudyReport) -> list[Block]:
                 [f"{site} ({roles[site]})" if roles.get(site) else site for site in prevalence.index],
                 list(prevalence.columns),
                 attribution.to_numpy(),
+                ATTRIBUTION_TEXT,
             ),
             "Sites x findings: share of slices, and whose difference each is.",
         ),

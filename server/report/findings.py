@@ -19,12 +19,12 @@ from common.attribution import systematic_in_profile
 from common.pooling import usable_sites
 from common.stats import mean_interval, wilson_interval
 from protocols.classes import TISSUES
-from protocols.findings import DIRECTIONS, REGIONS, AuditCheck, ErrorProfile, Finding
+from protocols.findings import DIRECTIONS, REGIONS, Attribution, AuditCheck, ErrorProfile, Finding
 from protocols.report import SiteResult, StudyReport
 from server.report.groups import role_name
 from server.report.tables import ROLE_COLUMN
 
-ATTRIBUTION_TEXT: Final[dict[str | None, str]] = {
+ATTRIBUTION_TEXT: Final[dict[Attribution | None, str]] = {
     "site_convention": "site convention",
     "model": "model",
     "undetermined": "undetermined",
@@ -158,8 +158,9 @@ def site_findings_display(findings: list[Finding]) -> tuple[pd.DataFrame, pd.Dat
 
 
 def findings_matrix(report: StudyReport) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Sites x "class/direction/region": prevalence (NaN = not reported), systematic flags and the
-    attribution ("" where not reported, "not attributed" without one)."""
+    """Sites x "class/direction/region": prevalence (NaN = not reported), systematic flags and each
+    finding's ``attribution`` (``site_convention``, ``model``, ``undetermined``; None where not
+    attributed or not reported); ``ATTRIBUTION_TEXT`` has the words for people."""
     per_site, columns = findings_by_site(report)
     index = pd.Index(list(per_site), name="site")
     prevalence = pd.DataFrame(
@@ -175,12 +176,10 @@ def findings_matrix(report: StudyReport) -> tuple[pd.DataFrame, pd.DataFrame, pd
         dtype=bool,
     )
     attribution = pd.DataFrame(
-        [
-            [ATTRIBUTION_TEXT[found[k].attribution] if k in found else "" for k in columns]
-            for found in per_site.values()
-        ],
+        [[found[k].attribution if k in found else None for k in columns] for found in per_site.values()],
         index=index,
         columns=columns,
+        dtype=object,
     )
     return prevalence, systematic, attribution
 
