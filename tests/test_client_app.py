@@ -4,38 +4,16 @@ what that parse read, and simulated sites that are read, never made."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
+from clientapp_messages import handle, payload_of
 from fixtures_site import make_site
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 import common.dataset
-from client import app
 from protocols import keys
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
-
-
-def _send(task: str, node_config: dict[str, object], run_config: dict[str, object] | None = None) -> Message:
-    kind = MessageType.QUERY if task == "identify" else MessageType.EVALUATE
-    msg = Message(
-        RecordDict({keys.CONFIG: ConfigRecord({keys.TASK: task})}), dst_node_id=1, message_type=kind
-    )
-    context = Context(
-        run_id=7,
-        node_id=1,
-        node_config=node_config,  # type: ignore[arg-type]
-        state=RecordDict(),
-        run_config=run_config or {},  # type: ignore[arg-type]
-    )
-    return app._handle(msg, context, "identify" if task == "identify" else "evaluate")
-
-
-def _payload(reply: Message) -> dict[str, object]:
-    assert not reply.has_error(), reply.error.reason
-    return json.loads(str(reply.content[keys.PAYLOAD][keys.PAYLOAD_JSON]))
 
 
 @pytest.fixture
@@ -55,7 +33,7 @@ def test_each_message_parses_the_site_folder_once(
         return real(root)
 
     monkeypatch.setattr(common.dataset, "_read_manifest", counting)
-    reply = _payload(_send(task, {"site-dir": str(site)}))
+    reply = payload_of(handle(task, {"site-dir": str(site)}))
     assert reply["site"] == "hospital-a"
     assert reads == [site]
 
@@ -63,17 +41,17 @@ def test_each_message_parses_the_site_folder_once(
 def test_a_semicolon_manifest_is_screened_like_any_other(site: Path) -> None:
     """manifest.csv with ';' and upper-case headers; the site's name is one of its file names.
     The dataset reads it, so the guard must screen for what it read: the reply is refused."""
-    with (site / "manifest.csv").open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    with (site / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, delimiter=";")
+    with (site / "manifest.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    with (site / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, delimiter=";")
         writer.writerow([name.upper() for name in rows[0]])
         writer.writerows(row.values() for row in rows)
     toml = (site / "site.toml").read_text(encoding="utf-8")
     (site / "site.toml").write_text(toml.replace('"hospital-a"', '"slice_3.dcm"'), encoding="utf-8")
     assert len(common.dataset.load_site(site)) == 5
 
-    reply = _send("compare", {"site-dir": str(site)})
+    reply = handle("compare", {"site-dir": str(site)})
     assert reply.has_error() and reply.error.code == keys.ERROR_REFUSED
     reason = reply.error.reason or ""
     assert "manifest.csv" in reason and "slice_3" not in reason
@@ -81,7 +59,8 @@ def test_a_semicolon_manifest_is_screened_like_any_other(site: Path) -> None:
 
 def test_a_simulated_site_that_does_not_exist_is_not_made_and_the_reason_says_how(tmp_path: Path) -> None:
     demo_dir = tmp_path / "demo-sites"
-    reply = _send("identify", {"partition-id": 1, "num-partitions": 2}, {"demo.dir": str(demo_dir)})
+    node = {"partition-id": 1, "num-partitions": 2}
+    reply = handle("identify", node, run_config={"demo.dir": str(demo_dir)})
     assert reply.has_error() and reply.error.code == keys.ERROR_FAILED
     reason = reply.error.reason or ""
     assert "sarcofed study demo --make-only" in reason and str(demo_dir / "site-1") in reason
@@ -91,5 +70,6 @@ def test_a_simulated_site_that_does_not_exist_is_not_made_and_the_reason_says_ho
 def test_a_simulated_site_is_read_from_demo_dir(tmp_path: Path) -> None:
     demo_dir = tmp_path / "demo-sites"
     make_site(demo_dir, n=2, size=32, name="site-1")
-    reply = _payload(_send("identify", {"partition-id": 1, "num-partitions": 2}, {"demo.dir": str(demo_dir)}))
+    node = {"partition-id": 1, "num-partitions": 2}
+    reply = payload_of(handle("identify", node, run_config={"demo.dir": str(demo_dir)}))
     assert reply == {"site": "site-1", "n_listed": 2}
