@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from training_toys import phantom
 
 from common.dp_sgd import PrivateTraining, per_slice_loss, planned_epsilon, steps_per_epoch
 from common.loss import SeedLoss
 from common.model import ModelSpec, build_model, weights_hash
-from common.training import TrainConfig, TrainSample, train_local
+from common.training import TrainConfig, train_local
 
 GROUP = ModelSpec(encoder="resnet18", image_size=64, norm="group")
 PRIVATE = PrivateTraining(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
 
 
-def sample(seed: int, size: int = 64) -> TrainSample:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    r = np.hypot((yy - size / 2) / (0.35 * size), (xx - size / 2) / (0.42 * size)) + rng.uniform(-0.05, 0.05)
-    label = np.zeros((size, size), dtype=np.uint8)
-    label[r < 1.0], label[r < 0.8], label[r < 0.6] = 2, 1, 3
-    hu = np.choose(label, [-1000.0, 50.0, -100.0, -90.0]).astype(np.float32)
-    return TrainSample(hu=hu + rng.normal(0, 10, hu.shape).astype(np.float32), label=label, group=f"p{seed}")
-
-
-SAMPLES = [sample(i) for i in range(6)]
+SAMPLES = [phantom(i) for i in range(6)]
 CONFIG = TrainConfig(local_epochs=1, batch_size=3, seed=0)
 
 

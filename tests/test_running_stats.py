@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from training_toys import Tiny
 
 from common.model import ModelSpec, build_model
 from common.preprocess import to_model_input
@@ -12,22 +13,6 @@ from common.running_stats import apply_running_stats, running_stat_names
 from common.training import TrainConfig, TrainSample, train_local
 
 SPEC = ModelSpec(encoder="resnet18", image_size=32)
-
-
-class Tiny(torch.nn.Module):
-    """Conv -> BatchNorm -> ReLU -> Conv: the BatchNorm's input is the first conv's output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 3, 3, padding=1),
-            torch.nn.BatchNorm2d(3),
-            torch.nn.ReLU(),
-            torch.nn.Conv2d(3, 4, 3, padding=1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 def sample(seed: int, size: int = 32) -> TrainSample:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from training_toys import Tiny, phantom
 
 from common.model import ModelSpec, build_model, weights_hash
 from common.training import (
@@ -20,22 +21,6 @@ from protocols.classes import METRIC_CLASSES
 from protocols.study import StudyConfig, TrainSection
 
 SPEC = ModelSpec(encoder="resnet18", image_size=64)
-
-
-def phantom(seed: int, size: int = 64) -> TrainSample:
-    """Concentric ellipses: subcutaneous fat ring, muscle ring, visceral fat core, in air."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    cy, cx = size / 2 + rng.uniform(-3, 3), size / 2 + rng.uniform(-3, 3)
-    ry, rx = size * rng.uniform(0.30, 0.40), size * rng.uniform(0.38, 0.46)
-    r = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
-    label = np.zeros((size, size), dtype=np.uint8)
-    label[r < 1.0] = 2
-    label[r < 0.8] = 1
-    label[r < 0.6] = 3
-    hu = np.choose(label, [-1000.0, 50.0, -100.0, -90.0]).astype(np.float32)
-    hu += rng.normal(0, 10, size=hu.shape).astype(np.float32)
-    return TrainSample(hu=hu, label=label, group=f"p{seed}")
 
 
 def test_train_config_is_the_study_train_section_plus_local_settings() -> None:
@@ -56,22 +41,6 @@ def test_train_config_is_the_study_train_section_plus_local_settings() -> None:
         TrainConfig.from_study(study.train, proximal_mu=-1.0)
     with pytest.raises(ValidationError):
         TrainConfig.from_study(study.train, momentum=0.9)  # no such setting: refused, not ignored
-
-
-class Tiny(torch.nn.Module):
-    """A 2-layer conv net with BatchNorm: cheap stand-in for the U-Net."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 8, 3, padding=1),
-            torch.nn.BatchNorm2d(8),
-            torch.nn.ReLU(),
-            torch.nn.Conv2d(8, 4, 3, padding=1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class HalfMuscle(torch.nn.Module):
