@@ -19,12 +19,10 @@ from deploy_harness import Deployment, deployment
 from client.allowlist import code_hash
 from client.audit import audit_path, read_audit, verify_chain
 from client.policy import SitePolicy, write_policy
+from common.demo.hospitals import DEMO_MIN_PATIENTS
 from server.deploy import DeploymentError, run_status, write_connection
 
 pytestmark = pytest.mark.slow
-
-#: demo sites are tiny; their own policy.toml relaxes min-patients to 2 (common.demo.hospitals)
-DEMO_MIN_PATIENTS = 2
 
 SIZE = 64
 SLICES = 6

@@ -16,14 +16,12 @@ from deploy_harness import deployment
 
 from client.audit import audit_path, read_audit
 from client.policy import SitePolicy, write_policy
+from common.demo.hospitals import DEMO_MIN_PATIENTS
 from server.deploy import flwr_env
 
 pytestmark = pytest.mark.slow
 
 CANARIES = ("QZXCANARYA71", "QZXCANARYB72")
-#: demo sites are tiny; their own policy.toml relaxes min-patients to 2 (common.demo.hospitals)
-DEMO_MIN_PATIENTS = 2
-
 SIZE = 64
 ENCODER = "tu-mobilenetv3_small_050"
 

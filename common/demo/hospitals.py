@@ -377,13 +377,15 @@ def make_site(
     return root
 
 
-#: The demo hospitals' release policy: the defaults (client.policy), but a reply may summarise
-#: as few as 2 patients, because a demo hospital's held-out test split has only a few. Real
-#: sites keep the default of 5 (docs/PRIVACY.md).
-DEMO_POLICY = """\
+#: The fewest patients a demo hospital's reply may summarise: its held-out test split has only
+#: a few. Real sites keep the default of 5 (client.policy, docs/PRIVACY.md).
+DEMO_MIN_PATIENTS = 2
+#: The demo hospitals' release policy: the defaults (client.policy) but ``DEMO_MIN_PATIENTS``.
+DEMO_POLICY = f"""\
 # Demo hospital: the default release policy (see docs/PRIVACY.md), relaxed for tiny demo data:
-# a reply may summarise as few as 2 patients (the default, and what real sites should keep, is 5).
-min-patients = 2
+# a reply may summarise as few as {DEMO_MIN_PATIENTS} patients (the default, and what real sites
+# should keep, is 5).
+min-patients = {DEMO_MIN_PATIENTS}
 """
 
 
@@ -449,6 +451,7 @@ def make_demo(
 
 
 __all__ = [
+    "DEMO_MIN_PATIENTS",
     "SITE_PROFILES",
     "DemoSlice",
     "LabelValues",
