@@ -23,15 +23,20 @@ FORBIDDEN = {
 COMPOSITION_ROOT = ROOT / "server" / "cli.py"
 
 
+#: Our packages, in the order their dependencies point.
+OUR_PACKAGES = ("protocols", "common", "client", "server")
+
+
+def _module_name(path: Path) -> str:
+    """``client/workbench/api.py`` -> ``client.workbench.api`` (a package's ``__init__`` -> the package)."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
+    """The top-level packages the import statements of one of our files name (lazy and relative
+    imports included: see :func:`_imported_modules`)."""
+    return {name.split(".")[0] for name in _imported_modules(_module_name(path), path)}
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -52,6 +57,8 @@ def test_the_composition_root_is_the_only_exception_and_needs_it() -> None:
 def test_the_check_sees_imports() -> None:
     """The checker itself must find a real import, or the test above proves nothing."""
     assert "flwr" in _imports(ROOT / "client" / "app.py")
+    # relative imports too: segment.py names its own package only as ``from .state import``
+    assert "client" in _imports(ROOT / "client" / "workbench" / "segment.py")
 
 
 def test_the_clientapp_module_loads_without_torch() -> None:
@@ -64,9 +71,6 @@ def test_the_clientapp_module_loads_without_torch() -> None:
     code = f"import sys, client.app; print(sorted(m for m in {heavy} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
-
-
-OUR_PACKAGES = ("protocols", "common", "client", "server")
 
 
 def _module_file(module: str) -> Path | None:
@@ -147,9 +151,8 @@ def test_every_third_party_import_is_a_declared_dependency() -> None:
         re.split(r"[\s\[<>=!~;]", spec, maxsplit=1)[0].lower().replace("_", "-")
         for spec in project["dependencies"]
     }
-    ours = {"protocols", "common", "client", "server"}
-    imported = set().union(*(_imports(p) for pkg in ours for p in (ROOT / pkg).rglob("*.py")))
-    third_party = imported - ours - set(sys.stdlib_module_names)
+    imported = set().union(*(_imports(p) for pkg in OUR_PACKAGES for p in (ROOT / pkg).rglob("*.py")))
+    third_party = imported - set(OUR_PACKAGES) - set(sys.stdlib_module_names)
     owners = packages_distributions()
     undeclared = {
         module: owners.get(module, ["?"])
