@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from guard_sites import APP, guard, small_site
 
 from client.audit import audit_path, read_audit
 from client.guard import (
@@ -23,6 +24,7 @@ from client.policy import SitePolicy, WeightsDp, write_policy
 from common.dataset import load_site
 from common.evaluation import SliceRecord, score_slice
 from protocols import keys
+from protocols.classes import IOU_BINS
 from protocols.findings import Finding
 from protocols.payloads import (
     AreaAgreement,
@@ -35,8 +37,8 @@ from protocols.payloads import (
     SmiAgreement,
 )
 
-APP = "a" * 64
-SITE_TOML = 'name = "hospital-b"\n[labels]\nmuscle = [1]\nsubcutaneous_fat = [2]\nvisceral_fat = [3]\n'
+#: The payload's real IoU bin names (muscle IoU >= 0.9, 0.8-0.9).
+TOP, SECOND = IOU_BINS[:2]
 
 
 def _scores(bins: dict[str, int], undefined: int = 0) -> ClassScores:
@@ -89,7 +91,7 @@ def payload(n_used: int = 12) -> EvaluationPayload:
         n_used=n_used,
         n_groups=n_used,
         excluded={"unreadable_image": 1},
-        scores={"muscle": _scores({"0.9-1.0": 10, "0.8-0.9": 2}), "visceral_fat": _scores({"0.9-1.0": 12})},
+        scores={"muscle": _scores({TOP: 10, SECOND: 2}), "visceral_fat": _scores({TOP: 12})},
         areas={"muscle": AreaAgreement(n=n_used, mean_label_cm2=150.0, sum_diff_cm2=3.0)},
         smi=SmiAgreement(n=3, mean_label=45.0),
         sarcopenia=SarcopeniaConfusion(
@@ -102,22 +104,10 @@ def payload(n_used: int = 12) -> EvaluationPayload:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
-    root = tmp_path / "hospital-b"
-    root.mkdir()
-    (root / "site.toml").write_text(SITE_TOML, encoding="utf-8")
-    (root / "manifest.csv").write_text(
-        "image,label,group\nimages/CANARY-PATIENT-001.dcm,labels/x.png,CANARY-GROUP-7\n", encoding="utf-8"
+    return small_site(
+        tmp_path / "hospital-b",
+        "image,label,group\nimages/CANARY-PATIENT-001.dcm,labels/x.png,CANARY-GROUP-7\n",
     )
-    return root
-
-
-def guard(site: Path, task: str = "evaluate", config: dict[str, object] | None = None, **policy: object):
-    """The guard as the ClientApp opens it: instruction checked, then the parsed site attached."""
-    if policy:
-        write_policy(site, SitePolicy(**policy))  # type: ignore[arg-type]
-    opened = open_guard(site, run_id=3, task=task, config=config or {keys.TASK: task}, app_hash=APP)
-    opened.attach(load_site(site))
-    return opened
 
 
 def events(site: Path) -> list[tuple[str, str | None]]:
@@ -150,7 +140,7 @@ def test_default_policy_releases_payload_unchanged_but_quantiles_and_audits_it(s
 def test_small_cells_are_suppressed_and_named_never_silently_zeroed(site: Path) -> None:
     released = guard(site, min_cell_count=3).release_payload(payload(), records=RECORDS)
     assert released.scores["muscle"].bins == {}  # 2 < 3 in one bin: the whole table goes
-    assert released.scores["visceral_fat"].bins == {"0.9-1.0": 12}  # untouched
+    assert released.scores["visceral_fat"].bins == {TOP: 12}  # untouched
     assert released.excluded == {}
     assert released.sarcopenia is None  # a cell of 1
     assert released.smi is not None and released.smi.n == 3  # 3 is not below 3
@@ -271,14 +261,11 @@ def test_error_reasons_are_redacted_before_they_leave(site: Path) -> None:
 def _semicolon_site(tmp_path: Path) -> Path:
     """A site whose manifest.csv uses ';' and upper-case headers, as a spreadsheet in many
     European locales saves it; the dataset reads it like any other."""
-    root = tmp_path / "hospital-semi"
-    root.mkdir()
-    (root / "site.toml").write_text(SITE_TOML, encoding="utf-8")
-    (root / "manifest.csv").write_text(
+    root = small_site(
+        tmp_path / "hospital-semi",
         "IMAGE;Label;REFERENCE;Group\n"
         "ct/QZX-PATIENT-001.dcm;labels/QZX-MASK-001.png;refs/QZX-REF-001.png;QZX-GROUP-1\n"
         "ct/QZX-PATIENT-002.dcm;labels/QZX-MASK-002.png;;QZX-GROUP-2\n",
-        encoding="utf-8",
     )
     assert [row.image for row in load_site(root).rows] == ["ct/QZX-PATIENT-001.dcm", "ct/QZX-PATIENT-002.dcm"]
     return root
@@ -306,14 +293,11 @@ def test_semicolon_manifest_file_names_are_redacted_from_error_reasons(tmp_path:
 
 def test_invalid_rows_are_screened_too(tmp_path: Path) -> None:
     """A row the dataset rejects (height 'abc') still names a file: its raw cells are screened."""
-    site = tmp_path / "hospital-c"
-    site.mkdir()
-    (site / "site.toml").write_text(SITE_TOML, encoding="utf-8")
-    (site / "manifest.csv").write_text(
+    site = small_site(
+        tmp_path / "hospital-c",
         "image,label,height_m,group\n"
         "ct/fine-0001.dcm,labels/fine-0001.png,1.7,patient-ok\n"
         "ct/QZX-BAD-ROW.dcm,labels/QZX-BAD-MASK.png,abc,QZX-BAD-GROUP\n",
-        encoding="utf-8",
     )
     dataset = load_site(site)
     assert len(dataset.rows) == 1 and len(dataset.invalid_rows) == 1
@@ -327,11 +311,8 @@ def test_invalid_rows_are_screened_too(tmp_path: Path) -> None:
 
 
 def test_never_leave_keeps_whole_group_keys_and_skips_short_strings(tmp_path: Path) -> None:
-    site = tmp_path / "hospital-d"
-    site.mkdir()
-    (site / "site.toml").write_text(SITE_TOML, encoding="utf-8")
-    (site / "manifest.csv").write_text(
-        "image,label,group\nct\\scan-000042.dcm,l/m.png,pt/muscle-07\n", encoding="utf-8"
+    site = small_site(
+        tmp_path / "hospital-d", "image,label,group\nct\\scan-000042.dcm,l/m.png,pt/muscle-07\n"
     )
     strings = never_leave(load_site(site))
     # Windows separators in a path still yield the bare file name; short names ("m.png") are

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from common.release_words import release_sentences, withheld_text
+from protocols.classes import IOU_BINS
 from protocols.payloads import DpRelease, EvaluationPayload
 
 
@@ -34,7 +35,7 @@ def test_a_dp_release_states_epsilon_and_the_expected_error_of_what_was_noised()
         delta=0.0,
         mechanism="Laplace (OpenDP)",
         max_slices_per_patient=2,
-        noised={"scores.muscle.bins.0.9-1.0": 36.8, "scores.muscle.undefined": 36.8, "n_used": 36.8},
+        noised={f"scores.muscle.bins.{IOU_BINS[0]}": 36.8, "scores.muscle.undefined": 36.8, "n_used": 36.8},
     )
     sentences = release_sentences(_payload(dp=dp, suppressed=["scores.muscle.dice"]))
     assert len(sentences) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from guard_sites import APP, guard, small_site
 
 from client.audit import audit_path, read_audit
 from client.guard import SiteRefusal, bounds_refusal, open_guard, withheld_validation
@@ -17,13 +18,10 @@ from client.policy import (
     load_policy,
     write_policy,
 )
-from common.dataset import load_site
 from common.errors import SiteFolderError
 from protocols import keys
 from protocols.model import ModelSpec
 from protocols.study import StudyConfig
-
-APP = "a" * 64
 
 
 def test_training_tables_default_to_the_safe_policy(tmp_path: Path) -> None:
@@ -110,14 +108,9 @@ def test_bounds_are_inclusive_and_the_reason_names_key_value_and_bound() -> None
 
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
-    root = tmp_path / "hospital-t"
-    root.mkdir()
-    (root / "site.toml").write_text(
-        'name = "hospital-t"\n[labels]\nmuscle = [1]\nsubcutaneous_fat = [2]\nvisceral_fat = [3]\n',
-        encoding="utf-8",
+    return small_site(
+        tmp_path / "hospital-t", "image,label,group\nimages/a.dcm,labels/a.png,p1\n", "hospital-t"
     )
-    (root / "manifest.csv").write_text("image,label,group\nimages/a.dcm,labels/a.png,p1\n", encoding="utf-8")
-    return root
 
 
 def test_an_instruction_outside_the_bounds_is_refused_before_anything_runs(site: Path) -> None:
@@ -159,15 +152,8 @@ def test_validation_is_withheld_below_either_minimum() -> None:
     assert withheld_validation({keys.N_VAL: 0.0, keys.N_VAL_PATIENTS: 0.0}, policy) is None  # no validation
 
 
-def guard(site: Path, **policy: object):
-    write_policy(site, SitePolicy(**policy))  # type: ignore[arg-type]
-    opened = open_guard(site, run_id=3, task="train", config={keys.TASK: "train"}, app_hash=APP)
-    opened.attach(load_site(site))
-    return opened
-
-
 def test_release_withholds_small_validation_and_marks_the_reply(site: Path) -> None:
-    g = guard(site)
+    g = guard(site, "train")
     base = {keys.NUM_EXAMPLES: 9.0, keys.TRAIN_LOSS: 0.4}
     assert g.release_weights(9, "c" * 64, {**base, **VAL}) == {**base, **VAL}
     out = g.release_weights(9, "c" * 64, {**base, **VAL, keys.N_VAL_PATIENTS: 2.0})
@@ -179,7 +165,7 @@ def test_release_withholds_small_validation_and_marks_the_reply(site: Path) -> N
 
 
 def test_dp_sgd_sites_release_only_private_rounds_within_their_epsilon_cap(site: Path) -> None:
-    g = guard(site, dp_sgd=DpSgd(enabled=True, max_epsilon=5.0))
+    g = guard(site, "train", dp_sgd=DpSgd(enabled=True, max_epsilon=5.0))
     base = {keys.NUM_EXAMPLES: 9.0}
     with pytest.raises(SiteRefusal, match="requires DP-SGD"):
         g.release_weights(9, "c" * 64, base)
@@ -192,8 +178,9 @@ def test_dp_sgd_sites_release_only_private_rounds_within_their_epsilon_cap(site:
 
 
 def test_dp_sgd_sites_refuse_batchnorm_studies_before_training(site: Path) -> None:
-    g = guard(site, dp_sgd=DpSgd(enabled=True))
+    g = guard(site, "train", dp_sgd=DpSgd(enabled=True))
     with pytest.raises(SiteRefusal, match=r"BatchNorm.*model\.norm = 'group'"):
         g.check_training(ModelSpec(norm="batch"))
     g.check_training(ModelSpec(norm="group"))
-    guard(site).check_training(ModelSpec(norm="batch"))  # a site without DP-SGD trains either
+    # a site without DP-SGD trains either
+    guard(site, "train", dp_sgd=DpSgd(enabled=False)).check_training(ModelSpec(norm="batch"))
