@@ -103,6 +103,7 @@ def test_run_config_is_a_valid_study_that_never_stops_early(tmp_path: Path) -> N
     study = StudyConfig.from_run_config(flat)  # type: ignore[arg-type]
     assert study.study.mode == "train" and study.study.num_rounds == 5
     assert study.train.local_epochs == 2 and study.train.seed == 3 and study.train.val_fraction == 0.25
+    assert study.train.test_fraction == 0.0  # the setting bench/README.md's numbers were measured in
     assert study.train.patience >= study.study.num_rounds
     assert "train.lr" in flat  # every training key explicit: both arms read the same recipe
 
