@@ -185,7 +185,7 @@ DEMO_STUDY: Final[Mapping[str, Scalar]] = MappingProxyType(
         "model.encoder": "resnet18",
         "model.image-size": 128,
         "train.local-epochs": 4,
-        "train.val-fraction": 0.3,  # >= 5 validation patients per demo hospital (min-val-patients)
+        "train.val-fraction": 0.35,  # >= 5 validation patients at each demo hospital (min-val-patients)
     }
 )
 
