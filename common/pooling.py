@@ -356,11 +356,24 @@ def pool_key_stats(parts: Sequence[dict[str, KeyStats]]) -> dict[str, KeyStats]:
     return out
 
 
-def error_profile(parts: dict[str, tuple[int, dict[str, KeyStats]]], source: str) -> ErrorProfile:
-    """The model's error profile from internal sites: site -> (slices analysed, key stats)."""
+def error_profile(
+    parts: Mapping[str, tuple[int, dict[str, KeyStats]]],
+    source: str,
+    *,
+    withheld: Mapping[str, str] | None = None,
+    withheld_keys: Mapping[str, Sequence[str]] | None = None,
+) -> ErrorProfile:
+    """The model's error profile from internal sites: site -> (slices analysed, key stats).
+
+    ``withheld``: internal sites left out, and why (their statistics were not sent);
+    ``withheld_keys``: kind -> the sites that withheld that kind only. Both are kept in the
+    profile, so every comparison with it can say what it is not pooled over.
+    """
     return ErrorProfile(
         source=source,
         n_sites=len(parts),
         n_slices=sum(n for n, _ in parts.values()),
         key_stats=pool_key_stats([stats for _, stats in parts.values()]),
+        withheld=dict(sorted((withheld or {}).items())),
+        withheld_keys={k: sorted(v) for k, v in sorted((withheld_keys or {}).items())},
     )
