@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
+from common.stats import mean_interval
 from protocols.classes import IOU_BINS, METRIC_CLASSES, TISSUES
 from protocols.findings import ErrorProfile, KeyStats
 from protocols.payloads import (
@@ -127,13 +128,12 @@ def _sum_or_none(values: Iterable[float | None]) -> float | None:
 
 
 def _pool_moments(n: int, sum_diff: float, sum_sq_diff: float | None) -> tuple[float | None, float | None]:
-    if n == 0:
-        return None, None
-    mean = sum_diff / n
-    if n < 2 or sum_sq_diff is None:
-        return mean, None
-    var = max(sum_sq_diff - sum_diff * sum_diff / n, 0.0) / (n - 1)
-    return mean, math.sqrt(var)
+    """Mean and sd of ``n`` pooled values from their sums (:func:`common.stats.mean_interval`);
+    the sd is None without a sum of squares (a differentially private reply sends none)."""
+    if sum_sq_diff is None:
+        return (sum_diff / n if n else None), None
+    moments = mean_interval(n, sum_diff, sum_sq_diff)
+    return moments.mean, moments.sd
 
 
 def _weighted_mean(pairs: Iterable[tuple[int, float | None]]) -> float | None:
