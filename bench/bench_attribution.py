@@ -29,6 +29,13 @@ from pathlib import Path
 
 from _util import print_table, set_threads
 
+from common.attribution import study_attribution, systematic_in_profile
+from common.dataset import load_site
+from common.splits import split_site
+from protocols.classes import IOU_BINS
+from protocols.payloads import EvaluationPayload
+from protocols.study import StudyConfig
+
 #: Per demo profile key: the findings its convention implies (the first is the one to find).
 EXPECTED: dict[str, tuple[str, ...]] = {
     "psoas left out": ("muscle:site_excludes:psoas",),
@@ -40,6 +47,10 @@ EXPECTED: dict[str, tuple[str, ...]] = {
 #: Demo profile indices (``common.demo.hospitals.SITE_PROFILES``).
 REFERENCE, NOISY_REFERENCE = 0, 6
 PLANTED = (1, 2, 3, 4, 5)
+#: The suite's defaults (bench/README.md's numbers), for :func:`run_suite` and the command line alike.
+SLICES, SIZE, IMAGE_SIZE, EPOCHS, ENCODER, TRAIN_SITES, SEEDS, LR = 24, 192, 192, 30, "resnet18", 2, 2, 1e-3
+#: The seed's headline bin: muscle IoU >= 0.9.
+TOP_BIN = IOU_BINS[0]
 
 
 @dataclass
@@ -68,10 +79,16 @@ class SuiteResult:
     internal_muscle_ge_09: float | None
 
 
-def _share_ge_09(payload) -> float | None:  # type: ignore[no-untyped-def]
-    bins = payload.scores["muscle"].bins
-    total = sum(bins.values())
-    return bins.get("0.9-1.0", 0) / total if total else None
+def _top_bin(payloads: list[EvaluationPayload]) -> tuple[int, int]:
+    """Slices with muscle IoU >= 0.9 and slices binned, summed over ``payloads`` (bins add)."""
+    bins = [p.scores["muscle"].bins for p in payloads if "muscle" in p.scores]
+    return sum(b.get(TOP_BIN, 0) for b in bins), sum(sum(b.values()) for b in bins)
+
+
+def _share_ge_09(*payloads: EvaluationPayload) -> float | None:
+    """Share of the slices with muscle IoU >= 0.9 (None when no slice was binned)."""
+    hits, total = _top_bin(list(payloads))
+    return hits / total if total else None
 
 
 def score(sites: list[SiteOutcome]) -> tuple[float | None, float, int, list[str], list[str]]:
@@ -98,26 +115,22 @@ def score(sites: list[SiteOutcome]) -> tuple[float | None, float, int, list[str]
 def run_suite(
     work: Path,
     *,
-    slices: int = 16,
-    size: int = 128,
-    image_size: int = 128,
-    epochs: int = 30,
-    encoder: str = "resnet18",
-    train_sites: int = 2,
-    seeds: int = 1,
-    lr: float = 1e-3,
+    slices: int = SLICES,
+    size: int = SIZE,
+    image_size: int = IMAGE_SIZE,
+    epochs: int = EPOCHS,
+    encoder: str = ENCODER,
+    train_sites: int = TRAIN_SITES,
+    seeds: int = SEEDS,
+    lr: float = LR,
 ) -> SuiteResult:
     """Make the hospitals under ``work``, train, score, attribute (see the module docstring)."""
-    import torch
+    import torch  # torch and what imports it load here, so that score() is importable without them
 
     from client.site_tasks import run_evaluate, training_samples
-    from common.attribution import study_attribution
-    from common.dataset import load_site
     from common.demo.hospitals import SITE_PROFILES, make_site
     from common.model import build_model
-    from common.splits import split_site
     from common.training import TrainConfig, train_local
-    from protocols.study import StudyConfig
 
     study = StudyConfig.from_run_config(
         {"model.encoder": encoder, "model.image-size": image_size, "train.test-fraction": 0.25}
@@ -125,26 +138,19 @@ def run_suite(
     trainers = []
     for i in range(train_sites):
         profile = SITE_PROFILES[(REFERENCE, NOISY_REFERENCE)[i % 2]]
-        trainers.append(make_site(work / f"train-{i}", profile, slices=slices, size=size, seed=100 + i))
+        trainers.append(
+            load_site(make_site(work / f"train-{i}", profile, slices=slices, size=size, seed=100 + i))
+        )
     externals = []
     for seed in range(seeds):
         for index in (*PLANTED, REFERENCE, NOISY_REFERENCE):
             profile = SITE_PROFILES[index]
-            externals.append(
-                (
-                    profile.key,
-                    make_site(
-                        work / f"ext-{index}-{seed}",
-                        profile,
-                        slices=slices,
-                        size=size,
-                        seed=500 + 10 * seed + index,
-                    ),
-                )
+            path = make_site(
+                work / f"ext-{index}-{seed}", profile, slices=slices, size=size, seed=500 + 10 * seed + index
             )
+            externals.append((profile.key, path))
     train, val = [], []
-    for path in trainers:
-        site = load_site(path)
+    for site in trainers:  # the split a training study makes (the test patients are never loaded)
         split = split_site(site, study.train)
         train += training_samples(site, split.train)[0]
         val += training_samples(site, split.val)[0] if split.val else []
@@ -155,9 +161,9 @@ def run_suite(
     train_local(model, study.model, train, val, config)
     train_seconds = time.perf_counter() - started
 
-    payloads, conventions = {}, {}
-    for i, path in enumerate(trainers):
-        site = load_site(path)
+    payloads: dict[str, EvaluationPayload] = {}
+    conventions: dict[str, str] = {}
+    for i, site in enumerate(trainers):
         payloads[site.name] = run_evaluate(site, model, study.model, study, role="internal").payload
         conventions[site.name] = f"reference (trained on, #{i})"
     for key, path in externals:
@@ -184,11 +190,6 @@ def run_suite(
                 audit=[f"{c.tissue}:{c.direction}:{c.region}" for c in audit],
             )
         )
-    from common.attribution import systematic_in_profile
-
-    internal = [payloads[load_site(p).name] for p in trainers]
-    hits = sum(p.scores["muscle"].bins.get("0.9-1.0", 0) for p in internal)
-    total = sum(sum(p.scores["muscle"].bins.values()) for p in internal)
     precision, recall, tp, fp, missed = score(outcomes)
     return SuiteResult(
         sites=outcomes,
@@ -199,20 +200,20 @@ def run_suite(
         false_positive=fp,
         missed=missed,
         train_seconds=train_seconds,
-        internal_muscle_ge_09=hits / total if total else None,
+        internal_muscle_ge_09=_share_ge_09(*(payloads[site.name] for site in trainers)),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", type=Path, required=True, help="where the demo hospitals are written")
-    parser.add_argument("--slices", type=int, default=24, help="labelled slices per hospital")
-    parser.add_argument("--size", type=int, default=192, help="CT image size (pixels)")
-    parser.add_argument("--image-size", type=int, default=192, help="model input size")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--train-sites", type=int, default=2)
-    parser.add_argument("--seeds", type=int, default=2, help="hospitals per profile")
+    parser.add_argument("--slices", type=int, default=SLICES, help="labelled slices per hospital")
+    parser.add_argument("--size", type=int, default=SIZE, help="CT image size (pixels)")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="model input size")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--encoder", default=ENCODER)
+    parser.add_argument("--train-sites", type=int, default=TRAIN_SITES)
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="hospitals per profile")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -244,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["site", "convention", "role", "n", "muscle>=0.9", "systematic findings = attribution"], rows)
     errors = ", ".join(result.model_errors) or "none"
     print(f"\nmodel's own systematic errors (internal test patients): {errors}")
+    share = result.internal_muscle_ge_09
     print(
-        f"internal muscle IoU >= 0.9: {result.internal_muscle_ge_09}; training {result.train_seconds:.0f} s"
+        f"internal muscle IoU >= 0.9: {'n/a' if share is None else f'{share:.0%}'} of the internal test "
+        f"slices; training {result.train_seconds:.0f} s"
     )
     p = "n/a" if result.precision is None else f"{result.precision:.2f}"
     print(f"site_convention precision {p} ({result.true_positive} correct), recall {result.recall:.2f}")

@@ -3,7 +3,8 @@
 :func:`check_site` reads every manifest row (one bad file never stops it) and returns a
 :class:`SiteCheckReport`. The report is for the person at the site: it lists file names
 and stays local; nothing here is sent anywhere. Pixel statistics are pooled over pixels of
-all usable slices. The HU ranges are ``protocols.protocol.HuRanges`` (Alberta protocol).
+all usable slices. The tissue table's HU ranges and the label audit both follow the study's
+label protocol (default Alberta).
 The CLI renders the report (``client.render.render_check``).
 """
 
@@ -26,9 +27,6 @@ from protocols.findings import LabelAudit
 from protocols.protocol import HuRanges, LabelProtocol
 
 log = logging.getLogger(__name__)
-
-#: The HU ranges the check uses (one definition, shared with the payloads).
-HU_RANGES = HuRanges()
 
 
 class _Model(BaseModel):
@@ -97,7 +95,8 @@ def _relative(path: Path, root: Path) -> str:
 class _Accumulator:
     """Running pixel sums per class; a pure fold over loaded slices."""
 
-    def __init__(self) -> None:
+    def __init__(self, hu_ranges: HuRanges) -> None:
+        self.hu_ranges = hu_ranges
         self.pixels = dict.fromkeys(TISSUES, 0)
         self.in_range = dict.fromkeys(TISSUES, 0)
         self.hu_sum = dict.fromkeys(TISSUES, 0.0)
@@ -112,7 +111,7 @@ class _Accumulator:
         hu = item.ct.hu
         for canonical, name in enumerate(TISSUES, start=1):
             values = hu[item.label == canonical]
-            low, high = getattr(HU_RANGES, name)
+            low, high = getattr(self.hu_ranges, name)
             self.pixels[name] += int(values.size)
             self.in_range[name] += int(np.count_nonzero((values >= low) & (values <= high)))
             self.hu_sum[name] += float(values.sum(dtype=np.float64))
@@ -131,7 +130,7 @@ class _Accumulator:
             out[name] = ClassCheck(
                 label_values=sorted(self.values[canonical]),
                 pixels=n,
-                hu_range=getattr(HU_RANGES, name),
+                hu_range=getattr(self.hu_ranges, name),
                 share_in_hu_range=self.in_range[name] / n if n else None,
                 mean_hu=self.hu_sum[name] / n if n else None,
             )
@@ -149,13 +148,15 @@ def check_site(
     The caller parses the folder (``common.dataset.load_site``, which raises
     ``SiteFolderError`` when the folder itself is unusable); a bad row never stops the check.
     Every usable slice also goes through the model-free label audit against ``protocol``
-    (default Alberta): the site sees its own label conventions before any study.
+    (default Alberta): the site sees its own label conventions before any study. The tissue
+    table's HU ranges are that protocol's too.
     """
     root = site.root
     lookup = site.config.labels.lookup()
     total = site.n_listed
-    acc = _Accumulator()
-    audit = LabelAuditAccumulator(protocol or LabelProtocol())
+    protocol = protocol or LabelProtocol()
+    acc = _Accumulator(protocol.hu_ranges)
+    audit = LabelAuditAccumulator(protocol)
     problems: list[SliceProblem] = []
     n_usable = 0
     for index in range(len(site)):
@@ -218,7 +219,6 @@ def check_site(
 
 
 __all__ = [
-    "HU_RANGES",
     "ClassCheck",
     "SiteCheckReport",
     "SliceProblem",

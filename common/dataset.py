@@ -278,8 +278,14 @@ def _mapped_mask(
 
 
 def row_group(site: SiteDataset, index: int) -> str:
-    """The patient key of valid row ``index``: its ``group``, or the row itself when it has none."""
-    return site.rows[index].group or f"row-{index}"
+    """The patient key of valid row ``index``: its ``group``, or its image path when it has none.
+
+    Keyed by the image, not the row's position: the split (``common.splits``) then does not
+    depend on row order, and the release ledger sees a replaced or edited row as another
+    patient. The key never leaves the site in clear (the split and the ledger hash it).
+    """
+    row = site.rows[index]
+    return row.group or f"image:{row.image}"
 
 
 def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -> LoadedSlice:

@@ -68,7 +68,8 @@ class SliceRecord:
     tissue is absent). ``harmonised`` holds the overlap after :func:`harmonise` of both masks.
     """
 
-    group: str | None
+    #: the patient key (:func:`common.dataset.row_group`)
+    group: str
     overlap: dict[str, ClassOverlap]
     iou: dict[str, float | None]
     dice: dict[str, float | None]
@@ -109,7 +110,7 @@ def score_slice(
     hu: np.ndarray,
     spacing_mm: tuple[float, float],
     *,
-    group: str | None,
+    group: str,
     height_m: float | None,
     sex: str | None,
     hu_ranges: HuRanges | None = None,
@@ -269,13 +270,13 @@ def sarcopenia_confusion(records: Sequence[SliceRecord], cutoff_set: str) -> Sar
 
 
 def patients_of(records: Sequence[SliceRecord]) -> frozenset[str]:
-    """The patient keys of the records (a record without a group is its own patient)."""
-    return frozenset(r.group if r.group is not None else f"slice-{i}" for i, r in enumerate(records))
+    """The patient keys of the records (:func:`common.dataset.row_group`: every slice has one)."""
+    return frozenset(r.group for r in records)
 
 
 def count_groups(records: Sequence[SliceRecord]) -> int:
-    """Distinct patients: distinct ``group`` values, plus one per slice without a group."""
-    return len({r.group for r in records if r.group is not None}) + sum(r.group is None for r in records)
+    """Distinct patients among the records."""
+    return len(patients_of(records))
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,11 @@ The checks (``M`` = the protocol's muscle HU range, ``F`` = its fat range, per p
   still unlabelled muscle-density tissue on most of its length (contours drawn inside the
   tissue edge); a protocol-following contour has fat or another class there;
 - ``muscle / site_excludes / psoas`` and ``paraspinal`` (muscle groups the protocol counts):
-  muscle-density tissue within ``SPINE_SHELL_MM`` of the spine, in that region of the body
-  frame, mostly unlabelled and farther than ``BAND_PX`` from any labelled muscle (so a tight
-  contour is not mistaken for a muscle left out); ``site_includes`` for groups the protocol
-  leaves out;
+  muscle-density tissue within ``SPINE_SHELL_MM`` of the spine (the bone the body frame chose
+  as the spine, with bone joined to it by a small closing; not ribs, vessels or other dense
+  tissue elsewhere), in that region of the body frame, mostly unlabelled and farther than
+  ``BAND_PX`` from any labelled muscle (so a tight contour is not mistaken for a muscle left
+  out); ``site_includes`` for groups the protocol leaves out;
 - ``subcutaneous_fat`` / ``visceral_fat`` ``/ site_includes / other``: pixels labelled with
   the class but outside its HU range.
 
@@ -42,6 +43,7 @@ from typing import Final
 import numpy as np
 from scipy import ndimage
 
+from common.discrepancy.findings import SYSTEMATIC_SHARE_OF_SLICES, is_systematic
 from common.discrepancy.frame import (
     BONE_HU,
     REGION_NAMES,
@@ -51,6 +53,7 @@ from common.discrepancy.frame import (
     fill_small_holes,
 )
 from common.discrepancy.slice import BAND_PX, SMALL_HOLE_MM2, Key
+from common.metrics import pixel_area_cm2
 from common.stats import wilson_interval
 from protocols.classes import TISSUES
 from protocols.findings import AuditCheck, LabelAudit
@@ -77,8 +80,8 @@ _CROSS = ndimage.generate_binary_structure(2, 1)
 _SQUARE = np.ones((3, 3), dtype=bool)
 _SPINE_GROUPS: Final = ("psoas", "paraspinal")
 
-#: Every (class, direction, region) the audit can check, for ``not_checked``.
-_ALWAYS_UNCHECKED: Final = (
+#: The (class, direction, region) kinds the audit cannot check from the image (``not_checked``).
+_NOT_CHECKED: Final = (
     Key("muscle", "site_excludes", "abdominal_wall"),
     Key("muscle", "site_includes", "abdominal_wall"),
     Key("muscle", "site_excludes", "other"),
@@ -105,7 +108,6 @@ class SliceAudit:
     """The audit of one slice (never sent as such): values of the checks that applied."""
 
     checks: dict[Key, CheckValue]
-    frame_found: bool
 
 
 def _value(n_px: int, class_px: int, px_cm2: float, min_share: float = MIN_SHARE) -> CheckValue:
@@ -117,10 +119,20 @@ def _in(hu: np.ndarray, rng: tuple[float, float]) -> np.ndarray:
     return (hu >= rng[0]) & (hu <= rng[1])
 
 
-def _spine_mask(hu: np.ndarray, body: np.ndarray) -> np.ndarray:
-    """Bone of the spine with its marrow (cortical rings filled), as one mask."""
-    bone = fill_holes((hu > BONE_HU) & body)
-    return fill_holes(ndimage.binary_closing(bone, _SQUARE, iterations=2))
+def _spine_mask(hu: np.ndarray, frame: BodyFrame) -> np.ndarray:
+    """The spine with its marrow (cortical rings filled), as one mask.
+
+    The bone of the body closed over small gaps (so posterior elements split from the
+    vertebral body at coarse pixels join it), keeping only the parts that touch the component
+    the body frame chose as the spine: ribs, a contrast-filled vessel or other dense tissue
+    elsewhere do not widen the psoas and paraspinal checks.
+    """
+    bone = fill_holes(ndimage.binary_closing(fill_holes((hu > BONE_HU) & frame.body), _SQUARE, iterations=2))
+    if frame.spine_mask is None:
+        return np.zeros_like(bone)
+    labels, _ = ndimage.label(bone)
+    touching = np.unique(labels[frame.spine_mask & bone])
+    return np.isin(labels, touching[touching > 0]) | frame.spine_mask
 
 
 def _muscle_checks(
@@ -180,7 +192,7 @@ def _spine_checks(
     px_cm2: float,
 ) -> dict[Key, CheckValue]:
     """Muscle groups next to the spine left out (or added, for groups the protocol leaves out)."""
-    spine = _spine_mask(hu, frame.body)
+    spine = _spine_mask(hu, frame)
     if not spine.any():
         return {}
     distance = ndimage.distance_transform_edt(~spine, sampling=spacing)
@@ -243,7 +255,7 @@ def audit_slice(
     if len(spacing_mm) != 2 or min(spacing_mm) <= 0:
         raise ValueError(f"spacing_mm must be two positive numbers (row, col), got {spacing_mm}")
     spacing = (float(spacing_mm[0]), float(spacing_mm[1]))
-    px_cm2 = spacing[0] * spacing[1] / 100.0
+    px_cm2 = pixel_area_cm2(spacing)
     small_hole_px = max(int(SMALL_HOLE_MM2 / (spacing[0] * spacing[1])), 1)
     checks: dict[Key, CheckValue] = {}
     if frame is None:
@@ -260,7 +272,7 @@ def audit_slice(
     if frame is not None and frame.spine_found:
         checks |= _spine_checks(hu, label, frame, protocol, spacing, px_cm2)
     checks |= _fat_checks(hu, label, protocol, px_cm2)
-    return SliceAudit(checks=checks, frame_found=frame is not None)
+    return SliceAudit(checks=checks)
 
 
 @dataclass
@@ -290,7 +302,7 @@ class LabelAuditAccumulator:
 
     def finalise(self, min_slices: int = 5) -> LabelAudit:
         """The site's audit; below ``min_slices`` slices only the slice count is released."""
-        unchecked = sorted(k.text() for k in _ALWAYS_UNCHECKED)
+        unchecked = sorted(k.text() for k in _NOT_CHECKED)
         if self.n_slices < min_slices:
             return LabelAudit(
                 protocol=self.protocol.name,
@@ -316,8 +328,8 @@ class LabelAuditAccumulator:
             prevalence=sums.n_present / sums.n,
             prevalence_low=low,
             prevalence_high=high,
-            systematic=low > 0.5,
-            conforms=high < 0.5,
+            systematic=is_systematic(sums.n_present, sums.n),
+            conforms=high < SYSTEMATIC_SHARE_OF_SLICES,
             mean_area_cm2=sums.sum_area_cm2 / sums.n,
             mean_area_share=sums.sum_share / sums.n,
             sentence="",

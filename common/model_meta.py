@@ -13,10 +13,14 @@ import json
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+from pydantic import BaseModel, ValidationError
+
+from common.errors import SarcofedError
 from protocols.findings import ErrorProfile
 from protocols.protocol import LabelProtocol
-from protocols.study import TrainSection
+from protocols.study import TrainSection, validation_problems
 
 #: The metadata entry holding the context, as one JSON string (model meta holds scalars only).
 CONTEXT_KEY = "validation_context"
@@ -55,8 +59,29 @@ def context_meta(
     return {CONTEXT_KEY: json.dumps(context, sort_keys=True)}
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _read(model: type[_M], part: str, value: dict[str, object]) -> _M:
+    """One part of the stored context, or a SarcofedError naming it and the way out."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as err:
+        raise SarcofedError(
+            f"this model's validation context cannot be read by this sarcofed version: its {part} "
+            f"(metadata entry {CONTEXT_KEY}): {validation_problems(err)}. It says which sites trained the "
+            "model, their split and the label protocol, so it is not skipped: evaluate the model with the "
+            "sarcofed version that trained it, or retrain it with this one"
+        ) from err
+
+
 def model_context(meta: Mapping[str, object]) -> ModelContext:
-    """Read the context back; a model written without it gets the empty context."""
+    """Read the context back; a model written without it gets the empty context.
+
+    Raises :class:`~common.errors.SarcofedError` when a part is there but this version cannot
+    read it (a model written by another sarcofed version): guessing would score a site that
+    trained the model as external, or apply another label protocol.
+    """
     text = meta.get(CONTEXT_KEY)
     if not isinstance(text, str):
         return ModelContext()
@@ -73,9 +98,9 @@ def model_context(meta: Mapping[str, object]) -> ModelContext:
     profile = context.get(ERROR_PROFILE)
     return ModelContext(
         internal_sites=tuple(str(s) for s in sites) if isinstance(sites, list) else (),
-        split=TrainSection.model_validate(split) if isinstance(split, dict) else TrainSection(),
-        protocol=LabelProtocol.model_validate(protocol) if isinstance(protocol, dict) else LabelProtocol(),
-        profile=ErrorProfile.model_validate(profile) if isinstance(profile, dict) else None,
+        split=_read(TrainSection, SPLIT, split) if isinstance(split, dict) else TrainSection(),
+        protocol=_read(LabelProtocol, PROTOCOL, protocol) if isinstance(protocol, dict) else LabelProtocol(),
+        profile=_read(ErrorProfile, ERROR_PROFILE, profile) if isinstance(profile, dict) else None,
     )
 
 

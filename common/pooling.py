@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
+from common.stats import mean_interval
 from protocols.classes import IOU_BINS, METRIC_CLASSES, TISSUES
 from protocols.findings import ErrorProfile, KeyStats
 from protocols.payloads import (
@@ -127,13 +128,12 @@ def _sum_or_none(values: Iterable[float | None]) -> float | None:
 
 
 def _pool_moments(n: int, sum_diff: float, sum_sq_diff: float | None) -> tuple[float | None, float | None]:
-    if n == 0:
-        return None, None
-    mean = sum_diff / n
-    if n < 2 or sum_sq_diff is None:
-        return mean, None
-    var = max(sum_sq_diff - sum_diff * sum_diff / n, 0.0) / (n - 1)
-    return mean, math.sqrt(var)
+    """Mean and sd of ``n`` pooled values from their sums (:func:`common.stats.mean_interval`);
+    the sd is None without a sum of squares (a differentially private reply sends none)."""
+    if sum_sq_diff is None:
+        return (sum_diff / n if n else None), None
+    moments = mean_interval(n, sum_diff, sum_sq_diff)
+    return moments.mean, moments.sd
 
 
 def _weighted_mean(pairs: Iterable[tuple[int, float | None]]) -> float | None:
@@ -357,11 +357,24 @@ def pool_key_stats(parts: Sequence[dict[str, KeyStats]]) -> dict[str, KeyStats]:
     return out
 
 
-def error_profile(parts: dict[str, tuple[int, dict[str, KeyStats]]], source: str) -> ErrorProfile:
-    """The model's error profile from internal sites: site -> (slices analysed, key stats)."""
+def error_profile(
+    parts: Mapping[str, tuple[int, dict[str, KeyStats]]],
+    source: str,
+    *,
+    withheld: Mapping[str, str] | None = None,
+    withheld_keys: Mapping[str, Sequence[str]] | None = None,
+) -> ErrorProfile:
+    """The model's error profile from internal sites: site -> (slices analysed, key stats).
+
+    ``withheld``: internal sites left out, and why (their statistics were not sent);
+    ``withheld_keys``: kind -> the sites that withheld that kind only. Both are kept in the
+    profile, so every comparison with it can say what it is not pooled over.
+    """
     return ErrorProfile(
         source=source,
         n_sites=len(parts),
         n_slices=sum(n for n, _ in parts.values()),
         key_stats=pool_key_stats([stats for _, stats in parts.values()]),
+        withheld=dict(sorted((withheld or {}).items())),
+        withheld_keys={k: sorted(v) for k, v in sorted((withheld_keys or {}).items())},
     )

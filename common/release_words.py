@@ -9,18 +9,28 @@ expected error). The study report and ``sarcofed site evaluate | compare`` both 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
-from protocols.payloads import EvaluationPayload
+from protocols.payloads import QUANTILES_MARK, EvaluationPayload
 
-_CLASS = {
+_CLASS: Final[dict[str, str]] = {
     "muscle": "muscle",
     "subcutaneous_fat": "subcutaneous fat",
     "visceral_fat": "visceral fat",
     "msv": "MSV",
 }
+_REGION: Final[dict[str, str]] = {
+    "psoas": "psoas",
+    "paraspinal": "the paraspinal muscles",
+    "abdominal_wall": "the abdominal wall",
+    "boundary": "tissue along the contours",
+    "intramuscular_fat": "intramuscular fat",
+    "other": "other regions",
+}
+_DIRECTION: Final[dict[str, str]] = {"site_excludes": "left out of", "site_includes": "added to"}
 
-_WHY: dict[str, str] = {
-    "quantiles": "medians and quartiles (they are individual slices' values; with n, mean and sd they "
+_WHY: Final[dict[str, str]] = {
+    QUANTILES_MARK: "medians and quartiles (they are individual slices' values; with n, mean and sd they "
     "give a small site's values back)",
     "n_groups": "the patient count",
     "discrepancy": "the label-definition analysis",
@@ -33,23 +43,48 @@ _WHY: dict[str, str] = {
     "smi.sd": "the SMI difference's spread (and so its limits of agreement)",
     "sarcopenia": "the sarcopenia calls",
     "discrepancy.polar": "the polar discrepancy maps",
+    "discrepancy.findings": "the label-definition findings (too few slices)",
+    "discrepancy.region_area_share": "the discordant area per region (too few slices)",
+    "discrepancy.key_stats": "the statistics of each kind of difference (too few slices)",
+    "label_audit.checks": "the label audit's checks (too few slices)",
 }
+#: Marks that end in a finding kind ('<class>:<direction>:<region>'), by their prefix.
+_PER_KIND: Final[dict[str, str]] = {
+    "findings": "the finding",
+    "discrepancy.findings": "the finding",
+    "discrepancy.key_stats": "the statistics of",
+    "label_audit": "the label audit's check of",
+}
+_SCORE_PARTS: Final[dict[str, str]] = {
+    "bins": "IoU bins",
+    "undefined": "undefined count",
+    "iou": "IoU summary",
+    "dice": "Dice summary",
+    "pixels": "pixel counts (pooled-over-pixels IoU)",
+}
+
+
+def kind_words(key: str) -> str:
+    """A finding kind '<class>:<direction>:<region>' in words ("psoas left out of muscle")."""
+    parts = key.split(":")
+    if len(parts) != 3:
+        return key
+    tissue, direction, region = parts
+    return (
+        f"{_REGION.get(region, region)} {_DIRECTION.get(direction, direction)} {_CLASS.get(tissue, tissue)}"
+    )
 
 
 def _mark_text(mark: str) -> str:
     if mark in _WHY:
         return _WHY[mark]
+    prefix, _, kind = mark.rpartition(".")
+    if prefix in _PER_KIND and kind.count(":") == 2:
+        return f"{_PER_KIND[prefix]} {kind_words(kind)} (too few slices)"
     parts = mark.split(".")
     if parts[0] in ("scores", "raw_scores", "harmonised_scores") and len(parts) >= 3:
-        what = {
-            "bins": "IoU bins",
-            "undefined": "undefined count",
-            "iou": "IoU summary",
-            "dice": "Dice summary",
-        }
-        what |= {"pixels": "pixel counts (pooled-over-pixels IoU)"}
         prefix = {"scores": "", "raw_scores": "raw ", "harmonised_scores": "harmonised "}[parts[0]]
-        return f"{prefix}{_CLASS.get(parts[1], parts[1])} {what.get(parts[2], parts[2])}"
+        return f"{prefix}{_CLASS.get(parts[1], parts[1])} {_SCORE_PARTS.get(parts[2], parts[2])}"
     if parts[0] == "areas" and len(parts) >= 2:
         tissue = _CLASS.get(parts[1], parts[1])
         return (
@@ -57,8 +92,6 @@ def _mark_text(mark: str) -> str:
             if parts[-1] == "sd"
             else f"{tissue} areas"
         )
-    if parts[0] in ("findings", "discrepancy", "label_audit") and len(parts) >= 2:
-        return f"{parts[0].replace('_', ' ')} {' / '.join(parts[-1].split(':'))} (too few slices)"
     return mark
 
 
@@ -108,4 +141,4 @@ def release_sentences(payload: EvaluationPayload) -> list[str]:
     return out
 
 
-__all__ = ["release_sentences", "withheld_text"]
+__all__ = ["kind_words", "release_sentences", "withheld_text"]

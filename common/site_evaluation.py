@@ -23,6 +23,7 @@ from common.discrepancy import DiscrepancyAccumulator, analyse_slice
 from common.discrepancy.impact import ImpactAccumulator
 from common.evaluation import EXTERNAL, Scope, SliceRecord, compare_site, evaluate_site, patients_of
 from common.label_audit import LabelAuditAccumulator, audit_slice
+from common.metrics import pixel_area_cm2
 from common.model import LoadedModel, ModelSpec, weights_hash
 from protocols.findings import ErrorProfile
 from protocols.payloads import EvaluationPayload
@@ -67,7 +68,7 @@ class _Analyses:
                 item.ct.hu, spacing, item.label, test_mask, hu_ranges=self.protocol.hu_ranges
             )
             self.acc.add(result)
-            muscle_cm2 = float((item.label == 1).sum()) * spacing[0] * spacing[1] / 100.0
+            muscle_cm2 = float((item.label == 1).sum()) * pixel_area_cm2(spacing)
             self.impact.add(result, site_muscle_cm2=muscle_cm2, height_m=item.height_m, sex=item.sex)
         frame = result.frame if result is not None else None
         self.audit.add(audit_slice(item.ct.hu, spacing, item.label, self.protocol, frame=frame))

@@ -7,12 +7,21 @@ trained on. Every site that trains splits its *patients* (manifest ``group``) th
 - **validation**: early stopping and best-model choice;
 - **train**: local training.
 
-Patients are ranked by a hash of the study seed and their pseudonymous key, so the split
-depends only on the seed and the site's own data (not on row order), and a patient keeps
-its part when others are added: a study run again after the site adds patients never moves
-a former test patient into training. Parts are filled in that rank order until they hold
-``round(fraction * slices)`` slices (at least one patient each when the fraction is above 0);
-training always keeps at least one patient, test is filled before validation.
+Each patient's part follows from its own hash alone: ``u = sha256(seed, key) / 2**256``,
+uniform in [0, 1), puts it in **test** when ``u < test_fraction``, in **validation** when
+``u < test_fraction + val_fraction``, else in **train**. So the split depends only on the seed
+and the site's own data (not on row order), and a patient keeps its part when others are
+added: a study run again after the site adds patients never moves a patient between parts
+(no former test patient into training, no patient the model trained or was selected on into
+test). The parts hold *about* those fractions of the patients (each patient is a coin toss).
+
+Tiny sites: the hash can leave a part empty. Then, in this order, the patient with the
+highest ``u`` trains when nobody would (training always keeps one patient); with at least two
+patients and ``test_fraction > 0`` the lowest-``u`` patient not needed for training goes to
+test; with ``val_fraction > 0`` the patient nearest the validation interval goes to
+validation, taken from training or test where that part keeps another patient. A patient
+placed by this rule is the one exception to stability: it may move once the site has enough
+patients for the hash to fill that part.
 """
 
 from __future__ import annotations
@@ -37,15 +46,11 @@ class PatientSplit:
     val: tuple[int, ...]
     test: tuple[int, ...]
 
-    def part_of(self, index: int) -> str:
-        for name in ("train", "val", "test"):
-            if index in getattr(self, name):
-                return name
-        raise KeyError(f"slice {index} is in no part of the split")
 
-
-def _rank(seed: int, group: str) -> str:
-    return hashlib.sha256(f"sarcofed-split\0{seed}\0{group}".encode()).hexdigest()
+def _uniform(seed: int, group: str) -> float:
+    """The patient's hash as a number in [0, 1): its part follows from this alone."""
+    digest = hashlib.sha256(f"sarcofed-split\0{seed}\0{group}".encode()).digest()
+    return int.from_bytes(digest, "big") / 2**256
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -69,23 +74,44 @@ def split_patients(
     members: dict[str, list[int]] = {}
     for index, group in enumerate(groups):
         members.setdefault(str(group), []).append(index)
-    order = sorted(members, key=lambda g: (_rank(seed, g), g))
-    parts: dict[str, list[str]] = {"test": [], "val": []}
-    available = list(order)
-    for part, fraction in (("test", test_fraction), ("val", val_fraction)):
-        if fraction <= 0:
-            continue
-        target = max(1, round(fraction * len(groups)))
-        taken = 0
-        while available[1:] and taken < target:  # the last remaining patient always trains
-            group = available.pop(0)
-            parts[part].append(group)
-            taken += len(members[group])
+    u = {g: _uniform(seed, g) for g in members}
+    parts: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
+    for group, value in u.items():
+        part = "test" if value < test_fraction else "val" if value < test_fraction + val_fraction else "train"
+        parts[part].add(group)
+    _fill_tiny_parts(parts, u, val_fraction=val_fraction, test_fraction=test_fraction)
     return PatientSplit(
-        train=tuple(sorted(i for g in available for i in members[g])),
-        val=tuple(sorted(i for g in parts["val"] for i in members[g])),
-        test=tuple(sorted(i for g in parts["test"] for i in members[g])),
+        **{name: tuple(sorted(i for g in part for i in members[g])) for name, part in parts.items()}
     )
+
+
+def _fill_tiny_parts(
+    parts: dict[str, set[str]], u: dict[str, float], *, val_fraction: float, test_fraction: float
+) -> None:
+    """The tiny-site rule of the module docstring, in place: train, then test, then validation."""
+
+    def by_u(names: set[str]) -> list[str]:
+        return sorted(names, key=lambda g: (u[g], g))
+
+    if not parts["train"]:
+        top = by_u(parts["val"] | parts["test"])[-1]
+        parts["val"].discard(top)
+        parts["test"].discard(top)
+        parts["train"].add(top)
+    if test_fraction > 0 and not parts["test"] and len(u) >= 2:
+        spare = parts["val"] | (parts["train"] if len(parts["train"]) > 1 else set())
+        if spare:
+            low = by_u(spare)[0]
+            parts["val"].discard(low)
+            parts["train"].discard(low)
+            parts["test"].add(low)
+    if val_fraction > 0 and not parts["val"]:
+        spare = {g for name in ("train", "test") if len(parts[name]) > 1 for g in parts[name]}
+        if spare:  # the patient nearest the validation interval [test_fraction, test + val)
+            near = min(spare, key=lambda g: (abs(u[g] - test_fraction), g))
+            parts["train"].discard(near)
+            parts["test"].discard(near)
+            parts["val"].add(near)
 
 
 def split_site(site: SiteDataset, train: TrainSection) -> PatientSplit:

@@ -78,27 +78,10 @@ def proportion_greater_p(k1: int, n1: int, k2: int, n2: int) -> float:
     return float(_stats.fisher_exact(table, alternative="greater").pvalue)
 
 
-def welch_difference(
-    a: MeanInterval, b: MeanInterval, level: float = LEVEL
-) -> tuple[float, float, float] | None:
-    """Difference of means a - b with its Welch interval (None when either side lacks an sd)."""
-    if a.mean is None or b.mean is None or a.sd is None or b.sd is None:
-        return None
-    va, vb = a.sd**2 / a.n, b.sd**2 / b.n
-    diff = a.mean - b.mean
-    se = math.sqrt(va + vb)
-    if se == 0.0:
-        return diff, diff, diff
-    dof = (va + vb) ** 2 / ((va**2 / (a.n - 1)) + (vb**2 / (b.n - 1))) if va + vb > 0 else 1.0
-    half = float(_stats.t.ppf(0.5 + level / 2.0, dof)) * se
-    return diff, diff - half, diff + half
-
-
 __all__ = [
     "LEVEL",
     "MeanInterval",
     "mean_interval",
     "proportion_greater_p",
-    "welch_difference",
     "wilson_interval",
 ]

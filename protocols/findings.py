@@ -135,3 +135,12 @@ class ErrorProfile(Schema):
     key_stats: dict[str, KeyStats] = Field(
         default_factory=dict, description="'<class>:<direction>:<region>' -> pooled sufficient statistics"
     )
+    withheld: dict[str, str] = Field(
+        default_factory=dict,
+        description="internal site -> why none of its statistics are in the profile (e.g. 'too few slices')",
+    )
+    withheld_keys: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="'<class>:<direction>:<region>' -> internal sites that withheld that kind's statistics "
+        "(too few slices); its key_stats are pooled over the other sites",
+    )

@@ -6,13 +6,17 @@ release policy validates every reply against these schemas (an allow-list of fie
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import Field
 
 from protocols.base import Schema
 from protocols.findings import Finding, KeyStats, LabelAudit
 from protocols.protocol import LabelProtocol
+
+#: The ``suppressed`` mark saying medians and quartiles were withheld (they are order statistics:
+#: the values of individual slices; with n, mean and sd they give back every value of a small site).
+QUANTILES_MARK: Final = "quantiles"
 
 
 class Distribution(Schema):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from protocols.base import Schema
 
@@ -38,16 +38,28 @@ def _pair(value: object) -> object:
     """``"-29,150"`` (a run-config string) -> (-29.0, 150.0)."""
     if isinstance(value, str):
         parts = [p.strip() for p in value.split(",") if p.strip()]
-        if len(parts) != 2:
-            raise ValueError(f"expected 'low,high' in HU (e.g. '-29,150'), got {value!r}")
-        return tuple(float(p) for p in parts)
+        try:
+            if len(parts) == 2:
+                return tuple(float(p) for p in parts)
+        except ValueError:
+            pass
+        raise ValueError(f"expected 'low,high' in HU (e.g. '-29,150'), got {value!r}")
     return value
+
+
+def _canonical(value: object) -> object:
+    """Muscle groups compare as a set (their order means nothing); anything else as it is."""
+    return frozenset(value) if isinstance(value, tuple) and all(isinstance(v, str) for v in value) else value
 
 
 def _groups(value: object) -> object:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return value
+
+
+#: The name of the default protocol; only the Alberta definition itself may carry it.
+ALBERTA_NAME: Final = "alberta"
 
 
 class LabelProtocol(Schema):
@@ -57,7 +69,7 @@ class LabelProtocol(Schema):
     ``protocol.muscle-hu`` = ``"-29,150"`` ...).
     """
 
-    name: str = Field("alberta", min_length=1, description="a short name for reports")
+    name: str = Field(ALBERTA_NAME, min_length=1, description="a short name for reports")
     muscles: tuple[MuscleGroup, ...] = Field(
         ("psoas", "paraspinal", "quadratus_lumborum", "abdominal_wall"),
         description="the muscle groups at L3 that count as skeletal muscle",
@@ -86,6 +98,24 @@ class LabelProtocol(Schema):
         if not value[0] < value[1]:
             raise ValueError(f"an HU range is (low, high) with low < high, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _alberta_means_alberta(self) -> LabelProtocol:
+        """A protocol named Alberta is the Alberta definition: else every report would misname it."""
+        if self.name.strip().lower() != ALBERTA_NAME:
+            return self
+        reference = LabelProtocol.model_construct()  # the defaults: Alberta
+        differs = [
+            name.replace("_", "-")
+            for name in type(self).model_fields
+            if name != "name" and _canonical(getattr(self, name)) != _canonical(getattr(reference, name))
+        ]
+        if differs:
+            raise ValueError(
+                f"protocol.name: this protocol differs from Alberta in {', '.join(differs)}; give it its own "
+                'name, e.g. protocol.name="site-x-2024"'
+            )
+        return self
 
     @property
     def hu_ranges(self) -> HuRanges:
@@ -116,4 +146,12 @@ class LabelProtocol(Schema):
 #: The default study protocol (Alberta / Slice-O-Matic).
 ALBERTA: Final = LabelProtocol()
 
-__all__ = ["ALBERTA", "MUSCLE_GROUPS", "MUSCLE_GROUP_TEXT", "HuRanges", "LabelProtocol", "MuscleGroup"]
+__all__ = [
+    "ALBERTA",
+    "ALBERTA_NAME",
+    "MUSCLE_GROUPS",
+    "MUSCLE_GROUP_TEXT",
+    "HuRanges",
+    "LabelProtocol",
+    "MuscleGroup",
+]

@@ -25,6 +25,21 @@ from protocols.protocol import LabelProtocol
 Scalar = bool | int | float | str
 
 
+def validation_problems(err: ValidationError) -> str:
+    """A pydantic error in our words: ``key: message`` per problem, keys as run-config keys.
+
+    Our validators' own messages (``ValueError``) are kept as written, without pydantic's
+    "Value error," prefix; a message that already names its full key is not prefixed again.
+    """
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p).replace("_", "-") for p in e["loc"])
+        error = e.get("ctx", {}).get("error") if e["type"] == "value_error" else None
+        message = str(error) if error is not None else e["msg"]
+        problems.append(message if not loc or message.startswith(f"{loc}.") else f"{loc}: {message}")
+    return "; ".join(problems)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -80,7 +95,7 @@ class TrainSection(_Section):
     def _leaves_training(self) -> TrainSection:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError(
-                f"val-fraction + test-fraction must leave patients to train on, got "
+                f"train.val-fraction + train.test-fraction must leave patients to train on, got "
                 f"{self.val_fraction} + {self.test_fraction}"
             )
         return self
@@ -158,10 +173,7 @@ class StudyConfig(_Section):
         try:
             return cls.model_validate(nested)
         except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(str(p).replace('_', '-') for p in e['loc'])}: {e['msg']}" for e in err.errors()
-            )
-            raise ValueError(f"invalid run config: {problems}") from err
+            raise ValueError(f"invalid run config: {validation_problems(err)}") from err
 
     def to_flat(self, *sections: str) -> dict[str, Scalar]:
         """Flatten (some) sections back to run-config keys, for a ConfigRecord."""
@@ -185,7 +197,7 @@ DEMO_STUDY: Final[Mapping[str, Scalar]] = MappingProxyType(
         "model.encoder": "resnet18",
         "model.image-size": 128,
         "train.local-epochs": 4,
-        "train.val-fraction": 0.3,  # >= 5 validation patients per demo hospital (min-val-patients)
+        "train.val-fraction": 0.35,  # >= 5 validation patients at each demo hospital (min-val-patients)
     }
 )
 

@@ -19,6 +19,7 @@ from common.check import SiteCheckReport, check_site
 from common.dataset import load_site
 from common.masks import write_mask
 from protocols.classes import ExclusionReason
+from protocols.protocol import LabelProtocol
 from server.cli import app
 
 runner = CliRunner()
@@ -73,6 +74,18 @@ def test_fat_labelled_as_muscle_shows_low_share_in_range(tmp_path: Path) -> None
     report = check_site(load_site(root))
     assert report.classes["muscle"].share_in_hu_range == pytest.approx(0.0)
     assert report.classes["muscle"].mean_hu == pytest.approx(-100.0, abs=1.0)
+
+
+def test_the_tissue_table_uses_the_protocol_the_audit_uses(tmp_path: Path) -> None:
+    """A study protocol with another muscle HU range: the tissue table's range and in-range share
+    follow it, as the label audit does (one protocol for both)."""
+    root = make_site(tmp_path, n=2, size=32)
+    protocol = LabelProtocol(name="dense-muscle", muscle_hu=(50.0, 150.0))
+    report = check_site(load_site(root), protocol=protocol)
+    assert report.classes["muscle"].hu_range == (50.0, 150.0)
+    assert report.classes["muscle"].share_in_hu_range is not None
+    assert report.classes["muscle"].share_in_hu_range < 0.5  # the phantom's muscle is 45 HU
+    assert report.label_audit is not None and report.label_audit.protocol == "dense-muscle"
 
 
 def test_cli_json(tmp_path: Path) -> None:

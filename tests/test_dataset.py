@@ -17,12 +17,15 @@ from common.dataset import (
     load_site,
     load_slice,
     map_labels,
+    row_group,
 )
 from common.dicom_io import write_ct_slice
 from common.errors import SiteFolderError, SliceError
 from common.masks import write_mask
+from common.splits import split_site
 from protocols.classes import ExclusionReason as R
 from protocols.site import LabelMap
+from protocols.study import TrainSection
 
 LABELS = LabelMap(muscle=[1], subcutaneous_fat=[7], visceral_fat=[5], background=[2])
 
@@ -134,7 +137,7 @@ def test_load_slice_fields(tmp_path: Path) -> None:
     assert load_slice(site, 1).reference is None
 
 
-def test_height_and_sex_fall_back_to_dicom_and_group_to_row(tmp_path: Path) -> None:
+def test_height_and_sex_fall_back_to_dicom_and_group_to_image(tmp_path: Path) -> None:
     root = make_site(tmp_path, n=1, size=16, with_height=False)
     write_ct_slice(
         root / "ct" / "slice_0.dcm",
@@ -146,7 +149,27 @@ def test_height_and_sex_fall_back_to_dicom_and_group_to_row(tmp_path: Path) -> N
     rows[0].update(group="", sex="")
     write_manifest(root, rows)
     item = load_slice(load_site(root), 0)
-    assert item.height_m == pytest.approx(1.81) and item.sex == "M" and item.group == "row-0"
+    assert item.height_m == pytest.approx(1.81) and item.sex == "M" and item.group == "image:ct/slice_0.dcm"
+
+
+def test_a_row_without_group_is_keyed_by_its_image_not_its_position(tmp_path: Path) -> None:
+    """Reordering an ungrouped manifest keeps every slice's patient key (and so its split part);
+    replacing a row's image gives it a new key (the release ledger sees a new patient)."""
+    root = make_site(tmp_path, n=8, size=16)
+    rows = [{**row, "group": ""} for row in _rows(root)]
+    write_manifest(root, rows)
+    site = load_site(root)
+    keys = {site.rows[i].image: row_group(site, i) for i in range(len(site.rows))}
+    write_manifest(root, list(reversed(rows)))
+    reordered = load_site(root)
+    assert {reordered.rows[i].image: row_group(reordered, i) for i in range(8)} == keys
+    train = TrainSection(val_fraction=0.25, test_fraction=0.25, seed=0)
+    test_images = {site.rows[i].image for i in split_site(site, train).test}
+    assert test_images and test_images == {reordered.rows[i].image for i in split_site(reordered, train).test}
+    rows[0]["image"], rows[1]["image"] = rows[1]["image"], rows[0]["image"]
+    write_manifest(root, rows)
+    swapped = load_site(root)
+    assert row_group(swapped, 0) == keys[swapped.rows[0].image] != keys[site.rows[0].image]
 
 
 def _single_row_site(tmp_path: Path, mask: np.ndarray, **row: str) -> Path:

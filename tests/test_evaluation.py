@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from common.dataset import load_site
-from common.evaluation import SliceRecord, aggregate, harmonise, score_slice
+from common.evaluation import SliceRecord, aggregate, count_groups, harmonise, patients_of, score_slice
 from common.pooling import pool_area_agreement, pool_class_scores, pool_smi_agreement
 from protocols.payloads import EvaluationPayload
 from protocols.protocol import HuRanges
@@ -23,7 +23,7 @@ SPACING = (1.0, 1.0)  # 0.01 cm^2 per pixel
 
 def _record(test: np.ndarray, label: np.ndarray, **kw: object) -> SliceRecord:
     hu = kw.pop("hu", np.zeros(label.shape, dtype=np.float32))
-    defaults: dict[str, object] = {"group": None, "height_m": None, "sex": None}
+    defaults: dict[str, object] = {"group": "p", "height_m": None, "sex": None}
     defaults.update(kw)
     return score_slice(test, label, hu, SPACING, **defaults)  # type: ignore[arg-type]
 
@@ -47,7 +47,7 @@ def test_score_slice_areas_hu_and_smi() -> None:
     assert (r.smi_label, r.smi_test) == (1.0, 0.5)
     assert r.iou["muscle"] == 0.5 and r.iou["visceral_fat"] is None and r.dice["visceral_fat"] is None
     assert r.harmonised is None
-    assert score_slice(test, label, hu, SPACING, group=None, height_m=None, sex="F").smi_label is None
+    assert score_slice(test, label, hu, SPACING, group="p", height_m=None, sex="F").smi_label is None
 
 
 def test_harmonise_keeps_tissue_pixels_only_inside_their_hu_range() -> None:
@@ -65,7 +65,7 @@ def test_harmonised_rescoring_ignores_fat_density_pixels_left_in_muscle() -> Non
     label = np.array([[M, M], [M, 0]], dtype=np.uint8)
     test = np.array([[M, M], [0, 0]], dtype=np.uint8)
     hu = np.array([[40.0, 40.0], [-80.0, 0.0]], dtype=np.float32)
-    r = score_slice(test, label, hu, SPACING, group=None, height_m=None, sex=None, hu_ranges=HuRanges())
+    r = score_slice(test, label, hu, SPACING, group="p", height_m=None, sex=None, hu_ranges=HuRanges())
     assert r.iou["muscle"] == pytest.approx(2 / 3)
     assert r.harmonised is not None and r.harmonised["muscle"].iou == 1.0
 
@@ -130,6 +130,7 @@ def test_aggregate_matches_an_independent_recomputation() -> None:
     assert area.sum_sq_diff_cm2 == pytest.approx(np.sum(np.square(diffs)))
     assert payload.smi is not None and payload.smi.n == 4  # the last slice has no height
     assert payload.n_used == 5 and payload.n_listed == 7 and payload.n_groups == 3
+    assert patients_of(records) == {"p0", "p1", "p2"} and count_groups(records) == 3
     assert payload.excluded == {"missing_file": 2}
     assert payload.harmonised_scores is None
     EvaluationPayload.model_validate_json(payload.model_dump_json())  # serialisable, no NaN
@@ -142,7 +143,7 @@ def test_sarcopenia_confusion_with_label_as_truth() -> None:
     def rec(label_px: int, test_px: int, sex: str | None, height: float | None) -> SliceRecord:
         label, test = _square(size, M, label_px), _square(size, M, test_px)
         return score_slice(test, label, np.zeros((size, size), np.float32), (10.0, 10.0),
-                           group=None, height_m=height, sex=sex)  # fmt: skip
+                           group="p", height_m=height, sex=sex)  # fmt: skip
 
     records = [
         rec(50, 45, "M", 1.0),  # both sarcopenic (< 52.4)
@@ -181,7 +182,7 @@ def test_harmonised_scores_need_harmonised_records() -> None:
         _payload(records, harmonised=True)
     label = _square(4, M, 8)
     hu = np.full((4, 4), 40.0, dtype=np.float32)
-    rec = score_slice(label, label, hu, SPACING, group=None, height_m=None, sex=None, hu_ranges=HuRanges())
+    rec = score_slice(label, label, hu, SPACING, group="p", height_m=None, sex=None, hu_ranges=HuRanges())
     payload = _payload([rec], harmonised=True)
     assert payload.harmonised_scores is not None
     assert payload.harmonised_scores["muscle"].bins["[0.9,1.0]"] == 1

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from discrepancy_toy import toy_slice
+from discrepancy_toy import SIZE, SPACING, toy_slice
 from scipy import ndimage
 
+from common.discrepancy.slice import Key
 from common.label_audit import LabelAuditAccumulator, audit_slice
 from protocols.protocol import LabelProtocol
 
@@ -108,3 +109,20 @@ def test_a_protocol_without_psoas_turns_the_check_around() -> None:
 def test_too_few_slices_release_only_the_count() -> None:
     audit = _audit("psoas", n=3)
     assert audit.n_slices == 3 and audit.checks == [] and audit.suppressed
+
+
+def test_dense_tissue_that_is_not_the_spine_does_not_widen_the_spine_check() -> None:
+    """A contrast-filled vessel (or a rib tip) beside the psoas, in muscle-density soft tissue the
+    labels rightly leave out: the psoas check looks around the spine only, so it stays clean."""
+    toy = toy_slice(noise_sd=8.0, seed=0)
+    hu, site = toy.hu.copy(), toy.ref.copy()
+    coords = (np.arange(SIZE) - (SIZE - 1) / 2) * SPACING
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    distance = np.hypot(x + 55.0, y + 5.0)  # ahead of the left psoas, inside the psoas region
+    hu[(distance <= 22.0) & (site == 3)] = 40.0
+    hu[distance <= 7.0] = 320.0
+    site[distance <= 7.0] = 3
+    psoas = Key("muscle", "site_excludes", "psoas")
+    clean = audit_slice(toy.hu, toy.spacing, toy.ref).checks[psoas]
+    checked = audit_slice(hu, toy.spacing, site).checks[psoas]
+    assert checked.share == pytest.approx(clean.share, abs=0.02), (clean, checked)

@@ -44,3 +44,26 @@ def test_a_dp_release_states_epsilon_and_the_expected_error_of_what_was_noised()
     )
     assert sentences[1].startswith("Withheld by the site's release policy: muscle Dice summary")
     assert release_sentences(_payload()) == []
+
+
+def test_discrepancy_and_audit_marks_read_as_words_with_finding_kinds_in_words() -> None:
+    """What a site withheld from the label-definition analysis, as the guard and the analysis name
+    it: no internal field names, no '<class>:<direction>:<region>' keys."""
+    marks = [
+        "discrepancy.findings",
+        "discrepancy.region_area_share",
+        "discrepancy.key_stats",
+        "discrepancy.key_stats.muscle:site_excludes:psoas",
+        "discrepancy.findings.visceral_fat:site_includes:boundary",
+        "findings.muscle:site_includes:intramuscular_fat",
+        "label_audit.checks",
+        "label_audit.muscle:site_excludes:paraspinal",
+    ]
+    text = withheld_text(marks)
+    for internal in ("_", "site_excludes", "site_includes", "key_stats", ":", "discrepancy"):
+        assert internal not in text, (internal, text)
+    assert "psoas left out of muscle" in text
+    assert "tissue along the contours added to visceral fat" in text
+    assert "intramuscular fat added to muscle" in text
+    assert "the paraspinal muscles left out of muscle" in text
+    assert text.count("(too few slices)") == len(marks)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from protocols.model import ModelSpec
-from protocols.study import DEMO_STUDY, DemoSection, StudyConfig, demo_run_config
+from protocols.study import DEMO_STUDY, DemoSection, Scalar, StudyConfig, demo_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,3 +130,57 @@ def test_the_label_protocol_is_declared_by_run_config_keys() -> None:
 def test_validation_and_test_fractions_must_leave_patients_to_train_on() -> None:
     with pytest.raises(ValueError, match="leave patients to train on"):
         StudyConfig.from_run_config({"train.val-fraction": 0.5, "train.test-fraction": 0.5})
+    with pytest.raises(ValueError) as caught:
+        StudyConfig.from_run_config({"train.val-fraction": 0.5, "train.test-fraction": 0.5})
+    assert str(caught.value) == (
+        "invalid run config: train.val-fraction + train.test-fraction must leave patients to train on, "
+        "got 0.5 + 0.5"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"model.image-size": 100}, "model.image-size: the image size must be a multiple of 32"),
+        ({"protocol.muscle-hu": "150,-29"}, "protocol.muscle-hu: an HU range is (low, high) with low < high"),
+        ({"protocol.muscle-hu": "low,150"}, "protocol.muscle-hu: expected 'low,high' in HU (e.g. '-29,150')"),
+    ],
+)
+def test_run_config_errors_read_as_our_words_not_pydantics(config: dict[str, Scalar], expected: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        StudyConfig.from_run_config({"protocol.name": "site-x"} | config)
+    message = str(caught.value)
+    assert expected in message, message
+    assert "Value error" not in message and "could not convert" not in message
+
+
+@pytest.mark.parametrize(
+    ("config", "differs"),
+    [
+        ({"protocol.muscles": "psoas,paraspinal"}, "muscles"),
+        ({"protocol.imat-in-muscle": True}, "imat-in-muscle"),
+        (
+            {"protocol.muscle-hu": "-30,150", "protocol.visceral-fat-hu": "-190,-30"},
+            "muscle-hu, visceral-fat-hu",
+        ),
+    ],
+)
+def test_a_protocol_that_differs_from_alberta_may_not_be_called_alberta(
+    config: dict[str, Scalar], differs: str
+) -> None:
+    """Else the report would say "alberta: ... intramuscular fat counted as muscle"."""
+    with pytest.raises(ValueError) as caught:
+        StudyConfig.from_run_config(config)
+    assert str(caught.value) == (
+        f"invalid run config: protocol.name: this protocol differs from Alberta in {differs}; "
+        'give it its own name, e.g. protocol.name="site-x-2024"'
+    )
+    named = StudyConfig.from_run_config(config | {"protocol.name": "site-x-2024"})
+    assert named.protocol.describe().startswith("site-x-2024: ")
+    # the Alberta muscles in another order are still Alberta
+    assert (
+        StudyConfig.from_run_config(
+            {"protocol.muscles": "abdominal_wall,quadratus_lumborum,paraspinal,psoas"}
+        ).protocol.name
+        == "alberta"
+    )

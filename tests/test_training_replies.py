@@ -98,6 +98,9 @@ def attack(metrics: dict[str, float], truth: dict[str, int]) -> list[str]:
     return [] if count is None else [group for group, value in truth.items() if value == count]
 
 
+#: A split seed that puts 6 of the 12 patients in validation at val-fraction 0.5 (each patient's part
+#: is a coin toss of its hash, so the count varies with the seed).
+VAL6_SEED = 3
 ATTACK = {"train.val-fraction": 0.01, "train.test-fraction": 0.01, "train.lr": 1e-9, "train.batch-size": 4}
 
 
@@ -108,10 +111,10 @@ def test_the_attack_reads_summed_muscle_pixels_from_a_large_enough_validation_sp
     value equals."""
     truth = muscle_pixels_per_patient(site)
     assert len(truth) == PATIENTS
-    config = ATTACK | {"train.val-fraction": 0.5, "train.seed": 0}
+    config = ATTACK | {"train.val-fraction": 0.5, "train.seed": VAL6_SEED}
     metrics = metrics_of(train(site, muscle_everywhere(), config=config))
     parsed = load_site(site)
-    split = split_site(parsed, TrainSection(val_fraction=0.5, test_fraction=0.01, seed=0))
+    split = split_site(parsed, TrainSection(val_fraction=0.5, test_fraction=0.01, seed=VAL6_SEED))
     val_patients = {row_group(parsed, i) for i in split.val}
     assert metrics[keys.N_VAL_PATIENTS] == len(val_patients) >= 5
     assert metrics[keys.val_overlap_keys("muscle")[0]] == sum(truth[g] for g in val_patients)
@@ -138,7 +141,8 @@ def test_the_sites_own_minimum_wins_over_a_smaller_one(site: Path) -> None:
     """min-val-patients is the site's: with 7 required, a 6-patient validation split is withheld too."""
     write_policy(site, SitePolicy(training=TrainingReplies(min_val_patients=7)))
     try:
-        metrics = metrics_of(train(site, muscle_everywhere(), config=ATTACK | {"train.val-fraction": 0.5}))
+        config = ATTACK | {"train.val-fraction": 0.5, "train.seed": VAL6_SEED}
+        metrics = metrics_of(train(site, muscle_everywhere(), config=config))
     finally:
         (site / "policy.toml").unlink()
     assert metrics[keys.N_VAL_PATIENTS] == 6 and metrics[keys.VAL_WITHHELD] == 1.0

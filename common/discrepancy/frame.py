@@ -99,6 +99,8 @@ class BodyFrame:
     vb_half_depth_mm: float
     spine_found: bool
     outline_mm: np.ndarray  # float (OUTLINE_BINS,)
+    #: the bone component chosen as the spine (holes filled), bool HxW; None when none was found
+    spine_mask: np.ndarray | None = None
 
     @property
     def lateral(self) -> tuple[float, float]:
@@ -398,6 +400,7 @@ def body_frame(hu: np.ndarray, spacing_mm: tuple[float, float]) -> BodyFrame:
         vb_half_depth_mm=half_depth,
         spine_found=True,
         outline_mm=_outline_radii(body, centre, spacing, anterior),
+        spine_mask=spine,
     )
 
 
