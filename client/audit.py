@@ -273,10 +273,6 @@ class AuditLog:
                 "Check with `sarcofed site audit --verify` and restore the log from backup"
             )
 
-    def stored_anchor(self) -> Anchor | None:
-        """The anchor beside the log (``None`` when there is none yet)."""
-        return read_anchor(self.anchor_path) if self.anchor_path.exists() else None
-
     def has_run(self, run_id: int) -> bool:
         """Whether any entry of the log belongs to run ``run_id`` (a missing log has none)."""
         if not self.path.exists():

@@ -206,11 +206,13 @@ class SitePolicy(BaseModel):
             "\n[weights-dp]\n"
             f"enabled = {str(self.weights_dp.enabled).lower()}\n"
             f"clipping-norm = {self.weights_dp.clipping_norm}\n"
-            f"noise-multiplier = {self.weights_dp.noise_multiplier}\n" + self._training_toml()
+            f"noise-multiplier = {self.weights_dp.noise_multiplier}\n"
+            + self._training_toml()
+            + self._aggregate_dp_toml()
         )
 
     def _training_toml(self) -> str:
-        """The ``[training]``, ``[bounds]`` and ``[dp-sgd]`` tables (see docs/PRIVACY.md)."""
+        """The ``[training]``, ``[bounds]`` and ``[dp-sgd]`` tables: what a training reply may say."""
         train, dp = self.training, self.dp_sgd
         val_slices = (
             f"min-val-slices = {train.min_val_slices}\n"
@@ -231,12 +233,18 @@ class SitePolicy(BaseModel):
             f"max-grad-norm = {dp.max_grad_norm!r}\n"
             f"target-delta = {dp.target_delta!r}\n"
             f"max-epsilon = {dp.max_epsilon!r}\n"
+        )
+
+    def _aggregate_dp_toml(self) -> str:
+        """The ``[aggregate-dp]`` table: differential privacy on evaluation / comparison replies."""
+        dp = self.aggregate_dp
+        return (
             "\n[aggregate-dp]\n"
-            f"enabled = {str(self.aggregate_dp.enabled).lower()}\n"
-            f"epsilon-per-reply = {self.aggregate_dp.epsilon_per_reply}\n"
-            f"epsilon-per-study = {self.aggregate_dp.epsilon_per_study}\n"
-            f"epsilon-total = {self.aggregate_dp.epsilon_total}\n"
-            f"max-slices-per-patient = {self.aggregate_dp.max_slices_per_patient}\n"
+            f"enabled = {str(dp.enabled).lower()}\n"
+            f"epsilon-per-reply = {dp.epsilon_per_reply}\n"
+            f"epsilon-per-study = {dp.epsilon_per_study}\n"
+            f"epsilon-total = {dp.epsilon_total}\n"
+            f"max-slices-per-patient = {dp.max_slices_per_patient}\n"
         )
 
 
