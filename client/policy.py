@@ -53,7 +53,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import SiteFolderError
 from common.running_stats import RunningStats
@@ -104,6 +104,16 @@ class AggregateDp(BaseModel):
     epsilon_per_study: float = Field(3.0, gt=0, alias="epsilon-per-study")
     epsilon_total: float = Field(20.0, gt=0, alias="epsilon-total")
     max_slices_per_patient: int = Field(2, ge=1, alias="max-slices-per-patient")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AggregateDp:
+        """A reply's epsilon fits in a study's, a study's in the site's total (else nothing could leave)."""
+        if not self.epsilon_per_reply <= self.epsilon_per_study <= self.epsilon_total:
+            raise ValueError(
+                "the epsilon budgets must satisfy epsilon-per-reply <= epsilon-per-study <= epsilon-total, "
+                f"got {self.epsilon_per_reply:g}, {self.epsilon_per_study:g} and {self.epsilon_total:g}"
+            )
+        return self
 
 
 class TrainingReplies(BaseModel):
