@@ -57,21 +57,19 @@ from typing import Any, BinaryIO, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from client.audit_anchor import (
-    FILE_MODE,
     Anchor,
     AuditLogError,
     anchor_path,
     anchor_problem,
     key_path,
-    loose,
     mac,
     make_anchor,
     new_key,
     read_anchor,
     read_key,
-    tighten,
     write_anchor,
 )
+from client.site_files import FILE_MODE, beside_site, loose, tighten
 
 try:  # POSIX; on other systems appends are still atomic enough for one writer
     import fcntl
@@ -116,8 +114,7 @@ def entry_digest(entry: Mapping[str, Any]) -> str:
 
 def audit_path(site_dir: Path) -> Path:
     """``<parent>/<folder name>.audit.jsonl`` beside the site folder."""
-    site = Path(site_dir).expanduser().resolve()
-    return site.with_name(site.name + AUDIT_SUFFIX)
+    return beside_site(site_dir, AUDIT_SUFFIX)
 
 
 def canonical_json(payload: Any) -> str:
