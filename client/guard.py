@@ -149,13 +149,10 @@ def never_leave(site: SiteDataset) -> frozenset[str]:
     return frozenset(found)
 
 
-def leaked_column(text: str, strings: Collection[str]) -> str | None:
-    """What ``text`` holds when it contains one of ``strings`` (never the value itself)."""
+def names_any(text: str, strings: Collection[str]) -> bool:
+    """Whether ``text`` contains one of ``strings`` (any case): a manifest string about to leave."""
     lowered = text.lower()
-    for value in strings:
-        if value.lower() in lowered:
-            return "a file name or group key from manifest.csv"
-    return None
+    return any(value.lower() in lowered for value in strings)
 
 
 def _small(count: int | None, k: int) -> bool:
@@ -165,12 +162,14 @@ def _small(count: int | None, k: int) -> bool:
 #: Marks that medians and quartiles were withheld (they are order statistics: the values of
 #: individual slices; with n, mean and sd they give back every value of a small site).
 QUANTILES_MARK = "quantiles"
+#: The payload fields that hold per-class scores (``protocols.payloads.ClassScores``).
+SCORE_FIELDS: tuple[str, ...] = ("scores", "raw_scores", "harmonised_scores")
 
 
 def _withhold_quantiles(data: dict[str, Any]) -> bool:
     """Drop median / q1 / q3 from every distribution of a payload dict; whether any was there."""
     found = False
-    for field in ("scores", "raw_scores", "harmonised_scores"):
+    for field in SCORE_FIELDS:
         for scores in (data.get(field) or {}).values():
             for dist in ("iou", "dice"):
                 values = scores.get(dist) or {}
@@ -269,7 +268,7 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
     if k <= 1:
         return data, marks
 
-    for field in ("scores", "raw_scores", "harmonised_scores"):
+    for field in SCORE_FIELDS:
         for name, scores in (data.get(field) or {}).items():
             parsed = ClassScores.model_validate(scores)
             if any(_small(c, k) for c in parsed.bins.values()):
@@ -296,15 +295,10 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
     if sarc is not None and any(_small(v, k) for n, v in sarc.items() if n != "cutoff_set"):
         data["sarcopenia"] = None
         marks.append("sarcopenia")
-    for holder, prefix in ((data, "findings"), (data.get("discrepancy") or {}, "discrepancy.findings")):
-        kept = []
-        for finding in holder.get("findings") or []:
-            if _small(finding.get("n_slices"), k):
-                marks.append(f"{prefix}.{finding['class']}:{finding['direction']}:{finding['region']}")
-            else:
-                kept.append(finding)
-        if "findings" in holder:
-            holder["findings"] = kept
+    if "findings" in data:
+        data["findings"] = _drop_small(data["findings"], k, "findings", marks)
+    if disc is not None and "findings" in disc:
+        disc["findings"] = _drop_small(disc["findings"], k, "discrepancy.findings", marks)
     if disc is not None:
         for key, stats in list((disc.get("key_stats") or {}).items()):
             if _small(stats.get("n"), k):
@@ -312,14 +306,22 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
                 marks.append(f"discrepancy.key_stats.{key}")
     audit = data.get("label_audit")
     if audit is not None:
-        kept = []
-        for check in audit.get("checks") or []:
-            if _small(check.get("n_slices"), k):
-                marks.append(f"label_audit.{check['class']}:{check['direction']}:{check['region']}")
-            else:
-                kept.append(check)
-        audit["checks"] = kept
+        audit["checks"] = _drop_small(audit.get("checks"), k, "label_audit", marks)
     return data, marks
+
+
+def _drop_small(
+    items: list[dict[str, Any]] | None, k: int, prefix: str, marks: list[str]
+) -> list[dict[str, Any]]:
+    """The findings (or label-audit checks) over at least ``k`` slices; each dropped one is marked
+    ``<prefix>.<class>:<direction>:<region>``."""
+    kept = []
+    for item in items or []:
+        if _small(item.get("n_slices"), k):
+            marks.append(f"{prefix}.{item['class']}:{item['direction']}:{item['region']}")
+        else:
+            kept.append(item)
+    return kept
 
 
 @dataclass
@@ -417,9 +419,8 @@ class SiteGuard:
                 f"reply does not fit the payload schema after the site's policy: {err}"
             ) from err
         text = released.model_dump_json()
-        leak = leaked_column(text, self._screen())
-        if leak:
-            raise self._refuse(f"reply contains {leak}; nothing was sent")
+        if names_any(text, self._screen()):
+            raise self._refuse("reply contains a file name or group key from manifest.csv; nothing was sent")
         self._sent(json.loads(text))
         ledger.record(run_id=self.run_id, task=self.task, patients=patients, epsilon=epsilon)
         return released
