@@ -6,11 +6,14 @@ then given the site the ClientApp parsed (``SiteGuard.attach``: the file names a
 keys to screen for come from that one ``SiteDataset``), and releases replies only after
 enforcing the policy on them:
 
-- evaluation payloads: at least ``min-slices`` usable slices; cells with a count below
-  ``min-cell-count`` suppressed *and named* in ``suppressed`` (never silently zeroed);
-  polar maps and discrepancy analysis removed when not allowed; the result re-validated
-  through ``EvaluationPayload`` so only schema fields leave; no file name or group key
-  from manifest.csv anywhere in the text (error reasons: redacted instead);
+- evaluation payloads (:func:`policy_release`, also the ``site evaluate | compare`` preview):
+  at least ``min-slices`` usable slices and ``min-patients`` patients, not almost the same
+  patients as an earlier reply (the release ledger); medians and quartiles withheld; cells
+  with a count below ``min-cell-count`` suppressed *and named* in ``suppressed`` (never
+  silently zeroed), or with ``[aggregate-dp]`` the differentially private release within the
+  epsilon budgets; polar maps and discrepancy analysis removed when not allowed; the result
+  re-validated through ``EvaluationPayload`` so only schema fields leave; no file name or
+  group key from manifest.csv anywhere in the text (error reasons: redacted instead);
 - training replies: only the metric keys of ``protocols.keys.TRAIN_METRIC_KEYS``, finite
   values, at least ``min-slices`` training slices, local DP when the policy demands it;
   validation metrics only over ``[training] min-val-patients`` / ``min-val-slices``
@@ -238,8 +241,12 @@ def release_refusal(
 def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[dict[str, Any], list[str]]:
     """Apply the policy to a payload: the payload as a dict, and the names of what was suppressed.
 
-    A table with any cell below ``min-cell-count`` is suppressed whole (a single cell could
-    otherwise be recovered from the total).
+    Quantiles always, and the discrepancy analysis and polar maps as the policy says. A table
+    with any cell below ``min-cell-count`` is suppressed whole (a single cell could otherwise
+    be recovered from the total), except under ``[aggregate-dp]``: the DP release
+    (``client.dp_release``) then noises every count it sends and withholds the rest, so a
+    small cell is covered by the noise, and suppressing it here would mark withheld a table
+    the DP release sends.
     """
     k = policy.min_cell_count
     data = payload.model_dump(mode="json", by_alias=True)
@@ -265,7 +272,7 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
         elif _small(disc["polar"].get("n_slices"), k):
             disc["polar"] = None
             marks.append("discrepancy.polar")
-    if k <= 1:
+    if k <= 1 or policy.aggregate_dp.enabled:
         return data, marks
 
     for field in SCORE_FIELDS:
@@ -322,6 +329,56 @@ def _drop_small(
         else:
             kept.append(item)
     return kept
+
+
+@dataclass(frozen=True)
+class Release:
+    """An evaluation / comparison reply as the site's policy would send it."""
+
+    payload: EvaluationPayload
+    #: the differential-privacy loss it spends (0 without ``[aggregate-dp]``)
+    epsilon: float
+    #: why the site would not send it at all (``release_refusal``); ``None``: it may leave
+    refusal: str | None
+
+
+def policy_release(
+    scored: EvaluationPayload,
+    records: Sequence[SliceRecord],
+    policy: SitePolicy,
+    ledger: ReleaseLedger,
+    run_id: int | None = None,
+) -> Release:
+    """Apply the site's release policy to a scored payload: the one place it is applied.
+
+    Refusal (:func:`release_refusal`), quantiles, discrepancy and small cells
+    (:func:`suppress_payload`), the DP release when ``[aggregate-dp]`` is on
+    (``client.dp_release``), every mark in ``suppressed``, re-validated through
+    ``EvaluationPayload`` so only schema fields leave. Pure apart from the DP noise: nothing is
+    recorded. ``SiteGuard.release_payload`` adds the screening, the audit and the ledger;
+    ``sarcofed site evaluate | compare`` show its payload (and its refusal) as the preview.
+    ``records``: the per-slice records the payload was computed from (they stay at the site).
+    Raises ``pydantic.ValidationError`` when the result does not fit the payload schema.
+    """
+    refusal = release_refusal(scored, patients_of(records), policy, ledger, run_id)
+    data, marks = suppress_payload(scored, policy)
+    epsilon = 0.0
+    dp = policy.aggregate_dp
+    if dp.enabled:
+        from client.dp_release import private_payload
+
+        data, dp_marks, info = private_payload(
+            data,
+            records,
+            epsilon=dp.epsilon_per_reply,
+            max_per_patient=dp.max_slices_per_patient,
+            cutoff_set=scored.sarcopenia.cutoff_set if scored.sarcopenia else None,
+        )
+        marks += dp_marks
+        data["dp"] = info.model_dump(mode="json")
+        epsilon = info.epsilon
+    data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
+    return Release(EvaluationPayload.model_validate(data), epsilon, refusal)
 
 
 @dataclass
@@ -389,40 +446,23 @@ class SiteGuard:
         """
         if not isinstance(payload, EvaluationPayload):
             raise self._refuse(f"reply is a {type(payload).__name__}, not an EvaluationPayload")
-        patients = patients_of(records)
         ledger = ReleaseLedger.for_site(self.site_dir)
-        reason = release_refusal(payload, patients, self.policy, ledger, self.run_id)
-        if reason:
-            raise self._refuse(reason)
-        data, marks = suppress_payload(payload, self.policy)
-        epsilon = 0.0
-        dp = self.policy.aggregate_dp
-        if dp.enabled:
-            from client.dp_release import private_payload
-
-            cutoff = payload.sarcopenia.cutoff_set if payload.sarcopenia else "prado2008"
-            data, dp_marks, release = private_payload(
-                data,
-                records,
-                epsilon=dp.epsilon_per_reply,
-                max_per_patient=dp.max_slices_per_patient,
-                cutoff_set=cutoff,
-            )
-            marks += dp_marks
-            data["dp"] = release.model_dump(mode="json")
-            epsilon = release.epsilon
-        data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
         try:
-            released = EvaluationPayload.model_validate(data)
+            release = policy_release(payload, records, self.policy, ledger, self.run_id)
         except ValidationError as err:
             raise self._refuse(
                 f"reply does not fit the payload schema after the site's policy: {err}"
             ) from err
+        if release.refusal:
+            raise self._refuse(release.refusal)
+        released = release.payload
         text = released.model_dump_json()
         if names_any(text, self._screen()):
             raise self._refuse("reply contains a file name or group key from manifest.csv; nothing was sent")
         self._sent(json.loads(text))
-        ledger.record(run_id=self.run_id, task=self.task, patients=patients, epsilon=epsilon)
+        ledger.record(
+            run_id=self.run_id, task=self.task, patients=patients_of(records), epsilon=release.epsilon
+        )
         return released
 
     def check_training(self, spec: ModelSpec) -> None:
