@@ -105,8 +105,8 @@ def render_payload(payload: EvaluationPayload, console: Console) -> None:
         s = payload.smi
         console.print(
             f"SMI (cm^2/m^2) over {s.n} slices with height: "
-            f"label {s.mean_label:.1f}, test {s.mean_test:.1f}, "
-            f"mean diff {s.mean_diff:+.2f}"
+            f"label {_fmt(s.mean_label)}, test {_fmt(s.mean_test)}, "
+            f"mean diff {_fmt(s.mean_diff, '{:+.2f}')}"
         )
     if payload.sarcopenia:
         c = payload.sarcopenia

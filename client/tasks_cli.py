@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from client.guard import release_refusal, suppress_payload
+from client.guard import policy_release
 from client.ledger import ReleaseLedger
 from client.policy import load_policy
 from client.render import render_payload
@@ -31,18 +31,22 @@ CUTOFF_HELP = "SMI cut-off set for sarcopenia calls: prado2008, martin2013 or ko
 
 
 def preview_release(site_dir: Path, scored: Scored) -> EvaluationPayload:
-    """The payload as this site's policy.toml would release it (suppressed cells marked).
+    """The payload as this site's policy.toml would release it (``client.guard.policy_release``,
+    the function the site's guard sends through): suppressed cells marked, and with
+    ``[aggregate-dp]`` noised (one draw of the noise; the reply itself draws its own).
 
-    When the policy would refuse to send it at all (too few slices or patients, or too close to
-    an earlier release: see ``client.guard.release_refusal``), the reason goes to stderr.
+    Nothing is recorded. When the policy would refuse to send it at all (too few slices or
+    patients, too close to an earlier release, or over the epsilon budget), the reason goes to
+    stderr.
     """
-    policy = load_policy(site_dir)
-    refusal = release_refusal(scored.payload, scored.patients, policy, ReleaseLedger.for_site(site_dir))
-    if refusal:
-        Console(stderr=True).print(f"[yellow]this site would refuse to send this reply:[/] {escape(refusal)}")
-    data, marks = suppress_payload(scored.payload, policy)
-    data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
-    return EvaluationPayload.model_validate(data)
+    release = policy_release(
+        scored.payload, scored.records, load_policy(site_dir), ReleaseLedger.for_site(site_dir)
+    )
+    if release.refusal:
+        Console(stderr=True).print(
+            f"[yellow]this site would refuse to send this reply:[/] {escape(release.refusal)}"
+        )
+    return release.payload
 
 
 def _emit(payload: EvaluationPayload, as_json: bool) -> None:

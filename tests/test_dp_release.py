@@ -187,3 +187,22 @@ def test_the_epsilon_of_a_dp_release_adds_up_to_what_the_policy_allows(tmp_path:
     assert sum(statistics.values()) == pytest.approx(released.dp.epsilon)
     assert "bias" in released.dp.mechanism  # counts are clamped at 0: the report says so
 
+
+def test_the_cli_preview_is_the_dp_release_the_site_would_send(tmp_path: Path) -> None:
+    """`sarcofed site compare --json` shows the reply as sent (noised, with the same marks), and the
+    human rendering of a DP reply prints "-" where a number was withheld instead of crashing."""
+    from typer.testing import CliRunner
+
+    from server.cli import app as cli
+
+    site = _dp_site(tmp_path, **{"min-cell-count": 7})
+    sent = _sent(site, _scored(site))
+    result = CliRunner().invoke(cli, ["site", "compare", str(site), "--json"])
+    assert result.exit_code == 0, result.output
+    previewed = EvaluationPayload.model_validate_json(result.stdout)
+    assert previewed.dp is not None and sent.dp is not None
+    assert sorted(previewed.dp.noised) == sorted(sent.dp.noised)
+    assert sorted(previewed.suppressed) == sorted(sent.suppressed)
+    human = CliRunner().invoke(cli, ["site", "compare", str(site)])
+    assert human.exit_code == 0, human.output
+    assert "Released with differential privacy" in " ".join(human.stdout.split())
