@@ -145,7 +145,14 @@ def _run(
             # the hash of the weights this site received, not the one the coordinator claims
             received = weights_hash(model.state_dict())  # type: ignore[attr-defined]
             role = site_tasks.site_role(site, str(config.get(keys.ROLE, "external")), received)
-            scored = site_tasks.run_evaluate(site, model, spec, study, role=role)  # type: ignore[arg-type]
+            scored = site_tasks.run_evaluate(
+                site,
+                model,  # type: ignore[arg-type]
+                spec,
+                study,
+                role=role,
+                model_hash=received,
+            )
         else:
             scored = site_tasks.run_compare(site, study)
         released = guard.release_payload(scored.payload, records=scored.records)

@@ -193,11 +193,14 @@ def run_evaluate(
     *,
     role: Role = "external",
     profile: ErrorProfile | None = None,
+    model_hash: str | None = None,
 ) -> Scored:
     """Score the study model on this site (its test patients when internal); aggregates only.
 
-    ``model_hash`` in the payload is the hash of the weights this site received, computed here.
-    The patients scored stay at the site (the guard's release ledger needs them).
+    ``model_hash`` (the payload's) is the hash of the weights this site received: the ClientApp
+    computes it once from the weights it unpacked (``None``: computed here from ``model``),
+    never the hash the coordinator claims. The patients scored stay at the site (the guard's
+    release ledger needs them).
     """
     from common.site_evaluation import evaluate_with_model
 
@@ -205,6 +208,7 @@ def run_evaluate(
         site,
         model,
         spec,
+        model_hash=model_hash,
         cutoff_set=study.study.cutoff_set,
         batch_size=study.eval.batch_size,
         discrepancy=study.study.discrepancy,
