@@ -18,7 +18,8 @@ enforcing the policy on them:
   values, at least ``min-slices`` training slices, local DP when the policy demands it;
   validation metrics only over ``[training] min-val-patients`` / ``min-val-slices``
   (otherwise withheld and marked ``val-withheld``); DP-SGD with its epsilon when ``[dp-sgd]``
-  demands it (and a study model without BatchNorm, checked before training);
+  demands it (a study model without BatchNorm and a planned epsilon within ``max-epsilon``,
+  checked before training; the training loss then stays at the site);
 - every instruction: run-config values inside the site's ``[bounds]``.
 
 Every refusal and every reply sent is appended to the site's audit log first.
@@ -49,7 +50,7 @@ from common.evaluation import SliceRecord, patients_of
 from protocols import keys
 from protocols.model import ModelSpec
 from protocols.payloads import AreaAgreement, ClassScores, Distribution, EvaluationPayload
-from protocols.study import StudyConfig
+from protocols.study import StudyConfig, TrainSection
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ ALWAYS_ACCEPTED: tuple[str, ...] = ("identify",)
 MIN_IDENTIFIER_LEN = 6
 #: The reason a site gives when it cannot audit: it then answers nothing (what failed stays in its log).
 AUDIT_UNAVAILABLE = "this site cannot write its audit log, so it answers nothing until the site fixes it"
+#: Training metrics a DP-SGD site keeps: the private steps' loss is an exact function of the
+#: training slices that the round's epsilon does not cover (the weights are what DP-SGD protects).
+NOT_PRIVATE_UNDER_DP_SGD: frozenset[str] = frozenset({keys.TRAIN_LOSS, keys.TRAIN_LOSS_SUM})
 
 
 class SiteRefusal(Exception):
@@ -465,14 +469,35 @@ class SiteGuard:
         )
         return released
 
-    def check_training(self, spec: ModelSpec) -> None:
-        """Refuse (``SiteRefusal``, audited) a training instruction this site's policy cannot serve:
-        DP-SGD required and a study model with BatchNorm, which DP-SGD cannot train."""
-        if self.policy.dp_sgd.enabled and spec.norm != "group":
+    def check_training(self, spec: ModelSpec, train: TrainSection, n_train: int) -> None:
+        """Refuse (``SiteRefusal``, audited) a training instruction this site's policy cannot serve,
+        before any model is built: DP-SGD required and a study model with BatchNorm, which DP-SGD
+        cannot train, or a round whose DP-SGD is planned to spend more than ``max-epsilon``.
+
+        ``n_train``: the rows of the site's train split (``client.site_tasks.n_train_rows``). A row
+        that turns out unusable makes the round's epsilon a little larger than planned: the
+        epsilon actually spent is checked again on the reply (:meth:`release_weights`).
+        """
+        dp = self.policy.dp_sgd
+        if not dp.enabled:
+            return
+        if spec.norm != "group":
             raise self._refuse(
                 f"this site trains only with DP-SGD ([dp-sgd] in policy.toml), which cannot train a "
                 f"model with BatchNorm (model.norm = {spec.norm!r}: BatchNorm mixes the slices of a "
                 "batch and keeps statistics of them); run the study with model.norm = 'group'"
+            )
+        from common.dp_sgd import PrivateTraining, planned_epsilon
+
+        private = PrivateTraining(dp.noise_multiplier, dp.max_grad_norm, dp.target_delta)
+        planned = planned_epsilon(private, n_train, train.batch_size, train.local_epochs)
+        if planned > dp.max_epsilon:
+            raise self._refuse(
+                f"this round's DP-SGD would spend epsilon {planned:.3g} (delta {dp.target_delta:g}: "
+                f"{train.local_epochs} local epoch(s) of batch {train.batch_size} over {n_train} training "
+                f"slices), more than this site's max-epsilon {dp.max_epsilon:g} ([dp-sgd] in "
+                "policy.toml); lower train.local-epochs or train.batch-size (a smaller sampling rate "
+                "per step), or the site raises noise-multiplier"
             )
 
     def release_weights(
@@ -488,6 +513,7 @@ class SiteGuard:
         Validation metrics over fewer patients or slices than the policy's minimums are
         withheld and the reply marked ``val-withheld`` (the weights still leave); a reply the
         policy's DP-SGD does not cover, or that spent more than ``max-epsilon``, is refused.
+        Under DP-SGD the training loss stays at the site (:data:`NOT_PRIVATE_UNDER_DP_SGD`).
         """
         allowed = set(keys.TRAIN_METRIC_KEYS)
         extra = sorted(k for k in metrics if k not in allowed)
@@ -524,6 +550,7 @@ class SiteGuard:
                     "lower train.local-epochs or train.batch-size (a smaller sampling rate per step), "
                     "or the site raises noise-multiplier"
                 )
+            released = {k: v for k, v in released.items() if k not in NOT_PRIVATE_UNDER_DP_SGD}
         withheld = withheld_validation(released, self.policy)
         if withheld:
             log.warning("site withholds validation metrics (run %s): %s", self.run_id, withheld)

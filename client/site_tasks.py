@@ -124,6 +124,11 @@ def split_samples(site: SiteDataset, train: TrainSection) -> SplitSamples:
     return SplitSamples(split=split, train=samples, val=val, excluded=excluded)
 
 
+def n_train_rows(site: SiteDataset, train: TrainSection) -> int:
+    """How many manifest rows the split puts in the train part (nothing is loaded)."""
+    return len(split_site(site, train).train)
+
+
 def train_and_val_samples(
     site: SiteDataset, train: TrainSection
 ) -> tuple[list[TrainSample], list[TrainSample]]:
@@ -310,6 +315,7 @@ __all__ = [
     "evaluation_scope",
     "identify",
     "load_state",
+    "n_train_rows",
     "resolve_site_dir",
     "run_compare",
     "run_evaluate",

@@ -21,7 +21,7 @@ from common.dataset import load_site
 from common.errors import SiteFolderError
 from protocols import keys
 from protocols.model import ModelSpec
-from protocols.study import StudyConfig
+from protocols.study import StudyConfig, TrainSection
 
 APP = "a" * 64
 
@@ -194,6 +194,6 @@ def test_dp_sgd_sites_release_only_private_rounds_within_their_epsilon_cap(site:
 def test_dp_sgd_sites_refuse_batchnorm_studies_before_training(site: Path) -> None:
     g = guard(site, dp_sgd=DpSgd(enabled=True))
     with pytest.raises(SiteRefusal, match=r"BatchNorm.*model\.norm = 'group'"):
-        g.check_training(ModelSpec(norm="batch"))
-    g.check_training(ModelSpec(norm="group"))
-    guard(site).check_training(ModelSpec(norm="batch"))  # a site without DP-SGD trains either
+        g.check_training(ModelSpec(norm="batch"), TrainSection(), n_train=24)
+    g.check_training(ModelSpec(norm="group"), TrainSection(), n_train=24)
+    guard(site).check_training(ModelSpec(norm="batch"), TrainSection(), n_train=24)  # without DP-SGD: either
