@@ -139,7 +139,8 @@ class DpSgd(BaseModel):
     noise_multiplier: float = Field(1.0, gt=0, alias="noise-multiplier")
     max_grad_norm: float = Field(1.0, gt=0, alias="max-grad-norm")
     target_delta: float = Field(1e-5, gt=0, lt=1, alias="target-delta")
-    #: a round whose local training spent more than this is refused (nothing is sent).
+    #: a round planned to spend more than this is refused before training, and one whose
+    #: training spent more is refused after it (nothing is sent). One round's: rounds compose.
     max_epsilon: float = Field(10.0, gt=0, alias="max-epsilon")
 
 
