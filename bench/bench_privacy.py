@@ -1,12 +1,13 @@
 """The cost of a site's release policy in utility: exact vs differentially private pooled numbers.
 
 Scores one model at every demo site (as ``client.site_tasks.run_evaluate`` does), then
-releases each site's reply twice: under the default policy (exact numbers; medians and
-quartiles withheld) and with ``[aggregate-dp]`` at ``--epsilon`` per reply (the site's own
-``client.dp_release``), ``--draws`` times to show the spread of the noise. Pools each with
-the coordinator's ``common.pooling.pool_payloads`` and prints the pooled muscle-IoU bin
-shares, the pooled mean muscle-area difference and its limits of agreement, exact vs DP, and
-the time the DP release adds per reply (one run; nothing is asserted).
+releases each site's reply twice through the site's own ``client.guard.policy_release``:
+under the default policy (exact numbers; medians and quartiles withheld) and with
+``[aggregate-dp]`` at ``--epsilon`` per reply, ``--draws`` times to show the spread of the
+noise. Pools each with the coordinator's ``common.pooling.pool_payloads`` and prints the
+pooled muscle-IoU bin shares, the pooled mean muscle-area difference and its limits of
+agreement, exact vs DP, and the time the DP release adds per reply (one run; nothing is
+asserted).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     set_threads(args.threads)
 
-    from client.dp_release import private_payload
-    from client.guard import suppress_payload
-    from client.policy import SitePolicy
+    from client.guard import policy_release
+    from client.ledger import ReleaseLedger
+    from client.policy import AggregateDp, SitePolicy
     from client.site_tasks import run_evaluate
     from common.dataset import load_site
     from common.model import load_model
@@ -49,16 +51,28 @@ def main(argv: list[str] | None = None) -> int:
         scored[site.name] = run_evaluate(site, loaded.model, loaded.spec, study)
     evaluation_s = time.perf_counter() - started
 
-    def release(payload: EvaluationPayload, records: tuple, dp: bool) -> EvaluationPayload:  # type: ignore[type-arg]
-        data, marks = suppress_payload(payload, SitePolicy())
-        if dp:
-            data, more, info = private_payload(
-                data, records, epsilon=args.epsilon, max_per_patient=2, cutoff_set="prado2008"
-            )
-            marks += more
-            data["dp"] = info.model_dump(mode="json")
-        data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
-        return EvaluationPayload.model_validate(data)
+    exact_policy = SitePolicy()
+    default_dp = AggregateDp()
+    dp_policy = SitePolicy(
+        aggregate_dp=AggregateDp(
+            enabled=True,
+            epsilon_per_reply=args.epsilon,
+            epsilon_per_study=max(args.epsilon, default_dp.epsilon_per_study),
+            epsilon_total=max(args.epsilon, default_dp.epsilon_total),
+        )
+    )
+    refusals: dict[str, str] = {}
+    # a ledger that never exists: each release is judged afresh and nothing is recorded
+    empty = tempfile.TemporaryDirectory()
+    no_history = ReleaseLedger(Path(empty.name) / "bench.releases.jsonl")
+
+    def release(site: str, policy: SitePolicy) -> EvaluationPayload:
+        """The reply exactly as the site's guard would release it (before screening and audit)."""
+        result = scored[site]
+        out = policy_release(result.payload, result.records, policy, no_history)
+        if out.refusal:
+            refusals[site] = out.refusal
+        return out.payload
 
     def summary(payloads: dict[str, EvaluationPayload]) -> dict[str, float | None]:
         pooled = pool_payloads(payloads)
@@ -71,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         out["LoA low (cm2)"], out["LoA high (cm2)"] = loa if loa else (None, None)
         return out
 
-    exact = summary({s: release(r.payload, r.records, dp=False) for s, r in scored.items()})
+    exact = summary({s: release(s, exact_policy) for s in scored})
     draws: list[dict[str, float | None]] = []
     dp_s = 0.0
     for _ in range(args.draws):
         clock = time.perf_counter()
-        released = {s: release(r.payload, r.records, dp=True) for s, r in scored.items()}
+        released = {s: release(s, dp_policy) for s in scored}
         dp_s += time.perf_counter() - clock
         draws.append(summary(released))
     rows = []
@@ -95,11 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     print_table(
         ["pooled statistic", "exact", f"DP (mean ± sd over {args.draws} draws)", "mean |DP - exact|"], rows
     )
+    for site, reason in sorted(refusals.items()):
+        print(f"note: {site}'s policy would refuse its reply ({reason}); shown as released anyway")
     per_reply = dp_s / (args.draws * len(scored))
     print(
         f"\ntime: evaluation {evaluation_s / len(scored):.2f} s per site; the DP release adds "
         f"{1000 * per_reply:.1f} ms per reply ({100 * per_reply / (evaluation_s / len(scored)):.2f}% of it)"
     )
+    empty.cleanup()
     return 0
 
 

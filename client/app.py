@@ -92,13 +92,17 @@ def _failure(guard: SiteGuard | None, reason: str, err: Exception) -> str:
         return AUDIT_UNAVAILABLE
 
 
-def _model_from(msg: Message, config: ConfigRecord) -> tuple[ModelSpec, object]:
+def _spec(config: ConfigRecord) -> ModelSpec:
     # torch and the model zoo load here, not at import: identify and compare never need them
     from common.model import ModelSpec
 
-    spec = ModelSpec.model_validate_json(str(config[keys.MODEL_SPEC]))
+    return ModelSpec.model_validate_json(str(config[keys.MODEL_SPEC]))
+
+
+def _model(msg: Message, config: ConfigRecord, spec: ModelSpec) -> object:
+    """The study model with the weights the coordinator sent."""
     packed = msg.content.array_records[keys.ARRAYS][keys.PACKED].numpy()
-    return spec, site_tasks.load_state(spec, packed, str(config[keys.MODEL_LAYOUT]))
+    return site_tasks.load_state(spec, packed, str(config[keys.MODEL_LAYOUT]))
 
 
 def _run(
@@ -111,8 +115,9 @@ def _run(
     if task == "train":
         from common.model import pack_state, weights_hash
 
-        spec, model = _model_from(msg, config)
-        guard.check_training(spec)
+        spec = _spec(config)
+        guard.check_training(spec, study.train, site_tasks.n_train_rows(site, study.train))
+        model = _model(msg, config, spec)
         global_packed = msg.content.array_records[keys.ARRAYS][keys.PACKED].numpy()
         mu = float(config.get(keys.PROXIMAL_MU, 0.0))  # type: ignore[arg-type]
         state, metrics = site_tasks.run_train(
@@ -141,11 +146,19 @@ def _run(
         if task == "evaluate":
             from common.model import weights_hash
 
-            spec, model = _model_from(msg, config)
+            spec = _spec(config)
+            model = _model(msg, config, spec)
             # the hash of the weights this site received, not the one the coordinator claims
             received = weights_hash(model.state_dict())  # type: ignore[attr-defined]
             role = site_tasks.site_role(site, str(config.get(keys.ROLE, "external")), received)
-            scored = site_tasks.run_evaluate(site, model, spec, study, role=role)  # type: ignore[arg-type]
+            scored = site_tasks.run_evaluate(
+                site,
+                model,  # type: ignore[arg-type]
+                spec,
+                study,
+                role=role,
+                model_hash=received,
+            )
         else:
             scored = site_tasks.run_compare(site, study)
         released = guard.release_payload(scored.payload, records=scored.records)

@@ -57,21 +57,19 @@ from typing import Any, BinaryIO, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from client.audit_anchor import (
-    FILE_MODE,
     Anchor,
     AuditLogError,
     anchor_path,
     anchor_problem,
     key_path,
-    loose,
     mac,
     make_anchor,
     new_key,
     read_anchor,
     read_key,
-    tighten,
     write_anchor,
 )
+from client.site_files import FILE_MODE, beside_site, loose, tighten
 
 try:  # POSIX; on other systems appends are still atomic enough for one writer
     import fcntl
@@ -116,8 +114,7 @@ def entry_digest(entry: Mapping[str, Any]) -> str:
 
 def audit_path(site_dir: Path) -> Path:
     """``<parent>/<folder name>.audit.jsonl`` beside the site folder."""
-    site = Path(site_dir).expanduser().resolve()
-    return site.with_name(site.name + AUDIT_SUFFIX)
+    return beside_site(site_dir, AUDIT_SUFFIX)
 
 
 def canonical_json(payload: Any) -> str:
@@ -272,10 +269,6 @@ class AuditLog:
                 f"{self.path}: {problem} (stored anchor {self.anchor_path.name}); nothing is appended. "
                 "Check with `sarcofed site audit --verify` and restore the log from backup"
             )
-
-    def stored_anchor(self) -> Anchor | None:
-        """The anchor beside the log (``None`` when there is none yet)."""
-        return read_anchor(self.anchor_path) if self.anchor_path.exists() else None
 
     def has_run(self, run_id: int) -> bool:
         """Whether any entry of the log belongs to run ``run_id`` (a missing log has none)."""

@@ -10,7 +10,8 @@ exported and kept elsewhere (``--anchor FILE``, ``--export-anchor FILE``).
   the last one and the key's id, MAC'ed with the key. A copy kept elsewhere shows a log
   that was cut at the end, rewritten, or replaced together with its key.
 
-All three files are created 0600; ``tighten`` makes an existing looser one 0600 and warns.
+All three files are created 0600 (``client.site_files``); ``client.site_files.tighten`` makes an
+existing looser one 0600 and warns.
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ import hmac
 import logging
 import os
 import secrets
-import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from client.site_files import write_private
+
 log = logging.getLogger(__name__)
 
-#: Owner read/write only: the log holds every payload and config a site exchanged.
-FILE_MODE = 0o600
 KEY_BYTES = 32
 
 
@@ -81,41 +81,6 @@ def mac(key: bytes, data: bytes) -> str:
 def key_id(key: bytes) -> str:
     """A public name for a key (16 hex characters of a hash of it): says which key, reveals nothing."""
     return hashlib.sha256(b"sarcofed audit key id\0" + key).hexdigest()[:16]
-
-
-def tighten(path: Path) -> None:
-    """Make ``path`` owner-only (0600) if others may read or write it, with a warning naming it."""
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return
-    if mode & 0o077 == 0:
-        return
-    try:
-        os.chmod(path, FILE_MODE)
-    except OSError as err:
-        log.warning("%s is mode %04o (others can read it) and cannot be tightened: %s", path, mode, err)
-        return
-    log.warning("%s was mode %04o (others could read it); tightened to %04o", path, mode, FILE_MODE)
-
-
-def loose(path: Path) -> bool:
-    """Whether ``path`` exists and others may read or write it."""
-    try:
-        return bool(stat.S_IMODE(os.stat(path).st_mode) & 0o077)
-    except FileNotFoundError:
-        return False
-
-
-def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` with mode 0600 and fsync it (``exclusive``: it must not exist)."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, FILE_MODE)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tighten(path)  # a file that existed keeps its mode through O_TRUNC
 
 
 def read_key(path: Path) -> bytes | None:

@@ -59,7 +59,12 @@ def make(
     ),
     sites: int = typer.Option(3, "--sites", min=1, max=64, help="How many demo hospitals to write."),
     slices: int = typer.Option(
-        DEMO_HOSPITALS.slices, "--slices", min=1, max=500, help="Labelled L3 slices per hospital."
+        # min: what a demo study accepts (protocols.study.DemoSection.slices, ge=2)
+        DEMO_HOSPITALS.slices,
+        "--slices",
+        min=2,
+        max=500,
+        help="Labelled L3 slices per hospital.",
     ),
     size: int = typer.Option(
         DEMO_HOSPITALS.size, "--size", min=32, max=1024, help="Image size in pixels (square)."

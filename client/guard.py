@@ -6,16 +6,20 @@ then given the site the ClientApp parsed (``SiteGuard.attach``: the file names a
 keys to screen for come from that one ``SiteDataset``), and releases replies only after
 enforcing the policy on them:
 
-- evaluation payloads: at least ``min-slices`` usable slices; cells with a count below
-  ``min-cell-count`` suppressed *and named* in ``suppressed`` (never silently zeroed);
-  polar maps and discrepancy analysis removed when not allowed; the result re-validated
-  through ``EvaluationPayload`` so only schema fields leave; no file name or group key
-  from manifest.csv anywhere in the text (error reasons: redacted instead);
+- evaluation payloads (:func:`policy_release`, also the ``site evaluate | compare`` preview):
+  at least ``min-slices`` usable slices and ``min-patients`` patients, not almost the same
+  patients as an earlier reply (the release ledger); medians and quartiles withheld; cells
+  with a count below ``min-cell-count`` suppressed *and named* in ``suppressed`` (never
+  silently zeroed), or with ``[aggregate-dp]`` the differentially private release within the
+  epsilon budgets; polar maps and discrepancy analysis removed when not allowed; the result
+  re-validated through ``EvaluationPayload`` so only schema fields leave; no file name or
+  group key from manifest.csv anywhere in the text (error reasons: redacted instead);
 - training replies: only the metric keys of ``protocols.keys.TRAIN_METRIC_KEYS``, finite
   values, at least ``min-slices`` training slices, local DP when the policy demands it;
   validation metrics only over ``[training] min-val-patients`` / ``min-val-slices``
   (otherwise withheld and marked ``val-withheld``); DP-SGD with its epsilon when ``[dp-sgd]``
-  demands it (and a study model without BatchNorm, checked before training);
+  demands it (a study model without BatchNorm and a planned epsilon within ``max-epsilon``,
+  checked before training; the training loss then stays at the site);
 - every instruction: run-config values inside the site's ``[bounds]``.
 
 Every refusal and every reply sent is appended to the site's audit log first.
@@ -46,7 +50,7 @@ from common.evaluation import SliceRecord, patients_of
 from protocols import keys
 from protocols.model import ModelSpec
 from protocols.payloads import AreaAgreement, ClassScores, Distribution, EvaluationPayload
-from protocols.study import StudyConfig
+from protocols.study import StudyConfig, TrainSection
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,9 @@ ALWAYS_ACCEPTED: tuple[str, ...] = ("identify",)
 MIN_IDENTIFIER_LEN = 6
 #: The reason a site gives when it cannot audit: it then answers nothing (what failed stays in its log).
 AUDIT_UNAVAILABLE = "this site cannot write its audit log, so it answers nothing until the site fixes it"
+#: Training metrics a DP-SGD site keeps: the private steps' loss is an exact function of the
+#: training slices that the round's epsilon does not cover (the weights are what DP-SGD protects).
+NOT_PRIVATE_UNDER_DP_SGD: frozenset[str] = frozenset({keys.TRAIN_LOSS, keys.TRAIN_LOSS_SUM})
 
 
 class SiteRefusal(Exception):
@@ -149,13 +156,10 @@ def never_leave(site: SiteDataset) -> frozenset[str]:
     return frozenset(found)
 
 
-def leaked_column(text: str, strings: Collection[str]) -> str | None:
-    """What ``text`` holds when it contains one of ``strings`` (never the value itself)."""
+def names_any(text: str, strings: Collection[str]) -> bool:
+    """Whether ``text`` contains one of ``strings`` (any case): a manifest string about to leave."""
     lowered = text.lower()
-    for value in strings:
-        if value.lower() in lowered:
-            return "a file name or group key from manifest.csv"
-    return None
+    return any(value.lower() in lowered for value in strings)
 
 
 def _small(count: int | None, k: int) -> bool:
@@ -165,12 +169,14 @@ def _small(count: int | None, k: int) -> bool:
 #: Marks that medians and quartiles were withheld (they are order statistics: the values of
 #: individual slices; with n, mean and sd they give back every value of a small site).
 QUANTILES_MARK = "quantiles"
+#: The payload fields that hold per-class scores (``protocols.payloads.ClassScores``).
+SCORE_FIELDS: tuple[str, ...] = ("scores", "raw_scores", "harmonised_scores")
 
 
 def _withhold_quantiles(data: dict[str, Any]) -> bool:
     """Drop median / q1 / q3 from every distribution of a payload dict; whether any was there."""
     found = False
-    for field in ("scores", "raw_scores", "harmonised_scores"):
+    for field in SCORE_FIELDS:
         for scores in (data.get(field) or {}).values():
             for dist in ("iou", "dice"):
                 values = scores.get(dist) or {}
@@ -239,8 +245,12 @@ def release_refusal(
 def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[dict[str, Any], list[str]]:
     """Apply the policy to a payload: the payload as a dict, and the names of what was suppressed.
 
-    A table with any cell below ``min-cell-count`` is suppressed whole (a single cell could
-    otherwise be recovered from the total).
+    Quantiles always, and the discrepancy analysis and polar maps as the policy says. A table
+    with any cell below ``min-cell-count`` is suppressed whole (a single cell could otherwise
+    be recovered from the total), except under ``[aggregate-dp]``: the DP release
+    (``client.dp_release``) then noises every count it sends and withholds the rest, so a
+    small cell is covered by the noise, and suppressing it here would mark withheld a table
+    the DP release sends.
     """
     k = policy.min_cell_count
     data = payload.model_dump(mode="json", by_alias=True)
@@ -266,10 +276,10 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
         elif _small(disc["polar"].get("n_slices"), k):
             disc["polar"] = None
             marks.append("discrepancy.polar")
-    if k <= 1:
+    if k <= 1 or policy.aggregate_dp.enabled:
         return data, marks
 
-    for field in ("scores", "raw_scores", "harmonised_scores"):
+    for field in SCORE_FIELDS:
         for name, scores in (data.get(field) or {}).items():
             parsed = ClassScores.model_validate(scores)
             if any(_small(c, k) for c in parsed.bins.values()):
@@ -296,15 +306,10 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
     if sarc is not None and any(_small(v, k) for n, v in sarc.items() if n != "cutoff_set"):
         data["sarcopenia"] = None
         marks.append("sarcopenia")
-    for holder, prefix in ((data, "findings"), (data.get("discrepancy") or {}, "discrepancy.findings")):
-        kept = []
-        for finding in holder.get("findings") or []:
-            if _small(finding.get("n_slices"), k):
-                marks.append(f"{prefix}.{finding['class']}:{finding['direction']}:{finding['region']}")
-            else:
-                kept.append(finding)
-        if "findings" in holder:
-            holder["findings"] = kept
+    if "findings" in data:
+        data["findings"] = _drop_small(data["findings"], k, "findings", marks)
+    if disc is not None and "findings" in disc:
+        disc["findings"] = _drop_small(disc["findings"], k, "discrepancy.findings", marks)
     if disc is not None:
         for key, stats in list((disc.get("key_stats") or {}).items()):
             if _small(stats.get("n"), k):
@@ -312,14 +317,72 @@ def suppress_payload(payload: EvaluationPayload, policy: SitePolicy) -> tuple[di
                 marks.append(f"discrepancy.key_stats.{key}")
     audit = data.get("label_audit")
     if audit is not None:
-        kept = []
-        for check in audit.get("checks") or []:
-            if _small(check.get("n_slices"), k):
-                marks.append(f"label_audit.{check['class']}:{check['direction']}:{check['region']}")
-            else:
-                kept.append(check)
-        audit["checks"] = kept
+        audit["checks"] = _drop_small(audit.get("checks"), k, "label_audit", marks)
     return data, marks
+
+
+def _drop_small(
+    items: list[dict[str, Any]] | None, k: int, prefix: str, marks: list[str]
+) -> list[dict[str, Any]]:
+    """The findings (or label-audit checks) over at least ``k`` slices; each dropped one is marked
+    ``<prefix>.<class>:<direction>:<region>``."""
+    kept = []
+    for item in items or []:
+        if _small(item.get("n_slices"), k):
+            marks.append(f"{prefix}.{item['class']}:{item['direction']}:{item['region']}")
+        else:
+            kept.append(item)
+    return kept
+
+
+@dataclass(frozen=True)
+class Release:
+    """An evaluation / comparison reply as the site's policy would send it."""
+
+    payload: EvaluationPayload
+    #: the differential-privacy loss it spends (0 without ``[aggregate-dp]``)
+    epsilon: float
+    #: why the site would not send it at all (``release_refusal``); ``None``: it may leave
+    refusal: str | None
+
+
+def policy_release(
+    scored: EvaluationPayload,
+    records: Sequence[SliceRecord],
+    policy: SitePolicy,
+    ledger: ReleaseLedger,
+    run_id: int | None = None,
+) -> Release:
+    """Apply the site's release policy to a scored payload: the one place it is applied.
+
+    Refusal (:func:`release_refusal`), quantiles, discrepancy and small cells
+    (:func:`suppress_payload`), the DP release when ``[aggregate-dp]`` is on
+    (``client.dp_release``), every mark in ``suppressed``, re-validated through
+    ``EvaluationPayload`` so only schema fields leave. Pure apart from the DP noise: nothing is
+    recorded. ``SiteGuard.release_payload`` adds the screening, the audit and the ledger;
+    ``sarcofed site evaluate | compare`` show its payload (and its refusal) as the preview.
+    ``records``: the per-slice records the payload was computed from (they stay at the site).
+    Raises ``pydantic.ValidationError`` when the result does not fit the payload schema.
+    """
+    refusal = release_refusal(scored, patients_of(records), policy, ledger, run_id)
+    data, marks = suppress_payload(scored, policy)
+    epsilon = 0.0
+    dp = policy.aggregate_dp
+    if dp.enabled:
+        from client.dp_release import private_payload
+
+        data, dp_marks, info = private_payload(
+            data,
+            records,
+            epsilon=dp.epsilon_per_reply,
+            max_per_patient=dp.max_slices_per_patient,
+            cutoff_set=scored.sarcopenia.cutoff_set if scored.sarcopenia else None,
+        )
+        marks += dp_marks
+        data["dp"] = info.model_dump(mode="json")
+        epsilon = info.epsilon
+    data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
+    return Release(EvaluationPayload.model_validate(data), epsilon, refusal)
 
 
 @dataclass
@@ -387,51 +450,54 @@ class SiteGuard:
         """
         if not isinstance(payload, EvaluationPayload):
             raise self._refuse(f"reply is a {type(payload).__name__}, not an EvaluationPayload")
-        patients = patients_of(records)
         ledger = ReleaseLedger.for_site(self.site_dir)
-        reason = release_refusal(payload, patients, self.policy, ledger, self.run_id)
-        if reason:
-            raise self._refuse(reason)
-        data, marks = suppress_payload(payload, self.policy)
-        epsilon = 0.0
-        dp = self.policy.aggregate_dp
-        if dp.enabled:
-            from client.dp_release import private_payload
-
-            cutoff = payload.sarcopenia.cutoff_set if payload.sarcopenia else "prado2008"
-            data, dp_marks, release = private_payload(
-                data,
-                records,
-                epsilon=dp.epsilon_per_reply,
-                max_per_patient=dp.max_slices_per_patient,
-                cutoff_set=cutoff,
-            )
-            marks += dp_marks
-            data["dp"] = release.model_dump(mode="json")
-            epsilon = release.epsilon
-        data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
         try:
-            released = EvaluationPayload.model_validate(data)
+            release = policy_release(payload, records, self.policy, ledger, self.run_id)
         except ValidationError as err:
             raise self._refuse(
                 f"reply does not fit the payload schema after the site's policy: {err}"
             ) from err
+        if release.refusal:
+            raise self._refuse(release.refusal)
+        released = release.payload
         text = released.model_dump_json()
-        leak = leaked_column(text, self._screen())
-        if leak:
-            raise self._refuse(f"reply contains {leak}; nothing was sent")
+        if names_any(text, self._screen()):
+            raise self._refuse("reply contains a file name or group key from manifest.csv; nothing was sent")
         self._sent(json.loads(text))
-        ledger.record(run_id=self.run_id, task=self.task, patients=patients, epsilon=epsilon)
+        ledger.record(
+            run_id=self.run_id, task=self.task, patients=patients_of(records), epsilon=release.epsilon
+        )
         return released
 
-    def check_training(self, spec: ModelSpec) -> None:
-        """Refuse (``SiteRefusal``, audited) a training instruction this site's policy cannot serve:
-        DP-SGD required and a study model with BatchNorm, which DP-SGD cannot train."""
-        if self.policy.dp_sgd.enabled and spec.norm != "group":
+    def check_training(self, spec: ModelSpec, train: TrainSection, n_train: int) -> None:
+        """Refuse (``SiteRefusal``, audited) a training instruction this site's policy cannot serve,
+        before any model is built: DP-SGD required and a study model with BatchNorm, which DP-SGD
+        cannot train, or a round whose DP-SGD is planned to spend more than ``max-epsilon``.
+
+        ``n_train``: the rows of the site's train split (``client.site_tasks.n_train_rows``). A row
+        that turns out unusable makes the round's epsilon a little larger than planned: the
+        epsilon actually spent is checked again on the reply (:meth:`release_weights`).
+        """
+        dp = self.policy.dp_sgd
+        if not dp.enabled:
+            return
+        if spec.norm != "group":
             raise self._refuse(
                 f"this site trains only with DP-SGD ([dp-sgd] in policy.toml), which cannot train a "
                 f"model with BatchNorm (model.norm = {spec.norm!r}: BatchNorm mixes the slices of a "
                 "batch and keeps statistics of them); run the study with model.norm = 'group'"
+            )
+        from common.dp_sgd import PrivateTraining, planned_epsilon
+
+        private = PrivateTraining(dp.noise_multiplier, dp.max_grad_norm, dp.target_delta)
+        planned = planned_epsilon(private, n_train, train.batch_size, train.local_epochs)
+        if planned > dp.max_epsilon:
+            raise self._refuse(
+                f"this round's DP-SGD would spend epsilon {planned:.3g} (delta {dp.target_delta:g}: "
+                f"{train.local_epochs} local epoch(s) of batch {train.batch_size} over {n_train} training "
+                f"slices), more than this site's max-epsilon {dp.max_epsilon:g} ([dp-sgd] in "
+                "policy.toml); lower train.local-epochs or train.batch-size (a smaller sampling rate "
+                "per step), or the site raises noise-multiplier"
             )
 
     def release_weights(
@@ -447,6 +513,7 @@ class SiteGuard:
         Validation metrics over fewer patients or slices than the policy's minimums are
         withheld and the reply marked ``val-withheld`` (the weights still leave); a reply the
         policy's DP-SGD does not cover, or that spent more than ``max-epsilon``, is refused.
+        Under DP-SGD the training loss stays at the site (:data:`NOT_PRIVATE_UNDER_DP_SGD`).
         """
         allowed = set(keys.TRAIN_METRIC_KEYS)
         extra = sorted(k for k in metrics if k not in allowed)
@@ -483,6 +550,7 @@ class SiteGuard:
                     "lower train.local-epochs or train.batch-size (a smaller sampling rate per step), "
                     "or the site raises noise-multiplier"
                 )
+            released = {k: v for k, v in released.items() if k not in NOT_PRIVATE_UNDER_DP_SGD}
         withheld = withheld_validation(released, self.policy)
         if withheld:
             log.warning("site withholds validation metrics (run %s): %s", self.run_id, withheld)

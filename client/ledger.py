@@ -9,7 +9,9 @@ at least one and fewer than ``min-patients`` patients (policy.toml): either the 
 
 Patients are stored as keyed hashes (HMAC-SHA256 with a random key kept in the ledger's own
 first line), never as their keys: the ledger stays at the site, beside the audit log
-(``<site>.releases.jsonl``, mode 0600), and is never sent.
+(``<site>.releases.jsonl``, mode 0600, written with ``client.site_files``), and is never sent.
+Moving it aside resets the site's differencing memory and its DP budget (the audit log still
+records every reply and every epsilon spent).
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from client.site_files import append_private, beside_site, write_private
+from common.errors import SarcofedError
+
 log = logging.getLogger(__name__)
 
 LEDGER_SUFFIX = ".releases.jsonl"
 _FORMAT = "sarcofed-release-ledger-v1"
+_KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -45,17 +50,16 @@ class PriorRelease:
 
 def ledger_path(site_dir: Path) -> Path:
     """``<parent>/<folder name>.releases.jsonl`` beside the site folder (like the audit log)."""
-    site = Path(site_dir).expanduser().resolve()
-    return site.with_name(site.name + LEDGER_SUFFIX)
+    return beside_site(site_dir, LEDGER_SUFFIX)
 
 
-def _create(path: Path) -> bytes:
-    key = secrets.token_bytes(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps({"format": _FORMAT, "key": key.hex()}) + "\n")
-    return key
+def _unusable(path: Path, problem: str) -> SarcofedError:
+    """The error for a ledger sarcofed cannot read: what is wrong and the fix, never its content."""
+    return SarcofedError(
+        f"{path}: {problem}; nothing is released until it is fixed. Restore it from backup, or move "
+        f"{path.name} aside: that resets this site's DP budget and its memory of what it released "
+        "(the audit log still lists every reply)"
+    )
 
 
 @dataclass(frozen=True)
@@ -69,20 +73,45 @@ class ReleaseLedger:
         return cls(ledger_path(site_dir))
 
     def _key(self) -> bytes | None:
-        if not self.path.exists():
+        """The ledger's key (``None`` before the first release); ``SarcofedError`` when unreadable."""
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                first = handle.readline()
+        except FileNotFoundError:
             return None
-        with open(self.path, encoding="utf-8") as handle:
-            header = json.loads(handle.readline() or "{}")
-        if header.get("format") != _FORMAT:
-            raise ValueError(f"{self.path}: not a sarcofed release ledger (first line {header!r})")
-        return bytes.fromhex(str(header["key"]))
+        except (OSError, UnicodeDecodeError) as err:
+            raise _unusable(self.path, f"cannot read the release ledger ({type(err).__name__})") from err
+        try:
+            header = json.loads(first)
+            if header.get("format") != _FORMAT:
+                raise ValueError("another format")
+            key = bytes.fromhex(str(header["key"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise _unusable(self.path, "its first line is not a sarcofed release ledger header") from err
+        if len(key) != _KEY_BYTES:
+            raise _unusable(self.path, "its key is not a release ledger key")
+        return key
+
+    def _key_or_create(self) -> bytes:
+        """The key, made with the ledger (0600) on the first release."""
+        key = self._key()
+        if key is not None:
+            return key
+        key = secrets.token_bytes(_KEY_BYTES)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        header = json.dumps({"format": _FORMAT, "key": key.hex()}) + "\n"
+        try:
+            write_private(self.path, header.encode("utf-8"), exclusive=True)
+        except FileExistsError:  # another reply made it first: use its key
+            return self._key() or key
+        return key
 
     def _hash(self, key: bytes, patients: Iterable[str]) -> frozenset[str]:
         return frozenset(hmac.new(key, p.encode("utf-8"), hashlib.sha256).hexdigest() for p in patients)
 
     def prior(self) -> list[PriorRelease]:
         """Every earlier release, oldest first (none when the ledger does not exist yet)."""
-        if not self.path.exists():
+        if self._key() is None:  # also checks the header: a damaged ledger is never half-read
             return []
         out = []
         with open(self.path, encoding="utf-8") as handle:
@@ -98,7 +127,7 @@ class ReleaseLedger:
                         PriorRelease(str(row["time"]), int(row["run_id"]), str(row["task"]), patients, spent)
                     )
                 except (ValueError, KeyError, TypeError) as err:
-                    raise ValueError(f"{self.path}:{number}: not a ledger entry ({err})") from err
+                    raise _unusable(self.path, f"line {number} is not a ledger entry") from err
         return out
 
     def too_close(self, patients: Iterable[str], min_patients: int) -> PriorRelease | None:
@@ -119,7 +148,7 @@ class ReleaseLedger:
 
     def record(self, *, run_id: int, task: str, patients: Iterable[str], epsilon: float = 0.0) -> None:
         """Append one release (creates the ledger, mode 0600, on first use)."""
-        key = self._key() or _create(self.path)
+        key = self._key_or_create()
         row = {
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "run_id": int(run_id),
@@ -127,10 +156,7 @@ class ReleaseLedger:
             "patients": sorted(self._hash(key, patients)),
             "epsilon": float(epsilon),
         }
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_private(self.path, json.dumps(row, sort_keys=True))
 
 
 __all__ = ["LEDGER_SUFFIX", "PriorRelease", "ReleaseLedger", "ledger_path"]

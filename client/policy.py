@@ -53,7 +53,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import SiteFolderError
 from common.running_stats import RunningStats
@@ -105,6 +105,16 @@ class AggregateDp(BaseModel):
     epsilon_total: float = Field(20.0, gt=0, alias="epsilon-total")
     max_slices_per_patient: int = Field(2, ge=1, alias="max-slices-per-patient")
 
+    @model_validator(mode="after")
+    def _ordered(self) -> AggregateDp:
+        """A reply's epsilon fits in a study's, a study's in the site's total (else nothing could leave)."""
+        if not self.epsilon_per_reply <= self.epsilon_per_study <= self.epsilon_total:
+            raise ValueError(
+                "the epsilon budgets must satisfy epsilon-per-reply <= epsilon-per-study <= epsilon-total, "
+                f"got {self.epsilon_per_reply:g}, {self.epsilon_per_study:g} and {self.epsilon_total:g}"
+            )
+        return self
+
 
 class TrainingReplies(BaseModel):
     """``[training]``: what a training reply may say about the site's validation split and images."""
@@ -129,7 +139,8 @@ class DpSgd(BaseModel):
     noise_multiplier: float = Field(1.0, gt=0, alias="noise-multiplier")
     max_grad_norm: float = Field(1.0, gt=0, alias="max-grad-norm")
     target_delta: float = Field(1e-5, gt=0, lt=1, alias="target-delta")
-    #: a round whose local training spent more than this is refused (nothing is sent).
+    #: a round planned to spend more than this is refused before training, and one whose
+    #: training spent more is refused after it (nothing is sent). One round's: rounds compose.
     max_epsilon: float = Field(10.0, gt=0, alias="max-epsilon")
 
 
@@ -206,11 +217,13 @@ class SitePolicy(BaseModel):
             "\n[weights-dp]\n"
             f"enabled = {str(self.weights_dp.enabled).lower()}\n"
             f"clipping-norm = {self.weights_dp.clipping_norm}\n"
-            f"noise-multiplier = {self.weights_dp.noise_multiplier}\n" + self._training_toml()
+            f"noise-multiplier = {self.weights_dp.noise_multiplier}\n"
+            + self._training_toml()
+            + self._aggregate_dp_toml()
         )
 
     def _training_toml(self) -> str:
-        """The ``[training]``, ``[bounds]`` and ``[dp-sgd]`` tables (see docs/PRIVACY.md)."""
+        """The ``[training]``, ``[bounds]`` and ``[dp-sgd]`` tables: what a training reply may say."""
         train, dp = self.training, self.dp_sgd
         val_slices = (
             f"min-val-slices = {train.min_val_slices}\n"
@@ -231,12 +244,18 @@ class SitePolicy(BaseModel):
             f"max-grad-norm = {dp.max_grad_norm!r}\n"
             f"target-delta = {dp.target_delta!r}\n"
             f"max-epsilon = {dp.max_epsilon!r}\n"
+        )
+
+    def _aggregate_dp_toml(self) -> str:
+        """The ``[aggregate-dp]`` table: differential privacy on evaluation / comparison replies."""
+        dp = self.aggregate_dp
+        return (
             "\n[aggregate-dp]\n"
-            f"enabled = {str(self.aggregate_dp.enabled).lower()}\n"
-            f"epsilon-per-reply = {self.aggregate_dp.epsilon_per_reply}\n"
-            f"epsilon-per-study = {self.aggregate_dp.epsilon_per_study}\n"
-            f"epsilon-total = {self.aggregate_dp.epsilon_total}\n"
-            f"max-slices-per-patient = {self.aggregate_dp.max_slices_per_patient}\n"
+            f"enabled = {str(dp.enabled).lower()}\n"
+            f"epsilon-per-reply = {dp.epsilon_per_reply}\n"
+            f"epsilon-per-study = {dp.epsilon_per_study}\n"
+            f"epsilon-total = {dp.epsilon_total}\n"
+            f"max-slices-per-patient = {dp.max_slices_per_patient}\n"
         )
 
 

@@ -51,14 +51,15 @@ def path_forms(path: Path | str) -> set[str]:
 def _replace(text: str, forms: Iterable[str], label: str, *, whole: bool = False) -> str:
     """``forms`` in ``text`` (longest first, any case) replaced by ``label``.
 
-    ``whole``: only where the form ends a path part (``/home/ann`` but not ``/home/anna``).
+    ``whole``: only where the form is whole path parts: it neither ends nor starts inside a
+    word (``/home/ann`` but not ``/home/anna``; a relative parent ``data`` but not ``metadata``).
     """
     ordered = sorted({f for f in forms if f}, key=len, reverse=True)
     if not ordered:
         return text
     pattern = "|".join(re.escape(form) for form in ordered)
     if whole:
-        pattern = f"(?:{pattern})(?![\\w-])"
+        pattern = f"(?<![\\w-])(?:{pattern})(?![\\w-])"
     return re.sub(pattern, lambda _: label, text, flags=re.IGNORECASE)
 
 

@@ -65,16 +65,54 @@ def seed_table(payload: EvaluationPayload, title: str) -> Table:
     return table
 
 
+#: What the reader is told about whose difference a finding is (``Finding.attribution``).
+_ATTRIBUTION = {
+    "site_convention": "a convention of this site",
+    "model": "the model's",
+    "undetermined": "undetermined",
+}
+
+
+def _scope(payload: EvaluationPayload) -> str:
+    """Which of the site's slices were scored, in words (role, split and its size)."""
+    if payload.role == "internal":
+        rows = (
+            "its size withheld"
+            if "n_in_split" in payload.suppressed or payload.n_in_split is None
+            else f"{payload.n_in_split} manifest rows"
+        )
+        return f"; internal site (trained the model): its held-out test split only ({rows})"
+    if payload.role == "external":
+        return "; external site: every usable slice"
+    return ""
+
+
+def _findings_withheld(payload: EvaluationPayload) -> bool:
+    marks = [*payload.suppressed, *(payload.discrepancy.suppressed if payload.discrepancy else [])]
+    return any(m == "findings" or m.startswith(("findings.", "discrepancy.findings")) for m in marks)
+
+
 def render_payload(payload: EvaluationPayload, console: Console) -> None:
+    """What a site would send, for the person at the site: the seed's tables, agreement, the label
+    audit, findings with whose difference each is, and what the policy noised or withheld."""
     what = "model vs site labels" if payload.task == "evaluate" else "reference masks vs site labels"
+    patients = (
+        "patient count withheld" if "n_groups" in payload.suppressed else f"{payload.n_groups} patients"
+    )
     console.print(
-        f"[bold]{payload.site}[/]: {payload.n_used} of {payload.n_listed} slices scored "
-        f"({payload.n_groups} patients), {what}; dataset fingerprint {payload.dataset_fingerprint}"
+        f"[bold]{escape(payload.site)}[/]: {payload.n_used} of {payload.n_listed} slices scored "
+        f"({patients}), {what}{_scope(payload)}; dataset fingerprint {payload.dataset_fingerprint}"
     )
     if payload.excluded:
         console.print("excluded: " + ", ".join(f"{k} {v}" for k, v in sorted(payload.excluded.items())))
-    if not payload.n_used:
-        return
+    if payload.n_used or payload.dp is not None:  # a noised count of 0 still comes with noised tables
+        _render_results(payload, console)
+    for sentence in release_sentences(payload):  # what was noised or withheld, whatever was scored
+        console.print(f"[yellow]{escape(sentence)}[/yellow]")
+
+
+def _render_results(payload: EvaluationPayload, console: Console) -> None:
+    """The seed's tables, area / SMI agreement, sarcopenia calls, label audit and findings."""
     console.print(seed_table(payload, "Slices per IoU bin (the seed's Table 2/3 layout)"))
     if payload.harmonised_scores:
         harmonised = payload.model_copy(update={"scores": payload.harmonised_scores})
@@ -105,8 +143,8 @@ def render_payload(payload: EvaluationPayload, console: Console) -> None:
         s = payload.smi
         console.print(
             f"SMI (cm^2/m^2) over {s.n} slices with height: "
-            f"label {s.mean_label:.1f}, test {s.mean_test:.1f}, "
-            f"mean diff {s.mean_diff:+.2f}"
+            f"label {_fmt(s.mean_label)}, test {_fmt(s.mean_test)}, "
+            f"mean diff {_fmt(s.mean_diff, '{:+.2f}')}"
         )
     if payload.sarcopenia:
         c = payload.sarcopenia
@@ -114,15 +152,20 @@ def render_payload(payload: EvaluationPayload, console: Console) -> None:
             f"Sarcopenia calls ({c.cutoff_set}): both {c.both_sarcopenic}, label only {c.label_only}, "
             f"test only {c.test_only}, neither {c.neither}, unknown sex/height {c.unknown}"
         )
+    if payload.label_audit is not None and payload.label_audit.checks:
+        render_label_audit(payload.label_audit, console)
     if payload.findings:
         console.print("[bold]Label-definition findings[/]")
         for f in payload.findings:
             mark = "[red]systematic[/]" if f.systematic else "scattered"
-            console.print(f" - ({mark}) {f.sentence}")
-    elif payload.discrepancy is not None:
+            console.print(f" - ({mark}) {escape(f.sentence)}")
+            if f.attribution is not None:
+                why = f": {escape(f.evidence)}" if f.evidence else ""
+                console.print(f"   whose difference: {_ATTRIBUTION[f.attribution]}{why}", style="dim")
+    elif payload.discrepancy is not None and not _findings_withheld(payload):
         console.print("No label-definition finding: this site's labels agree with the reference convention.")
-    for sentence in release_sentences(payload):
-        console.print(f"[yellow]{escape(sentence)}[/yellow]")
+    elif payload.discrepancy is not None:
+        console.print("No label-definition finding is shown: the site's policy withheld them (below).")
 
 
 def _fmt(value: float | None, pattern: str = "{:.1f}") -> str:

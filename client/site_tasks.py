@@ -20,7 +20,7 @@ from common.dataset import MANIFEST_CSV, SiteDataset, iter_slices
 from common.errors import SarcofedError, SliceError
 from common.evaluation import Scope
 from common.paths import demo_sites_dir, simulated_site_dir
-from common.splits import split_site
+from common.splits import PatientSplit, split_site
 from protocols import keys
 from protocols.findings import ErrorProfile
 from protocols.payloads import Role
@@ -105,12 +105,36 @@ def training_samples(
     return samples, excluded
 
 
-def _train_and_val(site: SiteDataset, train: TrainSection) -> tuple[list[TrainSample], list[TrainSample]]:
-    """The samples of the split's train and validation parts; the test patients are never loaded."""
+@dataclass(frozen=True)
+class SplitSamples:
+    """A site's patient split and the samples of its train and validation parts (test: never loaded)."""
+
+    split: PatientSplit
+    train: list[TrainSample]
+    val: list[TrainSample]
+    #: the train part's rows that could not be used, by reason
+    excluded: dict[str, int]
+
+
+def split_samples(site: SiteDataset, train: TrainSection) -> SplitSamples:
+    """The split ``train`` asks for, with its train and validation samples loaded."""
     split = split_site(site, train)
-    samples, _ = training_samples(site, split.train)
+    samples, excluded = training_samples(site, split.train)
     val = training_samples(site, split.val)[0] if split.val else []
-    return samples, val
+    return SplitSamples(split=split, train=samples, val=val, excluded=excluded)
+
+
+def n_train_rows(site: SiteDataset, train: TrainSection) -> int:
+    """How many manifest rows the split puts in the train part (nothing is loaded)."""
+    return len(split_site(site, train).train)
+
+
+def train_and_val_samples(
+    site: SiteDataset, train: TrainSection
+) -> tuple[list[TrainSample], list[TrainSample]]:
+    """The samples of the split's train and validation parts; the test patients are never loaded."""
+    loaded = split_samples(site, train)
+    return loaded.train, loaded.val
 
 
 def run_train(
@@ -135,7 +159,7 @@ def run_train(
     from common.training import TrainConfig, train_local
 
     policy = policy or SitePolicy()
-    train_samples, val_samples = _train_and_val(site, study.train)
+    train_samples, val_samples = train_and_val_samples(site, study.train)
     config = TrainConfig.from_study(study.train, proximal_mu=proximal_mu)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dp = policy.dp_sgd
@@ -193,11 +217,14 @@ def run_evaluate(
     *,
     role: Role = "external",
     profile: ErrorProfile | None = None,
+    model_hash: str | None = None,
 ) -> Scored:
     """Score the study model on this site (its test patients when internal); aggregates only.
 
-    ``model_hash`` in the payload is the hash of the weights this site received, computed here.
-    The patients scored stay at the site (the guard's release ledger needs them).
+    ``model_hash`` (the payload's) is the hash of the weights this site received: the ClientApp
+    computes it once from the weights it unpacked (``None``: computed here from ``model``),
+    never the hash the coordinator claims. The patients scored stay at the site (the guard's
+    release ledger needs them).
     """
     from common.site_evaluation import evaluate_with_model
 
@@ -205,6 +232,7 @@ def run_evaluate(
         site,
         model,
         spec,
+        model_hash=model_hash,
         cutoff_set=study.study.cutoff_set,
         batch_size=study.eval.batch_size,
         discrepancy=study.study.discrepancy,
@@ -226,20 +254,6 @@ def run_compare(site: SiteDataset, study: StudyConfig) -> Scored:
         harmonised=study.study.harmonised,
         protocol=study.protocol,
     )
-
-
-__all__ = [
-    "SiteInfo",
-    "evaluation_scope",
-    "identify",
-    "load_state",
-    "resolve_site_dir",
-    "run_compare",
-    "run_evaluate",
-    "run_train",
-    "site_role",
-    "training_samples",
-]
 
 
 def run_local_training(
@@ -266,17 +280,15 @@ def run_local_training(
     from common.training import TrainConfig, train_local
 
     section = TrainSection(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    split = split_site(site, section)
-    samples, excluded = training_samples(site, split.train)
-    val_samples = training_samples(site, split.val)[0] if split.val else []
+    loaded = split_samples(site, section)
     spec = ModelSpec(encoder=encoder, image_size=image_size)
     torch.manual_seed(seed)
     model = build_model(spec)
     result = train_local(
         model,
         spec,
-        samples,
-        val_samples,
+        loaded.train,
+        loaded.val,
         TrainConfig(local_epochs=epochs, seed=seed),
         progress=progress,
     )
@@ -288,10 +300,29 @@ def run_local_training(
         "model": str(out),
         "n_train": result.n_train,
         "n_val": result.n_val,
-        "n_test_held_out": len(split.test),
-        "excluded": sum(excluded.values()),
+        "n_test_held_out": len(loaded.split.test),
+        "excluded": sum(loaded.excluded.values()),
         "train_loss": result.train_loss_mean,
         "val_loss": result.val_loss_mean,
         "val_muscle_iou": (inter / union) if union else None,
         "weights_hash": weights_hash(result.state_dict),
     }
+
+
+__all__ = [
+    "SiteInfo",
+    "SplitSamples",
+    "evaluation_scope",
+    "identify",
+    "load_state",
+    "n_train_rows",
+    "resolve_site_dir",
+    "run_compare",
+    "run_evaluate",
+    "run_local_training",
+    "run_train",
+    "site_role",
+    "split_samples",
+    "train_and_val_samples",
+    "training_samples",
+]

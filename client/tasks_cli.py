@@ -8,6 +8,7 @@ command parses the site folder once (``common.dataset.load_site``) and passes it
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -15,11 +16,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from client.guard import release_refusal, suppress_payload
+from client.guard import policy_release
 from client.ledger import ReleaseLedger
 from client.policy import load_policy
 from client.render import render_payload
-from client.site_tasks import evaluation_scope, run_local_training
+from client.site_tasks import evaluation_scope, run_local_training, site_role
 from common.dataset import load_site
 from common.errors import SarcofedError
 from protocols.payloads import EvaluationPayload, Role
@@ -30,19 +31,31 @@ if TYPE_CHECKING:  # torch loads only when a command runs a model
 CUTOFF_HELP = "SMI cut-off set for sarcopenia calls: prado2008, martin2013 or korean."
 
 
-def preview_release(site_dir: Path, scored: Scored) -> EvaluationPayload:
-    """The payload as this site's policy.toml would release it (suppressed cells marked).
+class RoleOption(StrEnum):
+    """``site evaluate --role``: a role, or ``auto`` to decide it as the site does in a study."""
 
-    When the policy would refuse to send it at all (too few slices or patients, or too close to
-    an earlier release: see ``client.guard.release_refusal``), the reason goes to stderr.
+    auto = "auto"
+    internal = "internal"
+    external = "external"
+
+
+def preview_release(site_dir: Path, scored: Scored) -> EvaluationPayload:
+    """The payload as this site's policy.toml would release it (``client.guard.policy_release``,
+    the function the site's guard sends through): suppressed cells marked, and with
+    ``[aggregate-dp]`` noised (one draw of the noise; the reply itself draws its own).
+
+    Nothing is recorded. When the policy would refuse to send it at all (too few slices or
+    patients, too close to an earlier release, or over the epsilon budget), the reason goes to
+    stderr.
     """
-    policy = load_policy(site_dir)
-    refusal = release_refusal(scored.payload, scored.patients, policy, ReleaseLedger.for_site(site_dir))
-    if refusal:
-        Console(stderr=True).print(f"[yellow]this site would refuse to send this reply:[/] {escape(refusal)}")
-    data, marks = suppress_payload(scored.payload, policy)
-    data["suppressed"] = list(dict.fromkeys([*data.get("suppressed", []), *marks]))
-    return EvaluationPayload.model_validate(data)
+    release = policy_release(
+        scored.payload, scored.records, load_policy(site_dir), ReleaseLedger.for_site(site_dir)
+    )
+    if release.refusal:
+        Console(stderr=True).print(
+            f"[yellow]this site would refuse to send this reply:[/] {escape(release.refusal)}"
+        )
+    return release.payload
 
 
 def _emit(payload: EvaluationPayload, as_json: bool) -> None:
@@ -67,13 +80,13 @@ def evaluate_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per inference batch.")] = 4,
     discrepancy: Annotated[bool, typer.Option(help="Add label-definition findings.")] = True,
     role: Annotated[
-        str,
+        RoleOption,
         typer.Option(
             help="internal: this site trained the model, so only its held-out test patients are scored; "
             "external: every usable slice; auto: internal when the model file names this site or "
             "site.toml's contributed_models lists its hash."
         ),
-    ] = "auto",
+    ] = RoleOption.auto,
 ) -> None:
     """Score the study model on this site's labelled slices and show what would be sent.
 
@@ -87,14 +100,17 @@ def evaluate_cmd(
     from common.model_meta import model_context
     from common.site_evaluation import evaluate_with_model
 
-    if role not in ("auto", "internal", "external"):
-        _fail(ValueError(f"--role must be auto, internal or external, got {role!r}"))
     try:
         site = load_site(site_dir)
         loaded = load_model(model)
         context = model_context(loaded.meta)
-        internal = site.name in context.internal_sites or site.config.contributed_to(loaded.weights_hash)
-        chosen: Role = "internal" if role == "internal" or (role == "auto" and internal) else "external"
+        chosen: Role
+        if role is RoleOption.auto:  # as the site decides in a study: internal when told so (here:
+            # the model file names this site) or when site.toml declares it contributed to the weights
+            told = "internal" if site.name in context.internal_sites else None
+            chosen = site_role(site, told, loaded.weights_hash)
+        else:
+            chosen = "internal" if role is RoleOption.internal else "external"
         scored = evaluate_with_model(
             site,
             loaded,

@@ -28,6 +28,9 @@ What the smp U-Net needs, and why:
 - **Empty Poisson batches** still take a step of pure noise: the accountant counts every step.
 - **FedProx**: the proximal term holds no data, so it is applied as its own step after the
   private one (post-processing costs no privacy), not through the per-slice gradients.
+- **What the epsilon covers**: the weights. The loss the private steps compute
+  (``PrivateOutcome.epoch_losses``) is exact, outside the epsilon, and for the site's log only;
+  :func:`planned_epsilon` and the accounted epsilon are one round's (rounds compose).
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ class PrivateTraining:
 
 @dataclass(frozen=True)
 class PrivateOutcome:
-    """What a private round did: mean loss per epoch, the last epoch's loss sum, privacy spent."""
+    """What a private round did: mean loss per epoch, the last epoch's loss sum (both exact, not
+    covered by ``epsilon``: the site keeps them), the steps and the privacy spent."""
 
     epoch_losses: list[float]
     last_epoch_sum: float

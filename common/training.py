@@ -73,6 +73,10 @@ class LocalTrainResult:
     ``val_counts`` holds pooled pixel (intersection, union) at model resolution per
     metric class (``muscle``, ``subcutaneous_fat``, ``visceral_fat``, ``msv``); all zeros
     when there is no validation slice.
+
+    Under DP-SGD (``epsilon`` set) the training losses are those of the private steps: exact
+    functions of the training slices that the epsilon does not cover, for the site's own log
+    only (the site's guard never sends them).
     """
 
     state_dict: dict[str, torch.Tensor]

@@ -21,7 +21,7 @@ from client.policy import (
 from common.errors import SiteFolderError
 from protocols import keys
 from protocols.model import ModelSpec
-from protocols.study import StudyConfig
+from protocols.study import StudyConfig, TrainSection
 
 
 def test_training_tables_default_to_the_safe_policy(tmp_path: Path) -> None:
@@ -180,7 +180,7 @@ def test_dp_sgd_sites_release_only_private_rounds_within_their_epsilon_cap(site:
 def test_dp_sgd_sites_refuse_batchnorm_studies_before_training(site: Path) -> None:
     g = guard(site, "train", dp_sgd=DpSgd(enabled=True))
     with pytest.raises(SiteRefusal, match=r"BatchNorm.*model\.norm = 'group'"):
-        g.check_training(ModelSpec(norm="batch"))
-    g.check_training(ModelSpec(norm="group"))
-    # a site without DP-SGD trains either
-    guard(site, "train", dp_sgd=DpSgd(enabled=False)).check_training(ModelSpec(norm="batch"))
+        g.check_training(ModelSpec(norm="batch"), TrainSection(), n_train=24)
+    g.check_training(ModelSpec(norm="group"), TrainSection(), n_train=24)
+    without = guard(site, "train", dp_sgd=DpSgd(enabled=False))
+    without.check_training(ModelSpec(norm="batch"), TrainSection(), n_train=24)  # without DP-SGD: either

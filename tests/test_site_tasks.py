@@ -1,0 +1,48 @@
+"""``client.site_tasks``: what a site does for each instruction, called without Flower."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fixtures_site import make_site
+
+from client import site_tasks
+from common.dataset import load_site, row_group
+from protocols.study import StudyConfig
+
+
+def test_run_evaluate_puts_the_hash_it_is_given_in_the_payload_without_hashing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ClientApp hashes the weights it received once; scoring does not hash them a second time."""
+    import common.site_evaluation
+    from common.model import ModelSpec, build_model
+
+    spec = ModelSpec(encoder="resnet18", image_size=32)
+    model = build_model(spec)
+    site = load_site(make_site(tmp_path, n=2, size=32))
+
+    def no_second_hash(*_: object) -> str:
+        raise AssertionError("the received weights were hashed again")
+
+    monkeypatch.setattr(common.site_evaluation, "weights_hash", no_second_hash)
+    scored = site_tasks.run_evaluate(site, model, spec, StudyConfig(), model_hash="c0ffee" * 4)
+    assert scored.payload.model_hash == "c0ffee" * 4
+
+
+def test_train_and_val_samples_are_the_splits_train_and_validation_patients_only(tmp_path: Path) -> None:
+    from common.splits import split_site
+    from protocols.study import TrainSection
+
+    site = load_site(make_site(tmp_path, n=10, size=32))
+    section = TrainSection(val_fraction=0.2, test_fraction=0.2, seed=3)
+    train, val = site_tasks.train_and_val_samples(site, section)
+    split = split_site(site, section)
+    groups = [row_group(site, i) for i in range(len(site.rows))]
+    assert sorted(s.group for s in train) == sorted(groups[i] for i in split.train)
+    assert sorted(s.group for s in val) == sorted(groups[i] for i in split.val)
+    assert not {s.group for s in train + val} & {groups[i] for i in split.test}
+    loaded = site_tasks.split_samples(site, section)
+    assert [s.group for s in loaded.train] == [s.group for s in train] and loaded.split == split
+    assert [s.group for s in loaded.val] == [s.group for s in val] and loaded.excluded == {}
