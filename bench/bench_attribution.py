@@ -10,9 +10,10 @@ The validation issue's acceptance experiment, on synthetic hospitals (``common.d
    (psoas left out, IMAT included, paraspinals left out, contours 2 px tight, VAT range
    -190..-30) and two reference-convention hospitals;
 4. attribute every finding with the coordinator's own function
-   (``common.attribution.study_attribution``) and count: a ``site_convention`` finding is
-   correct when it is one the hospital's planted convention implies (:data:`EXPECTED`);
-   recall is over the planted conventions' primary findings.
+   (``common.attribution.study_attribution``) and count (:func:`score`): a site convention
+   the report names (a ``site_convention`` finding or the site's label audit) is correct when
+   the hospital's planted convention implies it (:data:`EXPECTED`); recall is over the planted
+   conventions' primary findings.
 
 Every site is scored with ``client.site_tasks.run_evaluate``, the function the ClientApp
 runs. Prints one line per hospital and the precision / recall; ``--json`` for machines.
@@ -92,11 +93,20 @@ def _share_ge_09(*payloads: EvaluationPayload) -> float | None:
 
 
 def score(sites: list[SiteOutcome]) -> tuple[float | None, float, int, list[str], list[str]]:
-    """Precision and recall of site_convention findings (see the module docstring)."""
+    """Precision and recall of the site conventions the coordinator's report names.
+
+    The report names a site convention in two places: a systematic finding attributed
+    ``site_convention``, and the site's label audit (its "label conventions" section, which
+    needs no model). A claim in either counts; a key claimed in both counts once. A planted
+    convention is missed when neither names its primary finding, or when the model comparison
+    shows it but attributes it to anything else (the report would then contradict itself).
+    A model whose own error cancels the convention (a model that under-segments the muscle
+    boundary at a site that draws it tight) shows no finding at all: the audit still names it.
+    """
     tp, false_positive, missed = 0, [], []
     planted = [s for s in sites if s.convention in EXPECTED]
     for s in sites:
-        claimed = [k for k, a in s.systematic.items() if a == "site_convention"]
+        claimed = sorted({k for k, a in s.systematic.items() if a == "site_convention"} | set(s.audit))
         allowed = EXPECTED.get(s.convention, ())
         for key in claimed:
             if key in allowed:
@@ -104,12 +114,25 @@ def score(sites: list[SiteOutcome]) -> tuple[float | None, float, int, list[str]
             else:
                 false_positive.append(f"{s.site}: {key}")
     for s in planted:
-        if s.systematic.get(EXPECTED[s.convention][0]) != "site_convention":
-            missed.append(f"{s.site}: {EXPECTED[s.convention][0]}")
+        primary = EXPECTED[s.convention][0]
+        attributed = s.systematic.get(primary)
+        if attributed not in (None, "site_convention") or (attributed is None and primary not in s.audit):
+            missed.append(f"{s.site}: {primary}" + (f" (attributed {attributed})" if attributed else ""))
     claimed_total = tp + len(false_positive)
     precision = tp / claimed_total if claimed_total else None
     recall = (len(planted) - len(missed)) / len(planted) if planted else 0.0
     return precision, recall, tp, false_positive, missed
+
+
+def audit_only(sites: list[SiteOutcome]) -> list[str]:
+    """Planted conventions the label audit names but the model comparison does not show."""
+    return [
+        f"{s.site}: {EXPECTED[s.convention][0]}"
+        for s in sites
+        if s.convention in EXPECTED
+        and EXPECTED[s.convention][0] not in s.systematic
+        and EXPECTED[s.convention][0] in s.audit
+    ]
 
 
 def run_suite(
@@ -239,10 +262,22 @@ def main(argv: list[str] | None = None) -> int:
             str(s.n_used),
             "-" if s.muscle_ge_09 is None else f"{s.muscle_ge_09:.0%}",
             "; ".join(f"{k}={a}" for k, a in sorted(s.systematic.items())) or "-",
+            ", ".join(s.audit) or "-",
         ]
         for s in result.sites
     ]
-    print_table(["site", "convention", "role", "n", "muscle>=0.9", "systematic findings = attribution"], rows)
+    print_table(
+        [
+            "site",
+            "convention",
+            "role",
+            "n",
+            "muscle>=0.9",
+            "systematic findings = attribution",
+            "label audit",
+        ],
+        rows,
+    )
     errors = ", ".join(result.model_errors) or "none"
     print(f"\nmodel's own systematic errors (internal test patients): {errors}")
     share = result.internal_muscle_ge_09
@@ -251,11 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         f"slices; training {result.train_seconds:.0f} s"
     )
     p = "n/a" if result.precision is None else f"{result.precision:.2f}"
-    print(f"site_convention precision {p} ({result.true_positive} correct), recall {result.recall:.2f}")
+    print(
+        f"site conventions named: precision {p} ({result.true_positive} correct), recall {result.recall:.2f}"
+    )
     for line in result.false_positive:
         print(f"  false site_convention: {line}")
     for line in result.missed:
         print(f"  missed: {line}")
+    for line in audit_only(result.sites):
+        print(f"  named by the label audit only (no systematic finding): {line}")
     return 0
 
 

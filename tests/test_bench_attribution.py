@@ -9,7 +9,7 @@ import pytest
 from report_builders import BINS_A, BINS_B, payload
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_attribution import EXPECTED, SiteOutcome, _share_ge_09, score
+from bench_attribution import EXPECTED, SiteOutcome, _share_ge_09, audit_only, score
 
 from protocols.classes import IOU_BINS
 
@@ -26,7 +26,7 @@ def test_the_ge_09_share_reads_the_payloads_own_bin_keys() -> None:
     assert _share_ge_09(suppressed) is None
 
 
-def _site(name: str, convention: str, **systematic: str) -> SiteOutcome:
+def _site(name: str, convention: str, audit: tuple[str, ...] = (), **systematic: str) -> SiteOutcome:
     return SiteOutcome(
         site=name,
         convention=convention,
@@ -34,6 +34,7 @@ def _site(name: str, convention: str, **systematic: str) -> SiteOutcome:
         n_used=24,
         muscle_ge_09=None,
         systematic={k.replace("__", ":"): v for k, v in systematic.items()},
+        audit=list(audit),
     )
 
 
@@ -55,3 +56,24 @@ def test_precision_counts_every_site_convention_claim_and_recall_the_primary_fin
     )
     assert precision == pytest.approx(2 / 3) and recall == pytest.approx(1 / 2)
     assert score([_site("r", "reference-like", k="model")])[:2] == (None, 0.0)
+
+
+def test_a_convention_only_the_label_audit_names_counts_and_one_called_the_models_is_missed() -> None:
+    """The report names a convention in its label-audit section too: a tight-contour site whose
+    boundary difference a model error cancels is still found. A primary finding attributed to the
+    model is missed even when the audit names it (the report would contradict itself)."""
+    tight, psoas = "contours drawn 2 px tight", "psoas left out"
+    boundary, psoas_key = EXPECTED[tight][0], EXPECTED[psoas][0]
+    sites = [
+        _site("t", tight, audit=(boundary,)),
+        _site("p", psoas, audit=(psoas_key,), muscle__site_excludes__psoas="model"),
+        # named in both places: counted once
+        _site("p2", psoas, audit=(psoas_key,), muscle__site_excludes__psoas="site_convention"),
+        # an audit claim at a reference hospital is a false positive
+        _site("r", "reference-like", audit=("muscle:site_excludes:psoas",)),
+    ]
+    precision, recall, tp, false_positive, missed = score(sites)
+    assert tp == 3 and false_positive == ["r: muscle:site_excludes:psoas"]
+    assert missed == [f"p: {psoas_key} (attributed model)"]
+    assert recall == pytest.approx(2 / 3) and precision == pytest.approx(3 / 4)
+    assert audit_only(sites) == [f"t: {boundary}"]

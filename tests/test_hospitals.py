@@ -167,7 +167,7 @@ def test_demo_make_command(tmp_path: Path) -> None:
 
     runner = CliRunner()
     out = tmp_path / "demo"
-    args = ["demo", "make", str(out), "--sites", "2", "--slices", "1", "--size", "48", "--json"]
+    args = ["demo", "make", str(out), "--sites", "2", "--slices", "2", "--size", "48", "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     written = json.loads(result.output)
