@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
-from common.stats import mean_interval
+from common.stats import LIMITS_Z, mean_interval
 from protocols.classes import IOU_BINS, METRIC_CLASSES, TISSUES
 from protocols.findings import ErrorProfile, KeyStats
 from protocols.payloads import (
@@ -45,8 +45,8 @@ from protocols.payloads import (
 from protocols.pooled import PooledResults
 from protocols.report import SiteResult, StudyReport
 
-#: Bland-Altman limits of agreement: mean +- LOA_Z sd.
-LOA_Z = 1.96
+#: Bland-Altman limits of agreement: mean +- LOA_Z sd (``common.stats`` owns the number).
+LOA_Z = LIMITS_Z
 #: Top-level payload fields that are pooled (a suppression mark elsewhere does not touch a pooled value).
 POOLED_FIELDS: tuple[str, ...] = (
     "excluded",

@@ -78,10 +78,71 @@ def proportion_greater_p(k1: int, n1: int, k2: int, n2: int) -> float:
     return float(_stats.fisher_exact(table, alternative="greater").pvalue)
 
 
+def proportions_differ_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided p-value of Fisher's exact test that proportions ``k1/n1`` and ``k2/n2`` differ."""
+    for k, n in ((k1, n1), (k2, n2)):
+        if n < 0 or not 0 <= k <= n:
+            raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n1 == 0 or n2 == 0:
+        return 1.0
+    table = [[k1, n1 - k1], [k2, n2 - k2]]
+    return float(_stats.fisher_exact(table, alternative="two-sided").pvalue)
+
+
+#: Bland-Altman limits of agreement are mean +- this many sd.
+LIMITS_Z = 1.96
+
+
+@dataclass(frozen=True)
+class AgreementLimits:
+    """Bland-Altman limits of agreement of ``n`` differences, each with its approximate interval.
+
+    ``low``/``high`` = mean -+ 1.96 sd; the mean's interval is the t interval; a limit's is
+    limit -+ t(n-1) x sqrt(3 sd^2 / n) (Bland & Altman 1986, 1999: the standard error of a
+    limit is about sqrt(3 s^2 / n)).
+    """
+
+    n: int
+    mean: float
+    sd: float
+    low: float
+    high: float
+    mean_ci: tuple[float, float]
+    low_ci: tuple[float, float]
+    high_ci: tuple[float, float]
+
+
+def agreement_limits(
+    n: int, mean: float | None, sd: float | None, level: float = LEVEL
+) -> AgreementLimits | None:
+    """Limits of agreement with their intervals from n, mean and sd of the differences (None below
+    two differences or without an sd)."""
+    if mean is None or sd is None or n < 2:
+        return None
+    t = float(_stats.t.ppf(0.5 + level / 2.0, n - 1))
+    half_mean = t * sd / math.sqrt(n)
+    half_limit = t * math.sqrt(3.0 * sd * sd / n)
+    low, high = mean - LIMITS_Z * sd, mean + LIMITS_Z * sd
+    return AgreementLimits(
+        n=n,
+        mean=mean,
+        sd=sd,
+        low=low,
+        high=high,
+        mean_ci=(mean - half_mean, mean + half_mean),
+        low_ci=(low - half_limit, low + half_limit),
+        high_ci=(high - half_limit, high + half_limit),
+    )
+
+
 __all__ = [
     "LEVEL",
+    "LIMITS_Z",
+    "AgreementLimits",
     "MeanInterval",
+    "agreement_limits",
     "mean_interval",
     "proportion_greater_p",
+    "proportions_differ_p",
     "wilson_interval",
 ]

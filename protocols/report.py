@@ -1,4 +1,4 @@
-"""The study report a coordinator reads: ``report.json`` (schema version 3).
+"""The study report a coordinator reads: ``report.json`` (schema version 4).
 
 One :class:`SiteResult` per site (with its payload when it sent one, or the status and reason
 when it did not), the training rounds when the study trained, the results pooled across sites
@@ -10,6 +10,7 @@ Version 3: the study's label ``protocol`` (replaces ``hu_ranges``), each site's 
 (internal: it trained the model and was scored on its held-out test patients only;
 external: every usable slice) and its ``findings`` attributed by the coordinator with the
 model's ``error_profile`` (pooled from the internal sites). Version 2 added ``pooled``.
+Version 4: each site's ``verdict`` (a machine code and a sentence, ``server.report.verdict``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from protocols.payloads import EvaluationPayload, Role
 from protocols.pooled import PooledReport
 from protocols.protocol import LabelProtocol
 
-REPORT_SCHEMA_VERSION: Literal["3"] = "3"
+REPORT_SCHEMA_VERSION: Literal["4"] = "4"
 
 SiteStatus = Literal[
     "ok", "no_usable_slices", "failed", "timeout", "refused", "not_selected", "not_connected"
@@ -38,6 +39,25 @@ def installed_version() -> str:
         return metadata.version("sarcofed")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+VerdictCode = Literal[
+    "as_internal",
+    "explained_by_labelling",
+    "model_underperforms",
+    "too_few_slices",
+    "no_reference",
+    "withheld",
+    "no_result",
+]
+"""Whether the model works at a site, by the rules of ``server.report.verdict`` (docs/REPORT.md)."""
+
+
+class SiteVerdict(Schema):
+    """Whether the model works at this site: a machine code and the same in one plain sentence."""
+
+    code: VerdictCode
+    sentence: str = Field(description="the verdict in plain words, with the numbers it rests on")
 
 
 class SiteResult(Schema):
@@ -57,6 +77,11 @@ class SiteResult(Schema):
         default_factory=list,
         description="the site's findings attributed by the coordinator (its label audit and the model's "
         "error profile from the internal sites); the payload keeps what the site sent",
+    )
+    verdict: SiteVerdict | None = Field(
+        default=None,
+        description="whether the model works here (server.report.verdict; None in a comparison of label "
+        "sets, which has no model); filled by the report writer",
     )
 
     @model_validator(mode="after")
@@ -98,7 +123,7 @@ class RoundRecord(Schema):
 class StudyReport(Schema):
     """Everything a coordinator needs to read one study run (``report.json``)."""
 
-    schema_version: Literal["3"] = REPORT_SCHEMA_VERSION
+    schema_version: Literal["4"] = REPORT_SCHEMA_VERSION
     sarcofed_version: str = Field(default_factory=installed_version)
     created: str = Field(description="ISO 8601 time the report was made (the study's date, no patient date)")
     run_id: str

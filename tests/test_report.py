@@ -28,7 +28,7 @@ from common.pooling import pool_payloads
 from protocols.classes import IOU_BINS, TISSUES
 from protocols.payloads import AreaAgreement
 from protocols.report import RoundRecord, SiteResult, StudyReport
-from server.report import summary_lines, with_pooled, write_report
+from server.report import finished_report, summary_lines, with_pooled, write_report
 from server.report.blocks import Block, Bullets, Heading, Image, Table, Text
 from server.report.document import build_document
 from server.report.groups import POOLED
@@ -60,7 +60,7 @@ def test_example_file_matches_builder() -> None:
     stored = StudyReport.model_validate_json(
         (DATA / "evaluate_with_training.json").read_text(encoding="utf-8")
     )
-    assert stored == with_pooled(study_report())
+    assert stored == finished_report(study_report())
 
 
 def test_ok_site_without_payload_is_rejected() -> None:
@@ -192,7 +192,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, StudyReport
 def test_report_json_round_trips(written: tuple[Path, StudyReport]) -> None:
     out, report = written
     stored = StudyReport.model_validate_json((out / "report.json").read_text(encoding="utf-8"))
-    assert stored == with_pooled(report)
+    assert stored == finished_report(report)
     assert stored.pooled is not None
     internal, external = stored.pooled.groups
     assert (internal.role, internal.results.sites) == ("internal", ["hospital-a", "hospital-f"])
@@ -329,7 +329,7 @@ def test_summary_lines_of_sites_without_a_role_pool_them_together() -> None:
 def _write_examples() -> None:  # pragma: no cover - run by hand
     DATA.mkdir(parents=True, exist_ok=True)
     (DATA / "evaluate_with_training.json").write_text(
-        with_pooled(study_report()).model_dump_json(indent=2) + "\n", "utf-8"
+        finished_report(study_report()).model_dump_json(indent=2) + "\n", "utf-8"
     )
     full = study_report(with_training=False)
     minimal = full.model_copy(
@@ -602,7 +602,7 @@ def test_pooled_bins_with_a_suppressed_site_say_incomplete_in_every_format(suppr
     external sites; the internal group is untouched and complete."""
     out = suppressed_written
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert data["schema_version"] == "3"
+    assert data["schema_version"] == "4"
     groups = {g["role"]: g for g in data["pooled"]["groups"]}
     assert groups["external"]["tables"]["pooled_external_iou_bins"] == {
         "state": "incomplete",
@@ -667,7 +667,7 @@ def test_every_pooled_row_and_caption_states_its_coverage() -> None:
         assert set(pooled_rows["site"]) == {"pooled_internal", "pooled_external"}, table.caption
         assert "Pooled rows: pooled_internal: " in table.caption, table.caption
         assert pooled_rows[COVERAGE_COLUMN].str.match("(in)?complete: ").all(), table.caption
-    sarcopenia = next(t for t in pooled_tables if "cutoff_set" in t.frame.columns)
+    sarcopenia = next(t for t in pooled_tables if "cut-off set" in t.frame.columns)  # the name for people
     assert f"pooled_external: {INCOMPLETE}." in sarcopenia.caption
     site_c = sarcopenia.frame[sarcopenia.frame["site"] == "hospital-c"]
     assert site_c.empty  # hospital-c withheld its calls: no row, and the pooled row says so

@@ -10,7 +10,11 @@ Everything is computed from the sites' payloads (aggregates) only; the pooling i
 - ``glance``: internal vs external (and each site) side by side, raw vs protocol-applied bins;
 - ``findings``: each site's findings with the coordinator's attribution, the model's error
   profile, the label audits, impact sentences;
-- ``document`` and ``conventions``: the report's sections as format-independent blocks (``blocks``);
+- ``verdict``: each site's verdict by explicit rules (docs/REPORT.md), stored in report.json;
+- ``headline``: the first screen: the model in two sentences, then the verdict table;
+- ``agreement`` and ``columns``: Bland-Altman limits with their intervals, column names for people;
+- ``document`` and ``conventions``: the report's sections as format-independent blocks (``blocks``),
+  engineering detail (hashes, node ids, fingerprints, rounds) in an appendix at the end;
 - ``render``: Markdown and self-contained HTML (inline CSS, figures as base64 PNG);
 - ``sentences``: notes and the CLI's ``summary_lines``;
 - ``files``: ``report_tables`` (every CSV of a study) and ``write_report``, which writes them all
@@ -22,7 +26,15 @@ Figures are drawn by ``server.figures``.
 from __future__ import annotations
 
 from server.report.document import build_document
-from server.report.files import ReportPaths, report_tables, with_pooled, write_report
+from server.report.files import ReportPaths, finished_report, report_tables, with_pooled, write_report
 from server.report.sentences import summary_lines
 
-__all__ = ["ReportPaths", "build_document", "report_tables", "summary_lines", "with_pooled", "write_report"]
+__all__ = [
+    "ReportPaths",
+    "build_document",
+    "finished_report",
+    "report_tables",
+    "summary_lines",
+    "with_pooled",
+    "write_report",
+]

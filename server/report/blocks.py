@@ -30,6 +30,8 @@ class Table:
     index: bool = False
     #: Same shape as ``frame``: True cells are emphasised (systematic findings).
     highlight: pd.DataFrame | None = None
+    #: The HTML id of the table's wrapper (``verdict``: the verdict table), for links and browser tests.
+    id: str | None = None
 
 
 @dataclass(frozen=True)

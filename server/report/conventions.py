@@ -30,6 +30,12 @@ from server.report.findings import (
 from server.report.tables import harmonised_table
 
 
+def human_key(key: str) -> str:
+    """ "muscle/site_excludes/psoas" -> "muscle: site excludes psoas" (a column name for people)."""
+    tissue, direction, region = key.split("/")
+    return f"{tissue}: {direction} {region}".replace("_", " ")
+
+
 def _attribution_text(report: StudyReport) -> Text:
     if report.task != "evaluate":
         return Text(
@@ -83,6 +89,9 @@ def _matrix_blocks(report: StudyReport) -> list[Block]:
             shown.loc[site, key] = (
                 "" if math.isnan(value) else f"{value:.0%}" + (f" ({short})" if short else "")
             )
+    shown.columns = [human_key(k) for k in shown.columns]
+    marks = systematic.copy()
+    marks.columns = shown.columns
     return [
         Table(
             shown,
@@ -90,7 +99,7 @@ def _matrix_blocks(report: StudyReport) -> list[Block]:
             "(site) = a label convention of the site, (model) = the model's error, (?) = undetermined. "
             "Highlighted = systematic. Empty = not reported by that site.",
             index=True,
-            highlight=systematic,
+            highlight=marks,
         ),
         Image(
             "findings_matrix",

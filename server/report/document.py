@@ -17,15 +17,19 @@ from protocols.payloads import AreaAgreement, ClassScores, EvaluationPayload, Sm
 from protocols.pooled import PooledResults
 from protocols.report import RoundRecord, StudyReport
 from server import figures
+from server.report.agreement import agreement_display
 from server.report.blocks import Block, Bullets, Heading, Image, Table, Text
+from server.report.columns import for_people, short_id
 from server.report.conventions import conventions_section
 from server.report.glance import (
     glance_caption,
     glance_display,
+    group_test_text,
     raw_protocol_caption,
     raw_protocol_display,
 )
 from server.report.groups import Group, counts_text, pooled_label, report_groups, site_caption
+from server.report.headline import headline_blocks
 from server.report.sentences import consistency_notes, test_phrase
 from server.report.tables import (
     BINS_STEM,
@@ -42,6 +46,7 @@ from server.report.tables import (
     smi_table,
     training_table,
 )
+from server.report.verdict import with_verdicts
 
 
 def _roles_line(report: StudyReport) -> str | None:
@@ -63,10 +68,10 @@ def _roles_line(report: StudyReport) -> str | None:
     return " ".join(parts) + " The two are pooled separately, never together."
 
 
-def _header(report: StudyReport, n_usable: int) -> list[Block]:
+def _study_section(report: StudyReport, n_usable: int) -> list[Block]:
+    """What the numbers depend on, in words: task, cut-offs, label protocol, roles; notes."""
     cut = get_cutoff_set(report.cutoff_set)
     men = f"men < {cut.men}" + (f" (< {cut.men_bmi25} if BMI >= 25)" if cut.men_bmi25 is not None else "")
-    spec = ", ".join(f"{k}={v}" for k, v in (report.model_spec or {}).items()) or "none (no model)"
     protocol = f"Label protocol: {report.protocol.describe()}."
     if report.task == "evaluate":
         protocol += (
@@ -75,23 +80,82 @@ def _header(report: StudyReport, n_usable: int) -> list[Block]:
             "raw prediction's IoU bins are kept beside it (section 'Raw and protocol-applied prediction')."
         )
     roles = _roles_line(report)
-    return [
-        Heading(f"Study report: {report.study_name}", 1),
+    blocks: list[Block] = [
+        Heading("About this study"),
         Bullets(
             (
-                f"Run {report.run_id}, created {report.created}, sarcofed {report.sarcofed_version}, "
-                f"report schema {report.schema_version}.",
                 f"Task: {report.task} (test = {test_phrase(report.task)}; label = the site's labels, "
                 "taken as truth; differences are test - label).",
-                f"Model hash: {report.model_hash or 'none'}; model: {spec}.",
-                f"SMI cut-off set: {cut.name.value} ({men}, women < {cut.women} cm²/m²; {cut.note}). "
-                f"{cut.citation}",
+                f"SMI cut-off set: {cut.name.value} ({men}, women < {cut.women} cm²/m²; {cut.note}).",
                 protocol,
                 *((roles,) if roles else ()),
                 f"Sites: {n_usable} of {len(report.sites)} returned a usable result.",
             )
         ),
     ]
+    unusable = [s for s in report.sites if s.status != "ok"]
+    if unusable:
+        blocks += [
+            Text("Sites without a usable result:"),
+            Bullets(
+                tuple(
+                    f"{s.site}"
+                    + (f" ({s.role})" if s.role else "")
+                    + f": {s.status} - {s.reason or 'no reason given'}"
+                    for s in unusable
+                )
+            ),
+        ]
+    notes = [*report.notes, *consistency_notes(report)]
+    if notes:
+        blocks += [Heading("Notes", 3), Bullets(tuple(notes))]
+    return blocks
+
+
+def _appendix(report: StudyReport) -> list[Block]:
+    """Engineering detail at the end: run, full model hash, node ids, fingerprints, round records."""
+    cut = get_cutoff_set(report.cutoff_set)
+    spec = ", ".join(f"{k}={v}" for k, v in (report.model_spec or {}).items()) or "none (no model)"
+    sites = sites_table(report).drop(columns=["verdict_code", "verdict"])
+    for column in ("dataset_fingerprint", "model_hash"):
+        sites[column] = [short_id(v) if isinstance(v, str) else v for v in sites[column]]
+    identifiers = tuple(
+        f"{s.site}: node {s.node_id if s.node_id is not None else '-'}"
+        + (
+            f"; dataset fingerprint {s.payload.dataset_fingerprint}; model hash {s.payload.model_hash or '-'}"
+            if s.payload is not None
+            else ""
+        )
+        for s in report.sites
+    )
+    blocks: list[Block] = [
+        Heading("Appendix: engineering detail"),
+        Bullets(
+            (
+                f"Run {report.run_id}, created {report.created}, sarcofed {report.sarcofed_version}, "
+                f"report schema {report.schema_version}.",
+                f"Model hash: {report.model_hash or 'none'}; model: {spec}.",
+                f"SMI cut-off set {cut.name.value}: {cut.citation}",
+            )
+        ),
+        Heading("Sites", 3),
+        Table(
+            for_people(sites),
+            "role: internal = trained the model, scored on its held-out test patients only (split test); "
+            "external = did not train it, scored on every usable slice (split all). Slices in split = "
+            "manifest rows in the scored split; slices scored = slices scored. Dataset fingerprint = what "
+            "each site scored (no file name leaves a site); hashes shortened, in full below.",
+        ),
+        Text("Full identifiers:"),
+        Bullets(identifiers),
+    ]
+    return blocks + _training_section(report.training)
+
+
+_LIMITS = (
+    "Limits of agreement = mean ± 1.96 sd of the differences; 95% CI of the mean difference: t interval; "
+    "of each limit: limit ± t(n-1) x sqrt(3 sd² / n) (Bland & Altman 1986, 1999), from n, mean and sd"
+)
 
 
 def _n(pooled: PooledResults) -> str:
@@ -103,6 +167,9 @@ def _glance_section(groups: Sequence[Group]) -> list[Block]:
     with_roles = [g for g in groups if g.role is not None]
     title = "Internal and external validation at a glance" if with_roles else "Sites at a glance"
     blocks: list[Block] = [Heading(title), Table(glance_display(groups), glance_caption(groups))]
+    tested = group_test_text(groups)
+    if tested:
+        blocks.append(Text(tested))
     if with_roles:
         bars = {f"{g.role}: {_n(g.pooled)}": g.pooled.scores for g in with_roles}
         blocks.append(
@@ -116,44 +183,13 @@ def _glance_section(groups: Sequence[Group]) -> list[Block]:
     return blocks
 
 
-def _sites_section(report: StudyReport) -> list[Block]:
-    blocks: list[Block] = [
-        Heading("Sites"),
-        Table(
-            sites_table(report),
-            "role: internal = trained the model, scored on its held-out test patients only (split test); "
-            "external = did not train it, scored on every usable slice (split all). n_in_split = manifest "
-            "rows in the scored split, n_used = slices scored. Dataset fingerprint = what each site scored "
-            "(no file name leaves a site).",
-        ),
-    ]
-    unusable = [s for s in report.sites if s.status != "ok"]
-    if unusable:
-        blocks += [
-            Text("Sites without a usable result:"),
-            Bullets(
-                tuple(
-                    f"{s.site}"
-                    + (f" ({s.role})" if s.role else "")
-                    + (f" (node {s.node_id})" if s.node_id is not None else "")
-                    + f": {s.status} - {s.reason or 'no reason given'}"
-                    for s in unusable
-                )
-            ),
-        ]
-    notes = [*report.notes, *consistency_notes(report)]
-    if notes:
-        blocks += [Heading("Notes", 3), Bullets(tuple(notes))]
-    return blocks
-
-
 def _training_section(rounds: Sequence[RoundRecord]) -> list[Block]:
     if not rounds:
         return []
     return [
-        Heading("Training rounds"),
+        Heading("Training rounds", 3),
         Table(
-            training_table(rounds),
+            for_people(training_table(rounds)),
             "Pooled validation loss = sum of the sites' validation losses / their validation slices; "
             "IoU pooled over pixels.",
         ),
@@ -231,7 +267,7 @@ def _scores_section(groups: Sequence[Group]) -> list[Block]:
         ),
         Heading("IoU and Dice summary", 3),
         Table(
-            iou_summary_table({s: p for g in groups for s, p in g.payloads.items()}, shown),
+            for_people(iou_summary_table({s: p for g in groups for s, p in g.payloads.items()}, shown)),
             "Mean and sd over slices where the class is defined (pooled rows: exact over the slices of "
             f"their group's sites that sent them); median and quartiles of a pooled row are {NOT_POOLABLE} "
             "from summaries; iou_pooled_over_pixels = summed intersection / summed union."
@@ -267,8 +303,9 @@ def _agreement_section(report: StudyReport, groups: Sequence[Group]) -> list[Blo
     blocks: list[Block] = [
         Heading("Area agreement"),
         Table(
-            area_table(payloads, shown),
-            f"Tissue areas, test ({test}) - label, cm²; limits = mean ± 1.96 sd. Pooled mean HU is the "
+            agreement_display(area_table(payloads, shown), "_cm2"),
+            f"Tissue areas, test ({test}) - label, cm², per site over its slices and per group pooled over "
+            f"its sites' slices (exact from n, sum, sum of squares). {_LIMITS}. Pooled mean HU is the "
             "sites' mean HU weighted by slices (exact only when the tissue is on every slice)."
             + _pooled_state(shown, "area_agreement"),
         ),
@@ -286,8 +323,9 @@ def _agreement_section(report: StudyReport, groups: Sequence[Group]) -> list[Blo
         blocks += [
             Heading("Skeletal muscle index (SMI) agreement"),
             Table(
-                smi_table(smi_sites, smi_pools),
-                "SMI in cm²/m² over slices with a known height; test - label."
+                agreement_display(smi_table(smi_sites, smi_pools)),
+                "SMI in cm²/m² over slices with a known height; test - label, per site over its slices and "
+                f"per group pooled over its sites' slices. {_LIMITS}."
                 + _pooled_state(smi_pools, "smi_agreement"),
             ),
             Image(
@@ -302,7 +340,7 @@ def _agreement_section(report: StudyReport, groups: Sequence[Group]) -> list[Blo
         blocks += [
             Heading("Sarcopenia calls"),
             Table(
-                frame,
+                for_people(frame),
                 "Slices called sarcopenic by the label (truth) and by the test, cut-off set "
                 f"{report.cutoff_set}; unknown = no height or sex. Counts are slices (a patient with "
                 "several slices counts several times)."
@@ -313,23 +351,28 @@ def _agreement_section(report: StudyReport, groups: Sequence[Group]) -> list[Blo
 
 
 def build_document(report: StudyReport) -> list[Block]:
-    """The report's content, independent of the output format."""
+    """The report's content, independent of the output format: the title, the model in two sentences
+    and the verdict table first; the seed's tables and the statistics; label conventions; the study's
+    settings; engineering detail in an appendix at the end."""
+    report = with_verdicts(report)
     groups = report_groups(report)
     n_usable = sum(len(g.payloads) for g in groups)
-    blocks = _header(report, n_usable)
-    if groups:
-        blocks += _glance_section(groups)
-    blocks += [*_sites_section(report), *_training_section(report.training)]
+    blocks: list[Block] = [Heading(f"Study report: {report.study_name}", 1), *headline_blocks(report, groups)]
     if not groups:
         return [
             *blocks,
             Heading("Results"),
             Text("No site returned a usable result: nothing to score or pool."),
+            *_study_section(report, n_usable),
+            *_appendix(report),
         ]
     return [
         *blocks,
+        *_glance_section(groups),
         *_scores_section(groups),
         *(_raw_protocol_section(groups) if report.task == "evaluate" else []),
         *_agreement_section(report, groups),
         *conventions_section(report),
+        *_study_section(report, n_usable),
+        *_appendix(report),
     ]

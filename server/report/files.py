@@ -33,6 +33,7 @@ from server.report.tables import (
     table_coverage,
     training_table,
 )
+from server.report.verdict import with_verdicts
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,16 @@ def with_pooled(report: StudyReport) -> StudyReport:
     return report.model_copy(update={"pooled": PooledReport(groups=groups) if groups else None})
 
 
+def finished_report(report: StudyReport) -> StudyReport:
+    """What the report makes of the sites' payloads, added to them: the pooled groups and each site's
+    verdict (both recomputed). This is what ``report.json`` holds."""
+    return with_verdicts(with_pooled(report))
+
+
 def report_tables(report: StudyReport) -> dict[str, pd.DataFrame]:
     """The CSV tables by file stem (``tables/<stem>.csv``): machine column names, a ``role`` column
-    and one pooled row (or file) per group."""
+    and one pooled row (or file) per group; the sites table with each site's verdict."""
+    report = with_verdicts(report)
     groups = report_groups(report)
     tables: dict[str, pd.DataFrame] = {"sites": sites_table(report)}
     if report.training:
@@ -102,7 +110,7 @@ def write_report(report: StudyReport, out_dir: Path) -> ReportPaths:
     out_dir = Path(out_dir)
     (out_dir / "tables").mkdir(parents=True, exist_ok=True)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    report = with_pooled(report)
+    report = finished_report(report)
     json_path = out_dir / "report.json"
     json_path.write_text(report.model_dump_json(indent=2), encoding="utf-8")
     table_paths = {}

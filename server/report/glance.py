@@ -16,7 +16,7 @@ from typing import Final
 import pandas as pd
 
 from common.pooling import has_bins
-from common.stats import wilson_interval
+from common.stats import proportions_differ_p, wilson_interval
 from protocols.classes import IOU_BINS, SEED_COLUMN
 from protocols.payloads import ClassScores, EvaluationPayload
 from protocols.pooled import PooledResults
@@ -157,6 +157,30 @@ def glance_caption(groups: Sequence[Group]) -> str:
     )
 
 
+def group_test_text(groups: Sequence[Group]) -> str | None:
+    """Internal vs external compared, in words: a two-sided Fisher exact test on the pooled top-bin
+    counts (top bin or not, internal vs external), for M and MSV; None without both groups."""
+    by_role = {g.role: g.pooled for g in groups}
+    if "internal" not in by_role or "external" not in by_role:
+        return None
+    parts = []
+    for cls in GLANCE_CLASSES:
+        a = share_cells(by_role["internal"].scores.get(cls), TOP_BIN)
+        b = share_cells(by_role["external"].scores.get(cls), TOP_BIN)
+        if a is None or b is None or not a[1] or not b[1]:
+            parts.append(f"{SEED_COLUMN[cls]}: not tested (counts withheld)")
+            continue
+        p = proportions_differ_p(a[0], a[1], b[0], b[1])
+        parts.append(f"{SEED_COLUMN[cls]} {a[0]}/{a[1]} internal vs {b[0]}/{b[1]} external, p = {p:.2g}")
+    return (
+        "Internal vs external, share of slices with IoU ≥ 0.9 (each group pooled over its own sites' "
+        "slices): "
+        "two-sided Fisher exact test on the 2x2 table of slices in the top bin or not: "
+        + "; ".join(parts)
+        + ". Slices of one patient are counted as independent (the payloads carry no per-patient counts)."
+    )
+
+
 # --------------------------------------------------------------------------- raw vs protocol-applied
 
 
@@ -229,6 +253,7 @@ __all__ = [
     "glance_caption",
     "glance_display",
     "glance_table",
+    "group_test_text",
     "raw_protocol_caption",
     "raw_protocol_display",
     "raw_protocol_table",

@@ -101,7 +101,8 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
             )
             caption = f"<caption>{esc(block.caption)}</caption>" if block.caption else ""
             table = f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-            body.append(f'<div class="table-wrap">{table}</div>')
+            anchor = f' id="{esc(block.id)}"' if block.id else ""
+            body.append(f'<div class="table-wrap"{anchor}>{table}</div>')
         else:
             data = base64.b64encode(block.png).decode("ascii")
             body.append(

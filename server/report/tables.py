@@ -19,7 +19,8 @@ from typing import TypeVar
 
 import pandas as pd
 
-from common.pooling import has_bins, limits_of_agreement
+from common.pooling import has_bins
+from common.stats import AgreementLimits, agreement_limits
 from protocols.classes import IOU_BINS, METRIC_CLASSES, SEED_COLUMN, TISSUES
 from protocols.payloads import ClassScores, EvaluationPayload, Role
 from protocols.pooled import Coverage, PooledResults
@@ -195,6 +196,18 @@ def harmonised_table(
 # --------------------------------------------------------------------------- per site and pooled rows
 
 
+def limits_columns(limits: AgreementLimits | None, suffix: str = "") -> dict[str, float | None]:
+    """Bland-Altman columns (machine names): the mean difference's 95% t interval, the limits of
+    agreement (mean +- 1.96 sd) and each limit's approximate 95% interval (SE ~ sqrt(3 sd^2 / n),
+    Bland & Altman 1986/1999), from the aggregates n, mean and sd."""
+    names = ("mean_diff_ci_low", "mean_diff_ci_high", "loa_low", "loa_high")
+    names += ("loa_low_ci_low", "loa_low_ci_high", "loa_high_ci_low", "loa_high_ci_high")
+    if limits is None:
+        return {f"{name}{suffix}": None for name in names}
+    values = (*limits.mean_ci, limits.low, limits.high, *limits.low_ci, *limits.high_ci)
+    return {f"{name}{suffix}": value for name, value in zip(names, values, strict=True)}
+
+
 def _iou_row(label: str, role: str, cls: str, s: ClassScores, pooled: bool, state: str) -> dict[str, object]:
     return {
         "site": label,
@@ -233,15 +246,15 @@ def iou_summary_table(
 def area_table(
     payloads: Mapping[str, EvaluationPayload], pools: Sequence[PooledResults] = ()
 ) -> pd.DataFrame:
-    """Area agreement per site (and pooled per group) and tissue, with Bland-Altman limits (test - label,
-    cm^2)."""
+    """Area agreement per site (and pooled per group) and tissue, with Bland-Altman limits and their
+    intervals (:func:`limits_columns`; test - label, cm^2)."""
     out = []
     for label, role, areas, pool in _rows(payloads, pools, lambda p: p.areas):
         for tissue in TISSUES:
             if tissue not in areas:
                 continue
             a = areas[tissue]
-            loa = limits_of_agreement(a.mean_diff_cm2, a.sd_diff_cm2)
+            limits = limits_columns(agreement_limits(a.n, a.mean_diff_cm2, a.sd_diff_cm2), "_cm2")
             path = f"areas.{tissue}"
             pooling, state = (
                 _pooling_cells(pool, path) if pool else (POOLING_SITE, _site_state(pools, label, path))
@@ -256,8 +269,7 @@ def area_table(
                     "mean_test_cm2": a.mean_test_cm2,
                     "mean_diff_cm2": a.mean_diff_cm2,
                     "sd_diff_cm2": a.sd_diff_cm2,
-                    "loa_low_cm2": loa[0] if loa else None,
-                    "loa_high_cm2": loa[1] if loa else None,
+                    **limits,
                     "mean_hu_label": a.mean_hu_label,
                     "mean_hu_test": a.mean_hu_test,
                     "pooling": pooling,
@@ -276,7 +288,6 @@ def smi_table(payloads: Mapping[str, EvaluationPayload], pools: Sequence[PooledR
         pooling, state = (
             _pooling_cells(pool, "smi") if pool else (POOLING_SITE, _site_state(pools, label, "smi"))
         )
-        loa = limits_of_agreement(s.mean_diff, s.sd_diff)
         out.append(
             {
                 "site": label,
@@ -286,8 +297,7 @@ def smi_table(payloads: Mapping[str, EvaluationPayload], pools: Sequence[PooledR
                 "mean_test": s.mean_test,
                 "mean_diff": s.mean_diff,
                 "sd_diff": s.sd_diff,
-                "loa_low": loa[0] if loa else None,
-                "loa_high": loa[1] if loa else None,
+                **limits_columns(agreement_limits(s.n, s.mean_diff, s.sd_diff)),
                 "pooling": pooling,
                 COVERAGE_COLUMN: state,
             }
@@ -330,8 +340,10 @@ def sarcopenia_table(
 
 def sites_table(report: StudyReport) -> pd.DataFrame:
     """One row per site: role, status and reason, what it was scored on (split, n), fingerprint,
-    exclusions. ``split``: ``test`` = the held-out test patients only (internal), ``all`` = every
-    usable slice; ``n_in_split``: manifest rows in that split, ``n_used``: slices scored."""
+    exclusions, and the site's verdict (``verdict_code``, ``verdict``: as stored on the report, see
+    ``server.report.verdict.with_verdicts``). ``split``: ``test`` = the held-out test patients only
+    (internal), ``all`` = every usable slice; ``n_in_split``: manifest rows in that split, ``n_used``:
+    slices scored."""
     rows = []
     for s in report.sites:
         p = s.payload
@@ -351,10 +363,13 @@ def sites_table(report: StudyReport) -> pd.DataFrame:
                 "excluded": "; ".join(f"{k}: {v}" for k, v in sorted(p.excluded.items())) if p else None,
                 "dataset_fingerprint": p.dataset_fingerprint if p else None,
                 "model_hash": p.model_hash if p else None,
+                "verdict_code": s.verdict.code if s.verdict else None,
+                "verdict": s.verdict.sentence if s.verdict else None,
             }
         )
     columns = ["site", ROLE_COLUMN, "node_id", "status", "reason", "split", "n_listed", "n_in_split"]
     columns += ["n_used", "n_patients", "excluded", "dataset_fingerprint", "model_hash"]
+    columns += ["verdict_code", "verdict"]
     frame = pd.DataFrame(rows, columns=columns)  # a training-only study has no site rows
     counts = ["n_listed", "n_in_split", "n_used", "n_patients"]
     frame[counts] = frame[counts].astype("Int64")
