@@ -146,7 +146,7 @@ def payload(
             label_only=1,
             test_only=seed,
             neither=3,
-            unknown=n - 6 - 2 * seed,
+            unknown=max(n - 6 - 2 * seed, 0),  # a site of fewer slices: the calls are for 6
         ),
     )
 
@@ -455,6 +455,17 @@ def study_report(with_training: bool = True) -> StudyReport:
         training=training if with_training else [],
         notes=["demo data (synthetic phantoms)"],
     )
+
+
+def top_bin_study(sites: dict[str, tuple[int, int, Role]]) -> StudyReport:
+    """A study of sites given as site -> (slices at muscle IoU >= 0.9, slices, role); every other slice
+    in [0.8, 0.9), every class alike; no findings, no error profile (for the verdict rules)."""
+    results = []
+    for i, (site, (k, n, role)) in enumerate(sites.items()):
+        bins = {c: (k, n - k, 0, 0, 0) for c in METRIC_CLASSES}
+        p = payload(site, n, bins, seed=0, shift=0.0, role=role)
+        results.append(SiteResult(site=site, node_id=i, status="ok", role=role, payload=p))
+    return study_report(with_training=False).model_copy(update={"sites": results, "error_profile": None})
 
 
 def suppressed_study() -> StudyReport:

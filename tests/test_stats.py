@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.stats import mean_interval, proportion_greater_p, wilson_interval
+from common.stats import (
+    agreement_limits,
+    mean_interval,
+    proportion_greater_p,
+    proportions_differ_p,
+    wilson_interval,
+)
 
 
 def test_wilson_interval_known_values() -> None:
@@ -35,3 +41,21 @@ def test_mean_interval_matches_numpy_and_scipy() -> None:
 def test_one_sided_fisher() -> None:
     assert proportion_greater_p(10, 12, 2, 24) < 1e-3
     assert proportion_greater_p(2, 12, 10, 24) > 0.9
+
+
+def test_two_sided_fisher() -> None:
+    assert proportions_differ_p(15, 18, 3, 14) == pytest.approx(stats.fisher_exact([[15, 3], [3, 11]]).pvalue)
+    assert proportions_differ_p(3, 14, 15, 18) == pytest.approx(proportions_differ_p(15, 18, 3, 14))
+    assert proportions_differ_p(5, 10, 0, 0) == 1.0
+
+
+def test_bland_altman_limits_and_their_intervals_by_hand() -> None:
+    """n = 4, mean 1, sd 2: limits 1 -+ 3.92; SE of a limit sqrt(3 x 4 / 4) = sqrt(3); t(3) = 3.182."""
+    got = agreement_limits(4, 1.0, 2.0)
+    assert got is not None
+    assert (got.low, got.high) == (pytest.approx(-2.92), pytest.approx(4.92))
+    half = 3.1824463 * 3**0.5
+    assert got.low_ci == (pytest.approx(-2.92 - half), pytest.approx(-2.92 + half))
+    assert got.high_ci == (pytest.approx(4.92 - half), pytest.approx(4.92 + half))
+    assert got.mean_ci == (pytest.approx(1 - 3.1824463), pytest.approx(1 + 3.1824463))  # sd / sqrt(4) = 1
+    assert agreement_limits(1, 1.0, None) is None and agreement_limits(1, 1.0, 2.0) is None
