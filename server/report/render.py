@@ -73,6 +73,7 @@ caption{caption-side:top;text-align:left;font-style:italic;padding-bottom:.3em;c
 td.sys{background:#fdd0a2;font-weight:bold;outline:2px solid #08306b}
 figure{margin:1em 0}figure img{max-width:100%;height:auto}figcaption{font-style:italic;color:#444}
 .table-wrap{overflow-x:auto}
+#verdict td,#verdict th{text-align:left}#verdict td:first-child{white-space:nowrap}
 """
 
 
