@@ -462,7 +462,7 @@ def top_bin_study(sites: dict[str, tuple[int, int, Role]]) -> StudyReport:
     in [0.8, 0.9), every class alike; no findings, no error profile (for the verdict rules)."""
     results = []
     for i, (site, (k, n, role)) in enumerate(sites.items()):
-        bins = {c: (k, n - k, 0, 0, 0) for c in METRIC_CLASSES}
+        bins: dict[str, tuple[int, ...]] = {c: (k, n - k, 0, 0, 0) for c in METRIC_CLASSES}
         p = payload(site, n, bins, seed=0, shift=0.0, role=role)
         results.append(SiteResult(site=site, node_id=i, status="ok", role=role, payload=p))
     return study_report(with_training=False).model_copy(update={"sites": results, "error_profile": None})

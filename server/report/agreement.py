@@ -57,7 +57,7 @@ def agreement_display(frame: pd.DataFrame, suffix: str = "") -> pd.DataFrame:
     for estimate, low, high, name in _WITH_INTERVAL:
         columns = [estimate + suffix, low + suffix, high + suffix]
         cells = [estimate_text(*values) for values in zip(*(out[c] for c in columns), strict=True)]
-        position = int(out.columns.get_loc(columns[0]))  # type: ignore[arg-type]
+        position = int(out.columns.get_loc(columns[0]))
         out = out.drop(columns=columns)
         out.insert(position, name.replace(" (95% CI)", f"{unit} (95% CI)"), cells)
     names = {c + suffix: _HUMAN[c] + unit for c in _UNIT_COLUMNS}

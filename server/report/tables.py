@@ -200,8 +200,10 @@ def limits_columns(limits: AgreementLimits | None, suffix: str = "") -> dict[str
     """Bland-Altman columns (machine names): the mean difference's 95% t interval, the limits of
     agreement (mean +- 1.96 sd) and each limit's approximate 95% interval (SE ~ sqrt(3 sd^2 / n),
     Bland & Altman 1986/1999), from the aggregates n, mean and sd."""
-    names = ("mean_diff_ci_low", "mean_diff_ci_high", "loa_low", "loa_high")
-    names += ("loa_low_ci_low", "loa_low_ci_high", "loa_high_ci_low", "loa_high_ci_high")
+    names = (
+        *("mean_diff_ci_low", "mean_diff_ci_high", "loa_low", "loa_high"),
+        *("loa_low_ci_low", "loa_low_ci_high", "loa_high_ci_low", "loa_high_ci_high"),
+    )
     if limits is None:
         return {f"{name}{suffix}": None for name in names}
     values = (*limits.mean_ci, limits.low, limits.high, *limits.low_ci, *limits.high_ci)
