@@ -266,6 +266,12 @@ def finding_label(key: str) -> str:
     return f"{TISSUE_TEXT.get(cls, cls.replace('_', ' '))}: {words}" if words else key.replace("_", " ")
 
 
+def _matrix_width(rows: Sequence[str], cell_in: float, n_sites: int, bar_below: bool) -> float:
+    """Inches a findings matrix needs: finding labels, a cell per site, the colour bar (right or below)."""
+    labels_in = max((_text_width_in(r) for r in rows), default=1.0) + 0.3
+    return labels_in + cell_in * n_sites + (0.3 if bar_below else 1.3)
+
+
 @matplotlib.rc_context(_RC)
 def findings_matrix_figure(
     prevalence: np.ndarray,
@@ -291,19 +297,26 @@ def findings_matrix_figure(
     """
     rows = [finding_label(c) for c in columns]
     heads = [_wrap(s.replace(" (", "\n("), 16) for s in sites]
-    row_label_in = max((_text_width_in(r) for r in rows), default=1.0) + 0.3
-    cell_in = max(0.95, max((_text_width_in(h) for h in heads), default=0.5) + 0.2)
-    colorbar_in = 1.3
-    vertical = row_label_in + cell_in * len(sites) + colorbar_in > MAX_WIDTH_IN
-    if vertical:
-        cell_in = 0.95
-    head_in = (
-        max((_text_width_in(h) for h in heads), default=0.5)
-        if vertical
-        else max(h.count("\n") + 1 for h in heads) * SMALL_PT * 1.25 / 72
-    ) + 0.3
-    width = min(MAX_WIDTH_IN, row_label_in + cell_in * len(sites) + colorbar_in)
-    height = 0.55 * len(rows) + head_in + 0.6 + (0.5 if attribution is not None else 0.0)
+    head_in = max((_text_width_in(h) for h in heads), default=0.5)
+    # Roomy: sites side by side, one-line cells ("100%* model"), colour bar on the right. Crowded:
+    # site names set vertically, two-line cells; then finding labels wrapped, colour bar below.
+    vertical, bar_below = False, False
+    cell_in = max(1.15, head_in + 0.2)
+    if _matrix_width(rows, cell_in, len(sites), bar_below) > MAX_WIDTH_IN:
+        vertical, cell_in = True, 0.62
+        heads = list(sites)  # one line each: wrapped lines would stand side by side once turned
+        head_in = max((_text_width_in(h) for h in heads), default=0.5)
+    if _matrix_width(rows, cell_in, len(sites), bar_below) > MAX_WIDTH_IN:
+        rows, bar_below = [_wrap(r, 28) for r in rows], True
+    top_in = (head_in if vertical else max(h.count("\n") + 1 for h in heads) * SMALL_PT * 1.25 / 72) + 0.3
+    width = min(MAX_WIDTH_IN, _matrix_width(rows, cell_in, len(sites), bar_below))
+    height = (
+        0.55 * len(rows)
+        + top_in
+        + 0.6
+        + (0.5 if attribution is not None else 0.0)
+        + (0.9 if bar_below else 0.0)
+    )
     fig = Figure(figsize=(width, height), layout="constrained")
     ax = fig.add_subplot()
     shown = np.ma.masked_invalid(np.asarray(prevalence, dtype=float).T)
@@ -317,7 +330,8 @@ def findings_matrix_figure(
                 continue
             who: Attribution | None = attribution[i, j] if attribution is not None else None
             colour, style, word = ATTRIBUTION_STYLE[who]
-            text = f"{value:.0%}" + ("*" if systematic[i, j] else "") + (f" {word}" if word else "")
+            mark = f"{value:.0%}" + ("*" if systematic[i, j] else "")
+            text = mark + (("\n" if vertical else " ") + word if word else "")
             ax.text(
                 i,
                 j,
@@ -345,7 +359,10 @@ def findings_matrix_figure(
     ax.set_yticks(np.arange(len(rows)), rows, fontsize=SMALL_PT)
     ax.tick_params(length=0)
     ax.set_title("Findings: share of slices (* and thick frame = systematic)", fontsize=TITLE_PT)
-    bar = fig.colorbar(image, ax=ax, shrink=min(1.0, 4.0 / max(height, 1.0)) if height > 4 else 0.9)
+    if bar_below:
+        bar = fig.colorbar(image, ax=ax, location="bottom", shrink=0.6, aspect=30)
+    else:
+        bar = fig.colorbar(image, ax=ax, shrink=min(0.9, 4.0 / height))
     bar.set_label("share of slices", fontsize=SMALL_PT)
     bar.ax.tick_params(labelsize=SMALL_PT)
     if attribution is not None and used:
