@@ -127,7 +127,10 @@ def _text_width_in(text: str, points: float = SMALL_PT) -> float:
 
 def _wrap(label: str, width: int = 20) -> str:
     """A label on lines of at most ``width`` characters (existing line breaks kept)."""
-    return "\n".join(textwrap.fill(part, width, break_on_hyphens=False) for part in label.split("\n"))
+    return "\n".join(
+        textwrap.fill(part, width, break_on_hyphens=False, break_long_words=False)
+        for part in label.split("\n")
+    )
 
 
 def render(fig: Figure) -> Drawing:
@@ -471,9 +474,8 @@ def polar_maps_figure(maps: Mapping[str, PolarMap], keys: Sequence[str]) -> Draw
     ncols = max(1, min(POLAR_COLUMNS, len(sites)))
     per_key = math.ceil(len(sites) / ncols)
     nrows = per_key * len(keys)
-    fig = Figure(
-        figsize=(POLAR_PANEL_IN * ncols + 1.0, (POLAR_PANEL_IN + 0.45) * nrows + 1.3), layout="constrained"
-    )
+    height = (POLAR_PANEL_IN + 0.45) * nrows + 1.3
+    fig = Figure(figsize=(POLAR_PANEL_IN * ncols + 1.0, height), layout="constrained")
     axes = fig.subplots(nrows, ncols, subplot_kw={"projection": "polar"}, squeeze=False)
     mesh = None
     for k, key in enumerate(keys):
@@ -497,16 +499,18 @@ def polar_maps_figure(maps: Mapping[str, PolarMap], keys: Sequence[str]) -> Draw
                 ax.set_ylabel(band, fontsize=TITLE_PT, labelpad=28)
             values = per_site.get((site, key))
             if values is None or values.ndim != 2 or not values.size:
-                ax.set_title(f"{_wrap(site, 26)}\n(no map)", fontsize=SMALL_PT)
+                ax.set_title(f"{_wrap(site, 30)}\n(no map)", fontsize=SMALL_PT, pad=10)
                 continue
             n_angle, n_radius = values.shape
             theta = np.linspace(0.0, 2 * np.pi, n_angle + 1)
             radius = np.linspace(0.0, 1.0, n_radius + 1)
             mesh = ax.pcolormesh(theta, radius, values.T, cmap=POLAR_CMAP, norm=norm, shading="flat")
-            ax.set_title(f"{_wrap(site, 26)} (n={maps[site].n_slices})", fontsize=SMALL_PT)
+            ax.set_title(f"{_wrap(site, 30)} (n={maps[site].n_slices})", fontsize=SMALL_PT, pad=10)
     fig.suptitle("R / L = image right / left; radius 0 = centre, 1 = body outline", fontsize=SMALL_PT)
     if mesh is not None:
-        bar = fig.colorbar(mesh, ax=axes.ravel().tolist(), location="bottom", shrink=0.5, aspect=30)
+        bar = fig.colorbar(
+            mesh, ax=axes.ravel().tolist(), location="bottom", shrink=0.5, aspect=30, fraction=0.25 / height
+        )
         bar.set_label("discordant cm² per slice", fontsize=SMALL_PT)
         bar.ax.tick_params(labelsize=SMALL_PT)
     return render(fig)
