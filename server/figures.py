@@ -23,7 +23,7 @@ from typing import Literal
 
 import matplotlib
 import numpy as np
-from cycler import cycler
+from matplotlib import cycler
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
