@@ -19,17 +19,18 @@ import io
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import matplotlib
 import numpy as np
-from matplotlib import cycler
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.rcsetup import cycler
 from matplotlib.ticker import PercentFormatter
+from matplotlib.typing import RcKeyType
 
 from common.pooling import has_bins
 from common.stats import wilson_interval
@@ -93,7 +94,7 @@ MAX_WIDTH_IN = 11.5
 _DPI = 110
 #: Mean advance of a DejaVu Sans character, in ems: to size a figure from its labels.
 _CHAR_EM = 0.62
-_RC = {
+_RC: dict[RcKeyType, Any] = {
     "font.size": SMALL_PT,
     "axes.titlesize": TITLE_PT,
     "axes.labelsize": SMALL_PT,

@@ -17,7 +17,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -25,8 +25,11 @@ from protocols.report import StudyReport
 from server.report.files import write_report
 from tests.report_builders import study_report
 
+if TYPE_CHECKING:
+    from playwright.sync_api import ViewportSize
+
 CHROMIUM = Path("/usr/bin/chromium")
-VIEWPORT = {"width": 1280, "height": 800}
+VIEWPORT: ViewportSize = {"width": 1280, "height": 800}
 #: Smallest text a figure may draw, in CSS px as rendered (the body text is 16 px).
 MIN_TEXT_PX = 10.0
 #: The verdict table's selector. Until branch ``verdict`` lands, the report's first table stands in
