@@ -232,7 +232,8 @@ def test_html_is_self_contained_with_embedded_figures(written: tuple[Path, Study
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page
     assert "<link" not in page and "<script" not in page
-    assert page.count('src="data:image/png;base64,') >= 6
+    # figures inline as SVG with real text (server.figures.Drawing), one per figure block
+    assert page.count('<figure id="figure-') >= 6 and page.count("<svg ") >= 6 and "<text " in page
     assert 'class="sys"' in page  # the systematic psoas finding is highlighted
 
 

@@ -1,16 +1,17 @@
 """Render the report's blocks: Markdown (figures linked) and one self-contained HTML page (inline CSS,
-figures as base64 PNG, no external resource)."""
+figures as inline SVG with real text, or base64 PNG; no external resource)."""
 
 from __future__ import annotations
 
 import base64
 import html
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from server.report.blocks import Block, Bullets, Heading, Table, Text
+from server.report.blocks import Block, Bullets, Heading, Image, Table, Text
 
 
 def format_cell(value: object) -> str:
@@ -71,14 +72,50 @@ th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;vertical-align:top}
 th{background:#eee}td:first-child,th:first-child{text-align:left}
 caption{caption-side:top;text-align:left;font-style:italic;padding-bottom:.3em;color:#444}
 td.sys{background:#fdd0a2;font-weight:bold;outline:2px solid #08306b}
-figure{margin:1em 0}figure img{max-width:100%;height:auto}figcaption{font-style:italic;color:#444}
+figure{margin:1em 0;max-width:100%}figcaption{font-style:italic;color:#444}
+figure img,figure svg{display:block;max-width:100%;height:auto}
 .table-wrap{overflow-x:auto}
 #verdict td,#verdict th{text-align:left}#verdict td:first-child{white-space:nowrap}
 """
 
 
+#: What precedes a matplotlib SVG's <svg> element (XML declaration, doctype) and its metadata.
+_SVG_PROLOG = re.compile(r"\A.*?(?=<svg\b)", re.S)
+_SVG_METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.S)
+#: Namespace declarations: an HTML page's parser knows SVG's (and a page stays free of URLs).
+_SVG_XMLNS = re.compile(r'\s+xmlns(:\w+)?="[^"]*"')
+#: An id, or a reference to one (``url(#id)``, ``href="#id"``).
+_SVG_ID = re.compile(r'(\bid="|url\(#|href="#)([^")]+)')
+
+
+def inline_svg(svg: str, prefix: str) -> str:
+    """An SVG document as an element for an HTML page: prolog and metadata dropped, every id (and
+    each reference to one) prefixed so that several figures on one page cannot collide."""
+    element = _SVG_METADATA.sub("", _SVG_PROLOG.sub("", svg, count=1))
+    head, _, rest = element.partition(">")
+    element = _SVG_XMLNS.sub("", head) + ">" + rest
+    return _SVG_ID.sub(lambda m: f"{m.group(1)}{prefix}-{m.group(2)}", element)
+
+
+def _figure_html(block: Image) -> str:
+    """A figure: its SVG inline (text the browser draws at the page's scale) when the block's PNG
+    carries one (``server.figures.Drawing``), else the PNG as a data URI."""
+    caption = html.escape(block.caption)
+    svg: str | None = getattr(block.png, "svg", None)
+    if svg:
+        slug = re.sub(r"[^A-Za-z0-9_-]", "-", block.name)
+        drawing = inline_svg(svg, f"fig-{slug}").replace(
+            "<svg ", f'<svg role="img" aria-label="{caption}" ', 1
+        )
+        return f'<figure id="figure-{slug}">{drawing}<figcaption>{caption}</figcaption></figure>'
+    data = base64.b64encode(block.png).decode("ascii")
+    image = f'<img alt="{caption}" src="data:image/png;base64,{data}">'
+    return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
+
+
 def render_html(blocks: Sequence[Block], title: str) -> str:
-    """One self-contained HTML page: inline CSS, figures as base64 PNG, no external resource."""
+    """One self-contained HTML page: inline CSS, figures as inline SVG (or base64 PNG), no external
+    resource."""
     esc = html.escape
     body: list[str] = []
     for block in blocks:
@@ -105,11 +142,7 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
             anchor = f' id="{esc(block.id)}"' if block.id else ""
             body.append(f'<div class="table-wrap"{anchor}>{table}</div>')
         else:
-            data = base64.b64encode(block.png).decode("ascii")
-            body.append(
-                f'<figure><img alt="{esc(block.caption)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{esc(block.caption)}</figcaption></figure>"
-            )
+            body.append(_figure_html(block))
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>{_CSS}</style></head>\n<body>\n"
