@@ -158,8 +158,7 @@ def opened(
 
 def test_verdict_table_is_on_the_first_screen(opened: dict[str, Any]) -> None:
     box = opened["verdict_box"]
-    if not opened["verdict_found"]:
-        pytest.xfail("verdict table lands with branch verdict")  # one-line switch: drop once #verdict exists
+    assert opened["verdict_found"], "no #verdict table in the report"
     assert box is not None and box["y"] >= 0 and box["y"] + min(box["height"], 200) <= VIEWPORT["height"], box
 
 
@@ -182,7 +181,6 @@ def test_no_figure_is_wider_than_the_page(opened: dict[str, Any]) -> None:
     assert _outside(opened, ("figure", "svg", "img")) == []
 
 
-@pytest.mark.xfail(strict=True, reason="wide tables (full hashes) are shortened by branch verdict's layout")
 def test_no_table_is_wider_than_the_page(opened: dict[str, Any]) -> None:
     # A table in its scrolling wrapper keeps the page from scrolling, but the reader still scrolls it.
     assert _outside(opened, ("table",)) == []

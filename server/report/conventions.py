@@ -111,7 +111,7 @@ def _matrix_blocks(report: StudyReport) -> list[Block]:
                 attribution.to_numpy(),
                 ATTRIBUTION_TEXT,
             ),
-            "Sites x findings: share of slices, and whose difference each is.",
+            "Findings x sites: share of slices, and whose difference each is.",
         ),
     ]
 
