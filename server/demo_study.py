@@ -58,11 +58,12 @@ def make_demo_sites(app: Path, run_config: Mapping[str, Scalar], sites: int) -> 
 
     Partition ``N`` reads ``<demo.dir>/site-N`` (``common.paths``); a folder that already
     holds a manifest.csv is used as it is. A missing one is written by
-    ``common.demo.hospitals.make_site`` with ``site_profile(N)``, ``seed=N``,
+    ``common.demo.hospitals.make_site`` with ``study_site_profile(N)`` (the first two label by
+    the study protocol and train; the others are validated as external sites), ``seed=N``,
     ``site_tag=str(N)`` and ``demo.slices`` slices of ``demo.size`` pixels, from the run
     config as the ClientApps will see it (:func:`simulation_study`).
     """
-    from common.demo.hospitals import make_site, site_profile
+    from common.demo.hospitals import make_site, study_site_profile
 
     study = simulation_study(app, run_config)
     root = demo_sites_dir(study.demo.dir)
@@ -70,7 +71,7 @@ def make_demo_sites(app: Path, run_config: Mapping[str, Scalar], sites: int) -> 
     for partition in range(sites):
         site_dir = simulated_site_dir(root, partition)
         if not (site_dir / MANIFEST_CSV).exists():
-            profile = site_profile(partition)
+            profile = study_site_profile(partition)
             log.info("making demo hospital %s (%s)", site_dir, profile.name)
             make_site(
                 site_dir,
