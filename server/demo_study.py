@@ -1,8 +1,10 @@
 """``sarcofed study demo``: the whole demo study on this machine, in Flower's simulation engine.
 
 Makes the synthetic hospitals (:func:`make_demo_sites`, those missing only), then runs the
-equivalent of ``flwr run .`` with three simulated hospitals: the study model is trained for
-a few federated rounds, validated at every site, and the report is written. Prints the
+equivalent of ``flwr run .`` with three simulated hospitals, the seed's study: the two that
+label by the study protocol train the study model for a few federated rounds, the third (psoas
+left out: the study's ``study.exclude-from-training``) is an external site; the model is
+validated at every site and the report is written. Prints the
 study's summary (each site with its role and n, each pooled group) and where the report is.
 The simulated sites only read their folders: the demo generator (``common.demo``) runs
 here, never inside a ClientApp, and is not in the app bundle.
