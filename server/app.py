@@ -34,7 +34,7 @@ from common import paths
 from common.errors import SarcofedError
 from protocols.findings import ErrorProfile
 from protocols.report import RoundRecord, SiteResult, StudyReport
-from protocols.study import StudyConfig
+from protocols.study import StudyConfig, recipe_note
 from server.validation import identify_sites, run_validation
 
 if TYPE_CHECKING:
@@ -198,6 +198,8 @@ def _run_study(
             )
         history = outcome.history
         notes += training_notes(outcome)
+        if (recipe := recipe_note(study)) is not None:  # e.g. the demo's faster schedule
+            notes.append(recipe)
         if study.study.exclude_from_training:
             notes.append(
                 f"excluded from training (validated only): {', '.join(study.study.exclude_from_training)}"

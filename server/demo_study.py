@@ -1,8 +1,10 @@
 """``sarcofed study demo``: the whole demo study on this machine, in Flower's simulation engine.
 
 Makes the synthetic hospitals (:func:`make_demo_sites`, those missing only), then runs the
-equivalent of ``flwr run .`` with three simulated hospitals: the study model is trained for
-a few federated rounds, validated at every site, and the report is written. Prints the
+equivalent of ``flwr run .`` with three simulated hospitals, the seed's study: the two that
+label by the study protocol train the study model for a few federated rounds, the third (psoas
+left out: the study's ``study.exclude-from-training``) is an external site; the model is
+validated at every site and the report is written. Prints the
 study's summary (each site with its role and n, each pooled group) and where the report is.
 The simulated sites only read their folders: the demo generator (``common.demo``) runs
 here, never inside a ClientApp, and is not in the app bundle.
@@ -58,11 +60,12 @@ def make_demo_sites(app: Path, run_config: Mapping[str, Scalar], sites: int) -> 
 
     Partition ``N`` reads ``<demo.dir>/site-N`` (``common.paths``); a folder that already
     holds a manifest.csv is used as it is. A missing one is written by
-    ``common.demo.hospitals.make_site`` with ``site_profile(N)``, ``seed=N``,
+    ``common.demo.hospitals.make_site`` with ``study_site_profile(N)`` (the first two label by
+    the study protocol and train; the others are validated as external sites), ``seed=N``,
     ``site_tag=str(N)`` and ``demo.slices`` slices of ``demo.size`` pixels, from the run
     config as the ClientApps will see it (:func:`simulation_study`).
     """
-    from common.demo.hospitals import make_site, site_profile
+    from common.demo.hospitals import make_site, study_site_profile
 
     study = simulation_study(app, run_config)
     root = demo_sites_dir(study.demo.dir)
@@ -70,7 +73,7 @@ def make_demo_sites(app: Path, run_config: Mapping[str, Scalar], sites: int) -> 
     for partition in range(sites):
         site_dir = simulated_site_dir(root, partition)
         if not (site_dir / MANIFEST_CSV).exists():
-            profile = site_profile(partition)
+            profile = study_site_profile(partition)
             log.info("making demo hospital %s (%s)", site_dir, profile.name)
             make_site(
                 site_dir,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from common.demo.hospitals import make_site, site_profile
+from common.demo.hospitals import SITE_PROFILES, STUDY_ORDER, make_site, study_site_profile
 from common.errors import SarcofedError
+from protocols.study import DEMO_STUDY, StudyConfig
 from server.demo_study import make_demo_sites, simulation_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def test_missing_demo_sites_are_made_as_the_simulated_sites_made_them(tmp_path: 
     for partition in (0, 2):  # profile, seed and tag of the partition: the same data as before
         expected = make_site(
             tmp_path / f"expected-{partition}",
-            site_profile(partition),
+            study_site_profile(partition),
             slices=2,
             size=48,
             seed=partition,
@@ -51,6 +52,19 @@ def test_missing_demo_sites_are_made_as_the_simulated_sites_made_them(tmp_path: 
         )
         assert _files(sites[partition]) == _files(expected)
     assert make_demo_sites(ROOT, config, 3) == sites  # a second call makes nothing
+
+
+def test_the_demo_study_trains_on_the_protocols_hospitals_and_validates_the_others_externally() -> None:
+    """The seed's study: hospitals that label by the study protocol train; the psoas-excluding one
+    (the seed's other hospital) comes next, then every other convention, all validated only."""
+    lineup = [study_site_profile(partition) for partition in range(len(SITE_PROFILES))]
+    assert sorted(STUDY_ORDER) == list(range(len(SITE_PROFILES)))  # every demo hospital, once
+    assert [p.follows_reference for p in lineup[:2]] == [True, True]
+    assert not lineup[2].convention.include_psoas
+    excluded = StudyConfig.from_run_config(DEMO_STUDY).study.exclude_from_training
+    assert sorted(excluded) == sorted(p.name for p in lineup if not p.follows_reference)
+    # what `flwr run .` and `sarcofed study demo` run: pyproject's config, with nothing given
+    assert simulation_study(ROOT, {}).study.exclude_from_training == excluded
 
 
 def test_the_demo_study_prints_the_reports_summary_when_it_finishes(

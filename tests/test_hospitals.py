@@ -51,6 +51,11 @@ def test_registry_has_the_conventions_discrepancy_tests_need() -> None:
     assert first[0].include_psoas and not first[1].include_psoas and first[2].imat_as_muscle
 
 
+def test_reference_like_profiles_follow_the_reference_convention_and_no_other_does() -> None:
+    following = {p.key for p in SITE_PROFILES if p.follows_reference}
+    assert following == {"reference-like", "reference-like, noisy scanner"}
+
+
 @pytest.mark.parametrize("profile", SITE_PROFILES, ids=lambda p: p.key)
 def test_every_profile_round_trips_through_the_site_loader(tmp_path: Path, profile) -> None:
     truth = list(demo_slices(profile, slices=3, size=SIZE, seed=5))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from protocols.model import ModelSpec
-from protocols.study import DEMO_STUDY, DemoSection, Scalar, StudyConfig, demo_run_config
+from protocols.study import DEMO_STUDY, DemoSection, Scalar, StudyConfig, demo_run_config, recipe_note
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,9 +20,10 @@ def test_pyproject_run_config_is_valid_and_complete() -> None:
     flat = _pyproject_run_config()
     study = StudyConfig.from_run_config(flat)  # type: ignore[arg-type]
     assert set(flat) == set(StudyConfig.valid_keys()), "every study setting is visible in pyproject.toml"
-    # The seed's recipe is the default.
-    assert (study.train.lr, study.train.batch_size, study.train.optimizer) == (2e-4, 4, "rmsprop")
-    assert (study.train.dice_weight, study.train.patience) == (0.5, 10)
+    # The seed's loss, batch and patience; where the demo trains faster, its report says so.
+    assert (study.train.batch_size, study.train.dice_weight, study.train.patience) == (4, 0.5, 10)
+    note = recipe_note(study)
+    assert note is not None and "train.optimizer adam (default rmsprop)" in note
 
 
 def test_pyproject_run_config_is_the_study_defaults_with_the_demo_changes_key_for_key() -> None:
@@ -57,6 +58,21 @@ def test_study_defaults_are_the_seed() -> None:
         4,
         10,
     )
+
+
+def test_the_recipe_note_names_each_change_to_the_seeds_model_and_training_with_both_values() -> None:
+    assert recipe_note(StudyConfig()) is None
+    assert recipe_note(StudyConfig.from_run_config({"study.name": "x", "demo.slices": 3})) is None
+    note = recipe_note(StudyConfig.from_run_config({"train.optimizer": "adam", "model.image-size": 192}))
+    assert note == (
+        "model and training differ from the study defaults (the seed's recipe): "
+        "model.image-size 192 (default 512), train.optimizer adam (default rmsprop)"
+    )
+    demo = recipe_note(StudyConfig.from_run_config(DEMO_STUDY))
+    assert demo is not None
+    for key, value in DEMO_STUDY.items():
+        if key.split(".")[0] in ("model", "train") or key == "study.num-rounds":
+            assert f"{key} {value} (default " in demo, key
 
 
 def test_demo_cli_makes_the_demo_studys_hospitals() -> None:

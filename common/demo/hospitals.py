@@ -112,6 +112,11 @@ class SiteProfile:
             f"Labels: {self.convention.describe()}; {self.mask_suffix} masks."
         )
 
+    @property
+    def follows_reference(self) -> bool:
+        """Whether the site labels by the reference (Alberta) convention, whatever it calls it."""
+        return replace(self.convention, name=REFERENCE.name) == REFERENCE
+
 
 SITE_PROFILES: tuple[SiteProfile, ...] = (
     SiteProfile(
@@ -189,11 +194,28 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
 DEFAULT_ORDER: tuple[int, ...] = tuple(range(len(SITE_PROFILES)))
 
 
+#: The demo study's hospitals (``sarcofed study demo``, ``flwr run .``), partition by partition,
+#: like the seed's study: the first two label by the study protocol and train the model; the
+#: others keep their own conventions and are validated as external sites, the psoas-excluding
+#: hospital first (the seed's other hospital). ``protocols.study.DEMO_STUDY`` names the others in
+#: ``study.exclude-from-training`` (tests/test_demo_study.py checks the two agree).
+STUDY_ORDER: tuple[int, ...] = (0, 6, 1, 2, 3, 4, 5)
+
+
+def _profile(order: tuple[int, ...], index: int) -> SiteProfile:
+    profile = SITE_PROFILES[order[index % len(order)]]
+    cycle = index // len(order)
+    return profile if cycle == 0 else replace(profile, name=f"{profile.name}-{cycle + 1}")
+
+
 def site_profile(index: int) -> SiteProfile:
     """Profile of demo site ``index``; beyond the registry the profiles repeat (with new seeds)."""
-    profile = SITE_PROFILES[DEFAULT_ORDER[index % len(SITE_PROFILES)]]
-    cycle = index // len(SITE_PROFILES)
-    return profile if cycle == 0 else replace(profile, name=f"{profile.name}-{cycle + 1}")
+    return _profile(DEFAULT_ORDER, index)
+
+
+def study_site_profile(partition: int) -> SiteProfile:
+    """Profile of the demo study's hospital ``partition`` (:data:`STUDY_ORDER`; repeats beyond it)."""
+    return _profile(STUDY_ORDER, partition)
 
 
 @dataclass(frozen=True)
@@ -453,6 +475,7 @@ def make_demo(
 __all__ = [
     "DEMO_MIN_PATIENTS",
     "SITE_PROFILES",
+    "STUDY_ORDER",
     "DemoSlice",
     "LabelValues",
     "ScannerProfile",
@@ -461,4 +484,5 @@ __all__ = [
     "make_demo",
     "make_site",
     "site_profile",
+    "study_site_profile",
 ]
