@@ -19,7 +19,8 @@ _CLASS: Final[dict[str, str]] = {
     "visceral_fat": "visceral fat",
     "msv": "MSV",
 }
-_REGION: Final[dict[str, str]] = {
+#: Finding region -> words (the report's too).
+REGION_TEXT: Final[dict[str, str]] = {
     "psoas": "psoas",
     "paraspinal": "the paraspinal muscles",
     "abdominal_wall": "the abdominal wall",
@@ -70,9 +71,12 @@ def kind_words(key: str) -> str:
     if len(parts) != 3:
         return key
     tissue, direction, region = parts
-    return (
-        f"{_REGION.get(region, region)} {_DIRECTION.get(direction, direction)} {_CLASS.get(tissue, tissue)}"
+    where, how, what = (
+        REGION_TEXT.get(region, region),
+        _DIRECTION.get(direction, direction),
+        _CLASS.get(tissue, tissue),
     )
+    return f"{where} {how} {what}"
 
 
 def _mark_text(mark: str) -> str:

@@ -67,26 +67,25 @@ def mean_interval(n: int, total: float, total_sq: float, level: float = LEVEL) -
     return MeanInterval(n, mean, sd, mean - half, mean + half)
 
 
-def proportion_greater_p(k1: int, n1: int, k2: int, n2: int) -> float:
-    """One-sided p-value of Fisher's exact test that proportion 1 exceeds proportion 2."""
+def _fisher_p(k1: int, n1: int, k2: int, n2: int, alternative: str) -> float:
+    """p-value of Fisher's exact test on ``k1/n1`` vs ``k2/n2`` (1 when either n is 0)."""
     for k, n in ((k1, n1), (k2, n2)):
         if n < 0 or not 0 <= k <= n:
             raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n1 == 0 or n2 == 0:
         return 1.0
     table = [[k1, n1 - k1], [k2, n2 - k2]]
-    return float(_stats.fisher_exact(table, alternative="greater").pvalue)
+    return float(_stats.fisher_exact(table, alternative=alternative).pvalue)
+
+
+def proportion_greater_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """One-sided p-value of Fisher's exact test that proportion 1 exceeds proportion 2."""
+    return _fisher_p(k1, n1, k2, n2, "greater")
 
 
 def proportions_differ_p(k1: int, n1: int, k2: int, n2: int) -> float:
     """Two-sided p-value of Fisher's exact test that proportions ``k1/n1`` and ``k2/n2`` differ."""
-    for k, n in ((k1, n1), (k2, n2)):
-        if n < 0 or not 0 <= k <= n:
-            raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    if n1 == 0 or n2 == 0:
-        return 1.0
-    table = [[k1, n1 - k1], [k2, n2 - k2]]
-    return float(_stats.fisher_exact(table, alternative="two-sided").pvalue)
+    return _fisher_p(k1, n1, k2, n2, "two-sided")
 
 
 #: Bland-Altman limits of agreement are mean +- this many sd.

@@ -17,6 +17,7 @@ import pandas as pd
 
 from common.attribution import systematic_in_profile
 from common.pooling import usable_sites
+from common.release_words import REGION_TEXT
 from common.stats import mean_interval, wilson_interval
 from protocols.classes import TISSUES
 from protocols.findings import DIRECTIONS, REGIONS, Attribution, AuditCheck, ErrorProfile, Finding
@@ -29,14 +30,6 @@ ATTRIBUTION_TEXT: Final[dict[Attribution | None, str]] = {
     "model": "model",
     "undetermined": "undetermined",
     None: "not attributed",
-}
-REGION_TEXT: Final[dict[str, str]] = {
-    "psoas": "psoas",
-    "paraspinal": "the paraspinal muscles",
-    "abdominal_wall": "the abdominal wall",
-    "boundary": "tissue along the contours",
-    "intramuscular_fat": "intramuscular fat",
-    "other": "other regions",
 }
 TISSUE_TEXT: Final[dict[str, str]] = {t: t.replace("_", " ") for t in TISSUES}
 
@@ -246,17 +239,21 @@ def audit_display(report: StudyReport) -> tuple[pd.DataFrame, list[str]]:
 # --------------------------------------------------------------------------- sentences
 
 
+def model_error_phrase(key: str) -> str:
+    """What the model does wrong, for a profile key ``tissue:direction:region``: the profile's
+    direction is the labels' (the site's), so the model does the opposite."""
+    tissue, direction, region = key.split(":")
+    if direction == "site_excludes":
+        return f"adds {REGION_TEXT[region]} to {TISSUE_TEXT[tissue]}"
+    return f"leaves {REGION_TEXT[region]} out of {TISSUE_TEXT[tissue]}"
+
+
 def profile_lines(profile: ErrorProfile) -> list[str]:
     """The model's own systematic errors, one line each (see ``common.attribution.systematic_in_profile``)."""
     lines = []
     for key in systematic_in_profile(profile):
         s = profile.key_stats[key]
-        tissue, direction, region = key.split(":")
-        what = (
-            f"adds {REGION_TEXT[region]} to {TISSUE_TEXT[tissue]}"
-            if direction == "site_excludes"
-            else f"leaves {REGION_TEXT[region]} out of {TISSUE_TEXT[tissue]}"
-        )
+        what = model_error_phrase(key)
         low, high = wilson_interval(s.n_present, s.n)
         area = mean_interval(s.n, s.sum_net_cm2, s.sum_sq_net_cm2)
         share = s.sum_net_share / s.n if s.n else None
@@ -322,6 +319,7 @@ __all__ = [
     "findings_matrix",
     "findings_table",
     "impact_sentences",
+    "model_error_phrase",
     "profile_lines",
     "shows_impact",
     "site_findings",

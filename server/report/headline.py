@@ -22,7 +22,7 @@ from common.stats import mean_interval, proportions_differ_p
 from protocols.findings import ErrorProfile
 from protocols.report import StudyReport
 from server.report.blocks import Block, Table, Text
-from server.report.findings import REGION_TEXT, TISSUE_TEXT, site_findings
+from server.report.findings import model_error_phrase, site_findings
 from server.report.glance import share_text
 from server.report.groups import Group, counts_text
 from server.report.verdict import (
@@ -107,13 +107,7 @@ def profile_sentence(profile: ErrorProfile | None) -> str:
     parts = []
     for key in keys:
         s = profile.key_stats[key]
-        tissue, direction, region = key.split(":")
-        # the profile's direction is the site's (the labels'); the model does the opposite
-        what = (
-            f"adds {REGION_TEXT[region]} to {TISSUE_TEXT[tissue]}"
-            if direction == "site_excludes"
-            else f"leaves {REGION_TEXT[region]} out of {TISSUE_TEXT[tissue]}"
-        )
+        what = model_error_phrase(key)
         area = mean_interval(s.n, s.sum_net_cm2, s.sum_sq_net_cm2).mean
         net = f", {area:.1f} cm² per slice" if area is not None else ""
         parts.append(f"it {what} (on {s.n_present} of {s.n} slices{net})")
