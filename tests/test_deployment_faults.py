@@ -190,6 +190,7 @@ def test_training_resumes_from_its_checkpoint_after_the_superlink_restarts(tmp_p
             # below the demo policy's min-slices): this test is about resuming, not validation
             "train.val-fraction": 0.2,
             "train.test-fraction": 0.0,
+            "study.exclude-from-training": "",  # both sites train (the demo config excludes site-1's profile)
         }
         started = time.monotonic()
         run_id = dep.start(config)

@@ -69,6 +69,8 @@ def test_no_canary_leaves_a_site(tmp_path: Path) -> None:
             "model.image-size": SIZE,
             "train.local-epochs": 1,
             "train.batch-size": 4,
+            # every site trains here (the demo's exclusions would leave one): training is a data path too
+            "study.exclude-from-training": "",
         }
         trained = dep.run(
             common | {"study.mode": "train+evaluate", "study.num-rounds": 1, "study.run-name": "t"}
