@@ -9,10 +9,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from client.cli_help import sarcofed_typer
 from client.render import counting_progress, render_check
 from common.errors import SiteFolderError
 
-site_app = typer.Typer(
+site_app = sarcofed_typer(
     help="Commands a hospital runs next to its private data (nothing here sends anything).",
     no_args_is_help=True,
 )

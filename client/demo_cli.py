@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -13,18 +12,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from client.cli_help import sarcofed_typer
 from client.render import counting_progress
 from protocols.study import DemoSection
 
 #: The hospitals of the demo study (``demo.slices`` / ``demo.size``): `demo make` writes the same.
 DEMO_HOSPITALS = DemoSection()
 
-demo_app = typer.Typer(help="Synthetic demo hospitals (no real patient data).", no_args_is_help=True)
-
-
-def _unwrap(text: str) -> str:
-    """Join the lines of each paragraph: rich help would keep the docstring's line breaks."""
-    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n"))
+demo_app = sarcofed_typer(help="Synthetic demo hospitals (no real patient data).", no_args_is_help=True)
 
 
 class DemoSite(BaseModel):
@@ -174,4 +169,4 @@ def make(
     )
 
 
-demo_app.command("make", help=_unwrap(make.__doc__ or ""))(make)
+demo_app.command("make")(make)

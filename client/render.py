@@ -3,14 +3,17 @@ findings), the report of ``sarcofed site check``, and progress bars."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.console import Group as RenderGroup
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from common.release_words import release_sentences
 from protocols.classes import IOU_BINS, METRIC_CLASSES, SEED_COLUMN, TISSUES, ExclusionReason
@@ -18,7 +21,7 @@ from protocols.findings import LabelAudit
 from protocols.payloads import EvaluationPayload
 
 if TYPE_CHECKING:
-    from common.check import SiteCheckReport
+    from common.check import SiteCheckReport, SliceProblem
 
 
 @contextmanager
@@ -104,7 +107,8 @@ def render_payload(payload: EvaluationPayload, console: Console) -> None:
         f"({patients}), {what}{_scope(payload)}; dataset fingerprint {payload.dataset_fingerprint}"
     )
     if payload.excluded:
-        console.print("excluded: " + ", ".join(f"{k} {v}" for k, v in sorted(payload.excluded.items())))
+        excluded = ", ".join(f"{k} {v}" for k, v in sorted(payload.excluded.items()))
+        console.print(f"excluded: {escape(excluded)}")
     if payload.n_used or payload.dp is not None:  # a noised count of 0 still comes with noised tables
         _render_results(payload, console)
     for sentence in release_sentences(payload):  # what was noised or withheld, whatever was scored
@@ -117,20 +121,24 @@ def _render_results(payload: EvaluationPayload, console: Console) -> None:
     if payload.harmonised_scores:
         harmonised = payload.model_copy(update={"scores": payload.harmonised_scores})
         console.print(seed_table(harmonised, "After applying the HU ranges to both masks (harmonised)"))
-    areas = Table(title="Area agreement (test - site label), cm^2", title_justify="left")
-    for col in ("tissue", "n", "label mean", "test mean", "mean diff", "SD diff", "95% limits"):
+    # short headers and word-wrappable tissue names: the table fits 80 columns
+    areas = Table(
+        title="Area agreement, cm^2 (means; diff = test - label)",
+        title_justify="left",
+    )
+    for col in ("tissue", "n", "label", "test", "diff", "SD diff", "95% limits"):
         areas.add_column(col, justify="right" if col != "tissue" else "left")
     for tissue in TISSUES:
         a = payload.areas.get(tissue)
         if a is None or a.n == 0:
             continue
         limits = (
-            f"{a.mean_diff_cm2 - 1.96 * a.sd_diff_cm2:+.1f} .. {a.mean_diff_cm2 + 1.96 * a.sd_diff_cm2:+.1f}"
+            f"{a.mean_diff_cm2 - 1.96 * a.sd_diff_cm2:+.1f}..{a.mean_diff_cm2 + 1.96 * a.sd_diff_cm2:+.1f}"
             if a.mean_diff_cm2 is not None and a.sd_diff_cm2 is not None
             else "-"
         )
         areas.add_row(
-            tissue,
+            tissue.replace("_", " "),
             str(a.n),
             f"{a.mean_label_cm2:.1f}" if a.mean_label_cm2 is not None else "-",
             f"{a.mean_test_cm2:.1f}" if a.mean_test_cm2 is not None else "-",
@@ -149,8 +157,9 @@ def _render_results(payload: EvaluationPayload, console: Console) -> None:
     if payload.sarcopenia:
         c = payload.sarcopenia
         console.print(
-            f"Sarcopenia calls ({c.cutoff_set}): both {c.both_sarcopenic}, label only {c.label_only}, "
-            f"test only {c.test_only}, neither {c.neither}, unknown sex/height {c.unknown}"
+            f"Sarcopenia calls ({escape(c.cutoff_set)}): both {c.both_sarcopenic}, "
+            f"label only {c.label_only}, test only {c.test_only}, neither {c.neither}, "
+            f"unknown sex/height {c.unknown}"
         )
     if payload.label_audit is not None and payload.label_audit.checks:
         render_label_audit(payload.label_audit, console)
@@ -217,16 +226,53 @@ def render_check(report: SiteCheckReport, console: Console) -> None:
         for reason, count in report.excluded.items():
             reasons.add_row(reason, str(count), escape(ExclusionReason(reason).label))
         console.print(reasons)
-        problems = Table(title="Excluded rows (local only: names files)")
-        problems.add_column("file", overflow="fold")
-        problems.add_column("line", justify="right")
-        problems.add_column("reason")
-        problems.add_column("what to fix", overflow="fold")
-        for problem in report.problems:
-            problems.add_row(
-                escape(problem.file), str(problem.line or ""), problem.reason, escape(problem.detail)
-            )
-        console.print(problems)
+        render_problems(report.problems, console)
+
+
+#: How many file names a group of excluded rows shows before "and N more".
+SHOWN_FILES = 3
+
+
+@dataclass(frozen=True)
+class ProblemGroup:
+    """Excluded rows that share one reason and one fix: the fix is printed once, with the count."""
+
+    reason: str
+    detail: str
+    files: tuple[str, ...]  #: "path (line N)" of each row, in manifest order
+
+
+def group_problems(problems: Iterable[SliceProblem]) -> list[ProblemGroup]:
+    """``problems`` grouped by (reason, fix text), in the order each group first appears."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for problem in problems:
+        where = f"{problem.file} (line {problem.line})" if problem.line else problem.file
+        groups.setdefault((problem.reason, problem.detail), []).append(where)
+    return [ProblemGroup(reason, detail, tuple(files)) for (reason, detail), files in groups.items()]
+
+
+def render_problems(problems: Iterable[SliceProblem], console: Console) -> None:
+    """Each distinct fix once: its reason, how many rows, the fix, and a few of the files.
+
+    Plain ``Text`` throughout: file names and fixes are printed verbatim (``[labels]`` included),
+    never read as rich markup; wrapped to the terminal, so it reads at 80 columns.
+    """
+    listing = Table.grid(padding=(0, 1))
+    listing.add_column(no_wrap=True)
+    listing.add_column(overflow="fold")
+    for group in group_problems(problems):
+        count = len(group.files)
+        rows = "1 row" if count == 1 else f"{count} rows"
+        more = f" and {count - SHOWN_FILES} more" if count > SHOWN_FILES else ""
+        listing.add_row(
+            "-",
+            RenderGroup(
+                Text.assemble((group.reason, "yellow"), f", {rows}: ", group.detail),
+                Text(", ".join(group.files[:SHOWN_FILES]) + more, style="dim"),
+            ),
+        )
+    console.print(Text("What to fix (local only: names files)", style="bold"))
+    console.print(listing)
 
 
 def render_label_audit(audit: LabelAudit, console: Console) -> None:

@@ -17,6 +17,7 @@ from rich.table import Table
 from client.allowlist import code_hash, current_app_hash, loaded_code_root
 from client.audit import AuditEntry, AuditVerification, audit_path, read_audit, verify_log
 from client.audit_anchor import AuditLogError, anchor_path, key_path, read_anchor
+from client.cli_help import sarcofed_typer
 from client.deploy import (
     DEFAULT_RUNTIME_PORT,
     JoinSpec,
@@ -34,7 +35,7 @@ SITE_DIR = typer.Argument(
     ..., help="The site folder (holding site.toml and manifest.csv).", show_default=False
 )
 
-policy_app = typer.Typer(
+policy_app = sarcofed_typer(
     help="The site's release policy (policy.toml) and app allow-list.", no_args_is_help=True
 )
 
@@ -125,7 +126,7 @@ def _audit_table(path: Path, entries: list[AuditEntry]) -> None:
             e.time[:19],
             f"[{style[e.event]}]{e.event}[/]",
             str(e.run_id),
-            e.task,
+            escape(e.task),
             e.app_hash[:12],
             f"{e.payload_sha256[:12]} {size}".strip(),
             escape(e.detail or ""),

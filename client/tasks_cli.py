@@ -23,12 +23,22 @@ from client.render import render_payload
 from client.site_tasks import evaluation_scope, run_local_training, site_role
 from common.dataset import load_site
 from common.errors import SarcofedError
+from protocols.cutoffs import CutoffSet
 from protocols.payloads import EvaluationPayload, Role
 
 if TYPE_CHECKING:  # torch loads only when a command runs a model
     from common.site_evaluation import Scored
 
-CUTOFF_HELP = "SMI cut-off set for sarcopenia calls: prado2008, martin2013 or korean."
+#: ``--cutoff-set``: one of the named sets, in any case (``Korean``); an unknown one is a usage
+#: error (exit 2) that lists the choices.
+CutoffOption = Annotated[
+    CutoffSet,
+    typer.Option(
+        case_sensitive=False,
+        metavar="SET",
+        help=f"SMI cut-off set for sarcopenia calls: {CutoffSet.choices()} (any case).",
+    ),
+]
 
 
 class RoleOption(StrEnum):
@@ -66,25 +76,33 @@ def _emit(payload: EvaluationPayload, as_json: bool) -> None:
 
 
 def _fail(err: Exception) -> None:
-    Console(stderr=True).print(f"[red]error:[/] {err}")
+    Console(stderr=True).print(f"[red]error:[/] {escape(str(err))}")
     raise typer.Exit(1)
 
 
 def evaluate_cmd(
     site_dir: Annotated[Path, typer.Argument(help="The site folder (site.toml + manifest.csv).")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="The study model: RUN_DIR/model.pt.")],
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", "-m", help="The study model: a model.pt, or the study's run folder holding it."
+        ),
+    ],
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the payload as JSON, exactly as sent.")
     ] = False,
-    cutoff_set: Annotated[str, typer.Option(help=CUTOFF_HELP)] = "prado2008",
+    cutoff_set: CutoffOption = CutoffSet.prado2008,
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per inference batch.")] = 4,
-    discrepancy: Annotated[bool, typer.Option(help="Add label-definition findings.")] = True,
+    no_discrepancy: Annotated[
+        bool, typer.Option("--no-discrepancy", help="Leave out the label-definition findings.")
+    ] = False,
     role: Annotated[
         RoleOption,
         typer.Option(
+            metavar="ROLE",
             help="internal: this site trained the model, so only its held-out test patients are scored; "
             "external: every usable slice; auto: internal when the model file names this site or "
-            "site.toml's contributed_models lists its hash."
+            "site.toml's contributed_models lists its hash.",
         ),
     ] = RoleOption.auto,
 ) -> None:
@@ -116,7 +134,7 @@ def evaluate_cmd(
             loaded,
             cutoff_set=cutoff_set,
             batch_size=batch_size,
-            discrepancy=discrepancy,
+            discrepancy=not no_discrepancy,
             progress=not as_json,
             protocol=context.protocol,
             scope=evaluation_scope(site, chosen, context.split),
@@ -133,7 +151,7 @@ def compare_cmd(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the payload as JSON, exactly as sent.")
     ] = False,
-    cutoff_set: Annotated[str, typer.Option(help=CUTOFF_HELP)] = "prado2008",
+    cutoff_set: CutoffOption = CutoffSet.prado2008,
 ) -> None:
     """Compare this site's `label` masks with its `reference` masks, without any model.
 
@@ -198,7 +216,7 @@ def train_cmd(
             f"trained on {summary['n_train']} slices ({summary['n_val']} for validation, "
             f"{summary['n_test_held_out']} test rows held out) for {epochs} epochs: "
             f"train loss {fmt(summary['train_loss'], 4)}, val loss {fmt(summary['val_loss'], 4)}, "
-            f"val muscle IoU {fmt(summary['val_muscle_iou'], 3)}; model written to {out}"
+            f"val muscle IoU {fmt(summary['val_muscle_iou'], 3)}; model written to {escape(str(out))}"
         )
 
 

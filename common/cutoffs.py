@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import StrEnum
 
+from protocols.cutoffs import CutoffSet
 
-class CutoffSet(StrEnum):
-    """Names of the available cut-off sets."""
-
-    prado2008 = "prado2008"
-    martin2013 = "martin2013"
-    korean = "korean"
+__all__ = ["CUTOFF_SETS", "CutoffSet", "SmiCutoffs", "get_cutoff_set", "is_sarcopenic"]
 
 
 @dataclass(frozen=True)
@@ -79,12 +74,12 @@ CUTOFF_SETS: dict[CutoffSet, SmiCutoffs] = {
 
 
 def get_cutoff_set(name: str | CutoffSet) -> SmiCutoffs:
-    """The cut-off set called ``name``; an unknown name raises ValueError listing the valid ones."""
+    """The cut-off set called ``name`` (any case); an unknown name raises ValueError listing the
+    valid ones."""
     try:
         key = CutoffSet(name)
     except ValueError:
-        valid = ", ".join(c.value for c in CutoffSet)
-        raise ValueError(f"unknown SMI cut-off set {name!r}; valid sets: {valid}") from None
+        raise ValueError(f"unknown SMI cut-off set {name!r}; valid sets: {CutoffSet.choices()}") from None
     return CUTOFF_SETS[key]
 
 

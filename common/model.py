@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ PACK_FORMAT: Final = "sarcofed-packed-v1"
 __all__ = [
     "ARCHITECTURES",
     "DEFAULT_HU_WINDOW",
+    "MODEL_FILE_NAME",
     "LoadedModel",
     "ModelSpec",
     "build_model",
@@ -57,6 +59,7 @@ __all__ = [
     "load_model",
     "model_from_state",
     "pack_state",
+    "resolve_model_path",
     "save_model",
     "to_group_norm",
     "unpack_state",
@@ -325,25 +328,82 @@ def save_model(
     return path
 
 
+#: The file name of the study model in a run folder (what ``--model RUN_DIR`` means).
+MODEL_FILE_NAME: Final = "model.pt"
+#: How a user gets a model, for every "this is not one" error.
+_HOW_TO_GET = (
+    f"give the {MODEL_FILE_NAME} a sarcofed study writes into its run folder (or the run folder "
+    "itself), or one written by `sarcofed site train --out`"
+)
+
+
+def resolve_model_path(path: Path | str) -> Path:
+    """The model file that a ``--model`` / ``study.model`` argument names.
+
+    A file is itself; a folder (a study's run folder) means its ``model.pt``. Raises
+    :class:`~common.errors.SarcofedError` naming the path when there is no such file.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        inside = path / MODEL_FILE_NAME
+        if inside.is_file():
+            return inside
+        raise SarcofedError(f"{path}: a folder without a {MODEL_FILE_NAME} in it; {_HOW_TO_GET}")
+    if not path.exists():
+        raise SarcofedError(f"{path}: model file not found; {_HOW_TO_GET}")
+    if not path.is_file():
+        raise SarcofedError(f"{path}: not a regular file, so not a sarcofed model; {_HOW_TO_GET}")
+    return path
+
+
+def _is_training_checkpoint(payload: object) -> bool:
+    """True for the resume checkpoint a training study writes (``server.checkpoint``)."""
+    return isinstance(payload, dict) and {"completed_round", "state_dict", "stopping"} <= payload.keys()
+
+
+def _read_model_payload(path: Path) -> object:
+    """``torch.load`` of ``path`` with ``weights_only=True``; a file that is not a sarcofed model
+    (text, a truncated or foreign file) raises SarcofedError that says so, never PyTorch's advice to
+    load it unsafely."""
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise SarcofedError(
+            f"{path}: not a sarcofed model (its content is not a PyTorch archive); {_HOW_TO_GET}"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a PyTorch file holding more than tensors and plain values, or damaged
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        detail = "" if not first or "weights_only" in str(err) else f": {first}"
+        raise SarcofedError(
+            f"{path}: not a sarcofed model (a PyTorch file sarcofed cannot read safely"
+            f"{detail}); {_HOW_TO_GET}"
+        ) from None
+
+
 def load_model(path: Path | str) -> LoadedModel:
-    """Read a file written by :func:`save_model`; the model comes back in eval mode.
+    """Read a file written by :func:`save_model` (or a run folder's, :func:`resolve_model_path`);
+    the model comes back in eval mode. The one owner of reading a ``--model`` argument.
 
     Raises :class:`~common.errors.SarcofedError` naming the file when it is missing, is not a
-    sarcofed model, or its weights do not match the stored hash.
+    sarcofed model (a training checkpoint is named as such, with the model.pt beside it), or its
+    weights do not match the stored hash.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SarcofedError(f"{path}: model file not found (expected a model.pt written by sarcofed)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    path = resolve_model_path(path)
+    payload = _read_model_payload(path)
+    if _is_training_checkpoint(payload):
+        beside = path.parent / MODEL_FILE_NAME
+        where = (
+            f"use {beside} beside it"
+            if beside.is_file()
+            else f"there is no {MODEL_FILE_NAME} beside it yet (a study writes one after its first round)"
+        )
         raise SarcofedError(
-            f"{path}: not a readable sarcofed model file ({type(err).__name__}: {err})"
-        ) from err
+            f"{path}: a training checkpoint (written so that a stopped study can resume), not a "
+            f"model; {where}"
+        )
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise SarcofedError(
-            f"{path}: not a sarcofed model (no format={MODEL_FORMAT!r} entry); "
-            "write models with common.model.save_model"
+            f"{path}: not a sarcofed model (a PyTorch file without format={MODEL_FORMAT!r}); {_HOW_TO_GET}"
         )
     if payload.get("format_version") != MODEL_FORMAT_VERSION:
         raise SarcofedError(

@@ -19,6 +19,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from protocols.cutoffs import CutoffSet
 from protocols.model import ModelSpec
 from protocols.protocol import LabelProtocol
 
@@ -51,6 +52,8 @@ def _csv(value: object) -> object:
 
 
 class StudySection(_Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True)
+
     name: str = "demo-study"
     #: what the ServerApp does: train, then validate ("train+evaluate"), or only one part.
     mode: Literal["train+evaluate", "train", "evaluate", "compare"] = "train+evaluate"
@@ -68,7 +71,8 @@ class StudySection(_Section):
     resume: bool = False
     #: evaluate-only studies: the model.pt to validate (coordinator-side path).
     model: str = ""
-    cutoff_set: Literal["prado2008", "martin2013", "korean"] = "prado2008"
+    #: any case (``Korean``); stored as the lower-case name
+    cutoff_set: CutoffSet = Field(CutoffSet.prado2008, validate_default=True)
     discrepancy: bool = True
     harmonised: bool = True
 

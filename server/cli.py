@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import logging
 
-import typer
-
 from client import site_ops_cli, tasks_cli
 from client.cli import site_app
+from client.cli_help import sarcofed_typer
 from client.demo_cli import demo_app
 from client.workbench.cli import register as register_workbench
 from server import study_cli
 from server.demo_study import demo_study_cmd
 
-app = typer.Typer(
+app = sarcofed_typer(
     name="sarcofed",
     help=(
         "Federated training and external validation of CT L3 body-composition models. "
@@ -25,7 +24,7 @@ app = typer.Typer(
 tasks_cli.register(site_app)
 register_workbench(site_app)
 site_ops_cli.register(site_app)
-study_app = typer.Typer(help="Commands a study coordinator runs.", no_args_is_help=True)
+study_app = sarcofed_typer(help="Commands a study coordinator runs.", no_args_is_help=True)
 study_app.command("demo")(demo_study_cmd)
 study_cli.register(study_app)
 app.add_typer(site_app, name="site")

@@ -20,6 +20,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from common.dataset import MANIFEST_CSV
 from common.errors import SarcofedError
@@ -114,13 +115,16 @@ def demo_study_cmd(
         Path | None,
         typer.Option(help="Where demo sites and studies go (default $SARCOFED_HOME or ~/sarcofed)."),
     ] = None,
-    quiet: Annotated[bool, typer.Option(help="Do not stream Flower's logs.")] = False,
+    # on/off flags without a --no- twin: the twin only widens the help table (default: off)
+    quiet: Annotated[bool, typer.Option("--quiet", help="Do not stream Flower's logs.")] = False,
     make_only: Annotated[
         bool,
-        typer.Option(help="Only make the demo hospitals (HOME/demo-sites), for a later `flwr run .`."),
+        typer.Option(
+            "--make-only", help="Only make the demo hospitals (HOME/demo-sites), for a later `flwr run .`."
+        ),
     ] = False,
     keep_superlink: Annotated[
-        bool, typer.Option(help="Leave the local SuperLink running afterwards.")
+        bool, typer.Option("--keep-superlink", help="Leave the local SuperLink running afterwards.")
     ] = False,
 ) -> None:
     """Run the whole demo study: train on synthetic hospitals, validate at each, write the report.
@@ -138,15 +142,19 @@ def demo_study_cmd(
     } | ({"study.num-rounds": rounds} if rounds else {})
     started = time.monotonic()
     try:
-        with console.status(f"making the demo hospitals in {root / 'demo-sites'} (once) ..."):
+        with console.status(f"making the demo hospitals in {escape(str(root / 'demo-sites'))} (once) ..."):
             made = make_demo_sites(app_dir(), run_config, sites)
     except SarcofedError as err:
-        Console(stderr=True).print(f"[red]error:[/] {err}")
+        Console(stderr=True).print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
     if make_only:
-        console.print(f"demo hospitals ready in {root / 'demo-sites'}: {', '.join(p.name for p in made)}")
+        # paths and names verbatim: a folder called "[x]" is not rich markup
         console.print(
-            f"run a study on them with: flwr run . --run-config 'demo.dir=\"{root / 'demo-sites'}\"'"
+            f"demo hospitals ready in {root / 'demo-sites'}: {', '.join(p.name for p in made)}", markup=False
+        )
+        console.print(
+            f"run a study on them with: flwr run . --run-config 'demo.dir=\"{root / 'demo-sites'}\"'",
+            markup=False,
         )
         return
     before = set(local_superlink_pids())
@@ -159,7 +167,7 @@ def demo_study_cmd(
             echo=None if quiet else console.out,
         )
     except SarcofedError as err:
-        Console(stderr=True).print(f"[red]error:[/] {err}")
+        Console(stderr=True).print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
     finally:
         if not keep_superlink:
@@ -167,14 +175,14 @@ def demo_study_cmd(
     minutes = (time.monotonic() - started) / 60
     latest = root / "studies" / "LATEST"
     if not outcome.ok:
+        state = escape(f"{outcome.status} {outcome.details}")
         Console(stderr=True).print(
-            f"[red]the study failed[/] (run {outcome.run_id}: {outcome.status} {outcome.details}); "
-            "see the log above"
+            f"[red]the study failed[/] (run {outcome.run_id}: {state}); see the log above"
         )
         raise typer.Exit(1)
     run_dir = Path(latest.read_text(encoding="utf-8").strip()) if latest.exists() else root / "studies"
     console.print(f"[green]demo study finished[/] in {minutes:.1f} min (run {outcome.run_id}).")
     for line in study_summary(run_dir):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
-    console.print(f"report: {run_dir / 'report.html'}")
-    console.print(f"        {run_dir / 'report.md'} and {run_dir / 'report.json'}")
+    console.print(f"report: {run_dir / 'report.html'}", markup=False)
+    console.print(f"        {run_dir / 'report.md'} and {run_dir / 'report.json'}", markup=False)

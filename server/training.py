@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.errors import SarcofedError
-from common.model import build_model, pack_state, save_model, unpack_state, weights_hash
+from common.model import MODEL_FILE_NAME, build_model, pack_state, save_model, unpack_state, weights_hash
 from protocols import keys
 from protocols.classes import METRIC_CLASSES
 from protocols.report import RoundRecord
@@ -120,7 +120,7 @@ def run_training(
             f"only {len(train_nodes)} site(s) may train ({sorted(sites[n] for n in train_nodes)}) but "
             f"study.min-sites = {study.study.min_sites}; lower it or exclude fewer sites"
         )
-    model_path = run_dir / "model.pt"
+    model_path = run_dir / MODEL_FILE_NAME
     if study.study.resume and (run_dir / "checkpoint.pt").exists():
         state = load_checkpoint(run_dir)
         # Flower's logger: the line reaches `flwr log RUN_ID`, so the coordinator sees what resumed

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -28,8 +30,8 @@ def workbench(
     model: Path = typer.Option(
         None,
         "--model",
-        help="Study model (model.pt) for 'Segment selected'. Without it, a rough "
-        "HU-threshold pre-segmentation is used and labelled as such.",
+        help="Study model (model.pt, or the run folder holding it) for 'Segment selected'. "
+        "Without it, a rough HU-threshold pre-segmentation is used and labelled as such.",
     ),
     mask_format: str = typer.Option(
         "auto",
@@ -68,27 +70,43 @@ def workbench(
 
         demo = make_series(demo_series)
         console.print(
-            f"Synthetic series written to {demo.folder} (true L3: slices {demo.l3[0]}-{demo.l3[1]})"
+            f"Synthetic series written to {escape(str(demo.folder))} "
+            f"(true L3: slices {demo.l3[0]}-{demo.l3[1]})"
         )
         folder = folder or demo.folder
         site = site or demo.folder.parent / f"{demo.folder.name}-site"
-    if folder is None or not folder.is_dir():
-        errors.print(f"[red]Not a folder:[/red] {folder}. Give the folder holding the CT series.")
+    if folder is None:
+        raise click.UsageError(
+            "Missing argument 'FOLDER': the folder holding the CT series "
+            "(or --demo-series DIR to write a synthetic one)."
+        )
+    if not folder.is_dir():
+        errors.print(
+            f"[red]Not a folder:[/red] {escape(str(folder))}. Give the folder holding the CT series."
+        )
         raise typer.Exit(2)
-    if model is not None and not model.is_file():
-        errors.print(f"[red]Model not found:[/red] {model} (expected a model.pt written by sarcofed)")
-        raise typer.Exit(2)
+    if model is not None:
+        from common.errors import SarcofedError
+        from common.model import resolve_model_path
+
+        try:
+            model = resolve_model_path(model)  # a run folder means its model.pt
+        except SarcofedError as err:
+            errors.print(f"[red]Model not usable:[/red] {escape(str(err))}")
+            raise typer.Exit(2) from None
     allowed = ["127.0.0.1", "localhost", "[::1]"]
     if host not in LOOPBACK:
         errors.print(
-            f"[yellow]Warning:[/yellow] binding {host}: anyone who can reach this machine on port {port} "
-            "can see these CT images. Use 127.0.0.1 unless you really mean it."
+            f"[yellow]Warning:[/yellow] binding {escape(host)}: anyone who can reach this machine on "
+            f"port {port} can see these CT images. Use 127.0.0.1 unless you really mean it."
         )
         allowed = ["*"]
     state = WorkbenchState(root=folder, site_dir=site, model_path=model, mask_format=mask_format)
     app = create_app(state, allowed_hosts=allowed)
     shown = "127.0.0.1" if host in LOOPBACK else host
-    console.print(f"Workbench on http://{shown}:{port}/  (folder {state.root}; Ctrl-C to stop)")
+    console.print(
+        f"Workbench on http://{escape(shown)}:{port}/  (folder {escape(str(state.root))}; Ctrl-C to stop)"
+    )
     if site is None:
         console.print("No --site given: 'Save to site' is disabled.")
     uvicorn.run(app, host=host, port=port, log_level="warning")
