@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.console import Group as RenderGroup
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -39,6 +39,19 @@ def counting_progress(
     ) as progress:
         task = progress.add_task(label, total=total)
         yield lambda done, of: progress.update(task, completed=done, total=of)
+
+
+def bullets(items: Iterable[RenderableType]) -> Table:
+    """A "- item" list whose wrapped lines stay indented under their item's text.
+
+    A ``str`` item is rich markup (escape what it quotes); a ``Text`` item prints verbatim.
+    """
+    listing = Table.grid(padding=(0, 1))
+    listing.add_column(no_wrap=True)
+    listing.add_column(overflow="fold")
+    for item in items:
+        listing.add_row("-", item)
+    return listing
 
 
 def _cell(value: int | None) -> str:
@@ -165,12 +178,15 @@ def _render_results(payload: EvaluationPayload, console: Console) -> None:
         render_label_audit(payload.label_audit, console)
     if payload.findings:
         console.print("[bold]Label-definition findings[/]")
+        items: list[RenderableType] = []
         for f in payload.findings:
             mark = "[red]systematic[/]" if f.systematic else "scattered"
-            console.print(f" - ({mark}) {escape(f.sentence)}")
+            lines = [f"({mark}) {escape(f.sentence)}"]
             if f.attribution is not None:
                 why = f": {escape(f.evidence)}" if f.evidence else ""
-                console.print(f"   whose difference: {_ATTRIBUTION[f.attribution]}{why}", style="dim")
+                lines.append(f"[dim]whose difference: {_ATTRIBUTION[f.attribution]}{why}[/dim]")
+            items.append("\n".join(lines))
+        console.print(bullets(items))
     elif payload.discrepancy is not None and not _findings_withheld(payload):
         console.print("No label-definition finding: this site's labels agree with the reference convention.")
     elif payload.discrepancy is not None:
@@ -257,22 +273,19 @@ def render_problems(problems: Iterable[SliceProblem], console: Console) -> None:
     Plain ``Text`` throughout: file names and fixes are printed verbatim (``[labels]`` included),
     never read as rich markup; wrapped to the terminal, so it reads at 80 columns.
     """
-    listing = Table.grid(padding=(0, 1))
-    listing.add_column(no_wrap=True)
-    listing.add_column(overflow="fold")
+    items: list[RenderableType] = []
     for group in group_problems(problems):
         count = len(group.files)
         rows = "1 row" if count == 1 else f"{count} rows"
         more = f" and {count - SHOWN_FILES} more" if count > SHOWN_FILES else ""
-        listing.add_row(
-            "-",
+        items.append(
             RenderGroup(
                 Text.assemble((group.reason, "yellow"), f", {rows}: ", group.detail),
-                Text(", ".join(group.files[:SHOWN_FILES]) + more, style="dim"),
-            ),
+                Text(", ".join(group.files[:SHOWN_FILES]) + more, style="dim", overflow="fold"),
+            )
         )
     console.print(Text("What to fix (local only: names files)", style="bold"))
-    console.print(listing)
+    console.print(bullets(items))
 
 
 def render_label_audit(audit: LabelAudit, console: Console) -> None:
@@ -293,5 +306,5 @@ def render_label_audit(audit: LabelAudit, console: Console) -> None:
             verdict,
         )
     console.print(table)
-    for check in audit.findings:
-        console.print(f"- {escape(check.sentence)}")
+    if audit.findings:
+        console.print(bullets([Text(check.sentence) for check in audit.findings]))

@@ -135,6 +135,12 @@ def test_workbench_without_a_folder_is_a_usage_error() -> None:
     assert "Missing argument 'FOLDER'" in out and "None" not in out
 
 
+def test_workbench_refuses_a_wrong_model_before_it_serves(tmp_path: Path, run_dir: Path) -> None:
+    code, out = _run("site", "workbench", str(tmp_path), "--model", str(run_dir / "checkpoint.pt"))
+    assert code == 2
+    assert "training checkpoint" in " ".join(out.split())
+
+
 # ------------------------------------------------------------------ site check output
 def test_site_check_prints_a_repeated_fix_once_with_its_count(demo_site: Path, tmp_path: Path) -> None:
     import shutil

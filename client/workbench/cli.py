@@ -87,10 +87,11 @@ def workbench(
         raise typer.Exit(2)
     if model is not None:
         from common.errors import SarcofedError
-        from common.model import resolve_model_path
+        from common.model import load_model, resolve_model_path
 
-        try:
+        try:  # read it now: a wrong file fails here, not at the first 'Segment selected'
             model = resolve_model_path(model)  # a run folder means its model.pt
+            load_model(model)
         except SarcofedError as err:
             errors.print(f"[red]Model not usable:[/red] {escape(str(err))}")
             raise typer.Exit(2) from None
