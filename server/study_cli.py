@@ -11,13 +11,15 @@ import os
 import shlex
 import shutil
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, cast
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from common.errors import SarcofedError
 from common.paths import sarcofed_home
+from protocols.study import Scalar
 from server.deploy import (
     FLOWER_ENV,
     CoordinatorLog,
@@ -139,6 +141,12 @@ def run(
             overrides[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             overrides[key.strip()] = value.strip()  # a bare word is a string
+    from server.demo_study import simulation_study
+
+    try:  # a wrong value (study.cutoff-set = "korea") fails here, in one line, not in the ServerApp
+        simulation_study(app_dir, cast("dict[str, Scalar]", overrides))
+    except SarcofedError as err:
+        _fail(str(err))
     try:
         status = run_study(app_dir, name, overrides, timeout=timeout, coordinator_log=coordinator_log())
     except DeploymentError as err:

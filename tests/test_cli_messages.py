@@ -18,9 +18,10 @@ from server.cli import app
 WIDTH = 80
 
 
-def _run(*args: str) -> tuple[int, str]:
+def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Exit code and output (stdout and stderr) of ``sarcofed ARGS`` at 80 columns."""
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": str(WIDTH)}, terminal_width=WIDTH)
+    env = {"COLUMNS": str(WIDTH), **(env or {})}
+    result = CliRunner().invoke(app, list(args), env=env, terminal_width=WIDTH)
     assert "Traceback" not in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result.exit_code, result.output
@@ -58,6 +59,14 @@ def test_study_config_takes_the_cutoff_set_in_any_case() -> None:
     assert flat["study.cutoff-set"] == "korean" and type(flat["study.cutoff-set"]) is str  # Flower's type
     with pytest.raises(ValueError, match=r"study\.cutoff-set: .*'prado2008', 'martin2013' or 'korean'"):
         StudyConfig.from_run_config({"study.cutoff-set": "korea"})
+
+
+def test_study_run_refuses_an_unknown_cutoff_set_before_starting_flower(tmp_path: Path) -> None:
+    app_dir = Path(__file__).parents[1]  # the sarcofed app (pyproject.toml)
+    flower = {"FLWR_HOME": str(tmp_path)}  # should it reach Flower, it finds no connection
+    code, out = _run("study", "run", str(app_dir), "--config", "study.cutoff-set=Korea", env=flower)
+    assert code == 1
+    assert "study.cutoff-set: Input should be 'prado2008', 'martin2013' or 'korean'" in " ".join(out.split())
 
 
 def test_compare_tables_fit_80_columns(demo_site: Path) -> None:
