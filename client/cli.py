@@ -39,7 +39,12 @@ def check(
     tissue lies in its expected HU range (muscle -29..150, subcutaneous fat -190..-30,
     visceral fat -150..-50). Nothing is sent anywhere; the report names your files, so keep it local.
 
-    Exit status: 0 if at least one slice is usable, 1 if none is or the folder is invalid.
+    Also says what each mask value looks like from the images (muscle, subcutaneous or
+    visceral fat, IMAT, background) and whether site.toml's [labels] fits; when it clearly
+    does not (e.g. muscle and subcutaneous fat swapped), prints the mapping that fits.
+
+    Exit status: 0 if at least one slice is usable and [labels] fits the data; 1 if no slice
+    is usable, [labels] clearly does not fit, or the folder is invalid.
     """
     from common.check import check_site
     from common.dataset import load_site
@@ -63,6 +68,15 @@ def check(
     else:
         render_check(report, console)
     if not report.usable:
-        if not as_json:
+        if as_json:
+            raise typer.Exit(1)
+        if report.n_usable == 0:
             errors.print("[red]No usable slice:[/red] fix the rows listed above and run the check again.")
+        else:
+            errors.print(
+                "[red]"
+                + escape("site.toml [labels] does not fit the data:")
+                + "[/red] "
+                + escape("replace its [labels] table with the one printed above and run the check again.")
+            )
         raise typer.Exit(1)

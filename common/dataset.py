@@ -108,6 +108,8 @@ class LoadedSlice:
     sex: str | None
     #: Distinct raw site values found in the label mask (before mapping), for ``site check``.
     label_values: tuple[int, ...] = ()
+    #: The label mask's raw site values (before mapping), for ``site check``'s mapping guess.
+    raw_label: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------ folder
@@ -257,8 +259,9 @@ def map_labels(raw: np.ndarray, labels: LabelMap, path: Path | str) -> np.ndarra
 
 def _mapped_mask(
     site: SiteDataset, relative: str, ct: CTSlice, ct_path: Path, reason: ExclusionReason | None
-) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Read, shape-check and map one mask. ``reason`` overrides every error's reason (reference)."""
+) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
+    """Read, shape-check and map one mask: (canonical, raw values, raw mask). ``reason`` overrides
+    every error's reason (reference)."""
     try:
         path = resolve_path(site, relative)
         raw = read_mask(path, ct_path=ct_path)
@@ -270,7 +273,7 @@ def _mapped_mask(
                 f"{ct.shape[0]}x{ct.shape[1]} (rows x columns); was it resampled or drawn on another slice?",
             )
         values = tuple(int(v) for v in np.unique(raw))
-        return map_labels(raw, site.config.labels, path), values
+        return map_labels(raw, site.config.labels, path), values, raw
     except SliceError as exc:
         if reason is None:
             raise
@@ -293,7 +296,7 @@ def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -
     row = site.rows[index]
     image_path = resolve_path(site, row.image)
     ct = read_ct_slice(image_path)
-    label, values = _mapped_mask(site, row.label, ct, image_path, reason=None)
+    label, values, raw = _mapped_mask(site, row.label, ct, image_path, reason=None)
     if not label.any():
         raise SliceError(
             ExclusionReason.empty_mask,
@@ -303,7 +306,7 @@ def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -
         )
     reference = None
     if with_reference and row.reference:
-        reference, _ = _mapped_mask(
+        reference, _, _ = _mapped_mask(
             site, row.reference, ct, image_path, reason=ExclusionReason.unreadable_reference
         )
     return LoadedSlice(
@@ -316,6 +319,7 @@ def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -
         height_m=row.height_m if row.height_m is not None else ct.height_m,
         sex=row.sex if row.sex is not None else ct.sex,
         label_values=values,
+        raw_label=raw,
     )
 
 
