@@ -87,6 +87,13 @@ class SiteDataset:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def data_root(self) -> Path:
+        """The folder manifest paths are relative to: site.toml's ``data_root`` (absolute, or
+        relative to the site folder), else the site folder."""
+        given = self.config.data_root
+        return self.root if given is None else self.root / Path(given).expanduser()
+
     def listed(self, column: str) -> list[str]:
         """Every non-blank value of ``column`` in manifest.csv, valid rows first, then invalid ones."""
         valid = [getattr(row, column, None) for row in self.rows]
@@ -197,6 +204,12 @@ def load_site(root: Path | str) -> SiteDataset:
             root, "is a file; point sarcofed at the folder holding site.toml and manifest.csv"
         )
     config = _load_config(root)
+    if config.data_root is not None and not (root / Path(config.data_root).expanduser()).is_dir():
+        raise SiteFolderError(
+            root / SITE_TOML,
+            f"data_root = {config.data_root!r} is not a folder: give the folder that manifest paths are "
+            "relative to (absolute, or relative to the site folder), or remove the line",
+        )
     _, raw_rows = _read_manifest(root)
     rows: list[ManifestRow] = []
     lines: list[int] = []
@@ -216,22 +229,26 @@ def load_site(root: Path | str) -> SiteDataset:
 def resolve_path(
     site: SiteDataset, relative: str, reason: ExclusionReason = ExclusionReason.missing_file
 ) -> Path:
-    """Path of a manifest entry inside the site folder; refuse absolute or escaping paths."""
+    """Path of a manifest entry inside the site's data root; refuse absolute or escaping paths.
+
+    The data root is the site folder unless site.toml sets ``data_root`` (``SiteDataset.data_root``).
+    """
     text = relative.strip().replace("\\", "/")
+    where = "the site folder" if site.config.data_root is None else "data_root (site.toml)"
     if os.path.isabs(text) or (len(text) > 1 and text[1] == ":"):
         raise SliceError(
             reason,
             Path(text),
-            "absolute path in manifest.csv; paths must be relative to the site folder "
+            f"absolute path in manifest.csv; paths must be relative to {where} "
             "(copy or link the file inside it)",
         )
-    root = os.path.normpath(os.path.abspath(site.root))
+    root = os.path.normpath(os.path.abspath(site.data_root))
     full = os.path.normpath(os.path.join(root, text))
     if os.path.commonpath([root, full]) != root:
         raise SliceError(
             reason,
             Path(text),
-            "path leaves the site folder ('..'); every file must sit inside the site folder",
+            f"path leaves {where} ('..'); every file must sit inside it",
         )
     return Path(full)
 

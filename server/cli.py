@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from client import site_ops_cli, tasks_cli
+from client import site_init_cli, site_ops_cli, tasks_cli
 from client.cli import site_app
 from client.demo_cli import demo_app
 from client.workbench.cli import register as register_workbench
@@ -25,6 +25,7 @@ app = typer.Typer(
 tasks_cli.register(site_app)
 register_workbench(site_app)
 site_ops_cli.register(site_app)
+site_init_cli.register(site_app)
 study_app = typer.Typer(help="Commands a study coordinator runs.", no_args_is_help=True)
 study_app.command("demo")(demo_study_cmd)
 study_cli.register(study_app)
