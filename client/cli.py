@@ -22,7 +22,8 @@ site_app = typer.Typer(
 def check(
     site_dir: Path = typer.Argument(
         ...,
-        help="The site folder holding site.toml and manifest.csv (manifest paths are relative to it).",
+        help="The site folder holding site.toml and manifest.csv (manifest paths are relative to "
+        "it, or to its data_root).",
         show_default=False,
     ),
     as_json: bool = typer.Option(
@@ -32,7 +33,7 @@ def check(
     """Check that a site folder is usable: read every CT slice and mask it lists, locally.
 
     SITE_DIR is the folder holding site.toml and manifest.csv; paths in the manifest are
-    relative to it.
+    relative to it (or to site.toml's data_root, as `sarcofed site init` writes it).
 
     Reports how many slices are usable, why the others are excluded (file by file, with what
     to fix), which mask values were seen for each tissue, pixel spacing, and how much of each
@@ -40,11 +41,11 @@ def check(
     visceral fat -150..-50). Nothing is sent anywhere; the report names your files, so keep it local.
 
     Also says what each mask value looks like from the images (muscle, subcutaneous or
-    visceral fat, IMAT, background) and whether site.toml's [labels] fits; when it clearly
-    does not (e.g. muscle and subcutaneous fat swapped), prints the mapping that fits.
+    visceral fat, IMAT, background) and whether site.toml's labels table fits; when it
+    clearly does not (e.g. muscle and subcutaneous fat swapped), prints the one that fits.
 
-    Exit status: 0 if at least one slice is usable and [labels] fits the data; 1 if no slice
-    is usable, [labels] clearly does not fit, or the folder is invalid.
+    Exit status: 0 if at least one slice is usable and the labels table fits the data; 1 if
+    no slice is usable, the labels table clearly does not fit, or the folder is invalid.
     """
     from common.check import check_site
     from common.dataset import load_site

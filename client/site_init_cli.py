@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -45,8 +46,8 @@ def init(
 
     Then it proposes the label mapping from the data: what each mask value looks like
     (muscle, subcutaneous or visceral fat, IMAT, background) from the HU of its pixels and
-    where they lie. It writes SITE_DIR/site.toml (data_root = SOURCE, the proposed [labels]
-    for you to confirm) and SITE_DIR/manifest.csv (group = PatientID hashed with a secret
+    where they lie. It writes SITE_DIR/site.toml (data_root = SOURCE, the proposed labels
+    table for you to confirm) and SITE_DIR/manifest.csv (group = PatientID hashed with a secret
     kept in SITE_DIR/.group-secret, never the ID; height and sex from DICOM when present).
 
     Whole CT series without masks are listed with a suggested L3 range and the command that
@@ -130,6 +131,12 @@ def render_init(report: InitReport, console: Console) -> None:
     console.print(f"Next: {escape(report.next_command)}", highlight=False)
 
 
+def _paragraphs(doc: str | None) -> str:
+    """The docstring with each paragraph on one line (rich help keeps line breaks) and no markup."""
+    text = inspect.cleandoc(doc or "")
+    return "\n\n".join(escape(" ".join(p.split())) for p in text.split("\n\n"))
+
+
 def register(site_app: typer.Typer) -> None:
     """Add the ``init`` command to ``sarcofed site``."""
-    site_app.command("init")(init)
+    site_app.command("init", help=_paragraphs(init.__doc__))(init)

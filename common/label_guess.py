@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import Field
 from scipy import ndimage
 
-from common.discrepancy.frame import BODY_HU, body_frame, fill_holes, largest_component
+from common.discrepancy.frame import BODY_HU, fill_holes, largest_component
 from protocols.base import Schema
 from protocols.protocol import ALBERTA, LabelProtocol
 from protocols.site import LabelMap
@@ -133,11 +133,9 @@ class _Sums:
     touching: dict[int, int] = field(default_factory=dict)
 
 
-def _body(hu: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
-    try:
-        return body_frame(hu, spacing).body
-    except ValueError:
-        return fill_holes(largest_component(hu > BODY_HU))
+def _body(hu: np.ndarray) -> np.ndarray:
+    """The body outline as the body frame draws it (HU > -500, largest component, holes filled)."""
+    return fill_holes(largest_component(hu > BODY_HU))
 
 
 @dataclass
@@ -158,7 +156,7 @@ class LabelValueAccumulator:
         if not np.any(values != 0):
             return
         spacing = (float(spacing_mm[0]), float(spacing_mm[1]))
-        body = _body(hu, spacing)
+        body = _body(hu)
         ranges = self.protocol.hu_ranges
         n = len(values)
 

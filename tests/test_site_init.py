@@ -112,23 +112,25 @@ def test_slice_o_matic_export(tmp_path: Path) -> None:
     assert tomllib.loads(mapping["toml"])["labels"] == _truth(profile).model_dump(exclude_defaults=True)
 
 
-def test_nifti_masks_by_name_in_another_folder(tmp_path: Path) -> None:
-    profile = SITE_PROFILES[5]  # .nii masks, muscle is value 3, subcutaneous fat 1
+@pytest.mark.parametrize("index", [5, 2, 1], ids=["nii", "nii.gz-imat-in-muscle", "png-psoas-left-out"])
+def test_masks_named_after_their_image_in_another_folder(tmp_path: Path, index: int) -> None:
+    profile = SITE_PROFILES[index]  # .nii with muscle = 3 and SAT = 1; .nii.gz 10/20/30; .png 1/2/3
+    suffix = profile.mask_suffix
     demo, files = _demo(tmp_path, profile, seed=2)
     export = tmp_path / "export"
     (export / "dicom").mkdir(parents=True)
     (export / "masks").mkdir()
     for i, (image, label) in enumerate(files):
         shutil.copy(image, export / "dicom" / f"case{i}.dcm")
-        shutil.copy(label, export / "masks" / (f"case{i}_mask.nii" if i == 0 else f"case{i}.nii"))
-    shutil.copy(files[1][1], export / "masks" / "case1.dcm.nii")  # a second mask for case1
-    shutil.copy(files[1][1], export / "masks" / "lost.nii.gz")
+        shutil.copy(label, export / "masks" / (f"case{i}_mask{suffix}" if i == 0 else f"case{i}{suffix}"))
+    shutil.copy(files[1][1], export / "masks" / f"case1.dcm{suffix}")  # a second mask for case1
+    shutil.copy(files[1][1], export / "masks" / f"lost{suffix}")
     report = init_site(export, tmp_path / "site")
     assert report.proposal.labels == _truth(profile)
-    assert report.n_rows == SLICES and report.paired_by == {".nii mask by name": SLICES}
+    assert report.n_rows == SLICES and report.paired_by == {f"{suffix} mask by name": SLICES}
     reasons = {p.file: p.reason for p in report.unpaired}
-    assert set(reasons) == {"masks/case1.dcm.nii", "masks/lost.nii.gz"}
-    assert "second mask for case1.dcm" in reasons["masks/case1.dcm.nii"]
+    assert set(reasons) == {f"masks/case1.dcm{suffix}", f"masks/lost{suffix}"}
+    assert "second mask for case1.dcm" in reasons[f"masks/case1.dcm{suffix}"]
     code, checked = _check_json(tmp_path / "site")
     assert code == 0 and checked["n_usable"] == _usable(demo) == SLICES
 
@@ -172,6 +174,9 @@ def test_nothing_paired_writes_nothing(tmp_path: Path) -> None:
         app, ["site", "init", str(tmp_path / "nope"), "--out", str(tmp_path / "s")], env={"COLUMNS": "300"}
     )
     assert missing.exit_code == 1 and "not a folder" in missing.output and "Traceback" not in missing.output
+    helped = runner.invoke(app, ["site", "init", "--help"], env={"COLUMNS": "80"})
+    assert helped.exit_code == 0 and "SOPInstanceUID" in helped.output
+    assert max(len(line) for line in helped.output.splitlines()) <= 80
 
 
 def test_data_root_is_a_root_that_paths_cannot_leave(tmp_path: Path) -> None:
