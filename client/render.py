@@ -208,7 +208,7 @@ def render_check(report: SiteCheckReport, console: Console) -> None:
         )
     console.print(classes)
     if report.mapping is not None:
-        render_mapping(report.mapping, report.label_values, console)
+        render_mapping(report.mapping, report.mask_values, console)
     if report.label_audit is not None and report.label_audit.checks:
         render_label_audit(report.label_audit, console)
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+import numpy as np
 import pydicom
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,7 +43,13 @@ from common.dataset import MANIFEST_CSV, SITE_TOML
 from common.dicom_io import read_ct_slice
 from common.errors import SarcofedError, SliceError
 from common.l3_suggestion import suggest_l3
-from common.label_guess import LabelValueAccumulator, MappingProposal, ValueStats, propose_mapping
+from common.label_guess import (
+    MAX_VALUES,
+    LabelValueAccumulator,
+    MappingProposal,
+    ValueStats,
+    propose_mapping,
+)
 from common.masks import read_mask
 from common.series import SeriesInfo, load_volume
 from protocols.protocol import ALBERTA, LabelProtocol
@@ -93,7 +100,9 @@ class InitReport(_Model):
     paired_by: dict[str, int] = Field(default_factory=dict, description="how pairs were made -> count")
     unpaired: list[InitProblem] = Field(default_factory=list)
     series: list[UnlabelledSeries] = Field(default_factory=list)
-    label_values: list[ValueStats] = Field(default_factory=list)
+    mask_values: list[ValueStats] = Field(
+        default_factory=list, description="every mask value (before mapping), pooled over the usable pairs"
+    )
     proposal: MappingProposal
     next_command: str = ""
 
@@ -220,6 +229,12 @@ def _read_pair(
         )
     if not raw.any():
         return None, f"paired with {image.name} ({pair.how}) but the mask has no labelled pixel"
+    n_values = len(np.unique(raw))
+    if n_values > MAX_VALUES:
+        return None, (
+            f"paired with {image.name} ({pair.how}) but the mask holds {n_values} distinct values; "
+            "a label mask holds a few (is it an image?)"
+        )
     acc.add(ct.hu, ct.spacing_mm, raw)
     patient = _patient_id(image)
     return {
@@ -294,7 +309,7 @@ def init_site(
         paired_by=dict(sorted(used.items())),
         unpaired=sorted(problems, key=lambda p: p.file),
         series=series,
-        label_values=list(stats),
+        mask_values=list(stats),
         proposal=proposal,
         next_command=f"sarcofed site check {shlex.quote(str(site_dir))}" if rows else "",
     )

@@ -86,7 +86,7 @@ class SiteCheckReport(_Model):
         default=None,
         description="the site's labels checked against the label protocol from the images, no model",
     )
-    label_values: list[ValueStats] = Field(
+    mask_values: list[ValueStats] = Field(
         default_factory=list, description="every raw mask value (before mapping), pooled over usable slices"
     )
     mapping: MappingVerdict | None = Field(
@@ -247,7 +247,7 @@ def check_site(
         n_groups=len(acc.groups),
         n_heights_known=acc.heights,
         n_sex_known=acc.sexes,
-        label_values=list(value_stats),
+        mask_values=list(value_stats),
         mapping=verdict,
     )
 

@@ -54,6 +54,8 @@ SKIN_SHARE: Final = 0.04
 IMAT_TOUCH_SHARE: Final = 0.5
 #: More distinct values than this in one slice: the rest are pooled for HU but not for touching.
 MAX_TOUCH_VALUES: Final = 16
+#: More distinct values than this in one mask: not a label mask (an image?); the slice is skipped.
+MAX_VALUES: Final = 64
 #: The Slice-O-Matic values.
 SLICE_O_MATIC: Final[dict[int, Role]] = {
     1: "muscle",
@@ -94,6 +96,7 @@ class ValueGuess(Schema):
     value: int
     role: Role
     clear: bool
+    evidence: str = Field(description="the numbers the role rests on, in words")
     sentence: str
 
 
@@ -145,13 +148,18 @@ class LabelValueAccumulator:
     protocol: LabelProtocol = ALBERTA
     sums: dict[int, _Sums] = field(default_factory=dict)
     n_slices: int = 0
+    #: slices left out because their mask holds more than MAX_VALUES distinct values
+    n_skipped: int = 0
 
     def add(self, hu: np.ndarray, spacing_mm: tuple[float, float], raw: np.ndarray) -> None:
         """Add one slice: its HU image, pixel spacing (row, col mm) and raw mask (before mapping)."""
         if hu.shape != raw.shape or hu.ndim != 2:
             raise ValueError(f"hu and mask must be 2-D of one shape, got {hu.shape} and {raw.shape}")
-        self.n_slices += 1
         values, inverse = np.unique(raw, return_inverse=True)
+        if len(values) > MAX_VALUES:
+            self.n_skipped += 1
+            return
+        self.n_slices += 1
         inverse = inverse.reshape(raw.shape)
         if not np.any(values != 0):
             return
@@ -343,7 +351,7 @@ def propose_mapping(stats: tuple[ValueStats, ...], protocol: LabelProtocol = ALB
             )
         )
     out = tuple(
-        ValueGuess(value=v, role=g.role, clear=g.clear, sentence=_sentence(v, g))
+        ValueGuess(value=v, role=g.role, clear=g.clear, evidence=g.why, sentence=_sentence(v, g))
         for v, g in sorted(guesses.items())
     )
     labels, missing = _labels(out, protocol)
@@ -409,7 +417,9 @@ def mapping_verdict(declared: LabelMap, proposal: MappingProposal) -> MappingVer
             continue
         if g.role == "background":
             continue
-        problems.append(f"value {g.value} is declared {declared_as} but {g.sentence.split(' ', 2)[2]}")
+        problems.append(
+            f"value {g.value} is declared {declared_as} but looks like {ROLE_TEXT[g.role]} ({g.evidence})"
+        )
     fits = not problems or proposal.labels is None or proposal.labels.lookup() == lookup
     return MappingVerdict(fits=fits, problems=tuple(problems), proposal=proposal, toml=proposal.toml())
 

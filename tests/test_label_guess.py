@@ -86,6 +86,9 @@ def test_accumulator_counts_by_hand() -> None:
     assert stats[7].share_under_skin == 1.0 and stats[7].share_outside_body == 0.0
     assert stats[9].share_outside_body == 1.0 and stats[9].mean_hu == -1000.0
     assert stats[9].touching == {}  # row 0 cols 0-2 do not touch row 2
+    # a 'mask' with more distinct values than a label mask has (an image?) adds nothing
+    acc.add(hu, (1.0, 1.0), np.arange(144).reshape(12, 12))
+    assert acc.n_skipped == 1 and acc.n_slices == 2 and {s.value for s in acc.finalise()} == {1, 7, 9}
 
 
 def test_rules_on_hand_made_statistics() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tomllib
 from pathlib import Path
 
 import pytest
+from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from client.site_init import SECRET_FILE, init_site
@@ -163,13 +165,24 @@ def test_dicom_seg_paired_by_reference_and_whole_series_listed(tmp_path: Path) -
     assert code == 0 and checked["n_usable"] == _usable(demo) == SLICES
 
 
-def test_nothing_paired_writes_nothing(tmp_path: Path) -> None:
+def test_nothing_paired_writes_nothing_and_says_why_per_file(tmp_path: Path) -> None:
     export = tmp_path / "export"
     export.mkdir()
     (export / "a.png").write_bytes(b"not a png")
-    result = runner.invoke(app, ["site", "init", str(export), "--out", str(tmp_path / "site")])
-    assert result.exit_code == 1 and "No usable image-mask pair" in result.output
-    assert not (tmp_path / "site").exists()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(get_testdata_file(name), export / name)
+    os.mkfifo(export / "pipe.dcm")  # reading it would block forever
+    (export / "zero.dcm").symlink_to("/dev/zero")
+    result = runner.invoke(app, ["site", "init", str(export), "--out", str(tmp_path / "site"), "--json"])
+    assert result.exit_code == 1 and not (tmp_path / "site").exists()
+    reasons = _reasons(json.loads(result.stdout)["unpaired"])
+    assert "no CT image of the same name" in reasons["a.png"]
+    assert "CT image with no mask" in reasons["CT_small.dcm"]
+    assert "MR" in reasons["MR_small.dcm"]
+    assert "not a regular file" in reasons["pipe.dcm"]
+    assert set(reasons) == {"a.png", "CT_small.dcm", "MR_small.dcm", "pipe.dcm", "zero.dcm"}
+    shown = runner.invoke(app, ["site", "init", str(export), "--out", str(tmp_path / "site")])
+    assert shown.exit_code == 1 and "No usable image-mask pair" in shown.output
     missing = runner.invoke(
         app, ["site", "init", str(tmp_path / "nope"), "--out", str(tmp_path / "s")], env={"COLUMNS": "300"}
     )
