@@ -148,7 +148,7 @@ class LabelValueAccumulator:
     protocol: LabelProtocol = ALBERTA
     sums: dict[int, _Sums] = field(default_factory=dict)
     n_slices: int = 0
-    #: slices left out because their mask holds more than MAX_VALUES distinct values
+    #: slices left out: a mask with more than MAX_VALUES distinct values, or HU not all finite
     n_skipped: int = 0
 
     def add(self, hu: np.ndarray, spacing_mm: tuple[float, float], raw: np.ndarray) -> None:
@@ -156,7 +156,7 @@ class LabelValueAccumulator:
         if hu.shape != raw.shape or hu.ndim != 2:
             raise ValueError(f"hu and mask must be 2-D of one shape, got {hu.shape} and {raw.shape}")
         values, inverse = np.unique(raw, return_inverse=True)
-        if len(values) > MAX_VALUES:
+        if len(values) > MAX_VALUES or not np.isfinite(hu).all():
             self.n_skipped += 1
             return
         self.n_slices += 1

@@ -88,7 +88,8 @@ def test_accumulator_counts_by_hand() -> None:
     assert stats[9].touching == {}  # row 0 cols 0-2 do not touch row 2
     # a 'mask' with more distinct values than a label mask has (an image?) adds nothing
     acc.add(hu, (1.0, 1.0), np.arange(144).reshape(12, 12))
-    assert acc.n_skipped == 1 and acc.n_slices == 2 and {s.value for s in acc.finalise()} == {1, 7, 9}
+    acc.add(np.where(raw == 1, np.inf, hu), (1.0, 1.0), raw)  # as is a slice whose HU overflowed
+    assert acc.n_skipped == 2 and acc.n_slices == 2 and {s.value for s in acc.finalise()} == {1, 7, 9}
 
 
 def test_rules_on_hand_made_statistics() -> None:
