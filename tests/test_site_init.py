@@ -212,3 +212,27 @@ def test_data_root_is_a_root_that_paths_cannot_leave(tmp_path: Path) -> None:
     )
     with pytest.raises(SiteFolderError, match="data_root"):
         load_site(site)
+
+
+def test_workbench_does_not_save_into_a_site_that_reads_an_export(tmp_path: Path) -> None:
+    from client.workbench.segment import SaveError, save_to_site
+    from client.workbench.state import Session
+    from common.series import SeriesInfo
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "site.toml").write_text(
+        f'name = "x"\ndata_root = "{tmp_path}"\n\n{SITE_PROFILES[1].values.toml()}', encoding="utf-8"
+    )
+    session = Session(
+        id="s",
+        series=SeriesInfo(key="k", series_uid="1.2", description="", study_uid="1.3", slices=()),
+        method="fallback",
+        method_label="",
+        slices=[],
+        height_m=None,
+        sex=None,
+    )
+    with pytest.raises(SaveError, match="data_root"):
+        save_to_site(session, site, height_m=None, sex=None)
+    assert not (site / "manifest.csv").exists()
