@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.dataset import MANIFEST_CSV, LoadedSlice, SiteDataset, dataset_fingerprint, load_slice
+from common.discrepancy.frame import BodyFrame, body_frame
 from common.errors import SliceError
 from common.label_audit import LabelAuditAccumulator, audit_slice
 from common.label_guess import (
@@ -159,6 +160,17 @@ class _Accumulator:
         return out
 
 
+def _frame(item: LoadedSlice) -> BodyFrame | None:
+    """The slice's body frame, built once for the label audit and the mask-value statistics."""
+    try:
+        return body_frame(item.ct.hu, item.ct.spacing_mm)
+    except ValueError as exc:
+        log.info("no body frame for %s (%s)", item.row.image, exc)
+    except Exception:  # the frame only explains labels; it never stops the check
+        log.exception("body frame failed for %s", item.row.image)
+    return None
+
+
 def check_site(
     site: SiteDataset,
     *,
@@ -207,13 +219,16 @@ def check_site(
         else:
             n_usable += 1
             acc.add(item, lookup)
+            frame = _frame(item)
             try:
-                audit.add(audit_slice(item.ct.hu, item.ct.spacing_mm, item.label, audit.protocol))
+                audit.add(
+                    audit_slice(item.ct.hu, item.ct.spacing_mm, item.label, audit.protocol, frame=frame)
+                )
             except Exception:  # the audit explains labels; it never makes a slice unusable
                 log.exception("label audit failed on manifest row %d", index)
             try:
                 if item.raw_label is not None:
-                    values.add(item.ct.hu, item.ct.spacing_mm, item.raw_label)
+                    values.add(item.ct.hu, item.ct.spacing_mm, item.raw_label, frame=frame)
             except Exception:  # nor does the mapping guess
                 log.exception("label value statistics failed on manifest row %d", index)
         if on_row is not None:

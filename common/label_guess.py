@@ -3,8 +3,9 @@
 Each integer value found in a site's masks, *before* any mapping, is described by its
 pixels, pooled over slices: how many, their share in each of the label protocol's HU
 ranges and their mean HU, and where they lie on the slice: outside the body outline,
-under the skin (within a thin band inside the outline), and touching another value's
-pixels. :class:`LabelValueAccumulator` keeps those counts (nothing per slice);
+under the skin (within a thin band inside the outline), around the spine (the body
+frame's psoas and paraspinal regions, ``common.discrepancy.frame``), and touching another
+value's pixels. :class:`LabelValueAccumulator` keeps those counts (nothing per slice);
 :func:`propose_mapping` names each value's role from them:
 
 - skeletal muscle: most pixels in the muscle HU range;
@@ -23,6 +24,7 @@ Everything here stays at the site (it describes the site's own values).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -31,10 +33,20 @@ import numpy as np
 from pydantic import Field
 from scipy import ndimage
 
-from common.discrepancy.frame import BODY_HU, fill_holes, largest_component
+from common.discrepancy.frame import (
+    BODY_HU,
+    PARASPINAL,
+    PSOAS,
+    BodyFrame,
+    body_frame,
+    fill_holes,
+    largest_component,
+)
 from protocols.base import Schema
 from protocols.protocol import ALBERTA, LabelProtocol
 from protocols.site import LabelMap
+
+log = logging.getLogger(__name__)
 
 Role = Literal["muscle", "subcutaneous_fat", "visceral_fat", "imat", "background"]
 
@@ -86,6 +98,9 @@ class ValueStats(Schema):
     mean_hu: float
     share_outside_body: float
     share_under_skin: float
+    #: share beside or behind the spine (the body frame's psoas and paraspinal regions), over the
+    #: slices where a spine was found; None when it never was
+    share_around_spine: float | None = None
     #: other value -> share of this value's pixels that touch it (8-neighbourhood)
     touching: dict[int, float] = Field(default_factory=dict)
 
@@ -133,12 +148,33 @@ class _Sums:
     hu_sum: float = 0.0
     outside: int = 0
     skin: int = 0
+    spine: int = 0
+    spine_known: int = 0
     touching: dict[int, int] = field(default_factory=dict)
 
 
-def _body(hu: np.ndarray) -> np.ndarray:
+def _frame(hu: np.ndarray, spacing: tuple[float, float]) -> BodyFrame | None:
+    try:
+        return body_frame(hu, spacing)
+    except ValueError:  # no body at all
+        return None
+    except Exception:  # the frame only places pixels; the outline alone will do
+        log.exception("body frame failed; using the body outline only")
+        return None
+
+
+def _outline(hu: np.ndarray) -> np.ndarray:
     """The body outline as the body frame draws it (HU > -500, largest component, holes filled)."""
     return fill_holes(largest_component(hu > BODY_HU))
+
+
+def _around_spine(frame: BodyFrame, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels in the body frame's psoas or paraspinal region (beside and behind the spine)."""
+    rows, cols = np.nonzero(frame.body)
+    codes = frame.regions(rows, cols)
+    out = np.zeros(shape, dtype=bool)
+    out[rows, cols] = (codes == PSOAS) | (codes == PARASPINAL)
+    return out
 
 
 @dataclass
@@ -151,8 +187,18 @@ class LabelValueAccumulator:
     #: slices left out: a mask with more than MAX_VALUES distinct values, or HU not all finite
     n_skipped: int = 0
 
-    def add(self, hu: np.ndarray, spacing_mm: tuple[float, float], raw: np.ndarray) -> None:
-        """Add one slice: its HU image, pixel spacing (row, col mm) and raw mask (before mapping)."""
+    def add(
+        self,
+        hu: np.ndarray,
+        spacing_mm: tuple[float, float],
+        raw: np.ndarray,
+        *,
+        frame: BodyFrame | None = None,
+    ) -> None:
+        """Add one slice: its HU image, pixel spacing (row, col mm) and raw mask (before mapping).
+
+        ``frame``: the slice's body frame when the caller has it (else it is built here).
+        """
         if hu.shape != raw.shape or hu.ndim != 2:
             raise ValueError(f"hu and mask must be 2-D of one shape, got {hu.shape} and {raw.shape}")
         values, inverse = np.unique(raw, return_inverse=True)
@@ -164,7 +210,9 @@ class LabelValueAccumulator:
         if not np.any(values != 0):
             return
         spacing = (float(spacing_mm[0]), float(spacing_mm[1]))
-        body = _body(hu)
+        frame = frame if frame is not None else _frame(hu, spacing)
+        body = frame.body if frame is not None else _outline(hu)
+        spine_found = frame is not None and frame.spine_found
         ranges = self.protocol.hu_ranges
         n = len(values)
 
@@ -178,6 +226,7 @@ class LabelValueAccumulator:
         hu_sum = np.bincount(inverse.ravel(), weights=hu.ravel().astype(np.float64), minlength=n)
         outside = count(~body)
         skin = count(self._skin_band(body, spacing))
+        spine = count(_around_spine(frame, hu.shape)) if frame is not None and spine_found else None
         tracked = [i for i in np.argsort(-totals) if values[i] != 0][:MAX_TOUCH_VALUES]
         touch: dict[int, np.ndarray] = {}
         square = np.ones((3, 3), dtype=bool)
@@ -196,6 +245,9 @@ class LabelValueAccumulator:
             sums.hu_sum += float(hu_sum[i])
             sums.outside += int(outside[i])
             sums.skin += int(skin[i])
+            if spine is not None:
+                sums.spine += int(spine[i])
+                sums.spine_known += int(totals[i])
             for other, counts in touch.items():
                 if other != value:
                     sums.touching[other] = sums.touching.get(other, 0) + int(counts[i])
@@ -224,6 +276,7 @@ class LabelValueAccumulator:
                     mean_hu=s.hu_sum / n,
                     share_outside_body=s.outside / n,
                     share_under_skin=s.skin / n,
+                    share_around_spine=s.spine / s.spine_known if s.spine_known else None,
                     touching={k: v / n for k, v in sorted(s.touching.items()) if v},
                 )
             )
@@ -255,10 +308,11 @@ def _density_guess(s: ValueStats, protocol: LabelProtocol) -> _Guess | None:
             "background", True, f"{_pct(s.share_outside_body)} of its pixels lie outside the body outline"
         )
     if s.share_muscle_hu >= DENSITY_SHARE:
+        spine = "" if s.share_around_spine is None else f"; {_pct(s.share_around_spine)} around the spine"
         return _Guess(
             "muscle",
             s.share_muscle_hu >= CLEAR_SHARE,
-            f"{_pct(s.share_muscle_hu)} of pixels in {_range(ranges.muscle)}, mean {s.mean_hu:.0f} HU",
+            f"{_pct(s.share_muscle_hu)} of pixels in {_range(ranges.muscle)}, mean {s.mean_hu:.0f} HU{spine}",
         )
     if s.share_subcutaneous_fat_hu >= DENSITY_SHARE:
         return None

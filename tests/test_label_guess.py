@@ -82,6 +82,7 @@ def test_accumulator_counts_by_hand() -> None:
     assert set(stats) == {1, 7, 9} and acc.n_slices == 2
     assert stats[1].pixels == 16 and stats[1].share_muscle_hu == 1.0 and stats[1].mean_hu == 50.0
     assert stats[1].share_under_skin == 0.0 and stats[1].touching == {}
+    assert stats[1].share_around_spine is None  # no bone, no spine: not known rather than 0
     assert stats[7].share_subcutaneous_fat_hu == 1.0 and stats[7].share_visceral_fat_hu == 1.0
     assert stats[7].share_under_skin == 1.0 and stats[7].share_outside_body == 0.0
     assert stats[9].share_outside_body == 1.0 and stats[9].mean_hu == -1000.0
@@ -175,6 +176,8 @@ def test_every_demo_hospital_passes_with_its_own_mapping(tmp_path: Path, profile
     assert report.mapping is not None and report.mapping.fits and not report.mapping.problems
     assert report.usable
     assert report.mapping.proposal.labels == _truth(profile)
+    muscle = next(v for v in report.mask_values if v.value == profile.values.muscle)
+    assert muscle.share_around_spine is not None and muscle.share_around_spine > 0.1
     assert report.mapping.proposal.slice_o_matic == (profile.values.imat == 2 and profile.values.muscle == 1)
 
 
