@@ -19,7 +19,8 @@ from protocols.payloads import EvaluationPayload
 
 if TYPE_CHECKING:
     from common.check import SiteCheckReport
-    from common.label_guess import MappingVerdict, ValueStats
+    from common.label_guess import MappingVerdict
+    from common.mask_values import ValueStats
 
 
 @contextmanager

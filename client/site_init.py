@@ -1,7 +1,7 @@
 """``sarcofed site init``: a site folder built from a hospital's export, without copying a file.
 
 :func:`init_site` pairs the export's CT slices and masks (``client.export_scan``), reads each
-pair once to describe every mask value (``common.label_guess``) and proposes the
+pair once to describe every mask value (``common.mask_values``) and proposes the
 ``[labels]`` mapping, then writes into ``SITE_DIR``:
 
 - ``site.toml`` with ``data_root`` = the export (manifest paths point into it, read only)
@@ -43,13 +43,8 @@ from common.dataset import MANIFEST_CSV, SITE_TOML
 from common.dicom_io import read_ct_slice
 from common.errors import SarcofedError, SliceError
 from common.l3_suggestion import suggest_l3
-from common.label_guess import (
-    MAX_VALUES,
-    LabelValueAccumulator,
-    MappingProposal,
-    ValueStats,
-    propose_mapping,
-)
+from common.label_guess import MappingProposal, propose_mapping
+from common.mask_values import MAX_VALUES, LabelValueAccumulator, ValueStats
 from common.masks import read_mask
 from common.series import SeriesInfo, load_volume
 from protocols.protocol import ALBERTA, LabelProtocol

@@ -5,8 +5,9 @@
 and stays local; nothing here is sent anywhere. Pixel statistics are pooled over pixels of
 all usable slices. The tissue table's HU ranges and the label audit both follow the study's
 label protocol (default Alberta). Each raw mask value is also described before mapping
-(``common.label_guess``): when site.toml's ``[labels]`` clearly contradicts what the values
-look like, the report is not usable and carries the mapping that fits the data.
+(``common.mask_values``, ``common.label_guess``): when site.toml's ``[labels]`` clearly
+contradicts what the values look like, the report is not usable and carries the mapping
+that fits the data.
 The CLI renders the report (``client.render.render_check``).
 """
 
@@ -25,13 +26,8 @@ from common.dataset import MANIFEST_CSV, LoadedSlice, SiteDataset, dataset_finge
 from common.discrepancy.frame import BodyFrame, body_frame
 from common.errors import SliceError
 from common.label_audit import LabelAuditAccumulator, audit_slice
-from common.label_guess import (
-    LabelValueAccumulator,
-    MappingVerdict,
-    ValueStats,
-    mapping_verdict,
-    propose_mapping,
-)
+from common.label_guess import MappingVerdict, mapping_verdict, propose_mapping
+from common.mask_values import LabelValueAccumulator, ValueStats
 from protocols.classes import TISSUES, ExclusionReason
 from protocols.findings import LabelAudit
 from protocols.protocol import HuRanges, LabelProtocol

@@ -1,12 +1,7 @@
 """Propose a site's ``[labels]`` mapping from its own data: which raw mask value is which tissue.
 
-Each integer value found in a site's masks, *before* any mapping, is described by its
-pixels, pooled over slices: how many, their share in each of the label protocol's HU
-ranges and their mean HU, and where they lie on the slice: outside the body outline,
-under the skin (within a thin band inside the outline), around the spine (the body
-frame's psoas and paraspinal regions, ``common.discrepancy.frame``), and touching another
-value's pixels. :class:`LabelValueAccumulator` keeps those counts (nothing per slice);
-:func:`propose_mapping` names each value's role from them:
+From each value's pooled statistics (``common.mask_values.ValueStats``),
+:func:`propose_mapping` names its role:
 
 - skeletal muscle: most pixels in the muscle HU range;
 - subcutaneous fat: fat density, and it reaches the skin (visceral fat never does);
@@ -19,34 +14,19 @@ The Slice-O-Matic values (1 muscle, 2 IMAT, 5 visceral fat, 7 subcutaneous fat) 
 recognised and said so. :func:`mapping_verdict` compares a declared ``[labels]`` with
 the proposal and says, in sentences, where the declaration clearly does not fit.
 Callers: ``common.check`` (``site check``) and ``client.site_init`` (``site init``).
-Everything here stays at the site (it describes the site's own values).
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Literal
 
-import numpy as np
 from pydantic import Field
-from scipy import ndimage
 
-from common.discrepancy.frame import (
-    BODY_HU,
-    PARASPINAL,
-    PSOAS,
-    BodyFrame,
-    body_frame,
-    fill_holes,
-    largest_component,
-)
+from common.mask_values import ValueStats
 from protocols.base import Schema
 from protocols.protocol import ALBERTA, LabelProtocol
 from protocols.site import LabelMap
-
-log = logging.getLogger(__name__)
 
 Role = Literal["muscle", "subcutaneous_fat", "visceral_fat", "imat", "background"]
 
@@ -58,16 +38,10 @@ DENSITY_SHARE: Final = 0.5
 CLEAR_SHARE: Final = 0.7
 #: Mostly outside the body outline: a table, air or a marker, not a tissue.
 OUTSIDE_SHARE: Final = 0.5
-#: The band under the skin: this share of the body's equivalent radius (at least one pixel).
-SKIN_FRACTION: Final = 0.06
 #: Subcutaneous fat reaches the skin: at least this share of its pixels in that band.
 SKIN_SHARE: Final = 0.04
 #: IMAT: at least this share of its pixels touches muscle.
 IMAT_TOUCH_SHARE: Final = 0.5
-#: More distinct values than this in one slice: the rest are pooled for HU but not for touching.
-MAX_TOUCH_VALUES: Final = 16
-#: More distinct values than this in one mask: not a label mask (an image?); the slice is skipped.
-MAX_VALUES: Final = 64
 #: The Slice-O-Matic values.
 SLICE_O_MATIC: Final[dict[int, Role]] = {
     1: "muscle",
@@ -84,25 +58,6 @@ ROLE_TEXT: Final[dict[str, str]] = {
     "background": "background or unknown",
 }
 _TISSUE_OF: Final[dict[int, str]] = {0: "background", 1: "muscle", 2: "subcutaneous_fat", 3: "visceral_fat"}
-
-
-class ValueStats(Schema):
-    """One raw mask value, pooled over the pixels of every slice it occurs in."""
-
-    value: int
-    pixels: int
-    slices: int
-    share_muscle_hu: float
-    share_subcutaneous_fat_hu: float
-    share_visceral_fat_hu: float
-    mean_hu: float
-    share_outside_body: float
-    share_under_skin: float
-    #: share beside or behind the spine (the body frame's psoas and paraspinal regions), over the
-    #: slices where a spine was found; None when it never was
-    share_around_spine: float | None = None
-    #: other value -> share of this value's pixels that touch it (8-neighbourhood)
-    touching: dict[int, float] = Field(default_factory=dict)
 
 
 class ValueGuess(Schema):
@@ -136,151 +91,6 @@ class MappingVerdict(Schema):
     proposal: MappingProposal
     #: the proposal as site.toml lines to paste ('' when the data give no complete mapping)
     toml: str = ""
-
-
-@dataclass
-class _Sums:
-    pixels: int = 0
-    slices: int = 0
-    in_muscle: int = 0
-    in_sat: int = 0
-    in_vat: int = 0
-    hu_sum: float = 0.0
-    outside: int = 0
-    skin: int = 0
-    spine: int = 0
-    spine_known: int = 0
-    touching: dict[int, int] = field(default_factory=dict)
-
-
-def _frame(hu: np.ndarray, spacing: tuple[float, float]) -> BodyFrame | None:
-    try:
-        return body_frame(hu, spacing)
-    except ValueError:  # no body at all
-        return None
-    except Exception:  # the frame only places pixels; the outline alone will do
-        log.exception("body frame failed; using the body outline only")
-        return None
-
-
-def _outline(hu: np.ndarray) -> np.ndarray:
-    """The body outline as the body frame draws it (HU > -500, largest component, holes filled)."""
-    return fill_holes(largest_component(hu > BODY_HU))
-
-
-def _around_spine(frame: BodyFrame, shape: tuple[int, int]) -> np.ndarray:
-    """Pixels in the body frame's psoas or paraspinal region (beside and behind the spine)."""
-    rows, cols = np.nonzero(frame.body)
-    codes = frame.regions(rows, cols)
-    out = np.zeros(shape, dtype=bool)
-    out[rows, cols] = (codes == PSOAS) | (codes == PARASPINAL)
-    return out
-
-
-@dataclass
-class LabelValueAccumulator:
-    """Pooled pixel counts per raw mask value over a site's slices."""
-
-    protocol: LabelProtocol = ALBERTA
-    sums: dict[int, _Sums] = field(default_factory=dict)
-    n_slices: int = 0
-    #: slices left out: a mask with more than MAX_VALUES distinct values, or HU not all finite
-    n_skipped: int = 0
-
-    def add(
-        self,
-        hu: np.ndarray,
-        spacing_mm: tuple[float, float],
-        raw: np.ndarray,
-        *,
-        frame: BodyFrame | None = None,
-    ) -> None:
-        """Add one slice: its HU image, pixel spacing (row, col mm) and raw mask (before mapping).
-
-        ``frame``: the slice's body frame when the caller has it (else it is built here).
-        """
-        if hu.shape != raw.shape or hu.ndim != 2:
-            raise ValueError(f"hu and mask must be 2-D of one shape, got {hu.shape} and {raw.shape}")
-        values, inverse = np.unique(raw, return_inverse=True)
-        if len(values) > MAX_VALUES or not np.isfinite(hu).all():
-            self.n_skipped += 1
-            return
-        self.n_slices += 1
-        inverse = inverse.reshape(raw.shape)
-        if not np.any(values != 0):
-            return
-        spacing = (float(spacing_mm[0]), float(spacing_mm[1]))
-        frame = frame if frame is not None else _frame(hu, spacing)
-        body = frame.body if frame is not None else _outline(hu)
-        spine_found = frame is not None and frame.spine_found
-        ranges = self.protocol.hu_ranges
-        n = len(values)
-
-        def count(where: np.ndarray) -> np.ndarray:
-            return np.bincount(inverse[where], minlength=n)
-
-        totals = np.bincount(inverse.ravel(), minlength=n)
-        in_muscle = count((hu >= ranges.muscle[0]) & (hu <= ranges.muscle[1]))
-        in_sat = count((hu >= ranges.subcutaneous_fat[0]) & (hu <= ranges.subcutaneous_fat[1]))
-        in_vat = count((hu >= ranges.visceral_fat[0]) & (hu <= ranges.visceral_fat[1]))
-        hu_sum = np.bincount(inverse.ravel(), weights=hu.ravel().astype(np.float64), minlength=n)
-        outside = count(~body)
-        skin = count(self._skin_band(body, spacing))
-        spine = count(_around_spine(frame, hu.shape)) if frame is not None and spine_found else None
-        tracked = [i for i in np.argsort(-totals) if values[i] != 0][:MAX_TOUCH_VALUES]
-        touch: dict[int, np.ndarray] = {}
-        square = np.ones((3, 3), dtype=bool)
-        for i in tracked:
-            near = ndimage.binary_dilation(inverse == i, square)
-            touch[int(values[i])] = count(near)
-        for i, value in enumerate(values.tolist()):
-            if value == 0:
-                continue
-            sums = self.sums.setdefault(int(value), _Sums())
-            sums.pixels += int(totals[i])
-            sums.slices += 1
-            sums.in_muscle += int(in_muscle[i])
-            sums.in_sat += int(in_sat[i])
-            sums.in_vat += int(in_vat[i])
-            sums.hu_sum += float(hu_sum[i])
-            sums.outside += int(outside[i])
-            sums.skin += int(skin[i])
-            if spine is not None:
-                sums.spine += int(spine[i])
-                sums.spine_known += int(totals[i])
-            for other, counts in touch.items():
-                if other != value:
-                    sums.touching[other] = sums.touching.get(other, 0) + int(counts[i])
-
-    @staticmethod
-    def _skin_band(body: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
-        if not body.any():
-            return body
-        radius_mm = math.sqrt(float(body.sum()) * spacing[0] * spacing[1] / math.pi)
-        depth = ndimage.distance_transform_edt(np.pad(body, 1), sampling=spacing)[1:-1, 1:-1]
-        return body & (depth <= max(SKIN_FRACTION * radius_mm, max(spacing)))
-
-    def finalise(self) -> tuple[ValueStats, ...]:
-        out = []
-        for value in sorted(self.sums):
-            s = self.sums[value]
-            n = max(s.pixels, 1)
-            out.append(
-                ValueStats(
-                    value=value,
-                    pixels=s.pixels,
-                    slices=s.slices,
-                    share_muscle_hu=s.in_muscle / n,
-                    share_subcutaneous_fat_hu=s.in_sat / n,
-                    share_visceral_fat_hu=s.in_vat / n,
-                    mean_hu=s.hu_sum / n,
-                    share_outside_body=s.outside / n,
-                    share_under_skin=s.skin / n,
-                    share_around_spine=s.spine / s.spine_known if s.spine_known else None,
-                    touching={k: v / n for k, v in sorted(s.touching.items()) if v},
-                )
-            )
-        return tuple(out)
 
 
 def _pct(share: float) -> str:
@@ -480,11 +290,9 @@ def mapping_verdict(declared: LabelMap, proposal: MappingProposal) -> MappingVer
 
 __all__ = [
     "SLICE_O_MATIC",
-    "LabelValueAccumulator",
     "MappingProposal",
     "MappingVerdict",
     "ValueGuess",
-    "ValueStats",
     "labels_toml",
     "mapping_verdict",
     "propose_mapping",

@@ -14,13 +14,8 @@ from typer.testing import CliRunner
 from common.check import check_site
 from common.dataset import load_site
 from common.demo.hospitals import SITE_PROFILES, SiteProfile, make_site
-from common.label_guess import (
-    MIN_PIXELS,
-    LabelValueAccumulator,
-    ValueStats,
-    mapping_verdict,
-    propose_mapping,
-)
+from common.label_guess import MIN_PIXELS, mapping_verdict, propose_mapping
+from common.mask_values import LabelValueAccumulator, ValueStats
 from protocols.protocol import LabelProtocol
 from protocols.site import LabelMap
 from server.cli import app
