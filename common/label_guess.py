@@ -175,9 +175,9 @@ def _fat_guesses(fat: list[ValueStats], muscle: set[int], muscle_px: int) -> dic
     return out
 
 
-def _sentence(value: int, guess: _Guess, prefix: str = "") -> str:
+def _sentence(value: int, guess: _Guess) -> str:
     looks = "looks like" if guess.clear else "may be"
-    return f"{prefix}value {value} {looks} {ROLE_TEXT[guess.role]} ({guess.why})"
+    return f"value {value} {looks} {ROLE_TEXT[guess.role]} ({guess.why})"
 
 
 def propose_mapping(stats: tuple[ValueStats, ...], protocol: LabelProtocol = ALBERTA) -> MappingProposal:
