@@ -22,6 +22,8 @@ from protocols.payloads import EvaluationPayload
 
 if TYPE_CHECKING:
     from common.check import SiteCheckReport, SliceProblem
+    from common.label_guess import MappingVerdict
+    from common.mask_values import ValueStats
 
 
 @contextmanager
@@ -231,6 +233,8 @@ def render_check(report: SiteCheckReport, console: Console) -> None:
             _fmt(stats.mean_hu),
         )
     console.print(classes)
+    if report.mapping is not None:
+        render_mapping(report.mapping, report.mask_values, console)
     if report.label_audit is not None and report.label_audit.checks:
         render_label_audit(report.label_audit, console)
 
@@ -308,3 +312,25 @@ def render_label_audit(audit: LabelAudit, console: Console) -> None:
     console.print(table)
     if audit.findings:
         console.print(bullets([Text(check.sentence) for check in audit.findings]))
+
+
+def render_mapping(verdict: MappingVerdict, values: list[ValueStats], console: Console) -> None:
+    """What each raw mask value looks like, and whether site.toml [labels] fits; if not, the fix."""
+    console.print(escape("Mask values (before mapping), from the images:"))
+    pixels = {v.value: v.pixels for v in values}
+    for guess in verdict.proposal.guesses:
+        console.print(f"- {escape(guess.sentence)}; {pixels.get(guess.value, 0)} pixels", highlight=False)
+    if verdict.proposal.note:
+        console.print(escape(verdict.proposal.note), highlight=False)
+    for problem in verdict.problems:
+        console.print(f"[yellow]- {escape(problem)}[/yellow]", highlight=False)
+    if verdict.fits:
+        if not verdict.problems:
+            console.print(escape("site.toml [labels] fits the data."))
+        return
+    console.print(
+        escape("site.toml [labels] does not fit the data. The mapping that fits (check it, then replace ")
+        + escape("the [labels] table of site.toml with):"),
+        style="red",
+    )
+    console.print(verdict.toml.rstrip("\n"), markup=False, highlight=False)

@@ -4,7 +4,10 @@
 :class:`SiteCheckReport`. The report is for the person at the site: it lists file names
 and stays local; nothing here is sent anywhere. Pixel statistics are pooled over pixels of
 all usable slices. The tissue table's HU ranges and the label audit both follow the study's
-label protocol (default Alberta).
+label protocol (default Alberta). Each raw mask value is also described before mapping
+(``common.mask_values``, ``common.label_guess``): when site.toml's ``[labels]`` clearly
+contradicts what the values look like, the report is not usable and carries the mapping
+that fits the data.
 The CLI renders the report (``client.render.render_check``).
 """
 
@@ -20,8 +23,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.dataset import MANIFEST_CSV, LoadedSlice, SiteDataset, dataset_fingerprint, load_slice
+from common.discrepancy.frame import BodyFrame, body_frame
 from common.errors import SliceError
 from common.label_audit import LabelAuditAccumulator, audit_slice
+from common.label_guess import MappingVerdict, mapping_verdict, propose_mapping
+from common.mask_values import LabelValueAccumulator, ValueStats
 from protocols.classes import TISSUES, ExclusionReason
 from protocols.findings import LabelAudit
 from protocols.protocol import HuRanges, LabelProtocol
@@ -77,10 +83,23 @@ class SiteCheckReport(_Model):
         default=None,
         description="the site's labels checked against the label protocol from the images, no model",
     )
+    mask_values: list[ValueStats] = Field(
+        default_factory=list, description="every raw mask value (before mapping), pooled over usable slices"
+    )
+    mapping: MappingVerdict | None = Field(
+        default=None,
+        description="site.toml [labels] against what the data look like, with the mapping that fits",
+    )
+
+    @property
+    def mapping_fits(self) -> bool:
+        """False when [labels] clearly does not fit the data (``mapping`` says what would)."""
+        return self.mapping is None or self.mapping.fits
 
     @property
     def usable(self) -> bool:
-        return self.n_usable > 0
+        """At least one usable slice, and a [labels] mapping that does not clearly contradict the data."""
+        return self.n_usable > 0 and self.mapping_fits
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -137,6 +156,17 @@ class _Accumulator:
         return out
 
 
+def _frame(item: LoadedSlice) -> BodyFrame | None:
+    """The slice's body frame, built once for the label audit and the mask-value statistics."""
+    try:
+        return body_frame(item.ct.hu, item.ct.spacing_mm)
+    except ValueError as exc:
+        log.info("no body frame for %s (%s)", item.row.image, exc)
+    except Exception:  # the frame only explains labels; it never stops the check
+        log.exception("body frame failed for %s", item.row.image)
+    return None
+
+
 def check_site(
     site: SiteDataset,
     *,
@@ -157,6 +187,7 @@ def check_site(
     protocol = protocol or LabelProtocol()
     acc = _Accumulator(protocol.hu_ranges)
     audit = LabelAuditAccumulator(protocol)
+    values = LabelValueAccumulator(protocol)
     problems: list[SliceProblem] = []
     n_usable = 0
     for index in range(len(site)):
@@ -184,10 +215,18 @@ def check_site(
         else:
             n_usable += 1
             acc.add(item, lookup)
+            frame = _frame(item)
             try:
-                audit.add(audit_slice(item.ct.hu, item.ct.spacing_mm, item.label, audit.protocol))
+                audit.add(
+                    audit_slice(item.ct.hu, item.ct.spacing_mm, item.label, audit.protocol, frame=frame)
+                )
             except Exception:  # the audit explains labels; it never makes a slice unusable
                 log.exception("label audit failed on manifest row %d", index)
+            try:
+                if item.raw_label is not None:
+                    values.add(item.ct.hu, item.ct.spacing_mm, item.raw_label, frame=frame)
+            except Exception:  # nor does the mapping guess
+                log.exception("label value statistics failed on manifest row %d", index)
         if on_row is not None:
             on_row(index + 1, total)
     for invalid in site.invalid_rows:
@@ -200,6 +239,10 @@ def check_site(
     if on_row is not None:
         on_row(total, total)
     spacing = SpacingRange(min_mm=min(acc.spacings), max_mm=max(acc.spacings)) if acc.spacings else None
+    value_stats = values.finalise()
+    verdict = (
+        mapping_verdict(site.config.labels, propose_mapping(value_stats, protocol)) if value_stats else None
+    )
     return SiteCheckReport(
         site=site.name,
         fingerprint=dataset_fingerprint(site),
@@ -215,6 +258,8 @@ def check_site(
         n_groups=len(acc.groups),
         n_heights_known=acc.heights,
         n_sex_known=acc.sexes,
+        mask_values=list(value_stats),
+        mapping=verdict,
     )
 
 

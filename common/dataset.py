@@ -87,6 +87,13 @@ class SiteDataset:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def data_root(self) -> Path:
+        """The folder manifest paths are relative to: site.toml's ``data_root`` (absolute, or
+        relative to the site folder), else the site folder."""
+        given = self.config.data_root
+        return self.root if given is None else self.root / Path(given).expanduser()
+
     def listed(self, column: str) -> list[str]:
         """Every non-blank value of ``column`` in manifest.csv, valid rows first, then invalid ones."""
         valid = [getattr(row, column, None) for row in self.rows]
@@ -108,6 +115,8 @@ class LoadedSlice:
     sex: str | None
     #: Distinct raw site values found in the label mask (before mapping), for ``site check``.
     label_values: tuple[int, ...] = ()
+    #: The label mask's raw site values (before mapping), for ``site check``'s mapping guess.
+    raw_label: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------ folder
@@ -195,6 +204,12 @@ def load_site(root: Path | str) -> SiteDataset:
             root, "is a file; point sarcofed at the folder holding site.toml and manifest.csv"
         )
     config = _load_config(root)
+    if config.data_root is not None and not (root / Path(config.data_root).expanduser()).is_dir():
+        raise SiteFolderError(
+            root / SITE_TOML,
+            f"data_root = {config.data_root!r} is not a folder: give the folder that manifest paths are "
+            "relative to (absolute, or relative to the site folder), or remove the line",
+        )
     _, raw_rows = _read_manifest(root)
     rows: list[ManifestRow] = []
     lines: list[int] = []
@@ -214,22 +229,26 @@ def load_site(root: Path | str) -> SiteDataset:
 def resolve_path(
     site: SiteDataset, relative: str, reason: ExclusionReason = ExclusionReason.missing_file
 ) -> Path:
-    """Path of a manifest entry inside the site folder; refuse absolute or escaping paths."""
+    """Path of a manifest entry inside the site's data root; refuse absolute or escaping paths.
+
+    The data root is the site folder unless site.toml sets ``data_root`` (``SiteDataset.data_root``).
+    """
     text = relative.strip().replace("\\", "/")
+    where = "the site folder" if site.config.data_root is None else "data_root (site.toml)"
     if os.path.isabs(text) or (len(text) > 1 and text[1] == ":"):
         raise SliceError(
             reason,
             Path(text),
-            "absolute path in manifest.csv; paths must be relative to the site folder "
+            f"absolute path in manifest.csv; paths must be relative to {where} "
             "(copy or link the file inside it)",
         )
-    root = os.path.normpath(os.path.abspath(site.root))
+    root = os.path.normpath(os.path.abspath(site.data_root))
     full = os.path.normpath(os.path.join(root, text))
     if os.path.commonpath([root, full]) != root:
         raise SliceError(
             reason,
             Path(text),
-            "path leaves the site folder ('..'); every file must sit inside the site folder",
+            f"path leaves {where} ('..'); every file must sit inside it",
         )
     return Path(full)
 
@@ -257,8 +276,9 @@ def map_labels(raw: np.ndarray, labels: LabelMap, path: Path | str) -> np.ndarra
 
 def _mapped_mask(
     site: SiteDataset, relative: str, ct: CTSlice, ct_path: Path, reason: ExclusionReason | None
-) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Read, shape-check and map one mask. ``reason`` overrides every error's reason (reference)."""
+) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
+    """Read, shape-check and map one mask: (canonical, raw values, raw mask). ``reason`` overrides
+    every error's reason (reference)."""
     try:
         path = resolve_path(site, relative)
         raw = read_mask(path, ct_path=ct_path)
@@ -270,7 +290,7 @@ def _mapped_mask(
                 f"{ct.shape[0]}x{ct.shape[1]} (rows x columns); was it resampled or drawn on another slice?",
             )
         values = tuple(int(v) for v in np.unique(raw))
-        return map_labels(raw, site.config.labels, path), values
+        return map_labels(raw, site.config.labels, path), values, raw
     except SliceError as exc:
         if reason is None:
             raise
@@ -293,7 +313,7 @@ def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -
     row = site.rows[index]
     image_path = resolve_path(site, row.image)
     ct = read_ct_slice(image_path)
-    label, values = _mapped_mask(site, row.label, ct, image_path, reason=None)
+    label, values, raw = _mapped_mask(site, row.label, ct, image_path, reason=None)
     if not label.any():
         raise SliceError(
             ExclusionReason.empty_mask,
@@ -303,7 +323,7 @@ def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -
         )
     reference = None
     if with_reference and row.reference:
-        reference, _ = _mapped_mask(
+        reference, _, _ = _mapped_mask(
             site, row.reference, ct, image_path, reason=ExclusionReason.unreadable_reference
         )
     return LoadedSlice(
@@ -316,6 +336,7 @@ def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -
         height_m=row.height_m if row.height_m is not None else ct.height_m,
         sex=row.sex if row.sex is not None else ct.sex,
         label_values=values,
+        raw_label=raw,
     )
 
 

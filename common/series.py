@@ -216,6 +216,9 @@ def scan_folder(folder: Path | str, *, recursive: bool = True) -> SeriesListing:
         if not _inside(root, path):
             skipped.append(SkippedFile(path, "symbolic link leads outside the folder; not followed"))
             continue
+        if not path.is_file():  # a FIFO, socket or device could block a read
+            skipped.append(SkippedFile(path, "not a regular file (FIFO, socket or device); not read"))
+            continue
         found, reason = _classify(path)
         if found is None:
             skipped.append(SkippedFile(path, reason or "unusable"))

@@ -71,6 +71,10 @@ class SiteConfig(BaseModel):
     #: hashes (or their first 12+ hex digits) of models this site's data helped train: such a
     #: model is scored here as internal, on the site's held-out test patients only.
     contributed_models: tuple[str, ...] = ()
+    #: where manifest paths point (absolute, or relative to the site folder); default the site
+    #: folder itself. ``sarcofed site init`` sets it to the export it read, so that nothing is
+    #: copied: the files stay where they are, read only. Paths still may not leave it.
+    data_root: str | None = Field(default=None, min_length=1)
 
     @field_validator("contributed_models")
     @classmethod

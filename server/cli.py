@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from client import site_ops_cli, tasks_cli
+from client import site_init_cli, site_ops_cli, tasks_cli
 from client.cli import site_app
 from client.cli_help import sarcofed_typer
 from client.demo_cli import demo_app
@@ -24,6 +24,7 @@ app = sarcofed_typer(
 tasks_cli.register(site_app)
 register_workbench(site_app)
 site_ops_cli.register(site_app)
+site_init_cli.register(site_app)
 study_app = sarcofed_typer(help="Commands a study coordinator runs.", no_args_is_help=True)
 study_app.command("demo")(demo_study_cmd)
 study_cli.register(study_app)

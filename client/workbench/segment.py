@@ -203,6 +203,11 @@ def save_to_site(
     if empty:
         raise SaveError(f"no muscle, SAT or VAT pixel in {', '.join(empty)}: label them or leave them out")
     config = site_config(site_dir)
+    if config.data_root is not None:
+        raise SaveError(
+            f"{site_dir / 'site.toml'} sets data_root (its manifest points into an export, read only); "
+            "the workbench saves copies inside its site folder: give --site another folder"
+        )
     values = np.array(
         [0, config.labels.muscle[0], config.labels.subcutaneous_fat[0], config.labels.visceral_fat[0]],
         dtype=np.int64,
