@@ -53,6 +53,9 @@ class Unpaired:
 
     path: Path
     reason: str
+    #: what is particular to this file (the image it would pair with, the UID it references):
+    #: kept out of ``reason`` so that files with the same problem are listed together
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,8 @@ def scan_export(source: Path | str, *, skip: Path | None = None) -> ExportScan:
             unpaired.append(
                 Unpaired(
                     mask,
-                    f"a second mask for {image.path.name} (already paired with {taken[image.path].name})",
+                    "a second mask for an image that already has one (the first by name is used)",
+                    f"{image.path.name} has {taken[image.path].name}",
                 )
             )
             return
@@ -167,14 +171,14 @@ def scan_export(source: Path | str, *, skip: Path | None = None) -> ExportScan:
             elif not chosen:
                 unpaired.append(
                     Unpaired(
-                        path, f"mask with no CT image of the same name ({stem}.dcm or {stem}) in the export"
+                        path,
+                        "mask with no CT image of the same name in the export",
+                        f"no {stem}.dcm or {stem}",
                     )
                 )
             else:
                 names = ", ".join(str(h.path.relative_to(root)) for h in chosen[:3])
-                unpaired.append(
-                    Unpaired(path, f"mask name fits {len(chosen)} CT images ({names}); rename one")
-                )
+                unpaired.append(Unpaired(path, "mask name fits several CT images; rename one", names))
             continue
         uids = _seg_references(path) if path.is_file() else None
         if uids is None:
@@ -187,9 +191,8 @@ def scan_export(source: Path | str, *, skip: Path | None = None) -> ExportScan:
             unpaired.append(
                 Unpaired(
                     path,
-                    f"DICOM SEG drawn on SOPInstanceUID {uids[0]}"
-                    + (f" (and {len(uids) - 1} more)" if len(uids) > 1 else "")
-                    + ", which no CT file in the export has",
+                    "DICOM SEG drawn on a CT image (SOPInstanceUID) which no CT file in the export has",
+                    f"{uids[0]}" + (f" and {len(uids) - 1} more" if len(uids) > 1 else ""),
                 )
             )
         for header in found:

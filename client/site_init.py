@@ -69,7 +69,8 @@ class InitProblem(_Model):
     """A file of the export that is in no manifest row, and why."""
 
     file: str = Field(description="path relative to the export")
-    reason: str
+    reason: str = Field(description="the problem, shared by every file that has it")
+    detail: str = Field("", description="what is particular to this file")
 
 
 class UnlabelledSeries(_Model):
@@ -272,7 +273,9 @@ def init_site(
     secret = _secret(site_dir)
     acc = LabelValueAccumulator(protocol)
     rows: list[dict[str, str]] = []
-    problems = [InitProblem(file=_relative(u.path, source), reason=u.reason) for u in scan.unpaired]
+    problems = [
+        InitProblem(file=_relative(u.path, source), reason=u.reason, detail=u.detail) for u in scan.unpaired
+    ]
     used: Counter[str] = Counter()
     for done, pair in enumerate(scan.pairs, start=1):
         row, why = _read_pair(pair, acc, secret, source)

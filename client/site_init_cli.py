@@ -98,7 +98,9 @@ def render_init(report: InitReport, console: Console) -> None:
     if report.unpaired:
         by_reason: dict[str, list[str]] = defaultdict(list)
         for problem in report.unpaired:
-            by_reason[problem.reason].append(problem.file)
+            by_reason[problem.reason].append(
+                f"{problem.file} ({problem.detail})" if problem.detail else problem.file
+            )
         console.print(f"[yellow]Not paired or not usable ({len(report.unpaired)} files):[/yellow]")
         for reason, files in by_reason.items():
             shown = ", ".join(files[:EXAMPLES]) + (

@@ -130,9 +130,10 @@ def test_masks_named_after_their_image_in_another_folder(tmp_path: Path, index: 
     report = init_site(export, tmp_path / "site")
     assert report.proposal.labels == _truth(profile)
     assert report.n_rows == SLICES and report.paired_by == {f"{suffix} mask by name": SLICES}
-    reasons = {p.file: p.reason for p in report.unpaired}
+    reasons = {p.file: (p.reason, p.detail) for p in report.unpaired}
     assert set(reasons) == {f"masks/case1.dcm{suffix}", f"masks/lost{suffix}"}
-    assert "second mask for case1.dcm" in reasons[f"masks/case1.dcm{suffix}"]
+    reason, detail = reasons[f"masks/case1.dcm{suffix}"]
+    assert "second mask" in reason and detail == f"case1.dcm has case1{suffix}"
     code, checked = _check_json(tmp_path / "site")
     assert code == 0 and checked["n_usable"] == _usable(demo) == SLICES
 
@@ -236,3 +237,16 @@ def test_workbench_does_not_save_into_a_site_that_reads_an_export(tmp_path: Path
     with pytest.raises(SaveError, match="data_root"):
         save_to_site(session, site, height_m=None, sex=None)
     assert not (site / "manifest.csv").exists()
+
+
+def test_a_problem_shared_by_many_files_is_printed_once(tmp_path: Path) -> None:
+    """A demo hospital's own folder as the export: every reference mask is a second mask of its
+    image. The report says so once, with the count, not once per file (issue 14, item 4)."""
+    demo, _ = _demo(tmp_path, SITE_PROFILES[0])
+    result = runner.invoke(
+        app, ["site", "init", str(demo), "--out", str(tmp_path / "site")], env={"COLUMNS": "80"}
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert text.count("a second mask for an image that already has one") == 1
+    assert f"{SLICES} x a second mask" in text
