@@ -210,7 +210,6 @@ DEMO_STUDY: Final[Mapping[str, Scalar]] = MappingProxyType(
         "train.local-epochs": 8,
         "train.lr": 0.001,
         "train.optimizer": "adam",
-        "train.val-fraction": 0.35,  # >= 5 validation patients at demo-hospital-a (min-val-patients)
         "train.test-fraction": 0.25,  # >= 5 test slices at each training hospital (min-slices)
     }
 )

@@ -186,7 +186,7 @@ def test_training_resumes_from_its_checkpoint_after_the_superlink_restarts(tmp_p
             "model.encoder": ENCODER,
             "model.image-size": SIZE,
             "train.local-epochs": 1,
-            # 8 of each site's 10 slices train (the demo's 0.35 / 0.2 split leaves site-0 with 3,
+            # 8 of each site's 10 slices train (a 0.35 / 0.2 split leaves site-0 with 3,
             # below the demo policy's min-slices): this test is about resuming, not validation
             "train.val-fraction": 0.2,
             "train.test-fraction": 0.0,
