@@ -235,7 +235,10 @@ def render_check(report: SiteCheckReport, console: Console) -> None:
     console.print(classes)
     if report.mapping is not None:
         render_mapping(report.mapping, report.mask_values, console)
-    if report.label_audit is not None and report.label_audit.checks:
+    if report.mapping is not None and not report.mapping.fits:
+        # the audit reads the labels through [labels]: through a wrong mapping its findings are noise
+        console.print(escape("(Label audit skipped: it needs a [labels] mapping that fits the data.)"))
+    elif report.label_audit is not None and report.label_audit.checks:
         render_label_audit(report.label_audit, console)
 
     if report.excluded:

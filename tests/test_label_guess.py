@@ -201,3 +201,6 @@ def test_site_check_fails_a_swapped_mapping_with_the_right_proposal(
     shown = runner.invoke(app, ["site", "check", str(root)], env={"COLUMNS": "200"})
     assert shown.exit_code == 1
     assert f"muscle = [{truth.muscle[0]}]" in shown.stdout and "does not fit" in shown.stdout
+    # the label audit reads labels through [labels]: through the wrong one it would name
+    # made-up conventions, so it is not shown
+    assert "Label audit skipped" in shown.stdout and "labelling convention of this site" not in shown.stdout
