@@ -179,7 +179,7 @@ def _run_study(
     internal: set[str] = set()
 
     if mode in ("train+evaluate", "train"):
-        from server.training import run_training, training_notes
+        from server.training import exclusion_note, run_training, training_notes
 
         with timed("training"):
             outcome = run_training(
@@ -200,10 +200,8 @@ def _run_study(
         notes += training_notes(outcome)
         if (recipe := recipe_note(study)) is not None:  # e.g. the demo's faster schedule
             notes.append(recipe)
-        if study.study.exclude_from_training:
-            notes.append(
-                f"excluded from training (validated only): {', '.join(study.study.exclude_from_training)}"
-            )
+        if (excluded := exclusion_note(study.study.exclude_from_training, sites.values())) is not None:
+            notes.append(excluded)
         if study.dp.enabled:
             notes.append(
                 f"central DP (server-side fixed clipping): noise multiplier {study.dp.noise_multiplier}, "

@@ -249,6 +249,26 @@ def training_notes(outcome: TrainingOutcome) -> list[str]:
     return notes
 
 
+def exclusion_note(excluded: Iterable[str], answered: Iterable[str]) -> str | None:
+    """The report's note on ``study.exclude-from-training``: the sites it kept from training, and
+    the names in it that no site answered to (a misspelt name would otherwise let a site with
+    another convention train unnoticed). ``None`` when nothing is excluded."""
+    names, present = list(dict.fromkeys(excluded)), set(answered)
+    if not names:
+        return None
+    kept = [n for n in names if n in present]
+    absent = [n for n in names if n not in present]
+    parts = [
+        f"excluded from training (validated only): {', '.join(kept) or 'none of the sites that answered'}"
+    ]
+    if absent:
+        parts.append(
+            f"named in study.exclude-from-training but no site of that name answered: {', '.join(absent)} "
+            "(a misspelt name excludes nobody: site names are site.toml's `name`)"
+        )
+    return "; ".join(parts)
+
+
 def _weights_only(replies: Iterable[Message]) -> list[Message]:
     """The replies as Flower's strategy needs them: the weights and the weighting key only.
 

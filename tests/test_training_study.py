@@ -248,3 +248,18 @@ def test_training_notes_say_when_training_stopped_early(tmp_path: Path) -> None:
     outcome = run_training(FakeSites(SITE_METRICS), study, tmp_path, {1: "a", 2: "b"})  # type: ignore[arg-type]
     assert outcome.stopped_early and [r.round for r in outcome.history] == [1, 2]  # same loss: no gain
     assert training_notes(outcome) == ["training stopped early on the pooled validation loss"]
+
+
+def test_exclusion_note_names_excluded_names_that_no_site_answered_to() -> None:
+    """A misspelt name in study.exclude-from-training excludes nobody: the report says so,
+    instead of listing it among the excluded sites as if it had been applied."""
+    from server.training import exclusion_note
+
+    assert exclusion_note((), ["a", "b"]) is None
+    note = exclusion_note(["hosp-b", "hosp-x"], ["hosp-a", "hosp-b"])
+    assert note is not None
+    kept, absent = note.split("; ")
+    assert kept == "excluded from training (validated only): hosp-b"
+    assert "no site of that name answered: hosp-x " in absent
+    only_absent = exclusion_note(["hosp-B"], ["hosp-a", "hosp-b"])
+    assert only_absent is not None and "validated only): none of the sites that answered" in only_absent
