@@ -309,6 +309,21 @@ def test_summary_lines() -> None:
     ]
 
 
+def test_summary_lines_give_each_sites_verdict() -> None:
+    """The CLI's summary answers the report's first question too: does the model work here?"""
+    from server.report.verdict import site_verdicts
+
+    report = study_report()
+    verdicts = site_verdicts(report)
+    report = report.model_copy(
+        update={"sites": [s.model_copy(update={"verdict": verdicts.get(s.site)}) for s in report.sites]}
+    )
+    lines = summary_lines(report)
+    b = lines.index(next(line for line in lines if line.startswith("hospital-b: ok")))
+    assert lines[b + 1] == f"  verdict: {verdicts['hospital-b'].sentence}"
+    assert verdicts["hospital-b"].code in ("explained_by_labelling", "model_underperforms")
+
+
 def test_summary_lines_of_sites_without_a_role_pool_them_together() -> None:
     """A comparison of label sets (no role): one pooled line, as before there were roles."""
     report = study_report().model_copy(

@@ -100,6 +100,8 @@ def summary_lines(report: StudyReport) -> list[str]:
             f"{s.site}: ok, {_scored(p)}, muscle IoU >= 0.9 in {_muscle_top_bin(p.scores.get('muscle'))}"
             + tail
         )
+        if s.verdict is not None:  # the report's first question: does the model work here?
+            lines.append(f"  verdict: {s.verdict.sentence}")
     for g in groups:
         if g.role is None and len(g.payloads) < 2:
             continue
