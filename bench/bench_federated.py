@@ -58,7 +58,8 @@ from protocols import keys
 from protocols.report import RoundRecord
 from protocols.study import StudyConfig
 from server.checkpoint import load_checkpoint
-from server.flwr_cli import flower_env, flwr_run, local_superlink_pids
+from server.deploy import flwr_env
+from server.flwr_cli import flwr_run, local_superlink_pids
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import print_table
@@ -189,8 +190,8 @@ def superlink_pids(flwr_home: Path) -> list[int]:
 def flower_sandbox(work: Path) -> Iterator[dict[str, str]]:
     """Environment for ``flwr_run`` with a private FLWR_HOME and ports; stops its SuperLink after."""
     flwr_home = work / "flwr-home"
-    env = flower_env(
-        {
+    env = flwr_env(
+        extra={
             "FLWR_HOME": str(flwr_home),
             "SARCOFED_HOME": str(work / "sarcofed-home"),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),

@@ -26,7 +26,8 @@ from common.dataset import MANIFEST_CSV
 from common.errors import SarcofedError
 from common.paths import HOME_ENV, demo_sites_dir, sarcofed_home, simulated_site_dir
 from protocols.study import Scalar, StudyConfig
-from server.flwr_cli import flower_env, flwr_run, local_superlink_pids, stop_processes
+from server.deploy import flwr_env
+from server.flwr_cli import flwr_run, local_superlink_pids, stop_processes
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def demo_study_cmd(
             app_dir(),
             run_config=run_config,
             federation_config={"num-supernodes": sites},
-            env=flower_env({HOME_ENV: str(root)}),
+            env=flwr_env(extra={HOME_ENV: str(root)}),
             echo=None if quiet else console.out,
         )
     except SarcofedError as err:

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 import tomllib
@@ -184,21 +185,37 @@ def write_connection(
 
 
 # ------------------------------------------------------------------ flwr commands
-def flwr_env(flwr_home: Path | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(FLOWER_ENV)
+def flwr_env(flwr_home: Path | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes (the one owner): no telemetry, no dependency installs
+    at run time, no update check; ``FLWR_HOME`` when given, then ``extra``."""
+    env = dict(os.environ) | FLOWER_ENV
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
+    env.update(extra or {})
     return env
 
 
-def _flwr(args: Sequence[str], *, flwr_home: Path | None, cwd: Path | None = None, timeout: float = 120.0):
-    cmd = ["flwr", *args]
+def flwr_executable() -> str:
+    """The ``flwr`` of this Python's environment (a venv not activated included), else PATH's."""
+    exe = Path(sys.executable).with_name("flwr")
+    return str(exe) if exe.exists() else "flwr"
+
+
+def _flwr(
+    args: Sequence[str],
+    *,
+    flwr_home: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 120.0,
+) -> subprocess.CompletedProcess[str]:
+    cmd = [flwr_executable(), *args]
     try:
         done = subprocess.run(
             cmd,
             cwd=cwd,
-            env=flwr_env(flwr_home),
+            env=dict(env) if env is not None else flwr_env(flwr_home),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -285,9 +302,17 @@ def start_run(
     return int(answer["run-id"])
 
 
-def run_status(run_id: int, connection: str, *, flwr_home: Path | None = None) -> RunStatus:
-    """The run's status from ``flwr ls --run-id ID --format json``."""
-    done = _flwr(["ls", connection, "--run-id", str(run_id), "--format", "json"], flwr_home=flwr_home)
+def run_status(
+    run_id: int,
+    connection: str | None,
+    *,
+    flwr_home: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> RunStatus:
+    """The run's status from ``flwr ls [CONNECTION] --run-id ID --format json`` (the one reader of
+    it: ``flwr run --stream`` exits 0 on a failed run, so every caller asks this)."""
+    where = [connection] if connection else []
+    done = _flwr(["ls", *where, "--run-id", str(run_id), "--format", "json"], flwr_home=flwr_home, env=env)
     answer = _json_out(done.stdout + done.stderr, "flwr ls")
     runs = answer.get("runs") or []
     if done.returncode != 0 or not answer.get("success") or not runs:

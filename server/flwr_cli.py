@@ -12,30 +12,16 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import SarcofedError
-from server.deploy import FINAL_OK, FLOWER_ENV
+from server.deploy import FINAL_OK, flwr_env, flwr_executable, run_status
 
 log = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
-
-
-def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower processes: no telemetry, no dependency installs at run time."""
-    env = dict(os.environ) | FLOWER_ENV
-    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    env.update(extra or {})
-    return env
-
-
-def _flwr() -> str:
-    exe = Path(sys.executable).with_name("flwr")
-    return str(exe) if exe.exists() else "flwr"
 
 
 def _toml_value(value: object) -> str:
@@ -63,20 +49,6 @@ class RunOutcome:
         return self.status == FINAL_OK
 
 
-def run_status(
-    run_id: int, connection: str | None = None, *, env: Mapping[str, str] | None = None
-) -> tuple[str, str]:
-    """The run's final status from ``flwr ls --run-id ID --format json``."""
-    cmd = [_flwr(), "ls", *([connection] if connection else []), "--run-id", str(run_id), "--format", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env or flower_env()), check=False)
-    try:
-        data = json.loads(proc.stdout)
-        row = data["runs"][0]
-        return str(row["status"]), str(row.get("status-details", ""))
-    except (ValueError, KeyError, IndexError) as err:
-        raise SarcofedError(f"could not read the status of run {run_id}: {proc.stdout}{proc.stderr}") from err
-
-
 def flwr_run(
     app_dir: Path,
     *,
@@ -88,12 +60,18 @@ def flwr_run(
     timeout: float | None = None,
 ) -> RunOutcome:
     """``flwr run APP_DIR [CONNECTION] --stream``, then the real final status."""
-    cmd: list[str] = [_flwr(), "run", str(app_dir), *([connection] if connection else []), "--stream"]
+    cmd: list[str] = [
+        flwr_executable(),
+        "run",
+        str(app_dir),
+        *([connection] if connection else []),
+        "--stream",
+    ]
     if run_config:
         cmd += ["--run-config", config_args(run_config)]
     if federation_config:
         cmd += ["--federation-config", config_args(federation_config)]
-    environment = dict(env or flower_env())
+    environment = dict(env or flwr_env())
     log.info("running %s", " ".join(cmd))
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment, bufsize=1
@@ -115,8 +93,8 @@ def flwr_run(
     output = "".join(lines)
     if run_id is None:
         raise SarcofedError(f"flwr run did not start a run (exit {proc.returncode}):\n{output[-3000:]}")
-    status, details = run_status(run_id, connection, env=environment)
-    return RunOutcome(run_id=run_id, status=status, details=details, output=output)
+    status = run_status(run_id, connection, env=environment)
+    return RunOutcome(run_id=run_id, status=status.status, details=status.details, output=output)
 
 
 def local_superlink_pids(flwr_home: Path | None = None) -> list[int]:

@@ -31,7 +31,8 @@ from protocols.payloads import ClassScores
 from protocols.report import StudyReport
 from protocols.study import StudyConfig, recipe_note
 from server.demo_study import make_demo_sites, simulation_study
-from server.flwr_cli import flower_env, flwr_run, local_superlink_pids, stop_processes
+from server.deploy import flwr_env
+from server.flwr_cli import flwr_run, local_superlink_pids, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -59,8 +60,8 @@ PSOAS_FINDING = ("muscle", "site_excludes", "psoas")
 def flower_home(tmp_path: Path):
     """A private FLWR_HOME and local-SuperLink ports; every SuperLink started is stopped by pid."""
     home = tmp_path / "flwr-home"
-    env = flower_env(
-        {
+    env = flwr_env(
+        extra={
             "FLWR_HOME": str(home),
             "SARCOFED_HOME": str(tmp_path / "sarcofed-home"),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39191",
