@@ -227,6 +227,16 @@ def render_check(report: SiteCheckReport, console: Console) -> None:
                 escape(problem.file), str(problem.line or ""), problem.reason, escape(problem.detail)
             )
         console.print(problems)
+    if report.reference_problems:
+        references = Table(
+            title="Reference masks `site compare` cannot use (the rows stay usable; local only: names files)"
+        )
+        references.add_column("file", overflow="fold")
+        references.add_column("line", justify="right")
+        references.add_column("what to fix", overflow="fold")
+        for problem in report.reference_problems:
+            references.add_row(escape(problem.file), str(problem.line or ""), escape(problem.detail))
+        console.print(references)
 
 
 def render_label_audit(audit: LabelAudit, console: Console) -> None:

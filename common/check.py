@@ -4,7 +4,9 @@
 :class:`SiteCheckReport`. The report is for the person at the site: it lists file names
 and stays local; nothing here is sent anywhere. Pixel statistics are pooled over pixels of
 all usable slices. The tissue table's HU ranges and the label audit both follow the study's
-label protocol (default Alberta).
+label protocol (default Alberta). Reference masks are read too: a row whose reference cannot
+be used stays usable (evaluate and train need no reference) but is listed in
+``reference_problems``, because ``compare`` will drop it.
 The CLI renders the report (``client.render.render_check``).
 """
 
@@ -19,7 +21,14 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.dataset import MANIFEST_CSV, LoadedSlice, SiteDataset, dataset_fingerprint, load_slice
+from common.dataset import (
+    MANIFEST_CSV,
+    LoadedSlice,
+    SiteDataset,
+    dataset_fingerprint,
+    load_reference,
+    load_slice,
+)
 from common.errors import SliceError
 from common.label_audit import LabelAuditAccumulator, audit_slice
 from protocols.classes import TISSUES, ExclusionReason
@@ -66,6 +75,10 @@ class SiteCheckReport(_Model):
     n_usable: int
     excluded: dict[str, int] = Field(default_factory=dict, description="ExclusionReason -> count")
     problems: list[SliceProblem] = Field(default_factory=list)
+    reference_problems: list[SliceProblem] = Field(
+        default_factory=list,
+        description="usable rows whose reference mask compare cannot use (the row itself is usable)",
+    )
     background_values: list[int] = Field(default_factory=list, description="raw values seen mapping to 0")
     classes: dict[str, ClassCheck] = Field(default_factory=dict, description="keys = TISSUES")
     pixel_spacing: SpacingRange | None = None
@@ -158,21 +171,20 @@ def check_site(
     acc = _Accumulator(protocol.hu_ranges)
     audit = LabelAuditAccumulator(protocol)
     problems: list[SliceProblem] = []
+    reference_problems: list[SliceProblem] = []
     n_usable = 0
     for index in range(len(site)):
+        line = site.lines[index] if index < len(site.lines) else None
         try:
             item = load_slice(site, index)
         except SliceError as exc:
             problems.append(
                 SliceProblem(
-                    file=_relative(exc.path, root),
-                    line=site.lines[index] if index < len(site.lines) else None,
-                    reason=exc.reason.value,
-                    detail=exc.detail,
+                    file=_relative(exc.path, root), line=line, reason=exc.reason.value, detail=exc.detail
                 )
             )
-        except Exception as exc:  # one bad file never stops the check
-            log.exception("unexpected failure on manifest row %d", index)
+        except Exception as exc:  # a bug of ours: one bad file still never stops the check
+            log.debug("unexpected failure on manifest row %d", index, exc_info=True)
             problems.append(
                 SliceProblem(
                     file=site.rows[index].image,
@@ -184,6 +196,14 @@ def check_site(
         else:
             n_usable += 1
             acc.add(item, lookup)
+            try:
+                load_reference(site, item)
+            except SliceError as exc:
+                reference_problems.append(
+                    SliceProblem(
+                        file=_relative(exc.path, root), line=line, reason=exc.reason.value, detail=exc.detail
+                    )
+                )
             try:
                 audit.add(audit_slice(item.ct.hu, item.ct.spacing_mm, item.label, audit.protocol))
             except Exception:  # the audit explains labels; it never makes a slice unusable
@@ -207,6 +227,7 @@ def check_site(
         n_usable=n_usable,
         excluded=dict(sorted(Counter(p.reason for p in problems).items())),
         problems=problems,
+        reference_problems=reference_problems,
         background_values=sorted(acc.values[0]),
         classes=acc.classes(),
         pixel_spacing=spacing,
