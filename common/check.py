@@ -96,13 +96,35 @@ class SiteCheckReport(_Model):
         return self.n_usable > 0
 
 
+#: Longest file name or detail the report shows in full; longer ones keep their two ends.
+SHOWN_CHARS = 300
+
+
+def display_text(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters (a NUL, an escape code, a
+    newline in a file name or a DICOM value) written as ``\\x1b``, and a text longer than
+    :data:`SHOWN_CHARS` cut in the middle, saying how long it was."""
+    safe = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    if len(safe) <= SHOWN_CHARS:
+        return safe
+    return f"{safe[:200]}...({len(safe):,} characters)...{safe[-60:]}"
+
+
+def _problem(path: Path | str, root: Path, line: int | None, reason: str, detail: str) -> SliceProblem:
+    return SliceProblem(
+        file=display_text(_relative(Path(path), root)), line=line, reason=reason, detail=display_text(detail)
+    )
+
+
 def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the site folder; as written when outside it (``/etc/x``, not ``../../etc/x``)."""
     if not path.is_absolute():
         return str(path)  # already as written in manifest.csv
     try:
-        return os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
     except ValueError:
         return str(path)
+    return str(path) if relative.split(os.sep)[0] == os.pardir else relative
 
 
 class _Accumulator:
@@ -178,19 +200,16 @@ def check_site(
         try:
             item = load_slice(site, index)
         except SliceError as exc:
-            problems.append(
-                SliceProblem(
-                    file=_relative(exc.path, root), line=line, reason=exc.reason.value, detail=exc.detail
-                )
-            )
+            problems.append(_problem(exc.path, root, line, exc.reason.value, exc.detail))
         except Exception as exc:  # a bug of ours: one bad file still never stops the check
             log.debug("unexpected failure on manifest row %d", index, exc_info=True)
             problems.append(
-                SliceProblem(
-                    file=site.rows[index].image,
-                    line=site.lines[index] if index < len(site.lines) else None,
-                    reason=ExclusionReason.evaluation_error.value,
-                    detail=f"unexpected {type(exc).__name__}: {exc}",
+                _problem(
+                    site.rows[index].image,
+                    root,
+                    line,
+                    ExclusionReason.evaluation_error.value,
+                    f"unexpected {type(exc).__name__}: {exc}",
                 )
             )
         else:
@@ -199,11 +218,7 @@ def check_site(
             try:
                 load_reference(site, item)
             except SliceError as exc:
-                reference_problems.append(
-                    SliceProblem(
-                        file=_relative(exc.path, root), line=line, reason=exc.reason.value, detail=exc.detail
-                    )
-                )
+                reference_problems.append(_problem(exc.path, root, line, exc.reason.value, exc.detail))
             try:
                 audit.add(audit_slice(item.ct.hu, item.ct.spacing_mm, item.label, audit.protocol))
             except Exception:  # the audit explains labels; it never makes a slice unusable
@@ -212,11 +227,7 @@ def check_site(
             on_row(index + 1, total)
     for invalid in site.invalid_rows:
         error = invalid.error(root)
-        problems.append(
-            SliceProblem(
-                file=MANIFEST_CSV, line=invalid.line, reason=error.reason.value, detail=invalid.detail
-            )
-        )
+        problems.append(_problem(MANIFEST_CSV, root, invalid.line, error.reason.value, invalid.detail))
     if on_row is not None:
         on_row(total, total)
     spacing = SpacingRange(min_mm=min(acc.spacings), max_mm=max(acc.spacings)) if acc.spacings else None
@@ -240,9 +251,11 @@ def check_site(
 
 
 __all__ = [
+    "SHOWN_CHARS",
     "ClassCheck",
     "SiteCheckReport",
     "SliceProblem",
     "SpacingRange",
     "check_site",
+    "display_text",
 ]

@@ -203,8 +203,18 @@ def _seg_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return None
 
 
+def _quiet_dcmread(path: Path, **kwargs: Any) -> pydicom.Dataset:
+    """``pydicom.dcmread`` with its warnings about odd files as debug log lines, not on the screen."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(path, **kwargs)
+    for warning in caught:
+        log.debug("%s: pydicom: %s", path, warning.message)
+    return ds
+
+
 def _read_seg(path: Path, ct_path: Path | None) -> np.ndarray:
-    ds = pydicom.dcmread(path)
+    ds = _quiet_dcmread(path)
     if str(ds.get("SOPClassUID", "")) != SEGMENTATION_STORAGE and ds.get("Modality") != "SEG":
         raise _bad(
             path,
@@ -224,7 +234,7 @@ def _read_seg(path: Path, ct_path: Path | None) -> np.ndarray:
         frames = frames[np.newaxis]
     ct_uid: str | None = None
     if ct_path is not None:
-        ct = pydicom.dcmread(ct_path, stop_before_pixels=True)
+        ct = _quiet_dcmread(ct_path, stop_before_pixels=True)
         ct_uid = str(ct.get("SOPInstanceUID", "")) or None
         if (int(ds.Rows), int(ds.Columns)) != (int(ct.Rows), int(ct.Columns)):
             raise _bad(

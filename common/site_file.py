@@ -95,8 +95,8 @@ def require_regular_file(path: Path, reason: ExclusionReason, what: str) -> int:
         raise SliceError(
             reason,
             path,
-            f"{what} file is {info.st_size / 2**20:,.0f} MiB, more than one slice can be "
-            f"(at most {MAX_FILE_BYTES // 2**20} MiB): is it a whole series or volume?",
+            f"{what} file is {info.st_size:,} bytes, more than one slice can be "
+            f"(at most {MAX_FILE_BYTES:,} = {MAX_FILE_BYTES // 2**20} MiB): is it a whole series or volume?",
         )
     return int(info.st_size)
 

@@ -19,7 +19,7 @@ from fixtures_site import make_site, write_manifest
 from pydantic import ValidationError
 
 from client.site_tasks import training_samples
-from common.check import check_site
+from common.check import check_site, display_text
 from common.dataset import load_site
 from common.dicom_io import read_ct_slice, write_ct_slice
 from common.errors import SiteFolderError, SliceError
@@ -57,7 +57,7 @@ def _long_path(root: Path, rows: list[Row]) -> str:
 
 def _nul_byte(root: Path, rows: list[Row]) -> str:
     rows[0]["image"] = "ct/slice\x00_0.dcm"
-    return "ct/slice"
+    return "ct/slice\x00_0.dcm"
 
 
 def _huge_spacing(root: Path, rows: list[Row]) -> str:
@@ -139,7 +139,7 @@ def clean_site(tmp_path: Path) -> Path:
 def test_one_bad_row_is_excluded_by_check_compare_and_training(clean_site: Path, case: str) -> None:
     breaker, reason, detail_text = CASES[case]
     rows = _rows(clean_site)
-    file_text = breaker(clean_site, rows)
+    file_text = display_text(breaker(clean_site, rows))
     write_manifest(clean_site, rows)
     site = load_site(clean_site)
 
@@ -233,7 +233,7 @@ def test_regular_file_guard(tmp_path: Path) -> None:
     big = tmp_path / "big.dcm"
     with big.open("wb") as handle:  # sparse: costs no disk
         handle.truncate(MAX_FILE_BYTES + 1)
-    with pytest.raises(SliceError, match="MiB") as info:
+    with pytest.raises(SliceError, match="67,108,865 bytes") as info:
         require_regular_file(big, R.unreadable_image, "image")
     assert info.value.reason is R.unreadable_image and info.value.path == big
     with pytest.raises(SliceError, match="folder"):
@@ -252,3 +252,19 @@ def test_a_mask_larger_than_a_slice_is_refused_before_it_is_decoded(tmp_path: Pa
     with pytest.raises(SliceError, match="more than one slice") as info:
         read_mask(path)
     assert info.value.reason is R.unreadable_label
+
+
+def test_check_shows_control_characters_escaped_and_long_names_cut(clean_site: Path) -> None:
+    """A file name or DICOM value holding an escape code must not recolour or clear the terminal."""
+    rows = _rows(clean_site)
+    _edit_dicom(clean_site, rows[1], Modality="\x1b[2JMR")
+    os.rename(clean_site / rows[2]["label"], clean_site / "labels" / "a\x1b[31m.npy")
+    rows[2]["label"] = "labels/a\x1b[31m.npy"
+    rows[0]["label"] = "labels/" + "b" * 4000 + ".npy"
+    write_manifest(clean_site, rows)
+    report = check_site(load_site(clean_site))
+    assert report.n_usable == 1 and len(report.problems) == 2
+    shown = " ".join(f"{p.file} {p.detail}" for p in report.problems)
+    assert "\x1b" not in shown and "\\x1b[2JMR" in shown
+    (long,) = [p for p in report.problems if p.line == 2]
+    assert len(long.file) < 300 and "4,011 characters" in long.file
