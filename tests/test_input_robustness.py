@@ -268,3 +268,16 @@ def test_check_shows_control_characters_escaped_and_long_names_cut(clean_site: P
     assert "\x1b" not in shown and "\\x1b[2JMR" in shown
     (long,) = [p for p in report.problems if p.line == 2]
     assert len(long.file) < 300 and "4,011 characters" in long.file
+
+
+@pytest.mark.timeout(60)
+def test_a_series_scan_skips_a_fifo_instead_of_waiting_on_it(tmp_path: Path) -> None:
+    from common.series import scan_folder
+
+    write_ct_slice(tmp_path / "a.dcm", np.zeros((16, 16)), spacing_mm=(0.8, 0.8))
+    os.mkfifo(tmp_path / "b.dcm")
+    (tmp_path / "c.dcm").write_bytes(b"")
+    listing = scan_folder(tmp_path)
+    assert [len(s.slices) for s in listing.series] == [1]
+    skipped = {item.path.name: item.reason for item in listing.skipped}
+    assert "FIFO" in skipped["b.dcm"] and "empty" in skipped["c.dcm"]
