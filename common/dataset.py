@@ -247,7 +247,7 @@ def load_site(root: Path | str) -> SiteDataset:
         key = os.path.normpath(row.image.strip().replace("\\", "/"))
         if key in first_line:
             detail = (
-                f"image {row.image} is already listed on line {first_line[key]}; list each slice once "
+                f"image {row.image!r} is already listed on line {first_line[key]}; list each slice once "
                 "(a second rater's mask goes in that row's 'reference' column)"
             )
             log.warning("%s line %d: %s", root / MANIFEST_CSV, line, detail)

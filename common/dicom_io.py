@@ -156,6 +156,20 @@ def _float(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
+def _values(ds: Dataset, keyword: str) -> list[Any]:
+    """The values of a multi-valued element as a list, however the file stores it.
+
+    A file may hold one value where DICOM asks for several (PixelSpacing "0.7"): pydicom then
+    gives a number, not a list. Missing or empty: ``[]``.
+    """
+    raw = ds.get(keyword)
+    if raw is None or raw == "":
+        return []
+    if isinstance(raw, str | bytes) or not hasattr(raw, "__len__"):
+        return [raw]
+    return list(raw)
+
+
 def _angle_to_deg(vector: np.ndarray, axis: np.ndarray) -> float:
     norm = float(np.linalg.norm(vector))
     if norm == 0.0:
@@ -165,14 +179,15 @@ def _angle_to_deg(vector: np.ndarray, axis: np.ndarray) -> float:
 
 
 def _check_axial(ds: Dataset, path: Path) -> None:
-    iop = ds.get("ImageOrientationPatient")
-    if iop is None or len(iop) != 6:
-        log.warning("%s: no ImageOrientationPatient; assuming an axial slice", path)
+    iop = _values(ds, "ImageOrientationPatient")
+    if len(iop) != 6:
+        shown = f"{len(iop)} value(s), not 6" if iop else "missing"
+        log.warning("%s: ImageOrientationPatient %s; assuming an axial slice", path, shown)
         return
     try:
         vec = np.asarray([float(v) for v in iop], dtype=np.float64)
     except (TypeError, ValueError):
-        log.warning("%s: unreadable ImageOrientationPatient %r; assuming axial", path, list(iop))
+        log.warning("%s: unreadable ImageOrientationPatient %r; assuming axial", path, iop)
         return
     row, col = vec[:3], vec[3:]
     # Axial: the row vector lies along patient x and the column vector along patient y
@@ -209,13 +224,7 @@ def _patient_sex(ds: Dataset) -> str | None:
 
 def _pixel_spacing(ds: Dataset, path: Path) -> tuple[float, float]:
     """(row, column) spacing in mm: two positive numbers in :data:`SPACING_RANGE_MM`."""
-    raw = ds.get("PixelSpacing")
-    if raw is None or raw == "":
-        values: list[Any] = []
-    elif isinstance(raw, str | bytes) or not hasattr(raw, "__len__"):
-        values = [raw]  # a single value ("0.7"): pydicom gives a number, not a list
-    else:
-        values = list(raw)
+    values = _values(ds, "PixelSpacing")
     numbers = [_float(v) for v in values]
     if len(numbers) != 2 or any(v is None or v <= 0 for v in numbers):
         shown = "missing" if not values else f"{[str(v) for v in values]} ({len(values)} value(s))"
@@ -347,8 +356,8 @@ def _interpret(ds: Dataset, path: Path) -> CTSlice:
         hu[stored == padding] = AIR_HU
     _check_hu(hu, slope, intercept, path)
 
-    position = ds.get("ImagePositionPatient")
-    z = _float(position[2]) if position is not None and len(position) == 3 else None
+    position = _values(ds, "ImagePositionPatient")
+    z = _float(position[2]) if len(position) == 3 else None
     if z is None:
         z = _float(ds.get("SliceLocation"))
     uid = ds.get("SOPInstanceUID")

@@ -281,3 +281,14 @@ def test_a_series_scan_skips_a_fifo_instead_of_waiting_on_it(tmp_path: Path) -> 
     assert [len(s.slices) for s in listing.series] == [1]
     skipped = {item.path.name: item.reason for item in listing.skipped}
     assert "FIFO" in skipped["b.dcm"] and "empty" in skipped["c.dcm"]
+
+
+def test_single_valued_orientation_and_position_do_not_cost_the_slice(tmp_path: Path) -> None:
+    """Optional elements holding one value where DICOM asks for several: read as absent."""
+    path = write_ct_slice(tmp_path / "ct.dcm", np.zeros((16, 16)), spacing_mm=(0.8, 0.8), position_z=12.5)
+    ds = pydicom.dcmread(path)
+    ds.ImageOrientationPatient = "1"
+    ds.ImagePositionPatient = "0"
+    ds.save_as(path)
+    ct = read_ct_slice(path)
+    assert ct.spacing_mm == (0.8, 0.8) and ct.slice_location == pytest.approx(12.5)
