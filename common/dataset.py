@@ -208,8 +208,13 @@ def _read_manifest(root: Path) -> tuple[list[str], list[tuple[int, dict[str, str
         try:
             values = _csv_cells(line, delimiter)
         except ValueError as exc:
-            image = line.split(delimiter, 1)[0].strip().strip('"')
-            broken.append(InvalidRow(line=number, image=image, detail=str(exc)))
+            # Its cells as best they can be told (split at the delimiter, quotes dropped): they
+            # may name files or patients, and the guard screens replies for every listed value.
+            cells = line.replace('"', "").split(delimiter)
+            named = {name: (cells[i].strip() if i < len(cells) else "") for i, name in enumerate(header)}
+            broken.append(
+                InvalidRow(line=number, image=named.get("image", ""), detail=str(exc), values=named)
+            )
             continue
         if not any(v.strip() for v in values):
             continue

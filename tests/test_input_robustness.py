@@ -192,6 +192,8 @@ def test_an_unbalanced_quote_names_its_line_and_spares_the_rows_below(clean_site
     error = invalid.error(site.root)
     assert error.reason is R.invalid_manifest_row and "line 3" in error.detail
     assert "label" not in invalid.detail  # the old message blamed an empty label column
+    # its cells still count as listed: the guard screens replies for every listed name
+    assert "ct/slice_1.dcm" in site.listed("image") and "patient-1" in site.listed("group")
 
 
 def test_check_reports_a_reference_of_the_wrong_shape(clean_site: Path) -> None:
