@@ -250,6 +250,16 @@ def render_check(report: SiteCheckReport, console: Console) -> None:
             reasons.add_row(reason, str(count), escape(ExclusionReason(reason).label))
         console.print(reasons)
         render_problems(report.problems, console)
+    if report.reference_problems:
+        references = Table(
+            title="Reference masks `site compare` cannot use (the rows stay usable; local only: names files)"
+        )
+        references.add_column("file", overflow="fold")
+        references.add_column("line", justify="right")
+        references.add_column("what to fix", overflow="fold")
+        for problem in report.reference_problems:
+            references.add_row(escape(problem.file), str(problem.line or ""), escape(problem.detail))
+        console.print(references)
 
 
 #: How many file names a group of excluded rows shows before "and N more".

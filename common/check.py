@@ -8,6 +8,9 @@ label protocol (default Alberta). Each raw mask value is also described before m
 (``common.mask_values``, ``common.label_guess``): when site.toml's ``[labels]`` clearly
 contradicts what the values look like, the report is not usable and carries the mapping
 that fits the data.
+Reference masks are read too: a row whose reference cannot be used stays usable (evaluate
+and train need no reference) but is listed in ``reference_problems``, because ``compare``
+will drop it.
 The CLI renders the report (``client.render.render_check``).
 """
 
@@ -22,7 +25,14 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.dataset import MANIFEST_CSV, LoadedSlice, SiteDataset, dataset_fingerprint, load_slice
+from common.dataset import (
+    MANIFEST_CSV,
+    LoadedSlice,
+    SiteDataset,
+    dataset_fingerprint,
+    load_reference,
+    load_slice,
+)
 from common.discrepancy.frame import BodyFrame, body_frame
 from common.errors import SliceError
 from common.label_audit import LabelAuditAccumulator, audit_slice
@@ -72,6 +82,10 @@ class SiteCheckReport(_Model):
     n_usable: int
     excluded: dict[str, int] = Field(default_factory=dict, description="ExclusionReason -> count")
     problems: list[SliceProblem] = Field(default_factory=list)
+    reference_problems: list[SliceProblem] = Field(
+        default_factory=list,
+        description="usable rows whose reference mask compare cannot use (the row itself is usable)",
+    )
     background_values: list[int] = Field(default_factory=list, description="raw values seen mapping to 0")
     classes: dict[str, ClassCheck] = Field(default_factory=dict, description="keys = TISSUES")
     pixel_spacing: SpacingRange | None = None
@@ -102,13 +116,35 @@ class SiteCheckReport(_Model):
         return self.n_usable > 0 and self.mapping_fits
 
 
+#: Longest file name or detail the report shows in full; longer ones keep their two ends.
+SHOWN_CHARS = 300
+
+
+def display_text(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters (a NUL, an escape code, a
+    newline in a file name or a DICOM value) written as ``\\x1b``, and a text longer than
+    :data:`SHOWN_CHARS` cut in the middle, saying how long it was."""
+    safe = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    if len(safe) <= SHOWN_CHARS:
+        return safe
+    return f"{safe[:200]}...({len(safe):,} characters)...{safe[-60:]}"
+
+
+def _problem(path: Path | str, root: Path, line: int | None, reason: str, detail: str) -> SliceProblem:
+    return SliceProblem(
+        file=display_text(_relative(Path(path), root)), line=line, reason=reason, detail=display_text(detail)
+    )
+
+
 def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the site folder; as written when outside it (``/etc/x``, not ``../../etc/x``)."""
     if not path.is_absolute():
         return str(path)  # already as written in manifest.csv
     try:
-        return os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
     except ValueError:
         return str(path)
+    return str(path) if relative.split(os.sep)[0] == os.pardir else relative
 
 
 class _Accumulator:
@@ -189,33 +225,33 @@ def check_site(
     audit = LabelAuditAccumulator(protocol)
     values = LabelValueAccumulator(protocol)
     problems: list[SliceProblem] = []
+    reference_problems: list[SliceProblem] = []
     n_usable = 0
     for index in range(len(site)):
+        line = site.lines[index] if index < len(site.lines) else None
         try:
             item = load_slice(site, index)
         except SliceError as exc:
+            problems.append(_problem(exc.path, root, line, exc.reason.value, exc.detail))
+        except Exception as exc:  # a bug of ours: one bad file still never stops the check
+            log.debug("unexpected failure on manifest row %d", index, exc_info=True)
             problems.append(
-                SliceProblem(
-                    file=_relative(exc.path, root),
-                    line=site.lines[index] if index < len(site.lines) else None,
-                    reason=exc.reason.value,
-                    detail=exc.detail,
-                )
-            )
-        except Exception as exc:  # one bad file never stops the check
-            log.exception("unexpected failure on manifest row %d", index)
-            problems.append(
-                SliceProblem(
-                    file=site.rows[index].image,
-                    line=site.lines[index] if index < len(site.lines) else None,
-                    reason=ExclusionReason.evaluation_error.value,
-                    detail=f"unexpected {type(exc).__name__}: {exc}",
+                _problem(
+                    site.rows[index].image,
+                    root,
+                    line,
+                    ExclusionReason.evaluation_error.value,
+                    f"unexpected {type(exc).__name__}: {exc}",
                 )
             )
         else:
             n_usable += 1
             acc.add(item, lookup)
             frame = _frame(item)
+            try:
+                load_reference(site, item)
+            except SliceError as exc:
+                reference_problems.append(_problem(exc.path, root, line, exc.reason.value, exc.detail))
             try:
                 audit.add(
                     audit_slice(item.ct.hu, item.ct.spacing_mm, item.label, audit.protocol, frame=frame)
@@ -231,11 +267,7 @@ def check_site(
             on_row(index + 1, total)
     for invalid in site.invalid_rows:
         error = invalid.error(root)
-        problems.append(
-            SliceProblem(
-                file=MANIFEST_CSV, line=invalid.line, reason=error.reason.value, detail=invalid.detail
-            )
-        )
+        problems.append(_problem(MANIFEST_CSV, root, invalid.line, error.reason.value, invalid.detail))
     if on_row is not None:
         on_row(total, total)
     spacing = SpacingRange(min_mm=min(acc.spacings), max_mm=max(acc.spacings)) if acc.spacings else None
@@ -250,6 +282,7 @@ def check_site(
         n_usable=n_usable,
         excluded=dict(sorted(Counter(p.reason for p in problems).items())),
         problems=problems,
+        reference_problems=reference_problems,
         background_values=sorted(acc.values[0]),
         classes=acc.classes(),
         pixel_spacing=spacing,
@@ -264,9 +297,11 @@ def check_site(
 
 
 __all__ = [
+    "SHOWN_CHARS",
     "ClassCheck",
     "SiteCheckReport",
     "SliceProblem",
     "SpacingRange",
     "check_site",
+    "display_text",
 ]

@@ -6,6 +6,11 @@ fixes them). Row-level problems never stop the site: a row that fails
 :func:`iter_slices` yields a :class:`SliceError` for it; a slice whose files cannot be
 used raises a :class:`SliceError` from :func:`load_slice` with the reason.
 
+A row is invalid when it fails validation, when its line cannot be read as CSV (an
+unbalanced quote: the line is named, and the lines after it are still read one by one), or
+when it lists an image an earlier row already lists (``duplicate_row``, naming that line:
+a slice counted twice would weigh twice in every pooled number).
+
 ``SiteDataset.rows`` holds the *valid* rows only; ``load_slice(site, i)`` takes an index
 into it. ``site.n_listed`` counts every data row of manifest.csv (valid or not), and
 ``iter_slices`` yields exactly ``n_listed`` items: one per valid row, in order, then one
@@ -30,6 +35,7 @@ from pydantic import ValidationError
 from common.dicom_io import CTSlice, read_ct_slice
 from common.errors import SiteFolderError, SliceError
 from common.masks import read_mask
+from common.site_file import require_regular_file
 from protocols.classes import ExclusionReason
 from protocols.site import MANIFEST_OPTIONAL, MANIFEST_REQUIRED, LabelMap, ManifestRow, SiteConfig
 
@@ -53,16 +59,18 @@ IDENTIFYING_COLUMNS: tuple[str, ...] = ("image", "label", "reference", "group")
 class InvalidRow:
     """A manifest.csv data row that failed validation (``line`` is the 1-based file line).
 
-    ``values`` are the row's raw cells by (lower-case) column name, as read.
+    ``values`` are the row's raw cells by (lower-case) column name, as read; ``reason`` is
+    ``invalid_manifest_row``, or ``duplicate_row`` for a row listing an image listed above.
     """
 
     line: int
     image: str
     detail: str
     values: Mapping[str, str] = field(default_factory=dict)
+    reason: ExclusionReason = INVALID_ROW_REASON
 
     def error(self, root: Path) -> SliceError:
-        return SliceError(INVALID_ROW_REASON, root / MANIFEST_CSV, f"line {self.line}: {self.detail}")
+        return SliceError(self.reason, root / MANIFEST_CSV, f"line {self.line}: {self.detail}")
 
 
 @dataclass
@@ -153,7 +161,25 @@ def _load_config(root: Path) -> SiteConfig:
         ) from exc
 
 
-def _read_manifest(root: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+def _csv_cells(line: str, delimiter: str) -> list[str]:
+    """The cells of one physical line of manifest.csv; ``ValueError`` saying what is wrong.
+
+    Each line is parsed on its own (strict CSV): a quote that a line opens and never closes
+    is that line's error, and cannot swallow the rows below it into one cell.
+    """
+    try:
+        return next(csv.reader([line], delimiter=delimiter, strict=True), [])
+    except csv.Error as exc:
+        hint = (
+            'it holds an unbalanced quote ("): remove it or close it'
+            if line.count('"') % 2
+            else "check the quotes around its cells"
+        )
+        raise ValueError(f"not valid CSV ({exc}); {hint}") from None
+
+
+def _read_manifest(root: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]], list[InvalidRow]]:
+    """Header, the data rows by file line, and the lines that cannot be read as CSV."""
     path = root / MANIFEST_CSV
     if not path.is_file():
         raise SiteFolderError(
@@ -164,16 +190,17 @@ def _read_manifest(root: Path) -> tuple[list[str], list[tuple[int, dict[str, str
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise SiteFolderError(path, f"manifest.csv is not UTF-8 text ({exc}); save it as UTF-8 CSV") from exc
-    lines = text.splitlines()
-    first = lines[0] if lines else ""
+    # Physical lines as a text editor numbers them (\n, \r\n or \r), not str.splitlines(),
+    # which also splits at form feeds and other separators a cell may hold.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    first = lines[0]
+    if not first.strip() and len(lines) == 1:
+        raise SiteFolderError(path, "manifest.csv is empty: it needs a header row and one row per slice")
     delimiter = ";" if first.count(";") > first.count(",") else ","
-    reader = csv.reader(lines, delimiter=delimiter)
     try:
-        header = [h.strip().lower() for h in next(reader)]
-    except StopIteration:
-        raise SiteFolderError(
-            path, "manifest.csv is empty: it needs a header row and one row per slice"
-        ) from None
+        header = [h.strip().lower() for h in _csv_cells(first, delimiter)]
+    except ValueError as exc:
+        raise SiteFolderError(path, f"the header row (line 1) is {exc}") from None
     missing = [c for c in MANIFEST_REQUIRED if c not in header]
     if missing:
         raise SiteFolderError(
@@ -183,15 +210,29 @@ def _read_manifest(root: Path) -> tuple[list[str], list[tuple[int, dict[str, str
             f"{', '.join(MANIFEST_OPTIONAL)}",
         )
     rows: list[tuple[int, dict[str, str]]] = []
-    for number, values in enumerate(reader, start=2):
+    broken: list[InvalidRow] = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            values = _csv_cells(line, delimiter)
+        except ValueError as exc:
+            # Its cells as best they can be told (split at the delimiter, quotes dropped): they
+            # may name files or patients, and the guard screens replies for every listed value.
+            cells = line.replace('"', "").split(delimiter)
+            named = {name: (cells[i].strip() if i < len(cells) else "") for i, name in enumerate(header)}
+            broken.append(
+                InvalidRow(line=number, image=named.get("image", ""), detail=str(exc), values=named)
+            )
+            continue
         if not any(v.strip() for v in values):
             continue
         rows.append(
             (number, {name: (values[i].strip() if i < len(values) else "") for i, name in enumerate(header)})
         )
-    if not rows:
+    if not rows and not broken:
         raise SiteFolderError(path, "manifest.csv lists no slices: add one row per labelled L3 slice")
-    return header, rows
+    return header, rows, broken
 
 
 def load_site(root: Path | str) -> SiteDataset:
@@ -210,18 +251,42 @@ def load_site(root: Path | str) -> SiteDataset:
             f"data_root = {config.data_root!r} is not a folder: give the folder that manifest paths are "
             "relative to (absolute, or relative to the site folder), or remove the line",
         )
-    _, raw_rows = _read_manifest(root)
+    _, raw_rows, broken = _read_manifest(root)
     rows: list[ManifestRow] = []
     lines: list[int] = []
     invalid: list[InvalidRow] = []
+    first_line: dict[str, int] = {}  # normalised image path -> the line that lists it first
     for line, values in raw_rows:
         try:
-            rows.append(ManifestRow.model_validate(values))
-            lines.append(line)
+            row = ManifestRow.model_validate(values)
         except ValidationError as exc:
             detail = _format_validation(exc)
             log.warning("%s line %d: %s", root / MANIFEST_CSV, line, detail)
             invalid.append(InvalidRow(line=line, image=values.get("image", ""), detail=detail, values=values))
+            continue
+        key = os.path.normpath(row.image.strip().replace("\\", "/"))
+        if key in first_line:
+            detail = (
+                f"image {row.image!r} is already listed on line {first_line[key]}; list each slice once "
+                "(a second rater's mask goes in that row's 'reference' column)"
+            )
+            log.warning("%s line %d: %s", root / MANIFEST_CSV, line, detail)
+            invalid.append(
+                InvalidRow(
+                    line=line,
+                    image=row.image,
+                    detail=detail,
+                    values=values,
+                    reason=ExclusionReason.duplicate_row,
+                )
+            )
+            continue
+        first_line[key] = line
+        rows.append(row)
+        lines.append(line)
+    for bad in broken:
+        log.warning("%s line %d: %s", root / MANIFEST_CSV, bad.line, bad.detail)
+    invalid = sorted([*invalid, *broken], key=lambda bad: bad.line)
     return SiteDataset(root=root, config=config, rows=rows, invalid_rows=invalid, lines=lines)
 
 
@@ -308,6 +373,20 @@ def row_group(site: SiteDataset, index: int) -> str:
     return row.group or f"image:{row.image}"
 
 
+def load_reference(site: SiteDataset, item: LoadedSlice) -> np.ndarray | None:
+    """The row's reference mask, mapped like its label; ``None`` when the row has none.
+
+    Raises ``SliceError(unreadable_reference)`` naming the reference file when it cannot be
+    read or does not fit the image (``site check`` reports it; ``compare`` drops the row).
+    """
+    if not item.row.reference:
+        return None
+    reference, _, _ = _mapped_mask(
+        site, item.row.reference, item.ct, item.ct.path, reason=ExclusionReason.unreadable_reference
+    )
+    return reference
+
+
 def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -> LoadedSlice:
     """Load valid row ``index`` (0-based into ``site.rows``); raise ``SliceError`` if unusable."""
     row = site.rows[index]
@@ -321,23 +400,21 @@ def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -
             f"no muscle, subcutaneous or visceral fat pixel after mapping (values found: "
             f"{', '.join(map(str, values))}); is [labels] in site.toml right?",
         )
-    reference = None
-    if with_reference and row.reference:
-        reference, _, _ = _mapped_mask(
-            site, row.reference, ct, image_path, reason=ExclusionReason.unreadable_reference
-        )
-    return LoadedSlice(
+    loaded = LoadedSlice(
         index=index,
         row=row,
         ct=ct,
         label=label,
-        reference=reference,
+        reference=None,
         group=row_group(site, index),
         height_m=row.height_m if row.height_m is not None else ct.height_m,
         sex=row.sex if row.sex is not None else ct.sex,
         label_values=values,
         raw_label=raw,
     )
+    if with_reference:
+        loaded.reference = load_reference(site, loaded)
+    return loaded
 
 
 def iter_slices(
@@ -363,6 +440,10 @@ def iter_slices(
 # ------------------------------------------------------------------ fingerprint
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
+    try:  # regular files of a slice's size only: a FIFO or /dev/zero would never end
+        require_regular_file(path, ExclusionReason.missing_file, "file")
+    except SliceError:
+        return "missing"
     try:
         with path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -400,6 +481,7 @@ __all__ = [
     "SiteDataset",
     "dataset_fingerprint",
     "iter_slices",
+    "load_reference",
     "load_site",
     "load_slice",
     "map_labels",

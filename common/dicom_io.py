@@ -9,6 +9,13 @@ HU = stored value * RescaleSlope + RescaleIntercept, computed in float64 on the 
 pydicom decodes (pydicom honours PixelRepresentation, so signed and unsigned storage both
 work). Compressed transfer syntaxes are decoded by the pylibjpeg / pyjpegls plugins.
 
+Numbers that no CT scanner makes are refused, not passed on: a pixel spacing outside
+:data:`SPACING_RANGE_MM` or a field of view wider than :data:`MAX_FOV_MM` (areas would be
+off by orders of magnitude), and HU of which fewer than :data:`MIN_PLAUSIBLE_SHARE` lie in
+:data:`PLAUSIBLE_HU` (a wrong RescaleSlope or RescaleIntercept). Only regular files of a
+slice's size are read (``common.site_file``); any other failure while interpreting a file
+becomes a ``SliceError`` too, so one odd file can never stop a site.
+
 ``write_ct_slice`` writes a real CT Image Storage file; tests and the demo hospitals use it.
 """
 
@@ -35,6 +42,7 @@ from pydicom.uid import (
 )
 
 from common.errors import SliceError
+from common.site_file import check_pixel_count, require_regular_file
 from protocols.classes import ExclusionReason
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,23 @@ AXIAL_TOLERANCE_DEG = 10.0
 
 #: HU given to pixels flagged by PixelPaddingValue (outside the scanned field of view).
 AIR_HU = -1024.0
+
+#: Pixel spacing (mm) a CT slice may have. 0.05 mm is finer than any clinical CT resolves
+#: (ultra-high-resolution scanners reach about 0.15 mm); 20 mm leaves room for small
+#: research thumbnails (the demo's 48-pixel slices are about 10 mm). Outside it the value is
+#: a unit or header error (micrometres, metres, 1e15) and every area would be wrong.
+SPACING_RANGE_MM: tuple[float, float] = (0.05, 20.0)
+#: Widest field of view (rows x row spacing, columns x column spacing) in mm: the widest CT
+#: bore is about 90 cm, so no reconstruction is wider than a metre.
+MAX_FOV_MM = 1000.0
+#: HU that real matter takes on a CT slice: air is -1000 (noise reaches about -1100 on
+#: low-dose scans) and dense bone and iodine contrast stay below +3071 (the 12-bit scale;
+#: 4000 leaves margin). Lower values are padding outside the scanned circle, higher ones metal.
+PLAUSIBLE_HU: tuple[float, float] = (-1100.0, 4000.0)
+#: Share of a slice's pixels that must lie in PLAUSIBLE_HU. A round field of view covers 79%
+#: of the square image (the corners are padding), so a real slice is well above one half; a
+#: wrong RescaleSlope (1000 instead of 1) puts almost every pixel outside.
+MIN_PLAUSIBLE_SHARE = 0.5
 
 _IMPLEMENTATION_UID = UID("1.2.826.0.1.3680043.8.498.1")  # pydicom's implementation root
 
@@ -98,12 +123,7 @@ def _dcmread(path: Path, *, force: bool = False) -> Dataset:
 
 
 def _read_dataset(path: Path) -> Dataset:
-    if not path.exists():
-        raise _fail(
-            ExclusionReason.missing_file, path, "file does not exist (check the path in manifest.csv)"
-        )
-    if path.is_dir():
-        raise _fail(ExclusionReason.unreadable_image, path, "is a folder, expected a single DICOM file")
+    require_regular_file(path, ExclusionReason.unreadable_image, "image")
     try:
         ds = _dcmread(path)
     except InvalidDicomError:
@@ -136,6 +156,20 @@ def _float(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
+def _values(ds: Dataset, keyword: str) -> list[Any]:
+    """The values of a multi-valued element as a list, however the file stores it.
+
+    A file may hold one value where DICOM asks for several (PixelSpacing "0.7"): pydicom then
+    gives a number, not a list. Missing or empty: ``[]``.
+    """
+    raw = ds.get(keyword)
+    if raw is None or raw == "":
+        return []
+    if isinstance(raw, str | bytes) or not hasattr(raw, "__len__"):
+        return [raw]
+    return list(raw)
+
+
 def _angle_to_deg(vector: np.ndarray, axis: np.ndarray) -> float:
     norm = float(np.linalg.norm(vector))
     if norm == 0.0:
@@ -145,14 +179,15 @@ def _angle_to_deg(vector: np.ndarray, axis: np.ndarray) -> float:
 
 
 def _check_axial(ds: Dataset, path: Path) -> None:
-    iop = ds.get("ImageOrientationPatient")
-    if iop is None or len(iop) != 6:
-        log.warning("%s: no ImageOrientationPatient; assuming an axial slice", path)
+    iop = _values(ds, "ImageOrientationPatient")
+    if len(iop) != 6:
+        shown = f"{len(iop)} value(s), not 6" if iop else "missing"
+        log.warning("%s: ImageOrientationPatient %s; assuming an axial slice", path, shown)
         return
     try:
         vec = np.asarray([float(v) for v in iop], dtype=np.float64)
     except (TypeError, ValueError):
-        log.warning("%s: unreadable ImageOrientationPatient %r; assuming axial", path, list(iop))
+        log.warning("%s: unreadable ImageOrientationPatient %r; assuming axial", path, iop)
         return
     row, col = vec[:3], vec[3:]
     # Axial: the row vector lies along patient x and the column vector along patient y
@@ -187,11 +222,78 @@ def _patient_sex(ds: Dataset) -> str | None:
     return sex if sex in ("M", "F") else None
 
 
+def _pixel_spacing(ds: Dataset, path: Path) -> tuple[float, float]:
+    """(row, column) spacing in mm: two positive numbers in :data:`SPACING_RANGE_MM`."""
+    values = _values(ds, "PixelSpacing")
+    numbers = [_float(v) for v in values]
+    if len(numbers) != 2 or any(v is None or v <= 0 for v in numbers):
+        shown = "missing" if not values else f"{[str(v) for v in values]} ({len(values)} value(s))"
+        raise _fail(
+            ExclusionReason.no_pixel_spacing,
+            path,
+            f"PixelSpacing is {shown}, expected two positive numbers in mm, row\\column "
+            "(areas cannot be computed without it)",
+        )
+    row_mm, col_mm = float(numbers[0] or 0.0), float(numbers[1] or 0.0)
+    low, high = SPACING_RANGE_MM
+    if not (low <= row_mm <= high and low <= col_mm <= high):
+        raise _fail(
+            ExclusionReason.implausible_spacing,
+            path,
+            f"PixelSpacing is {row_mm:g}\\{col_mm:g} mm, outside {low:g}..{high:g} mm that a CT slice "
+            "can have: a unit or header error (micrometres? metres?); every area would be wrong",
+        )
+    fov = (int(ds.get("Rows", 0) or 0) * row_mm, int(ds.get("Columns", 0) or 0) * col_mm)
+    if max(fov) > MAX_FOV_MM:
+        raise _fail(
+            ExclusionReason.implausible_spacing,
+            path,
+            f"PixelSpacing {row_mm:g}\\{col_mm:g} mm makes a field of view of "
+            f"{fov[0]:.0f} x {fov[1]:.0f} mm, wider than any CT ({MAX_FOV_MM:.0f} mm at most): "
+            "is the spacing in the wrong unit?",
+        )
+    return row_mm, col_mm
+
+
+def _check_hu(hu: np.ndarray, slope: float, intercept: float, path: Path) -> None:
+    """Refuse HU that no CT slice has: most pixels must lie in :data:`PLAUSIBLE_HU`."""
+    low, high = PLAUSIBLE_HU
+    share = float(np.count_nonzero((hu >= low) & (hu <= high))) / max(hu.size, 1)
+    if share >= MIN_PLAUSIBLE_SHARE and bool(np.isfinite(hu).all()):
+        return
+    median = float(np.median(hu)) if hu.size else float("nan")
+    raise _fail(
+        ExclusionReason.implausible_hu,
+        path,
+        f"only {share:.0%} of the pixels lie in {low:g}..{high:g} HU (median {median:.4g} HU) with "
+        f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g}; a CT slice is mostly air and "
+        "tissue in that range: are the rescale values right?",
+    )
+
+
 def read_ct_slice(path: Path | str) -> CTSlice:
-    """Read one single-frame axial CT slice as HU; raise ``SliceError`` if it cannot be used."""
+    """Read one single-frame axial CT slice as HU; raise ``SliceError`` if it cannot be used.
+
+    This is the boundary for the image file: whatever goes wrong while reading or
+    interpreting it (an odd header pydicom accepts, a value of an unexpected type) becomes
+    ``SliceError(unreadable_image)`` naming the file.
+    """
     path = Path(path)
     ds = _read_dataset(path)
+    try:
+        return _interpret(ds, path)
+    except SliceError:
+        raise
+    except Exception as exc:
+        log.debug("%s: unexpected failure interpreting the CT slice", path, exc_info=True)
+        raise _fail(
+            ExclusionReason.unreadable_image,
+            path,
+            f"DICOM header cannot be interpreted ({type(exc).__name__}: {exc})",
+        ) from exc
 
+
+def _interpret(ds: Dataset, path: Path) -> CTSlice:
     modality = str(ds.get("Modality", "") or "").strip()
     if modality != "CT":
         shown = f"'{modality}'" if modality else "missing"
@@ -208,19 +310,7 @@ def read_ct_slice(path: Path | str) -> CTSlice:
         )
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise _fail(ExclusionReason.no_pixel_data, path, "the file has no PixelData element")
-    spacing_raw = ds.get("PixelSpacing")
-    spacing: tuple[float, float] | None = None
-    if spacing_raw is not None and len(spacing_raw) == 2:
-        row_mm, col_mm = _float(spacing_raw[0]), _float(spacing_raw[1])
-        if row_mm and col_mm and row_mm > 0 and col_mm > 0:
-            spacing = (row_mm, col_mm)
-    if spacing is None:
-        raise _fail(
-            ExclusionReason.no_pixel_spacing,
-            path,
-            f"PixelSpacing is {list(spacing_raw) if spacing_raw is not None else 'missing'}, expected two "
-            "positive numbers in mm (areas cannot be computed without it)",
-        )
+    spacing = _pixel_spacing(ds, path)
     _check_axial(ds, path)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
@@ -230,7 +320,8 @@ def read_ct_slice(path: Path | str) -> CTSlice:
             f"SamplesPerPixel is {samples} ({ds.get('PhotometricInterpretation', '?')}), "
             "expected 1 (a grayscale CT image)",
         )
-
+    shape = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+    check_pixel_count(path, shape, ExclusionReason.unreadable_image, "image")
     try:
         stored = ds.pixel_array
     except Exception as exc:  # decoder errors come in many types
@@ -263,9 +354,10 @@ def read_ct_slice(path: Path | str) -> CTSlice:
     if padding is not None:
         # Pixels outside the scanned field of view: air, not the -3000 HU they would decode to.
         hu[stored == padding] = AIR_HU
+    _check_hu(hu, slope, intercept, path)
 
-    position = ds.get("ImagePositionPatient")
-    z = _float(position[2]) if position is not None and len(position) == 3 else None
+    position = _values(ds, "ImagePositionPatient")
+    z = _float(position[2]) if len(position) == 3 else None
     if z is None:
         z = _float(ds.get("SliceLocation"))
     uid = ds.get("SOPInstanceUID")
@@ -404,6 +496,10 @@ def write_ct_slice(
 __all__ = [
     "AIR_HU",
     "AXIAL_TOLERANCE_DEG",
+    "MAX_FOV_MM",
+    "MIN_PLAUSIBLE_SHARE",
+    "PLAUSIBLE_HU",
+    "SPACING_RANGE_MM",
     "CTSlice",
     "PatientInfo",
     "RLELossless",

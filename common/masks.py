@@ -20,7 +20,11 @@ The format is chosen by suffix:
   otherwise the segment number. Overlapping segments and a SEG that refers to another image
   than ``ct_path`` (other SOP instance, size or pixel spacing) are refused.
 
-Every failure raises ``SliceError(ExclusionReason.unreadable_label, path, detail)``.
+Every failure raises ``SliceError(ExclusionReason.unreadable_label, path, detail)`` (or
+``missing_file``): only regular files of a slice's size are read (``common.site_file``), and
+``read_mask`` is the boundary for the mask file, so no other exception leaves it. Values must
+be whole numbers in 0..``MAX_LABEL_VALUE`` in the file's own type (a ``uint64`` 2**63 is
+reported as such, not wrapped to a negative number); complex arrays are refused.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ import pydicom
 from PIL import Image
 
 from common.errors import SliceError
+from common.site_file import check_pixel_count, require_regular_file
 from common.tagfile import TagFormatError, read_tag_mask, write_tag
 from protocols.classes import ExclusionReason
+from protocols.site import MAX_LABEL_VALUE
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +63,20 @@ def _bad(path: Path, detail: str) -> SliceError:
 
 
 def _as_label_image(array: np.ndarray, path: Path) -> np.ndarray:
-    """Squeeze HxWx1, check 2-D and whole non-negative numbers, return int64."""
+    """Squeeze HxWx1, check 2-D and whole numbers in 0..MAX_LABEL_VALUE, return int64.
+
+    The range is checked in the array's own type, before any conversion: a ``uint64`` value
+    2**63 is reported as itself, and a float 1e30 is not wrapped into some other integer.
+    """
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim != 2:
         raise _bad(path, f"mask has shape {array.shape}, expected a 2-D rows x columns image")
+    check_pixel_count(path, array.shape, ExclusionReason.unreadable_label, "mask")
     if array.dtype == bool:
         return array.astype(np.int64)
+    if np.iscomplexobj(array):
+        raise _bad(path, f"mask has complex data type {array.dtype}; label values must be whole real numbers")
     if not np.issubdtype(array.dtype, np.number):
         raise _bad(path, f"mask has data type {array.dtype}, expected whole numbers")
     if np.issubdtype(array.dtype, np.floating):
@@ -73,15 +86,23 @@ def _as_label_image(array: np.ndarray, path: Path) -> np.ndarray:
             raise _bad(
                 path, f"mask holds non-integer values (e.g. {float(odd.flat[0])}); label values must be whole"
             )
-    out = array.astype(np.int64)
-    if out.size and out.min() < 0:
-        raise _bad(path, f"mask holds negative value {int(out.min())}; label values must be 0 or more")
-    return out
+    if array.size:
+        low, high = array.min(), array.max()
+        if low < 0:
+            raise _bad(path, f"mask holds negative value {low}; label values must be 0 or more")
+        if high > MAX_LABEL_VALUE:
+            raise _bad(
+                path,
+                f"mask holds value {high} ({array.dtype}); label values are whole numbers "
+                f"0..{MAX_LABEL_VALUE}, one per tissue: is this an image rather than a mask?",
+            )
+    return array.astype(np.int64)
 
 
 # ------------------------------------------------------------------ PNG
 def _read_png(path: Path) -> np.ndarray:
     with Image.open(path) as image:
+        check_pixel_count(path, image.size, ExclusionReason.unreadable_label, "PNG mask")
         mode = image.mode
         if mode in ("RGB", "RGBA", "LA"):
             data = np.asarray(image)
@@ -116,6 +137,7 @@ def _read_nifti(path: Path) -> np.ndarray:
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
     image: Any = nib.load(str(path))
+    check_pixel_count(path, tuple(image.shape), ExclusionReason.unreadable_label, "NIfTI mask")
     data = np.asanyarray(image.dataobj)
     if data.ndim == 3 and data.shape[2] == 1:
         data = data[:, :, 0]
@@ -181,8 +203,18 @@ def _seg_spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return None
 
 
+def _quiet_dcmread(path: Path, **kwargs: Any) -> pydicom.Dataset:
+    """``pydicom.dcmread`` with its warnings about odd files as debug log lines, not on the screen."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(path, **kwargs)
+    for warning in caught:
+        log.debug("%s: pydicom: %s", path, warning.message)
+    return ds
+
+
 def _read_seg(path: Path, ct_path: Path | None) -> np.ndarray:
-    ds = pydicom.dcmread(path)
+    ds = _quiet_dcmread(path)
     if str(ds.get("SOPClassUID", "")) != SEGMENTATION_STORAGE and ds.get("Modality") != "SEG":
         raise _bad(
             path,
@@ -191,12 +223,18 @@ def _read_seg(path: Path, ct_path: Path | None) -> np.ndarray:
         )
     seg_type = str(ds.get("SegmentationType", "BINARY")).upper()
     values = _segment_values(ds)
+    check_pixel_count(
+        path,
+        (int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)),
+        ExclusionReason.unreadable_label,
+        "SEG",
+    )
     frames = ds.pixel_array
     if frames.ndim == 2:
         frames = frames[np.newaxis]
     ct_uid: str | None = None
     if ct_path is not None:
-        ct = pydicom.dcmread(ct_path, stop_before_pixels=True)
+        ct = _quiet_dcmread(ct_path, stop_before_pixels=True)
         ct_uid = str(ct.get("SOPInstanceUID", "")) or None
         if (int(ds.Rows), int(ds.Columns)) != (int(ct.Rows), int(ct.Columns)):
             raise _bad(
@@ -319,10 +357,7 @@ def read_mask(path: Path | str, *, ct_path: Path | str | None = None) -> np.ndar
     """Raw site label values of one 2-D mask, int64 (rows, columns); ``SliceError`` if unusable."""
     path = Path(path)
     ct = Path(ct_path) if ct_path is not None else None
-    if not path.exists():
-        raise SliceError(
-            ExclusionReason.missing_file, path, "mask file does not exist (check the path in manifest.csv)"
-        )
+    require_regular_file(path, ExclusionReason.unreadable_label, "mask")
     suffix = mask_suffix(path)
     try:
         if suffix == ".png":
@@ -340,6 +375,7 @@ def read_mask(path: Path | str, *, ct_path: Path | str | None = None) -> np.ndar
     except TagFormatError as exc:
         raise _bad(path, str(exc).removeprefix(f"{path}: ")) from exc
     except Exception as exc:  # every reader failure means "unreadable"
+        log.debug("%s: unexpected failure reading the mask", path, exc_info=True)
         raise _bad(path, f"cannot read {suffix} mask: {type(exc).__name__}: {exc}") from exc
     raise _bad(path, f"unknown mask format '{suffix}'; use one of {', '.join(MASK_SUFFIXES)}")
 

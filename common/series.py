@@ -31,7 +31,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from common.dicom_io import AXIAL_TOLERANCE_DEG, read_ct_slice
-from common.errors import SarcofedError
+from common.errors import SarcofedError, SliceError
+from common.site_file import require_regular_file
+from protocols.classes import ExclusionReason
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,10 @@ def _axial_error(orientation: tuple[float, ...] | None) -> str | None:
 
 def _classify(path: Path) -> tuple[tuple[str, str, str, SliceHeader] | None, str | None]:
     """(series uid, description, study uid, header) of a usable CT file, or the skip reason."""
+    try:  # a FIFO or device would never end, a huge file is no slice: regular files only
+        require_regular_file(path, ExclusionReason.unreadable_image, "file")
+    except SliceError as exc:
+        return None, exc.detail
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:

@@ -49,6 +49,9 @@ class ExclusionReason(StrEnum):
     no_reference = "no_reference"
     evaluation_error = "evaluation_error"
     invalid_manifest_row = "invalid_manifest_row"
+    implausible_spacing = "implausible_spacing"
+    implausible_hu = "implausible_hu"
+    duplicate_row = "duplicate_row"
 
     @property
     def label(self) -> str:
@@ -72,4 +75,7 @@ _REASON_TEXT: dict[ExclusionReason, str] = {
     ExclusionReason.no_reference: "row has no reference mask",
     ExclusionReason.evaluation_error: "evaluation failed on this slice",
     ExclusionReason.invalid_manifest_row: "manifest.csv row is invalid (see the check's details)",
+    ExclusionReason.implausible_spacing: "pixel spacing outside what a CT scanner makes (header error?)",
+    ExclusionReason.implausible_hu: "HU values outside the physical range (wrong rescale slope/intercept?)",
+    ExclusionReason.duplicate_row: "image already listed on an earlier manifest.csv row",
 }

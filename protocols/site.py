@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MANIFEST_REQUIRED: tuple[str, ...] = ("image", "label")
 MANIFEST_OPTIONAL: tuple[str, ...] = ("reference", "group", "height_m", "sex")
+#: Largest mask value a site may use (masks are at most 16-bit images).
+MAX_LABEL_VALUE = 65535
 
 
 class LabelMap(BaseModel):
@@ -31,9 +33,9 @@ class LabelMap(BaseModel):
     @field_validator("muscle", "subcutaneous_fat", "visceral_fat", "background")
     @classmethod
     def _non_negative(cls, values: list[int]) -> list[int]:
-        bad = [v for v in values if v < 0 or v > 65535]
+        bad = [v for v in values if v < 0 or v > MAX_LABEL_VALUE]
         if bad:
-            raise ValueError(f"label values must be integers 0..65535, got {bad}")
+            raise ValueError(f"label values must be integers 0..{MAX_LABEL_VALUE}, got {bad}")
         return values
 
     @model_validator(mode="after")
@@ -75,6 +77,18 @@ class SiteConfig(BaseModel):
     #: folder itself. ``sarcofed site init`` sets it to the export it read, so that nothing is
     #: copied: the files stay where they are, read only. Paths still may not leave it.
     data_root: str | None = Field(default=None, min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, value: str) -> str:
+        # The name is sent to the coordinator and printed on terminals and in reports:
+        # newlines, tabs and escape codes would forge lines or recolour a screen.
+        if not value.isprintable() or value != value.strip():
+            raise ValueError(
+                f"name must be one line of printable text without leading or trailing spaces "
+                f"(no newline, tab or terminal control code), got {value!r}"
+            )
+        return value
 
     @field_validator("contributed_models")
     @classmethod

@@ -120,8 +120,8 @@ def test_cli_invalid_folder_exits_1_without_traceback(tmp_path: Path) -> None:
 def test_cli_no_usable_slice_exits_1(tmp_path: Path) -> None:
     root = make_site(tmp_path, n=2, size=16)
     rows = _rows(root)
-    for row in rows:
-        row["image"] = "ct/missing.dcm"
+    for i, row in enumerate(rows):
+        row["image"] = f"ct/missing_{i}.dcm"
     write_manifest(root, rows)
     result = runner.invoke(app, ["site", "check", str(root), "--json"])
     assert result.exit_code == 1

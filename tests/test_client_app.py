@@ -73,3 +73,24 @@ def test_a_simulated_site_is_read_from_demo_dir(tmp_path: Path) -> None:
     node = {"partition-id": 1, "num-partitions": 2}
     reply = payload_of(handle("identify", node, run_config={"demo.dir": str(demo_dir)}))
     assert reply == {"site": "site-1", "n_listed": 2}
+
+
+def test_one_unreadable_slice_does_not_fail_the_sites_reply(site: Path) -> None:
+    """A single-valued PixelSpacing and a NUL byte in a path once failed the whole compare reply."""
+    import pydicom
+
+    with (site / "manifest.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    ds = pydicom.dcmread(site / rows[0]["image"])
+    ds.PixelSpacing = "0.7"
+    ds.save_as(site / rows[0]["image"])
+    rows[1]["image"] = "ct/slice\x00_1.dcm"
+    with (site / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (site / "policy.toml").write_text("min-slices = 3\nmin-patients = 3\n")  # 5 rows, 2 broken
+    reply = handle("compare", {"site-dir": str(site)})
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    payload = payload_of(reply)
+    assert payload["n_used"] == 3 and payload["excluded"] == {"no_pixel_spacing": 1, "missing_file": 1}
