@@ -216,7 +216,7 @@ def test_data_root_is_a_root_that_paths_cannot_leave(tmp_path: Path) -> None:
 
 
 def test_workbench_does_not_save_into_a_site_that_reads_an_export(tmp_path: Path) -> None:
-    from client.workbench.segment import SaveError, save_to_site
+    from client.workbench.site_save import SaveError, save_to_site
     from client.workbench.state import Session
     from common.series import SeriesInfo
 

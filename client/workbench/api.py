@@ -1,4 +1,11 @@
-"""HTTP routes of the workbench (FastAPI). Thin: each route calls ``state``, ``render`` or ``segment``."""
+"""HTTP routes of the workbench (FastAPI). Thin: each route calls ``state``, ``render``, ``segment``
+or ``site_save``.
+
+Every answer is JSON or the file asked for: a known problem is a ``{"detail": ...}`` with its
+status (403 outside the folder, 404 unknown, 400/422 bad input, 413 body too large:
+``body_limit``), and an unexpected error is a 500 ``{"detail": ...}`` whose traceback goes to
+this machine's log, never a bare 500.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +27,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from common.cutoffs import CutoffSet
 from common.errors import SarcofedError
 
-from . import render, segment
+from . import render, segment, site_save
+from .body_limit import MAX_BODY_BYTES, BodyLimit
 from .state import OutsideFolderError, Session, SliceLabels, WorkbenchState
 
 log = logging.getLogger(__name__)
@@ -49,12 +57,32 @@ def _selection(state: WorkbenchState, key: str, start: int, end: int) -> tuple[A
     return volume, list(range(lo, hi + 1))
 
 
-def create_app(state: WorkbenchState, *, allowed_hosts: list[str] | None = None) -> FastAPI:
-    """The workbench web app serving ``state`` (one folder, optional site folder and model)."""
+def create_app(
+    state: WorkbenchState, *, allowed_hosts: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
+    """The workbench web app serving ``state`` (one folder, optional site folder and model).
+
+    Request bodies over ``max_bytes`` are refused (413) before they are read.
+    """
     app = FastAPI(title="sarcofed site workbench", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(
         TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["127.0.0.1", "localhost", "testserver"]
     )
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    @app.middleware("http")
+    async def _unexpected(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            log.exception("workbench: %s %s failed", request.method, request.url.path)
+            return JSONResponse(
+                {
+                    "detail": f"unexpected error ({type(exc).__name__}: {exc}); nothing more was done. "
+                    "The workbench's log on this machine has the details: please report it."
+                },
+                status_code=500,
+            )
 
     @app.middleware("http")
     async def _headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -81,8 +109,8 @@ def create_app(state: WorkbenchState, *, allowed_hosts: list[str] | None = None)
     async def _sarcofed(_: Request, exc: SarcofedError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
-    @app.exception_handler(segment.SaveError)
-    async def _save(_: Request, exc: segment.SaveError) -> JSONResponse:
+    @app.exception_handler(site_save.SaveError)
+    async def _save(_: Request, exc: site_save.SaveError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -273,7 +301,7 @@ def create_app(state: WorkbenchState, *, allowed_hosts: list[str] | None = None)
             raise HTTPException(409, "no site folder: restart the workbench with --site DIR to save labels")
         session = state.session(sid)
         with state.lock:
-            written = segment.save_to_site(
+            written = site_save.save_to_site(
                 session,
                 state.site_dir,
                 height_m=body.height_m,

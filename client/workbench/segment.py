@@ -1,45 +1,30 @@
-"""Pre-segment selected slices, quantify them, and save them into a site dataset folder.
+"""Pre-segment selected slices and quantify them (saving them is ``site_save``).
 
 Pre-segmentation uses the study model when one is given (``common.inference``); without
 one, :func:`threshold_presegment` gives a rough HU-threshold pre-segmentation that the UI
-labels as such. Saving writes masks in the site's own format and values (``site.toml``
-``[labels]``, first value of each class), copies the original DICOM file unchanged, and
-adds or replaces rows in ``manifest.csv``.
+labels as such.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
-import os
-import shutil
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from scipy import ndimage
 
 from common.cutoffs import get_cutoff_set, is_sarcopenic
-from common.masks import MASK_SUFFIXES, mask_suffix, write_mask
 from common.metrics import mean_hu, smi, tissue_areas_cm2
 from protocols.classes import TISSUES
-from protocols.site import LabelMap, SiteConfig
 
 from .state import Session
 
 log = logging.getLogger(__name__)
 
 FALLBACK_LABEL = "HU-threshold pre-segmentation (no model given): rough, check every class"
-NEW_SITE_LABELS = LabelMap(muscle=[1], subcutaneous_fat=[2], visceral_fat=[3])
-MANIFEST_COLUMNS = ("image", "label", "group", "height_m", "sex")
-
-
-class SaveError(ValueError):
-    """Saving to the site folder is not possible (the message says what to fix)."""
 
 
 # ------------------------------------------------------------------ pre-segmentation
@@ -141,102 +126,3 @@ def quant_csv(rows: list[SliceQuant], *, height_m: float | None, sex: str | None
         values += [height_m or "", sex or "", "" if r.smi is None else f"{r.smi:.2f}", cutoff_set, called]
         writer.writerow(values)
     return buffer.getvalue()
-
-
-# ------------------------------------------------------------------ saving to a site
-
-
-def site_config(site_dir: Path) -> SiteConfig:
-    """``site.toml`` of ``site_dir``; written with canonical values 1/2/3 if the folder is new."""
-    path = site_dir / "site.toml"
-    if not path.exists():
-        site_dir.mkdir(parents=True, exist_ok=True)
-        name = site_dir.name or "site"
-        path.write_text(
-            f'name = "{name}"\n\n[labels]\nmuscle = [1]\nsubcutaneous_fat = [2]\nvisceral_fat = [3]\n',
-            encoding="utf-8",
-        )
-        log.info("created %s", path)
-    try:
-        return SiteConfig.model_validate(tomllib.loads(path.read_text(encoding="utf-8")))
-    except Exception as exc:
-        raise SaveError(f"{path}: cannot be used ({exc}); fix site.toml before saving") from exc
-
-
-def _read_manifest(path: Path) -> tuple[list[str], list[dict[str, str]], str]:
-    if not path.exists():
-        return list(MANIFEST_COLUMNS), [], ","
-    text = path.read_text(encoding="utf-8-sig")
-    first = text.splitlines()[0] if text.strip() else ""
-    delimiter = ";" if first.count(";") > first.count(",") else ","
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-    header = [h.strip().lower() for h in (reader.fieldnames or [])] or list(MANIFEST_COLUMNS)
-    rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
-    return header, [r for r in rows if any(r.values())], delimiter
-
-
-def _mask_suffix(rows: list[dict[str, str]], wanted: str) -> str:
-    if wanted and wanted != "auto":
-        suffix = wanted if wanted.startswith(".") else f".{wanted}"
-        if suffix not in MASK_SUFFIXES:
-            raise SaveError(f"mask format {wanted!r} unknown; use one of {', '.join(MASK_SUFFIXES)} or auto")
-        return suffix
-    suffixes = [mask_suffix(Path(r["label"])) for r in rows if r.get("label")]
-    known = [s for s in suffixes if s in MASK_SUFFIXES]
-    return max(set(known), key=known.count) if known else ".png"
-
-
-def _group_key(ds: pydicom.Dataset) -> str:
-    ident = f"{ds.get('PatientID', '')}|{ds.get('PatientName', '')}|{ds.get('StudyInstanceUID', '')}"
-    return "wb-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
-
-
-def save_to_site(
-    session: Session, site_dir: Path, *, height_m: float | None, sex: str | None, mask_format: str = "auto"
-) -> list[str]:
-    """Copy each selected DICOM file into ``site_dir``, write its mask, add/replace its manifest row.
-
-    Returns the manifest ``image`` paths written. Slices with no labelled pixel are refused
-    (``common.dataset`` would exclude them as empty masks).
-    """
-    empty = [item.file.name for item in session.slices if not item.labels.any()]
-    if empty:
-        raise SaveError(f"no muscle, SAT or VAT pixel in {', '.join(empty)}: label them or leave them out")
-    config = site_config(site_dir)
-    if config.data_root is not None:
-        raise SaveError(
-            f"{site_dir / 'site.toml'} sets data_root (its manifest points into an export, read only); "
-            "the workbench saves copies inside its site folder: give --site another folder"
-        )
-    values = np.array(
-        [0, config.labels.muscle[0], config.labels.subcutaneous_fat[0], config.labels.visceral_fat[0]],
-        dtype=np.int64,
-    )
-    manifest = site_dir / "manifest.csv"
-    header, rows, delimiter = _read_manifest(manifest)
-    suffix = _mask_suffix(rows, mask_format)
-    header += [c for c in MANIFEST_COLUMNS if c not in header]
-    written: list[str] = []
-    for item in session.slices:
-        ds = pydicom.dcmread(item.file, stop_before_pixels=True)
-        stem = str(ds.get("SOPInstanceUID", "") or item.file.stem)
-        image_rel, label_rel = f"images/{stem}.dcm", f"labels/{stem}{suffix}"
-        image_path, label_path = site_dir / image_rel, site_dir / label_rel
-        image_path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(item.file, image_path)  # the original bytes, unchanged
-        raw = values[item.labels.astype(np.int64)]
-        write_mask(label_path, raw.astype(np.uint8 if raw.max() <= 255 else np.uint16), ct_path=image_path)
-        row = {c: "" for c in header}
-        row.update(image=image_rel, label=label_rel, group=_group_key(ds))
-        row["height_m"] = f"{height_m:.2f}" if height_m else ""
-        row["sex"] = sex or ""
-        rows = [r for r in rows if r.get("image") != image_rel] + [row]
-        written.append(image_rel)
-    tmp = manifest.with_name(f".manifest.csv.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=header, delimiter=delimiter, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(manifest)
-    log.info("saved %d slices to %s", len(written), site_dir)
-    return written

@@ -27,20 +27,21 @@ class OutsideFolderError(ValueError):
     """A requested path is not inside the folder the workbench was started on."""
 
 
-def resolve_inside(root: Path, relative: str) -> Path:
-    """``root / relative`` with symlinks resolved; raise if it is absolute or leaves ``root``."""
+def resolve_inside(root: Path, relative: str, *, what: str = "the workbench folder") -> Path:
+    """``root / relative`` with symlinks resolved; raise if it is absolute or leaves ``root``.
+
+    ``what`` names ``root`` in the error (the workbench folder, or the site folder it saves to).
+    """
     text = (relative or "").strip().replace("\\", "/")
     if text in ("", "."):
         return Path(os.path.realpath(root))
     if os.path.isabs(text) or (len(text) > 1 and text[1] == ":"):
-        raise OutsideFolderError(
-            f"absolute path {text!r} refused: give a path relative to the workbench folder"
-        )
+        raise OutsideFolderError(f"absolute path {text!r} refused: give a path relative to {what}")
     real_root = os.path.realpath(root)
     real = os.path.realpath(os.path.join(real_root, text))
     if os.path.commonpath([real_root, real]) != real_root:
         raise OutsideFolderError(
-            f"path {text!r} leaves the workbench folder ('..' or a symbolic link) and is refused"
+            f"path {text!r} leaves {what} {real_root} ('..' or a symbolic link) and is refused"
         )
     return Path(real)
 
