@@ -1,4 +1,6 @@
-"""The workbench in a real (headless) Chromium: select L3, download, segment, paint, save.
+"""The workbench in a real (headless) Chromium: select L3, download, segment, paint, save,
+and the viewer controls a radiologist expects (wheel, keys, window/level, zoom, HU-limited
+brush, undo/redo keys, the unsaved-edits guard).
 
 Needs Debian's chromium (``apt-get install -y chromium``) and the ``playwright`` Python package
 (never ``playwright install``: browsers are not downloaded). Screenshots of each view go to
@@ -13,8 +15,10 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -62,29 +66,11 @@ def server(tmp_path: Path) -> Iterator[tuple[str, object, Path]]:
     thread.join(timeout=10)
 
 
-def _y_of(page, wrap: str, k: int, nz: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    box = page.locator(wrap).bounding_box()
-    return box["x"] + box["width"] / 2, box["y"] + (k + 0.5) / nz * box["height"]
-
-
-def _drag(page, handle: str, to: tuple[float, float]) -> None:  # type: ignore[no-untyped-def]
-    box = page.locator(handle).bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
-    page.mouse.down()
-    page.mouse.move(to[0], to[1], steps=6)
-    page.mouse.up()
-
-
-def test_select_download_segment_paint_save(server: tuple[str, object, Path]) -> None:
+@contextmanager
+def _page(errors: list[str]) -> Iterator[object]:
+    """A headless Debian chromium page (WebGL not needed: the views are 2-D canvases)."""
     from playwright.sync_api import sync_playwright
 
-    from common.dataset import load_site, load_slice
-
-    url, demo, site = server
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    nz = len(demo.files)  # type: ignore[attr-defined]
-    l3_first, l3_last = demo.l3  # type: ignore[attr-defined]
-    errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=str(CHROMIUM),
@@ -102,12 +88,53 @@ def test_select_download_segment_paint_save(server: tuple[str, object, Path]) ->
         page = browser.new_page(viewport={"width": 1500, "height": 950}, accept_downloads=True)
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.goto(url)
-        page.wait_for_function(
-            "() => ['coronal-img','sagittal-img','axial-img'].every(id => {"
-            "const i = document.getElementById(id); return i.complete && i.naturalHeight > 0; })"
-        )
-        page.wait_for_selector("#coronal-wrap .guide.start")
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def _open(page, url: str) -> None:  # type: ignore[no-untyped-def]
+    page.goto(url)
+    page.wait_for_selector("#select-view[data-loaded]")
+    page.wait_for_selector("#coronal-wrap .guide.start")
+
+
+def _close_with_unload(page) -> None:  # type: ignore[no-untyped-def]
+    """Close the page as a user closing the tab would (beforeunload runs); wait until it is gone."""
+    page.close(run_before_unload=True)
+    for _ in range(50):
+        _ = page.context.pages  # lets Playwright deliver a dialog event, if any
+        if page.is_closed():
+            return
+        time.sleep(0.1)
+
+
+def _y_of(page, wrap: str, k: int, nz: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    box = page.locator(wrap).bounding_box()
+    return box["x"] + box["width"] / 2, box["y"] + (k + 0.5) / nz * box["height"]
+
+
+def _drag(page, handle: str, to: tuple[float, float]) -> None:  # type: ignore[no-untyped-def]
+    box = page.locator(handle).bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(to[0], to[1], steps=6)
+    page.mouse.up()
+
+
+def test_select_download_segment_paint_save(server: tuple[str, object, Path]) -> None:
+    from common.dataset import load_site, load_slice
+
+    url, demo, site = server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    nz = len(demo.files)  # type: ignore[attr-defined]
+    l3_first, l3_last = demo.l3  # type: ignore[attr-defined]
+    errors: list[str] = []
+    dialogs: list[str] = []
+    with _page(errors) as page:  # type: ignore[var-annotated]
+        page.on("dialog", lambda d: (dialogs.append(d.type), d.accept()))
+        _open(page, url)
         # the suggestion is preselected: the true L3
         assert f"Slices {l3_first}-{l3_last}" in page.inner_text("#selection")
         page.screenshot(path=str(ARTIFACTS / "01-selection-suggested.png"))
@@ -146,6 +173,9 @@ def test_select_download_segment_paint_save(server: tuple[str, object, Path]) ->
         page.wait_for_function("() => document.querySelectorAll('#quant-table tbody tr').length > 0")
         assert "HU-threshold" in page.inner_text("#method")
         page.check("input[name=cls][value='3']")
+        # a stroke through air: the correction is deliberate, so the HU limit (on by default) is
+        # switched off for it
+        page.uncheck("#hu-limit")
         page.fill("#brush-size", "2")
         canvas = page.locator("#ov-canvas").bounding_box()
         rows = cols = 96
@@ -169,9 +199,10 @@ def test_select_download_segment_paint_save(server: tuple[str, object, Path]) ->
         page.click("#save")
         page.wait_for_function("() => document.getElementById('save-status').textContent.startsWith('Saved')")
         page.screenshot(path=str(ARTIFACTS / "05-saved.png"))
-        browser.close()
+        _close_with_unload(page)
 
     assert not errors, errors
+    assert dialogs == [], f"saved edits must not prompt on leaving: {dialogs}"
     dataset = load_site(site)
     assert len(dataset.rows) == end - start + 1
     assert all(row.height_m == 1.65 for row in dataset.rows)
