@@ -295,6 +295,18 @@ def test_viewer_controls_wheel_keys_window_zoom_hu(server: tuple[str, object, Pa
             f"{round(float(hu[k, row2, col2]))} HU at slice {k}, row {row2}, col {col2}"
         )
         page.screenshot(path=str(ARTIFACTS / "10-axial-zoomed.png"))
+        # pan: Shift+drag moves the zoomed image with the pointer, slice and window unchanged
+        zoomed = page.locator("#axial-canvas").bounding_box()
+        x0, y0 = _point(page, "#axial-canvas", ny / 2, nx / 2, ny, nx)
+        page.keyboard.down("Shift")
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        page.mouse.move(x0 - 30, y0 + 20, steps=4)
+        page.mouse.up()
+        page.keyboard.up("Shift")
+        panned = page.locator("#axial-canvas").bounding_box()
+        assert (panned["x"] - zoomed["x"], panned["y"] - zoomed["y"]) == pytest.approx((-30, 20), abs=1)
+        assert _axial_slice(page) == k and page.inner_text("#wl") == "W 400 L 40 HU"
         page.keyboard.press("0")
         assert page.locator("#axial-canvas").bounding_box()["width"] == pytest.approx(
             before["width"], rel=0.01
@@ -388,7 +400,24 @@ def test_brush_hu_limit_undo_redo_and_unsaved_guard(server: tuple[str, object, P
         page.wait_for_timeout(400)
         assert np.array_equal(_labels(url, sid, 0, (rows, cols)), painted)
 
+        # asked for: with "overwrite" on and the HU limit off, the same stroke does label the bone
+        page.check("#overwrite")
+        page.uncheck("#hu-limit")
+        page.mouse.move(*_point(page, "#ov-canvas", r, c0, rows, cols))
+        page.mouse.down()
+        page.mouse.move(*_point(page, "#ov-canvas", r, c1, rows, cols), steps=12)
+        page.mouse.up()
+        page.wait_for_timeout(400)
+        forced = _labels(url, sid, 0, (rows, cols))[r, c0 : c1 + 1]
+        assert np.all(forced[vals > 150] == 1) and np.all(forced[old > 1] == 1)
+        page.keyboard.press("Control+z")
+        page.wait_for_timeout(400)
+        assert np.array_equal(_labels(url, sid, 0, (rows, cols)), painted)
+        page.check("#hu-limit")
+        page.uncheck("#overwrite")
+
         # wheel and keys page through the session's slices in the labelling view
+        page.mouse.move(*_point(page, "#ov-canvas", 5, 5, rows, cols))
         page.mouse.wheel(0, 100)
         page.wait_for_function("() => document.getElementById('slice-name').textContent.startsWith('2/')")
         page.keyboard.press("ArrowUp")
