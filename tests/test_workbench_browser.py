@@ -342,6 +342,12 @@ def test_viewer_controls_wheel_keys_window_zoom_hu(server: tuple[str, object, Pa
     assert not errors, errors
 
 
+def _session_id(page) -> str:  # type: ignore[no-untyped-def]
+    """The labelling session shown (its id is in the CSV export link)."""
+    href = page.get_attribute("#csv", "href")
+    return str(href).split("/api/session/")[1].split("/")[0]
+
+
 def _labels(url: str, sid: str, pos: int, shape: tuple[int, int]) -> np.ndarray:
     data = httpx.get(f"{url}api/session/{sid}/labels/{pos}").content
     return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()
@@ -359,8 +365,8 @@ def test_brush_hu_limit_undo_redo_and_unsaved_guard(server: tuple[str, object, P
         _open(page, url)
         page.click("#segment")  # the suggested range
         page.wait_for_function("() => document.querySelectorAll('#quant-table tbody tr').length > 0")
-        sid = page.evaluate("S.session.session")
-        k = page.evaluate("S.session.slices[0].index")
+        sid = _session_id(page)
+        k = int(page.inner_text("#slice-name").split()[-1])  # "1/5: slice 21"
         image = hu[k]
         before = _labels(url, sid, 0, (rows, cols))
 
@@ -428,7 +434,7 @@ def test_brush_hu_limit_undo_redo_and_unsaved_guard(server: tuple[str, object, P
         page.click("#segment")
         page.wait_for_timeout(400)
         assert dialogs and dialogs[-1][0] == "confirm" and "unsaved" in dialogs[-1][1].lower(), dialogs
-        assert page.evaluate("S.session.session") == sid
+        assert _session_id(page) == sid
         assert np.array_equal(_labels(url, sid, 0, (rows, cols)), painted)
         page.screenshot(path=str(ARTIFACTS / "21-unsaved-guard.png"))
 

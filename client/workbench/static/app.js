@@ -1,5 +1,5 @@
 // sarcofed site workbench: L3 selection (axial + coronal + sagittal with guide lines) and labelling.
-// Plain JS, no external resources. Everything talks to the local server under /api.
+// Plain JS (ES modules: this file and viewport.js), no external resources. Everything talks to the local server under /api.
 // The browser renders every view itself from raw HU (int16), so window/level, the HU readout
 // and the HU-limited brush all work on the real values.
 //
@@ -7,7 +7,7 @@
 // right-drag = window/level, middle-drag or Shift+drag = pan, double-click = reset zoom.
 // Keys: Up/Down or PageUp/PageDown = slice (1 / 5), +/- zoom, 0 reset view,
 // Ctrl+Z undo, Ctrl+Shift+Z or Ctrl+Y redo, B brush, E eraser, 1-3 class, [ ] brush size.
-"use strict";
+import { greyImage, hoveredViewport, makeViewport, setLetters, stageFraction } from "./viewport.js";
 
 const $ = (id) => document.getElementById(id);
 const COLOURS = { 1: [230, 60, 60], 2: [245, 200, 40], 3: [40, 190, 170] };
@@ -37,16 +37,7 @@ function status(text, isError) {
 }
 const labelling = () => !$("label-view").hidden && S.session !== null;
 
-// ------------------------------------------------------------------ rendering from HU
-function greyImage(ctx, width, height, huAt) {
-  const img = ctx.createImageData(width, height);
-  const lo = S.wl.level - S.wl.width / 2, scale = 255 / Math.max(1, S.wl.width);
-  for (let i = 0, n = width * height; i < n; i++) {
-    const g = Math.max(0, Math.min(255, (huAt(i) - lo) * scale));
-    img.data[4 * i] = img.data[4 * i + 1] = img.data[4 * i + 2] = g; img.data[4 * i + 3] = 255;
-  }
-  ctx.putImageData(img, 0, 0);
-}
+// ------------------------------------------------------------------ window / level
 function showWindow() {
   $("wl").textContent = `W ${Math.round(S.wl.width)} L ${Math.round(S.wl.level)} HU`;
   for (const b of document.querySelectorAll(".preset")) {
@@ -59,75 +50,21 @@ function redrawAll() {
   if (labelling()) drawCT(); else if (S.vol) { drawAxial(); drawReformats(); }
 }
 
-// ------------------------------------------------------------------ viewports: zoom, pan, W/L
-// A viewport is a fixed-size .viewport element holding a .stage (the image at its true aspect)
-// that is scaled and translated with a CSS transform.
 const VIEWS = {};
-function makeViewport(wrapId, opts) {
-  const wrap = $(wrapId), stage = wrap.querySelector(".stage");
-  const v = { wrap, stage, zoom: 1, px: 0, py: 0, ...opts };
-  VIEWS[wrapId] = v;
-  const apply = () => {
-    stage.style.transform = `translate(${v.px}px, ${v.py}px) scale(${v.zoom})`;
-    const z = wrap.querySelector(".zoom");
-    if (z) z.textContent = v.zoom === 1 ? "" : `${v.zoom.toFixed(1)}x`;
-  };
-  v.apply = apply;
-  v.reset = () => { v.zoom = 1; v.px = 0; v.py = 0; apply(); };
-  v.zoomBy = (factor, cx, cy) => {
-    const rect = wrap.getBoundingClientRect();
-    const x = cx === undefined ? rect.width / 2 : cx - rect.left, y = cy === undefined ? rect.height / 2 : cy - rect.top;
-    const z = Math.max(1, Math.min(8, v.zoom * factor));
-    v.px = x - ((x - v.px) * z) / v.zoom; v.py = y - ((y - v.py) * z) / v.zoom; v.zoom = z;
-    if (z === 1) { v.px = 0; v.py = 0; }
-    apply();
-  };
-  wrap.addEventListener("wheel", (ev) => {
-    ev.preventDefault();
-    if (ev.ctrlKey || ev.metaKey) v.zoomBy(ev.deltaY < 0 ? 1.25 : 0.8, ev.clientX, ev.clientY);
-    else if (v.scroll && ev.deltaY) v.scroll(ev.deltaY > 0 ? 1 : -1);
-  }, { passive: false });
-  wrap.addEventListener("contextmenu", (ev) => ev.preventDefault());
-  wrap.addEventListener("dblclick", () => v.reset());
-  wrap.addEventListener("mouseenter", () => { S.hover = v; });
-  wrap.addEventListener("mouseleave", () => { if (S.hover === v) S.hover = null; });
-  wrap.addEventListener("pointerdown", (ev) => {
-    const pan = ev.button === 1 || (ev.button === 0 && ev.shiftKey), wl = ev.button === 2;
-    if (!pan && !wl) return;
-    ev.preventDefault(); ev.stopPropagation();
-    wrap.setPointerCapture(ev.pointerId);
-    let lx = ev.clientX, ly = ev.clientY;
-    const move = (e) => {
-      const dx = e.clientX - lx, dy = e.clientY - ly; lx = e.clientX; ly = e.clientY;
-      if (pan) { v.px += dx; v.py += dy; apply(); return; }
+function viewport(wrapId, opts) {
+  VIEWS[wrapId] = makeViewport($(wrapId), {
+    windowDrag: (dx, dy) => {
       S.wl.width = Math.max(1, S.wl.width + dx * 4);
       S.wl.level += dy * 2;
       redrawAll();
-    };
-    const up = () => { wrap.removeEventListener("pointermove", move); wrap.removeEventListener("pointerup", up); };
-    wrap.addEventListener("pointermove", move);
-    wrap.addEventListener("pointerup", up);
-  }, true);
-  wrap.addEventListener("pointermove", (ev) => { if (v.probe) v.probe(ev); });
-  wrap.addEventListener("pointerleave", () => { $("hu").textContent = ""; });
-  apply();
-  return v;
+    },
+    leave: () => { $("hu").textContent = ""; },
+    ...opts,
+  });
+  return VIEWS[wrapId];
 }
-// Fraction (0..1) of the stage under a pointer event, zoom and pan included.
-function stageFraction(v, ev) {
-  const r = v.stage.getBoundingClientRect();
-  return [(ev.clientX - r.left) / r.width, (ev.clientY - r.top) / r.height];
-}
-function setLetters(wrapId, letters) {
-  for (const side of ["top", "bottom", "left", "right"]) {
-    $(wrapId).querySelector(`.orient.${side}`).textContent = letters ? letters[side] : "";
-  }
-}
-function setAspect(wrapId, width, heightRatio) {
-  const v = VIEWS[wrapId];
-  v.wrap.style.height = `${width * heightRatio}px`;
-  v.stage.style.height = `${width * heightRatio}px`;
-}
+const grey = (ctx, width, height, huAt) => greyImage(ctx, width, height, huAt, S.wl);
+function setAspect(wrapId, width, heightRatio) { VIEWS[wrapId].setHeight(width * heightRatio); }
 
 // ------------------------------------------------------------------ selection view
 function nz() { return S.meta ? S.meta.shape[0] : 1; }
@@ -137,15 +74,15 @@ function huVol(z, y, x) { const [, ny, nx] = S.meta.shape; return S.vol[(z * ny 
 function drawAxial() {
   const [, ny, nx] = S.meta.shape, c = $("axial-canvas"), off = S.cursor * ny * nx;
   c.width = nx; c.height = ny;
-  greyImage(c.getContext("2d"), nx, ny, (i) => S.vol[off + i]);
+  grey(c.getContext("2d"), nx, ny, (i) => S.vol[off + i]);
   $("axial-index").textContent = `slice ${S.cursor} / ${nz() - 1} (z ${S.meta.positions_mm[S.cursor].toFixed(1)} mm)`;
 }
 function drawReformats() {
   const [z, ny, nx] = S.meta.shape;
   const cor = $("coronal-canvas"), sag = $("sagittal-canvas");
   cor.width = nx; cor.height = z; sag.width = ny; sag.height = z;
-  greyImage(cor.getContext("2d"), nx, z, (i) => huVol(Math.floor(i / nx), S.row, i % nx));
-  greyImage(sag.getContext("2d"), ny, z, (i) => huVol(Math.floor(i / ny), i % ny, S.col));
+  grey(cor.getContext("2d"), nx, z, (i) => huVol(Math.floor(i / nx), S.row, i % nx));
+  grey(sag.getContext("2d"), ny, z, (i) => huVol(Math.floor(i / ny), i % ny, S.col));
   $("coronal-index").textContent = `row ${S.row}`;
   $("sagittal-index").textContent = `column ${S.col}`;
   placeCross();
@@ -161,7 +98,7 @@ function layoutSelection() {
   setAspect("axial-wrap", W, (ny * dy) / (nx * dx));
   setAspect("coronal-wrap", W, (nz() * dz) / (nx * dx));
   setAspect("sagittal-wrap", W, (nz() * dz) / (ny * dy));
-  for (const id of ["axial", "coronal", "sagittal"]) setLetters(`${id}-wrap`, S.meta.orientation[id]);
+  for (const id of ["axial", "coronal", "sagittal"]) setLetters($(`${id}-wrap`), S.meta.orientation[id]);
   for (const id of ["axial-wrap", "coronal-wrap", "sagittal-wrap"]) VIEWS[id].reset();
   drawVertebrae();
 }
@@ -294,7 +231,7 @@ async function loadSeries(key) {
 }
 
 function setupSelectionViews() {
-  const axial = makeViewport("axial-wrap", {
+  const axial = viewport("axial-wrap", {
     scroll: (d) => setCursor(S.cursor + d),
     probe: (ev) => {
       if (!S.vol) return;
@@ -310,7 +247,7 @@ function setupSelectionViews() {
     S.col = Math.max(0, Math.min(nx - 1, Math.floor(fx * nx)));
     drawReformats();
   });
-  const coronal = makeViewport("coronal-wrap", {
+  const coronal = viewport("coronal-wrap", {
     scroll: (d) => { S.row = Math.max(0, Math.min(S.meta.shape[1] - 1, S.row + d)); drawReformats(); },
     probe: (ev) => {
       if (!S.vol) return;
@@ -319,7 +256,7 @@ function setupSelectionViews() {
       if (x >= 0 && k >= 0 && x < nx && k < z) showHU(huVol(k, S.row, x), `slice ${k}, row ${S.row}, col ${x}`);
     },
   });
-  const sagittal = makeViewport("sagittal-wrap", {
+  const sagittal = viewport("sagittal-wrap", {
     scroll: (d) => { S.col = Math.max(0, Math.min(S.meta.shape[2] - 1, S.col + d)); drawReformats(); },
     probe: (ev) => {
       if (!S.vol) return;
@@ -399,7 +336,7 @@ async function segmentSelected() {
   $("save-status").textContent = S.info.site ? `Saves into ${S.info.site}` : "Saving disabled: start with --site DIR";
   $("save").disabled = !S.info.site;
   $("select-view").hidden = true; $("label-view").hidden = false;
-  setLetters("canvas-wrap", S.meta.orientation.axial);
+  setLetters($("canvas-wrap"), S.meta.orientation.axial);
   VIEWS["canvas-wrap"].reset();
   await showSlice(0);
   status(`${S.session.slices.length} slices pre-segmented`);
@@ -418,7 +355,7 @@ async function showSlice(pos) {
 }
 function drawCT() {
   const s = cur(), hu = S.hu[S.pos];
-  greyImage(ctCanvas().getContext("2d"), s.cols, s.rows, (i) => hu[i]);
+  grey(ctCanvas().getContext("2d"), s.cols, s.rows, (i) => hu[i]);
 }
 
 function drawOverlay() {
@@ -485,7 +422,7 @@ function moveOutline(ev) {
   }
 }
 function setupPainting() {
-  const v = makeViewport("canvas-wrap", {
+  const v = viewport("canvas-wrap", {
     scroll: (d) => { if (S.session) guard(showSlice)(S.pos + d); },
   });
   const c = ovCanvas();
@@ -584,7 +521,7 @@ function onKey(ev) {
   if (ctrl && (k === "y" || k === "Y")) { if (labelling()) { ev.preventDefault(); guard(redo)(); } return; }
   if (ctrl || ev.altKey) return;
   const step = { ArrowDown: 1, ArrowRight: 1, ArrowUp: -1, ArrowLeft: -1, PageDown: PAGE, PageUp: -PAGE }[k];
-  const view = S.hover || (labelling() ? VIEWS["canvas-wrap"] : VIEWS["axial-wrap"]);
+  const view = hoveredViewport() || (labelling() ? VIEWS["canvas-wrap"] : VIEWS["axial-wrap"]);
   if (step !== undefined) {
     ev.preventDefault();
     if (labelling()) guard(showSlice)(S.pos + step);
@@ -622,7 +559,7 @@ window.addEventListener("DOMContentLoaded", () => {
   $("mode-slice").addEventListener("click", () => setMode("slice"));
   $("suggest").addEventListener("click", applySuggestion);
   $("segment").addEventListener("click", guard(segmentSelected));
-  $("back").addEventListener("click", () => { $("label-view").hidden = true; $("select-view").hidden = false; S.hover = null; redrawAll(); });
+  $("back").addEventListener("click", () => { $("label-view").hidden = true; $("select-view").hidden = false; redrawAll(); });
   for (const b of document.querySelectorAll(".preset")) {
     b.addEventListener("click", () => { S.wl = { ...S.info.presets[b.dataset.preset] }; redrawAll(); });
   }
