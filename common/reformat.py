@@ -2,7 +2,8 @@
 
 :func:`reformat` cuts one image from a :class:`common.series.CTVolume` and says how many mm
 each of its pixels covers (rows, columns); :func:`square_pixels` resamples such an image so
-it is never displayed squashed (coronal/sagittal pixels are usually taller than wide). Used
+it is never displayed squashed (coronal/sagittal pixels are usually taller than wide);
+:func:`orientation_letters` says which patient direction (A/P/S/I/R/L) each view edge faces. Used
 by the site workbench to render its views (``client.workbench.render``).
 """
 
@@ -17,6 +18,12 @@ from scipy import ndimage
 from common.series import CTVolume
 
 Plane = Literal["axial", "coronal", "sagittal"]
+Side = Literal["top", "bottom", "left", "right"]
+
+#: DICOM patient axes (LPS): +x towards the patient's left, +y posterior, +z superior.
+_AXIS_LETTERS = (("R", "L"), ("A", "P"), ("I", "S"))
+#: ImageOrientationPatient of a standard axial slice (rows run to the left, columns to the back).
+STANDARD_AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,4 +68,30 @@ def square_pixels(image: Reformat, *, max_size: int = 1024) -> np.ndarray:
     return out[: target[0], : target[1]].astype(np.float32, copy=False)
 
 
-__all__ = ["Plane", "Reformat", "reformat", "square_pixels"]
+def _letter(direction: np.ndarray) -> str:
+    """Patient direction (A/P/S/I/R/L) closest to ``direction`` (LPS)."""
+    axis = int(np.argmax(np.abs(direction)))
+    return _AXIS_LETTERS[axis][1 if direction[axis] > 0 else 0]
+
+
+def orientation_letters(
+    orientation: tuple[float, ...] | None,
+) -> dict[Plane, dict[Side, str]]:
+    """The patient direction at each edge of the three views :func:`reformat` cuts.
+
+    ``orientation`` is the series' ImageOrientationPatient (row direction, then column
+    direction, LPS); ``None`` means a standard axial slice. Volumes are stacked superior
+    first, so coronal and sagittal views always have S at the top.
+    """
+    iop = np.asarray(orientation if orientation is not None else STANDARD_AXIAL, dtype=float)
+    along_row, along_column = iop[:3], iop[3:]
+    right, bottom = _letter(along_row), _letter(along_column)
+    left, top = _letter(-along_row), _letter(-along_column)
+    return {
+        "axial": {"top": top, "bottom": bottom, "left": left, "right": right},
+        "coronal": {"top": "S", "bottom": "I", "left": left, "right": right},
+        "sagittal": {"top": "S", "bottom": "I", "left": top, "right": bottom},
+    }
+
+
+__all__ = ["Plane", "Reformat", "orientation_letters", "reformat", "square_pixels"]

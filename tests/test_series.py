@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 
 from common.demo.series import DemoSeries, make_series
 from common.l3_suggestion import suggest_l3
-from common.reformat import Reformat, reformat, square_pixels
+from common.reformat import Reformat, orientation_letters, reformat, square_pixels
 from common.series import (
     CTVolume,
     SeriesError,
@@ -129,6 +129,21 @@ def test_reformat_keeps_true_aspect() -> None:
     assert square_pixels(Reformat(np.zeros((8, 8)), (1.0, 0.5))).shape == (16, 8)
     with pytest.raises(ValueError, match="outside"):
         reformat(volume, "axial", 10)
+
+
+def test_orientation_letters_follow_image_orientation() -> None:
+    standard = orientation_letters(None)
+    assert standard == orientation_letters((1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+    assert standard["axial"] == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+    assert standard["coronal"] == {"top": "S", "bottom": "I", "left": "R", "right": "L"}
+    assert standard["sagittal"] == {"top": "S", "bottom": "I", "left": "A", "right": "P"}
+    # a prone patient scanned head first: rows run to the patient's right, columns forwards
+    prone = orientation_letters((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
+    assert prone["axial"] == {"top": "P", "bottom": "A", "left": "L", "right": "R"}
+    assert prone["sagittal"]["left"] == "P" and prone["coronal"]["right"] == "R"
+    # a slightly tilted gantry still names the dominant direction
+    tilted = orientation_letters((0.98, 0.2, 0.0, -0.2, 0.98, 0.0))
+    assert tilted["axial"] == standard["axial"]
 
 
 def test_l3_suggestion_finds_true_l3(demo: DemoSeries) -> None:

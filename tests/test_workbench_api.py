@@ -80,6 +80,24 @@ def test_views_have_true_aspect(demo: DemoSeries) -> None:
     )
 
 
+def test_raw_hu_for_the_browser_viewer(demo: DemoSeries) -> None:
+    from common.series import load_volume, scan_folder
+
+    client = _client(demo, None)
+    key = _main_key(client, demo)
+    meta = client.get(f"/api/series/{key}/meta").json()
+    assert meta["orientation"]["axial"] == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+    volume = load_volume(next(s for s in scan_folder(demo.folder).series if s.series_uid == demo.series_uid))
+    raw = np.frombuffer(client.get(f"/api/series/{key}/volume.i16").content, dtype="<i2")
+    assert raw.size == np.prod(meta["shape"])
+    assert np.array_equal(raw.reshape(meta["shape"]), np.rint(volume.hu).astype(np.int16))
+    session = client.post(f"/api/series/{key}/segment", json={"start": 20, "end": 21}).json()
+    one = np.frombuffer(client.get(f"/api/session/{session['session']}/hu/1.i16").content, dtype="<i2")
+    assert np.array_equal(one.reshape(volume.hu.shape[1:]), np.rint(volume.hu[21]).astype(np.int16))
+    assert client.get(f"/api/session/{session['session']}/hu/2.i16").status_code == 404
+    assert client.get("/api/info").json()["brush_hu"]["1"] == [-29.0, 150.0]
+
+
 def test_download_returns_original_bytes(demo: DemoSeries) -> None:
     client = _client(demo, None)
     key = _main_key(client, demo)

@@ -1,4 +1,6 @@
-"""The workbench in a real (headless) Chromium: select L3, download, segment, paint, save.
+"""The workbench in a real (headless) Chromium: select L3, download, segment, paint, save,
+and the viewer controls a radiologist expects (wheel, keys, window/level, zoom, HU-limited
+brush, undo/redo keys, the unsaved-edits guard).
 
 Needs Debian's chromium (``apt-get install -y chromium``) and the ``playwright`` Python package
 (never ``playwright install``: browsers are not downloaded). Screenshots of each view go to
@@ -13,8 +15,10 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -62,29 +66,11 @@ def server(tmp_path: Path) -> Iterator[tuple[str, object, Path]]:
     thread.join(timeout=10)
 
 
-def _y_of(page, wrap: str, k: int, nz: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    box = page.locator(wrap).bounding_box()
-    return box["x"] + box["width"] / 2, box["y"] + (k + 0.5) / nz * box["height"]
-
-
-def _drag(page, handle: str, to: tuple[float, float]) -> None:  # type: ignore[no-untyped-def]
-    box = page.locator(handle).bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
-    page.mouse.down()
-    page.mouse.move(to[0], to[1], steps=6)
-    page.mouse.up()
-
-
-def test_select_download_segment_paint_save(server: tuple[str, object, Path]) -> None:
+@contextmanager
+def _page(errors: list[str]) -> Iterator[object]:
+    """A headless Debian chromium page (WebGL not needed: the views are 2-D canvases)."""
     from playwright.sync_api import sync_playwright
 
-    from common.dataset import load_site, load_slice
-
-    url, demo, site = server
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    nz = len(demo.files)  # type: ignore[attr-defined]
-    l3_first, l3_last = demo.l3  # type: ignore[attr-defined]
-    errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=str(CHROMIUM),
@@ -99,15 +85,59 @@ def test_select_download_segment_paint_save(server: tuple[str, object, Path]) ->
                 "--disable-sync",
             ],
         )
-        page = browser.new_page(viewport={"width": 1500, "height": 950}, accept_downloads=True)
+        # an explicit context: a page from browser.new_page() takes its context down with it on
+        # close, before a beforeunload dialog could be seen
+        context = browser.new_context(viewport={"width": 1500, "height": 950}, accept_downloads=True)
+        page = context.new_page()
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.goto(url)
-        page.wait_for_function(
-            "() => ['coronal-img','sagittal-img','axial-img'].every(id => {"
-            "const i = document.getElementById(id); return i.complete && i.naturalHeight > 0; })"
-        )
-        page.wait_for_selector("#coronal-wrap .guide.start")
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def _open(page, url: str) -> None:  # type: ignore[no-untyped-def]
+    page.goto(url)
+    page.wait_for_selector("#select-view[data-loaded]")
+    page.wait_for_selector("#coronal-wrap .guide.start")
+
+
+def _close_with_unload(page) -> None:  # type: ignore[no-untyped-def]
+    """Close the page as a user closing the tab would (beforeunload runs); wait until it is gone."""
+    page.close(run_before_unload=True)
+    for _ in range(50):
+        page.context.cookies()  # a round trip to the browser: delivers a dialog event, if any
+        if page.is_closed():
+            return
+        time.sleep(0.1)
+
+
+def _y_of(page, wrap: str, k: int, nz: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    box = page.locator(wrap).bounding_box()
+    return box["x"] + box["width"] / 2, box["y"] + (k + 0.5) / nz * box["height"]
+
+
+def _drag(page, handle: str, to: tuple[float, float]) -> None:  # type: ignore[no-untyped-def]
+    box = page.locator(handle).bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(to[0], to[1], steps=6)
+    page.mouse.up()
+
+
+def test_select_download_segment_paint_save(server: tuple[str, object, Path]) -> None:
+    from common.dataset import load_site, load_slice
+
+    url, demo, site = server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    nz = len(demo.files)  # type: ignore[attr-defined]
+    l3_first, l3_last = demo.l3  # type: ignore[attr-defined]
+    errors: list[str] = []
+    dialogs: list[str] = []
+    with _page(errors) as page:  # type: ignore[var-annotated]
+        page.on("dialog", lambda d: (dialogs.append(d.type), d.accept()))
+        _open(page, url)
         # the suggestion is preselected: the true L3
         assert f"Slices {l3_first}-{l3_last}" in page.inner_text("#selection")
         page.screenshot(path=str(ARTIFACTS / "01-selection-suggested.png"))
@@ -146,6 +176,9 @@ def test_select_download_segment_paint_save(server: tuple[str, object, Path]) ->
         page.wait_for_function("() => document.querySelectorAll('#quant-table tbody tr').length > 0")
         assert "HU-threshold" in page.inner_text("#method")
         page.check("input[name=cls][value='3']")
+        # a stroke through air: the correction is deliberate, so the HU limit (on by default) is
+        # switched off for it
+        page.uncheck("#hu-limit")
         page.fill("#brush-size", "2")
         canvas = page.locator("#ov-canvas").bounding_box()
         rows = cols = 96
@@ -169,9 +202,10 @@ def test_select_download_segment_paint_save(server: tuple[str, object, Path]) ->
         page.click("#save")
         page.wait_for_function("() => document.getElementById('save-status').textContent.startsWith('Saved')")
         page.screenshot(path=str(ARTIFACTS / "05-saved.png"))
-        browser.close()
+        _close_with_unload(page)
 
     assert not errors, errors
+    assert dialogs == [], f"saved edits must not prompt on leaving: {dialogs}"
     dataset = load_site(site)
     assert len(dataset.rows) == end - start + 1
     assert all(row.height_m == 1.65 for row in dataset.rows)
@@ -179,3 +213,232 @@ def test_select_download_segment_paint_save(server: tuple[str, object, Path]) ->
     assert (site / dataset.rows[0].image).read_bytes() == demo.files[start].read_bytes()  # type: ignore[attr-defined]
     line = first.label[20, 32:59]
     assert np.all(line == 3), line  # the painted stroke came back as canonical VAT
+
+
+def _volume(demo: object) -> np.ndarray:
+    from common.series import load_volume, scan_folder
+
+    listing = scan_folder(demo.folder)  # type: ignore[attr-defined]
+    return load_volume(listing.series[0]).hu
+
+
+def _point(page, selector: str, row: float, col: float, rows: int, cols: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Screen point of native pixel (row, col) of a canvas (zoom and pan included)."""
+    box = page.locator(selector).bounding_box()
+    return box["x"] + (col + 0.5) / cols * box["width"], box["y"] + (row + 0.5) / rows * box["height"]
+
+
+def _axial_slice(page) -> int:  # type: ignore[no-untyped-def]
+    return int(page.inner_text("#axial-index").split()[1])
+
+
+def test_viewer_controls_wheel_keys_window_zoom_hu(server: tuple[str, object, Path]) -> None:
+    url, demo, _ = server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    hu = _volume(demo)
+    nz, ny, nx = hu.shape
+    errors: list[str] = []
+    with _page(errors) as page:  # type: ignore[var-annotated]
+        _open(page, url)
+        first = _axial_slice(page)
+
+        # orientation letters and the suggested vertebra labels
+        assert [page.inner_text(f"#axial-wrap .orient.{s}") for s in ("top", "bottom", "left", "right")] == [
+            "A", "P", "R", "L"
+        ]  # fmt: skip
+        assert page.inner_text("#coronal-wrap .orient.top") == "S"
+        assert page.inner_text("#sagittal-wrap .orient.left") == "A"
+        names = page.locator("#sagittal-wrap .vertebra span").all_inner_texts()
+        assert {"L1", "L2", "L3", "L4", "L5"} <= set(names), names
+
+        # mouse wheel over the axial view: one slice per notch, both ways
+        page.mouse.move(*_point(page, "#axial-canvas", ny / 2, nx / 2, ny, nx))
+        for _ in range(3):
+            page.mouse.wheel(0, 100)
+        page.wait_for_function(
+            f"() => document.getElementById('axial-index').textContent.startsWith('slice {first + 3} ')"
+        )
+        page.mouse.wheel(0, -100)
+        assert _axial_slice(page) == first + 2
+
+        # keyboard: arrows one slice, PageUp / PageDown five
+        page.keyboard.press("ArrowDown")
+        assert _axial_slice(page) == first + 3
+        page.keyboard.press("PageUp")
+        assert _axial_slice(page) == first - 2
+        page.keyboard.press("PageDown")
+        page.keyboard.press("ArrowUp")
+        k = _axial_slice(page)
+        assert k == first + 2
+
+        # HU under the cursor is the volume's HU at that pixel
+        row, col = ny // 2, nx // 2 + 5
+        page.mouse.move(*_point(page, "#axial-canvas", row, col, ny, nx))
+        readout = page.inner_text("#hu")
+        assert readout.startswith(f"{round(float(hu[k, row, col]))} HU at slice {k}, row {row}, col {col}"), (
+            readout
+        )
+
+        # zoom: Ctrl+wheel magnifies about the pointer; the readout still names the pixel under it
+        before = page.locator("#axial-canvas").bounding_box()
+        page.keyboard.down("Control")
+        page.mouse.wheel(0, -100)
+        page.mouse.wheel(0, -100)
+        page.keyboard.up("Control")
+        after = page.locator("#axial-canvas").bounding_box()
+        assert after["width"] == pytest.approx(before["width"] * 1.25 * 1.25, rel=0.02)
+        assert page.inner_text("#axial-wrap .zoom") == "1.6x"
+        assert _axial_slice(page) == k  # Ctrl+wheel zooms, it does not scroll
+        row2, col2 = ny // 2 - 7, nx // 2 + 3
+        page.mouse.move(*_point(page, "#axial-canvas", row2, col2, ny, nx))
+        assert page.inner_text("#hu").startswith(
+            f"{round(float(hu[k, row2, col2]))} HU at slice {k}, row {row2}, col {col2}"
+        )
+        page.screenshot(path=str(ARTIFACTS / "10-axial-zoomed.png"))
+        # pan: Shift+drag moves the zoomed image with the pointer, slice and window unchanged
+        zoomed = page.locator("#axial-canvas").bounding_box()
+        x0, y0 = _point(page, "#axial-canvas", ny / 2, nx / 2, ny, nx)
+        page.keyboard.down("Shift")
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        page.mouse.move(x0 - 30, y0 + 20, steps=4)
+        page.mouse.up()
+        page.keyboard.up("Shift")
+        panned = page.locator("#axial-canvas").bounding_box()
+        assert (panned["x"] - zoomed["x"], panned["y"] - zoomed["y"]) == pytest.approx((-30, 20), abs=1)
+        assert _axial_slice(page) == k and page.inner_text("#wl") == "W 400 L 40 HU"
+        page.keyboard.press("0")
+        assert page.locator("#axial-canvas").bounding_box()["width"] == pytest.approx(
+            before["width"], rel=0.01
+        )
+
+        # window/level: right-drag right widens the window, down raises the level; the image changes
+        pixels = "() => document.getElementById('axial-canvas').toDataURL()"
+        image_before = page.evaluate(pixels)
+        assert page.inner_text("#wl") == "W 400 L 40 HU"
+        x0, y0 = _point(page, "#axial-canvas", ny / 2, nx / 2, ny, nx)
+        page.mouse.move(x0, y0)
+        page.mouse.down(button="right")
+        page.mouse.move(x0 + 50, y0 + 20, steps=5)
+        page.mouse.up(button="right")
+        assert page.inner_text("#wl") == "W 600 L 80 HU"
+        assert page.evaluate(pixels) != image_before
+        assert _axial_slice(page) == k  # W/L drag moves neither the slice nor the selection
+        page.screenshot(path=str(ARTIFACTS / "11-window-dragged.png"))
+        page.click("button[data-preset=abdomen]")
+        assert page.inner_text("#wl") == "W 400 L 40 HU"
+
+        # Slice mode: clicking the coronal selects that slice; wheel and keys move the selection too
+        page.click("#mode-slice")
+        target = first + 4
+        page.mouse.click(*_y_of(page, "#coronal-wrap", target, nz))
+        assert page.inner_text("#selection").startswith(f"Slice {target} ")
+        assert _axial_slice(page) == target
+        page.mouse.move(*_point(page, "#axial-canvas", ny / 2, nx / 2, ny, nx))
+        page.mouse.wheel(0, -100)
+        page.keyboard.press("ArrowUp")
+        assert page.inner_text("#selection").startswith(f"Slice {target - 2} ")
+        page.screenshot(path=str(ARTIFACTS / "12-slice-mode-scrolled.png"))
+    assert not errors, errors
+
+
+def _session_id(page) -> str:  # type: ignore[no-untyped-def]
+    """The labelling session shown (its id is in the CSV export link)."""
+    href = page.get_attribute("#csv", "href")
+    return str(href).split("/api/session/")[1].split("/")[0]
+
+
+def _labels(url: str, sid: str, pos: int, shape: tuple[int, int]) -> np.ndarray:
+    data = httpx.get(f"{url}api/session/{sid}/labels/{pos}").content
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()
+
+
+def test_brush_hu_limit_undo_redo_and_unsaved_guard(server: tuple[str, object, Path]) -> None:
+    url, demo, _ = server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    hu = _volume(demo)
+    _, rows, cols = hu.shape
+    errors: list[str] = []
+    dialogs: list[tuple[str, str]] = []
+    with _page(errors) as page:  # type: ignore[var-annotated]
+        page.on("dialog", lambda d: (dialogs.append((d.type, d.message)), d.dismiss()))
+        _open(page, url)
+        page.click("#segment")  # the suggested range
+        page.wait_for_function("() => document.querySelectorAll('#quant-table tbody tr').length > 0")
+        sid = _session_id(page)
+        k = int(page.inner_text("#slice-name").split()[-1])  # "1/5: slice 21"
+        image = hu[k]
+        before = _labels(url, sid, 0, (rows, cols))
+
+        # a muscle stroke straight across the vertebral body, HU limit on (the default)
+        r = int(np.argmax((image > 150).sum(axis=1)))  # the row with the most bone
+        line = np.nonzero(image[r] > 150)[0]
+        c0, c1 = int(line.min()) - 8, int(line.max()) + 8
+        assert page.is_checked("#hu-limit") and not page.is_checked("#overwrite")
+        page.check("input[name=cls][value='1']")
+        page.fill("#brush-size", "1")
+        page.mouse.move(*_point(page, "#ov-canvas", r, c0, rows, cols))
+        page.wait_for_selector("#brush-outline:not([hidden])")
+        page.mouse.down()
+        page.mouse.move(*_point(page, "#ov-canvas", r, c1, rows, cols), steps=12)
+        page.mouse.up()
+        page.wait_for_function("() => document.getElementById('dirty').textContent !== ''")
+        page.wait_for_timeout(300)
+        painted = _labels(url, sid, 0, (rows, cols))
+        page.screenshot(path=str(ARTIFACTS / "20-hu-limited-stroke.png"))
+
+        seg = painted[r, c0 : c1 + 1]
+        vals, old = image[r, c0 : c1 + 1], before[r, c0 : c1 + 1]
+        muscle_range = (vals >= -29) & (vals <= 150)
+        assert np.all(seg[vals > 150] == 0), "bone under the stroke must stay unlabelled"
+        assert np.all(seg[muscle_range & (old == 0)] == 1), "muscle-range pixels are painted"
+        assert np.all(seg[old > 1] == old[old > 1]), "other classes are never overwritten"
+        assert np.count_nonzero(muscle_range & (old == 0)) > 0 and np.count_nonzero(vals > 150) > 5
+        changed = np.argwhere(painted != before)
+        assert changed.size and np.all(np.abs(changed[:, 0] - r) <= 1), "only the stroke's rows changed"
+
+        # undo / redo with the usual keys
+        page.mouse.move(*_point(page, "#ov-canvas", 5, 5, rows, cols))
+        page.keyboard.press("Control+z")
+        page.wait_for_timeout(400)
+        assert np.array_equal(_labels(url, sid, 0, (rows, cols)), before)
+        page.keyboard.press("Control+Shift+Z")
+        page.wait_for_timeout(400)
+        assert np.array_equal(_labels(url, sid, 0, (rows, cols)), painted)
+
+        # asked for: with "overwrite" on and the HU limit off, the same stroke does label the bone
+        page.check("#overwrite")
+        page.uncheck("#hu-limit")
+        page.mouse.move(*_point(page, "#ov-canvas", r, c0, rows, cols))
+        page.mouse.down()
+        page.mouse.move(*_point(page, "#ov-canvas", r, c1, rows, cols), steps=12)
+        page.mouse.up()
+        page.wait_for_timeout(400)
+        forced = _labels(url, sid, 0, (rows, cols))[r, c0 : c1 + 1]
+        assert np.all(forced[vals > 150] == 1) and np.all(forced[old > 1] == 1)
+        page.keyboard.press("Control+z")
+        page.wait_for_timeout(400)
+        assert np.array_equal(_labels(url, sid, 0, (rows, cols)), painted)
+        page.check("#hu-limit")
+        page.uncheck("#overwrite")
+
+        # wheel and keys page through the session's slices in the labelling view
+        page.mouse.move(*_point(page, "#ov-canvas", 5, 5, rows, cols))
+        page.mouse.wheel(0, 100)
+        page.wait_for_function("() => document.getElementById('slice-name').textContent.startsWith('2/')")
+        page.keyboard.press("ArrowUp")
+        page.wait_for_function("() => document.getElementById('slice-name').textContent.startsWith('1/')")
+
+        # re-segmenting with unsaved edits asks first; refusing keeps the session and its edits
+        page.click("#back")
+        page.click("#segment")
+        page.wait_for_timeout(400)
+        assert dialogs and dialogs[-1][0] == "confirm" and "unsaved" in dialogs[-1][1].lower(), dialogs
+        assert _session_id(page) == sid
+        assert np.array_equal(_labels(url, sid, 0, (rows, cols)), painted)
+        page.screenshot(path=str(ARTIFACTS / "21-unsaved-guard.png"))
+
+        # leaving the page with unsaved edits asks too (beforeunload)
+        _close_with_unload(page)
+    assert [d[0] for d in dialogs] == ["confirm", "beforeunload"], dialogs
+    assert not errors, errors

@@ -26,6 +26,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from common.cutoffs import CutoffSet
 from common.errors import SarcofedError
+from common.reformat import orientation_letters
+from protocols.protocol import HuRanges
 
 from . import render, segment, site_save
 from .body_limit import MAX_BODY_BYTES, BodyLimit
@@ -130,6 +132,12 @@ def create_app(
             else segment.FALLBACK_LABEL,
             "cutoff_sets": [c.value for c in CutoffSet],
             "presets": {p.value: asdict(w) for p, w in render.PRESETS.items()},
+            # the brush's default HU limit per canonical class (the Alberta protocol's ranges)
+            "brush_hu": {
+                "1": list(HuRanges().muscle),
+                "2": list(HuRanges().subcutaneous_fat),
+                "3": list(HuRanges().visceral_fat),
+            },
         }
 
     @app.get("/api/series")
@@ -159,6 +167,7 @@ def create_app(
             "note": volume.note,
             "height_m": volume.height_m,
             "sex": volume.sex,
+            "orientation": orientation_letters(volume.series.slices[0].orientation),
             "spine_row": suggestion.spine_row if suggestion.spine_row is not None else ny // 2,
             "spine_column": suggestion.spine_column if suggestion.spine_column is not None else nx // 2,
             "suggestion": {
@@ -311,4 +320,22 @@ def create_app(
         session.saved = written
         return {"site": str(state.site_dir), "written": written}
 
+    # ---- viewer data: raw HU for the browser's own rendering (window/level, HU readout, brush limit)
+
+    @app.get("/api/series/{key}/volume.i16")
+    def volume_hu(key: str) -> Response:
+        """The whole series as little-endian int16 HU, (z, y, x) C order; the shape is in /meta."""
+        volume, _ = state.volume(key)
+        return Response(hu_int16(volume.hu), media_type="application/octet-stream")
+
+    @app.get("/api/session/{sid}/hu/{position}.i16")
+    def session_hu(sid: str, position: int) -> Response:
+        """One session slice as little-endian int16 HU, (rows, cols) C order."""
+        return Response(hu_int16(_slice(sid, position).hu), media_type="application/octet-stream")
+
     return app
+
+
+def hu_int16(hu: np.ndarray) -> bytes:
+    """HU rounded and clipped to int16, little-endian bytes (CT HU fits; anything beyond is clipped)."""
+    return np.clip(np.rint(hu), -32768, 32767).astype("<i2").tobytes()

@@ -1,14 +1,24 @@
 // sarcofed site workbench: L3 selection (axial + coronal + sagittal with guide lines) and labelling.
-// Plain JS, no external resources. Everything talks to the local server under /api.
-"use strict";
+// Plain JS (ES modules: this file and viewport.js), no external resources. Everything talks to the local server under /api.
+// The browser renders every view itself from raw HU (int16), so window/level, the HU readout
+// and the HU-limited brush all work on the real values.
+//
+// Mouse (every view): wheel = next/previous slice of that view, Ctrl+wheel = zoom,
+// right-drag = window/level, middle-drag or Shift+drag = pan, double-click = reset zoom.
+// Keys: Up/Down or PageUp/PageDown = slice (1 / 5), +/- zoom, 0 reset view,
+// Ctrl+Z undo, Ctrl+Shift+Z or Ctrl+Y redo, B brush, E eraser, 1-3 class, [ ] brush size.
+import { greyImage, hoveredViewport, makeViewport, setLetters, stageFraction } from "./viewport.js";
 
 const $ = (id) => document.getElementById(id);
 const COLOURS = { 1: [230, 60, 60], 2: [245, 200, 40], 3: [40, 190, 170] };
+const CLASS_NAMES = { 1: "Muscle", 2: "SAT", 3: "VAT" };
+const PAGE = 5;
 
 const S = {
-  info: null, key: null, meta: null, preset: "abdomen", mode: "range",
+  info: null, key: null, meta: null, vol: null, mode: "range",
+  wl: { width: 400, level: 40 },
   start: 0, end: 0, cursor: 0, row: 0, col: 0,
-  session: null, pos: 0, labels: [], undo: [], painting: false,
+  session: null, pos: 0, labels: [], hu: [], undo: [], redo: [], painting: false, dirty: false,
 };
 
 async function api(path, options) {
@@ -25,21 +35,56 @@ function status(text, isError) {
   el.textContent = text;
   el.className = isError ? "error" : "muted";
 }
+const labelling = () => !$("label-view").hidden && S.session !== null;
+
+// ------------------------------------------------------------------ window / level
+function showWindow() {
+  $("wl").textContent = `W ${Math.round(S.wl.width)} L ${Math.round(S.wl.level)} HU`;
+  for (const b of document.querySelectorAll(".preset")) {
+    const p = S.info && S.info.presets[b.dataset.preset];
+    b.classList.toggle("active", !!p && p.width === S.wl.width && p.level === S.wl.level);
+  }
+}
+function redrawAll() {
+  showWindow();
+  if (labelling()) drawCT(); else if (S.vol) { drawAxial(); drawReformats(); }
+}
+
+const VIEWS = {};
+function viewport(wrapId, opts) {
+  VIEWS[wrapId] = makeViewport($(wrapId), {
+    windowDrag: (dx, dy) => {
+      S.wl.width = Math.max(1, S.wl.width + dx * 4);
+      S.wl.level += dy * 2;
+      redrawAll();
+    },
+    leave: () => { $("hu").textContent = ""; },
+    ...opts,
+  });
+  return VIEWS[wrapId];
+}
+const grey = (ctx, width, height, huAt) => greyImage(ctx, width, height, huAt, S.wl);
+function setAspect(wrapId, width, heightRatio) { VIEWS[wrapId].setHeight(width * heightRatio); }
 
 // ------------------------------------------------------------------ selection view
 function nz() { return S.meta ? S.meta.shape[0] : 1; }
 function clamp(k) { return Math.max(0, Math.min(nz() - 1, k)); }
+function huVol(z, y, x) { const [, ny, nx] = S.meta.shape; return S.vol[(z * ny + y) * nx + x]; }
 
-function viewUrl(plane, index) {
-  return `/api/series/${S.key}/${plane}.png?index=${index}&preset=${S.preset}`;
+function drawAxial() {
+  const [, ny, nx] = S.meta.shape, c = $("axial-canvas"), off = S.cursor * ny * nx;
+  c.width = nx; c.height = ny;
+  grey(c.getContext("2d"), nx, ny, (i) => S.vol[off + i]);
+  $("axial-index").textContent = `slice ${S.cursor} / ${nz() - 1} (z ${S.meta.positions_mm[S.cursor].toFixed(1)} mm)`;
 }
-function refreshAxial() {
-  $("axial-img").src = viewUrl("axial", S.cursor);
-  $("axial-index").textContent = `slice ${S.cursor} / ${nz() - 1}`;
-}
-function refreshReformats() {
-  $("coronal-img").src = viewUrl("coronal", S.row);
-  $("sagittal-img").src = viewUrl("sagittal", S.col);
+function drawReformats() {
+  const [z, ny, nx] = S.meta.shape;
+  const cor = $("coronal-canvas"), sag = $("sagittal-canvas");
+  cor.width = nx; cor.height = z; sag.width = ny; sag.height = z;
+  grey(cor.getContext("2d"), nx, z, (i) => huVol(Math.floor(i / nx), S.row, i % nx));
+  grey(sag.getContext("2d"), ny, z, (i) => huVol(Math.floor(i / ny), i % ny, S.col));
+  $("coronal-index").textContent = `row ${S.row}`;
+  $("sagittal-index").textContent = `column ${S.col}`;
   placeCross();
 }
 function placeCross() {
@@ -48,29 +93,61 @@ function placeCross() {
   $("cross-h").style.top = `${((S.row + 0.5) / ny) * 100}%`;
   $("cross-v").style.left = `${((S.col + 0.5) / nx) * 100}%`;
 }
+function layoutSelection() {
+  const [, ny, nx] = S.meta.shape, [dz, dy, dx] = S.meta.spacing_mm, W = 360;
+  setAspect("axial-wrap", W, (ny * dy) / (nx * dx));
+  setAspect("coronal-wrap", W, (nz() * dz) / (nx * dx));
+  setAspect("sagittal-wrap", W, (nz() * dz) / (ny * dy));
+  for (const id of ["axial", "coronal", "sagittal"]) setLetters($(`${id}-wrap`), S.meta.orientation[id]);
+  for (const id of ["axial-wrap", "coronal-wrap", "sagittal-wrap"]) VIEWS[id].reset();
+  drawVertebrae();
+}
+function drawVertebrae() {
+  for (const wrap of [$("coronal-wrap"), $("sagittal-wrap")]) {
+    const stage = wrap.querySelector(".stage");
+    stage.querySelectorAll(".vertebra").forEach((x) => x.remove());
+    for (const v of S.meta.suggestion.vertebrae) {
+      const el = document.createElement("div");
+      el.className = "vertebra";
+      el.style.top = `${(v.start / nz()) * 100}%`;
+      el.style.height = `${((v.end - v.start + 1) / nz()) * 100}%`;
+      el.innerHTML = `<span>${v.name}</span>`;
+      stage.appendChild(el);
+    }
+  }
+}
+
+// Move the axial cursor; in Slice mode the selection follows it.
+function setCursor(k) {
+  S.cursor = clamp(k);
+  if (S.mode === "slice") S.start = S.end = S.cursor;
+  placeGuides(); drawAxial();
+}
 
 function ensureGuides(wrap) {
-  if (wrap.querySelector(".guide")) return;
+  const stage = wrap.querySelector(".stage");
+  if (stage.querySelector(".guide")) return;
   for (const which of ["start", "end"]) {
     const g = document.createElement("div");
     g.className = `guide ${which}`;
     g.dataset.which = which;
     g.innerHTML = `<span>${which}</span>`;
-    wrap.appendChild(g);
-    g.addEventListener("pointerdown", (ev) => startDrag(ev, wrap, which));
+    stage.appendChild(g);
+    g.addEventListener("pointerdown", (ev) => { if (ev.button === 0 && !ev.shiftKey) startDrag(ev, wrap, which); });
   }
-  const band = document.createElement("div"); band.className = "band"; wrap.appendChild(band);
-  const cur = document.createElement("div"); cur.className = "cursor"; wrap.appendChild(cur);
-  wrap.querySelector("img").addEventListener("click", (ev) => {
-    S.cursor = sliceAt(wrap, ev.clientY); placeGuides(); refreshAxial();
+  const band = document.createElement("div"); band.className = "band"; stage.appendChild(band);
+  const cur = document.createElement("div"); cur.className = "cursor"; stage.appendChild(cur);
+  stage.querySelector("canvas").addEventListener("click", (ev) => {
+    if (ev.shiftKey) return;
+    setCursor(sliceAt(wrap, ev.clientY));
   });
 }
 function sliceAt(wrap, clientY) {
-  const rect = wrap.getBoundingClientRect();
+  const rect = wrap.querySelector(".stage").getBoundingClientRect();
   return clamp(Math.floor(((clientY - rect.top) / rect.height) * nz()));
 }
 function startDrag(ev, wrap, which) {
-  ev.preventDefault();
+  ev.preventDefault(); ev.stopPropagation();
   const target = ev.currentTarget;
   target.setPointerCapture(ev.pointerId);
   const move = (e) => {
@@ -83,7 +160,7 @@ function startDrag(ev, wrap, which) {
   const up = () => {
     target.removeEventListener("pointermove", move);
     target.removeEventListener("pointerup", up);
-    refreshAxial();
+    drawAxial();
   };
   target.addEventListener("pointermove", move);
   target.addEventListener("pointerup", up);
@@ -122,7 +199,7 @@ function setMode(mode) {
     S.start = clamp(S.start - 2); S.end = clamp(S.end + 2);
   }
   S.cursor = S.start;
-  placeGuides(); refreshAxial();
+  placeGuides(); drawAxial();
 }
 function applySuggestion() {
   const s = S.meta.suggestion;
@@ -136,24 +213,71 @@ function applySuggestion() {
     $("suggestion").textContent = `No L3 suggestion: ${s.note}`;
   }
   S.cursor = S.start;
-  placeGuides(); refreshAxial();
+  placeGuides(); drawAxial();
 }
 
 async function loadSeries(key) {
   S.key = key;
   status("loading series...");
   S.meta = await (await api(`/api/series/${key}/meta`)).json();
+  S.vol = new Int16Array(await (await api(`/api/series/${key}/volume.i16`)).arrayBuffer());
   S.row = S.meta.spine_row; S.col = S.meta.spine_column;
-  refreshReformats();
+  layoutSelection();
+  drawReformats();
   applySuggestion();
+  $("select-view").dataset.loaded = key;
   status(`${S.meta.description || "series"}: ${S.meta.shape[0]} slices, spacing ` +
     `${S.meta.spacing_mm.map((v) => v.toFixed(2)).join(" x ")} mm ${S.meta.note ? "- " + S.meta.note : ""}`);
 }
+
+function setupSelectionViews() {
+  const axial = viewport("axial-wrap", {
+    scroll: (d) => setCursor(S.cursor + d),
+    probe: (ev) => {
+      if (!S.vol) return;
+      const [fx, fy] = stageFraction(axial, ev), [, ny, nx] = S.meta.shape;
+      const x = Math.floor(fx * nx), y = Math.floor(fy * ny);
+      if (x >= 0 && y >= 0 && x < nx && y < ny) showHU(huVol(S.cursor, y, x), `slice ${S.cursor}, row ${y}, col ${x}`);
+    },
+  });
+  $("axial-canvas").addEventListener("click", (ev) => {
+    if (ev.shiftKey) return;
+    const [fx, fy] = stageFraction(axial, ev), [, ny, nx] = S.meta.shape;
+    S.row = Math.max(0, Math.min(ny - 1, Math.floor(fy * ny)));
+    S.col = Math.max(0, Math.min(nx - 1, Math.floor(fx * nx)));
+    drawReformats();
+  });
+  const coronal = viewport("coronal-wrap", {
+    scroll: (d) => { S.row = Math.max(0, Math.min(S.meta.shape[1] - 1, S.row + d)); drawReformats(); },
+    probe: (ev) => {
+      if (!S.vol) return;
+      const [fx, fy] = stageFraction(coronal, ev), [z, , nx] = S.meta.shape;
+      const x = Math.floor(fx * nx), k = Math.floor(fy * z);
+      if (x >= 0 && k >= 0 && x < nx && k < z) showHU(huVol(k, S.row, x), `slice ${k}, row ${S.row}, col ${x}`);
+    },
+  });
+  const sagittal = viewport("sagittal-wrap", {
+    scroll: (d) => { S.col = Math.max(0, Math.min(S.meta.shape[2] - 1, S.col + d)); drawReformats(); },
+    probe: (ev) => {
+      if (!S.vol) return;
+      const [fx, fy] = stageFraction(sagittal, ev), [z, ny] = S.meta.shape;
+      const y = Math.floor(fx * ny), k = Math.floor(fy * z);
+      if (y >= 0 && k >= 0 && y < ny && k < z) showHU(huVol(k, y, S.col), `slice ${k}, row ${y}, col ${S.col}`);
+    },
+  });
+}
+function showHU(value, where) { $("hu").textContent = `${value} HU at ${where}`; }
 
 async function init() {
   S.info = await (await api("/api/info")).json();
   $("folder").textContent = S.info.folder;
   for (const c of S.info.cutoff_sets) $("cutoff").add(new Option(c, c));
+  for (const cls of [1, 2, 3]) {
+    const [lo, hi] = S.info.brush_hu[String(cls)];
+    $(`hu-lo-${cls}`).value = lo; $(`hu-hi-${cls}`).value = hi;
+  }
+  S.wl = { ...S.info.presets.abdomen };
+  showWindow();
   const listing = await (await api("/api/series")).json();
   const sel = $("series");
   for (const s of listing.series) {
@@ -164,7 +288,12 @@ async function init() {
     const li = document.createElement("li"); li.textContent = `${s.file}: ${s.reason}`; $("skipped").appendChild(li);
   }
   if (!listing.series.length) { status("No CT series in this folder", true); return; }
-  sel.addEventListener("change", () => loadSeries(sel.value).catch((e) => status(e.message, true)));
+  sel.addEventListener("change", guard(async () => {
+    if (!confirmDiscard()) { sel.value = S.key; return; }
+    S.session = null; S.dirty = false;
+    $("label-view").hidden = true; $("select-view").hidden = false;
+    await loadSeries(sel.value);
+  }));
   await loadSeries(listing.series[0].key);
 }
 
@@ -175,20 +304,30 @@ function cur() { return S.session.slices[S.pos]; }
 function currentClass() { return Number(document.querySelector("input[name=cls]:checked").value); }
 function currentTool() { return document.querySelector("input[name=tool]:checked").value; }
 
+function setDirty(dirty) {
+  S.dirty = dirty;
+  $("dirty").textContent = dirty ? "Unsaved edits" : "";
+}
+function confirmDiscard() {
+  return !S.dirty || window.confirm("You have unsaved edits. Discard them?");
+}
+
 async function segmentSelected() {
+  if (!confirmDiscard()) return;
   const lo = Math.min(S.start, S.end), hi = Math.max(S.start, S.end);
   status(`segmenting ${hi - lo + 1} slices...`);
   const res = await api(`/api/series/${S.key}/segment`, {
     method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ start: lo, end: hi }),
   });
-  S.session = await res.json();
-  S.labels = [];
-  for (let i = 0; i < S.session.slices.length; i++) {
-    const buf = await (await api(`/api/session/${S.session.session}/labels/${i}`)).arrayBuffer();
-    S.labels.push(new Uint8Array(buf));
+  const session = await res.json();
+  const labels = [], hu = [];
+  for (let i = 0; i < session.slices.length; i++) {
+    labels.push(new Uint8Array(await (await api(`/api/session/${session.session}/labels/${i}`)).arrayBuffer()));
+    hu.push(new Int16Array(await (await api(`/api/session/${session.session}/hu/${i}.i16`)).arrayBuffer()));
   }
-  S.undo = []; S.pos = 0;
+  S.session = session; S.labels = labels; S.hu = hu;
+  S.undo = []; S.redo = []; S.pos = 0; setDirty(false);
   const m = $("method");
   m.textContent = S.session.method === "fallback" ? S.session.method_label : `Pre-segmented by ${S.session.method_label}`;
   m.className = `method ${S.session.method}`;
@@ -197,22 +336,26 @@ async function segmentSelected() {
   $("save-status").textContent = S.info.site ? `Saves into ${S.info.site}` : "Saving disabled: start with --site DIR";
   $("save").disabled = !S.info.site;
   $("select-view").hidden = true; $("label-view").hidden = false;
+  setLetters($("canvas-wrap"), S.meta.orientation.axial);
+  VIEWS["canvas-wrap"].reset();
   await showSlice(0);
   status(`${S.session.slices.length} slices pre-segmented`);
 }
 
 async function showSlice(pos) {
-  S.pos = pos;
+  S.pos = Math.max(0, Math.min(S.session.slices.length - 1, pos));
   const s = cur();
   for (const c of [ctCanvas(), ovCanvas()]) { c.width = s.cols; c.height = s.rows; }
-  const aspect = (s.rows * s.spacing_mm[0]) / (s.cols * s.spacing_mm[1]);
-  $("canvas-wrap").style.height = `${512 * aspect}px`;
-  $("slice-name").textContent = `${pos + 1}/${S.session.slices.length}: slice ${s.index}`;
-  const img = new Image();
-  img.onload = () => ctCanvas().getContext("2d").drawImage(img, 0, 0);
-  img.src = `/api/session/${S.session.session}/image/${pos}.png?preset=${S.preset}`;
+  setAspect("canvas-wrap", 512, (s.rows * s.spacing_mm[0]) / (s.cols * s.spacing_mm[1]));
+  $("slice-name").textContent = `${S.pos + 1}/${S.session.slices.length}: slice ${s.index}`;
+  drawCT();
   drawOverlay();
+  sizeOutline();
   await refreshQuant();
+}
+function drawCT() {
+  const s = cur(), hu = S.hu[S.pos];
+  grey(ctCanvas().getContext("2d"), s.cols, s.rows, (i) => hu[i]);
 }
 
 function drawOverlay() {
@@ -235,41 +378,83 @@ function canvasPoint(ev) {
   const rect = ovCanvas().getBoundingClientRect(), s = cur();
   return [((ev.clientX - rect.left) / rect.width) * s.cols, ((ev.clientY - rect.top) / rect.height) * s.rows];
 }
+// The HU range the brush / eraser is limited to for a class, or null when the limit is off.
+function huLimit(cls) {
+  if (!$("hu-limit").checked) return null;
+  const lo = Number($(`hu-lo-${cls}`).value), hi = Number($(`hu-hi-${cls}`).value);
+  return [Math.min(lo, hi), Math.max(lo, hi)];
+}
+// Paint (or erase) a disc at native (x, y). The brush sets only unlabelled pixels and pixels of
+// its own class unless "overwrite other classes" is on; the eraser clears only the current class
+// unless it is on. With the HU limit on, both touch only pixels inside the class's HU range.
 function paintAt(x, y) {
-  const s = cur(), lab = S.labels[S.pos], r = Number($("brush-size").value);
+  const s = cur(), lab = S.labels[S.pos], hu = S.hu[S.pos], r = Number($("brush-size").value);
   const cls = currentClass(), erase = currentTool() === "eraser";
+  const limit = huLimit(cls), overwrite = $("overwrite").checked;
   for (let row = Math.floor(y - r); row <= Math.ceil(y + r); row++) {
     if (row < 0 || row >= s.rows) continue;
     for (let col = Math.floor(x - r); col <= Math.ceil(x + r); col++) {
       if (col < 0 || col >= s.cols) continue;
       if ((col + 0.5 - x) ** 2 + (row + 0.5 - y) ** 2 > r * r) continue;
       const i = row * s.cols + col;
-      if (erase) { if (lab[i] === cls) lab[i] = 0; } else lab[i] = cls;
+      if (limit && (hu[i] < limit[0] || hu[i] > limit[1])) continue;
+      if (erase) { if (lab[i] === cls || (overwrite && lab[i])) lab[i] = 0; }
+      else if (lab[i] === 0 || overwrite) lab[i] = cls;
     }
   }
 }
+function sizeOutline() {
+  if (!S.session) return;
+  const s = cur(), r = Number($("brush-size").value), o = $("brush-outline");
+  o.style.width = `${((2 * r) / s.cols) * 100}%`;
+  o.style.height = `${((2 * r) / s.rows) * 100}%`;
+  o.className = `brush-outline c${currentClass()}${currentTool() === "eraser" ? " eraser" : ""}`;
+}
+function moveOutline(ev) {
+  const [x, y] = canvasPoint(ev), s = cur(), o = $("brush-outline");
+  o.style.left = `${(x / s.cols) * 100}%`;
+  o.style.top = `${(y / s.rows) * 100}%`;
+  o.hidden = false;
+  const col = Math.floor(x), row = Math.floor(y);
+  if (col >= 0 && row >= 0 && col < s.cols && row < s.rows) {
+    const v = S.labels[S.pos][row * s.cols + col];
+    showHU(S.hu[S.pos][row * s.cols + col], `row ${row}, col ${col}${v ? ` (${CLASS_NAMES[v]})` : ""}`);
+  }
+}
 function setupPainting() {
+  const v = viewport("canvas-wrap", {
+    scroll: (d) => { if (S.session) guard(showSlice)(S.pos + d); },
+  });
   const c = ovCanvas();
   let last = null;
   c.addEventListener("pointerdown", (ev) => {
+    if (ev.button !== 0 || ev.shiftKey) return;
     ev.preventDefault();
     c.setPointerCapture(ev.pointerId);
     S.undo.push({ pos: S.pos, labels: S.labels[S.pos].slice() });
-    if (S.undo.length > 40) S.undo.shift();
+    if (S.undo.length > 100) S.undo.shift();
+    S.redo = [];
     S.painting = true;
     last = canvasPoint(ev);
     paintAt(...last); drawOverlay();
   });
   c.addEventListener("pointermove", (ev) => {
+    moveOutline(ev);
     if (!S.painting) return;
     const p = canvasPoint(ev);
     const steps = Math.max(1, Math.ceil(Math.hypot(p[0] - last[0], p[1] - last[1])));
     for (let t = 1; t <= steps; t++) paintAt(last[0] + ((p[0] - last[0]) * t) / steps, last[1] + ((p[1] - last[1]) * t) / steps);
     last = p; drawOverlay();
   });
-  const end = () => { if (S.painting) { S.painting = false; pushLabels(S.pos); } };
+  c.addEventListener("pointerleave", () => { $("brush-outline").hidden = true; });
+  const end = () => {
+    if (!S.painting) return;
+    S.painting = false; setDirty(true);
+    guard(pushLabels)(S.pos);
+  };
   c.addEventListener("pointerup", end);
   c.addEventListener("pointercancel", end);
+  return v;
 }
 async function pushLabels(pos) {
   await api(`/api/session/${S.session.session}/labels/${pos}`, {
@@ -277,13 +462,18 @@ async function pushLabels(pos) {
   });
   await refreshQuant();
 }
-async function undo() {
-  const step = S.undo.pop();
+// Undo / redo: each step is a whole-slice snapshot taken before a stroke.
+async function restore(from, to) {
+  const step = from.pop();
   if (!step) return;
+  to.push({ pos: step.pos, labels: S.labels[step.pos].slice() });
   S.labels[step.pos] = step.labels;
+  setDirty(true);
   if (step.pos !== S.pos) await showSlice(step.pos); else drawOverlay();
   await pushLabels(step.pos);
 }
+const undo = () => restore(S.undo, S.redo);
+const redo = () => restore(S.redo, S.undo);
 
 function quantParams() {
   const p = new URLSearchParams({ cutoff: $("cutoff").value, sex: $("sex").value });
@@ -314,40 +504,75 @@ async function saveToSite() {
     body: JSON.stringify({ height_m: height, sex: $("sex").value || null }),
   });
   const out = await res.json();
+  setDirty(false);
   $("save-status").textContent = `Saved ${out.written.length} slice(s) to ${out.site}`;
   status("saved");
 }
 
+// ------------------------------------------------------------------ keyboard
+function onKey(ev) {
+  const t = ev.target;
+  if (t && (t.tagName === "INPUT" && t.type !== "radio" && t.type !== "checkbox" && t.type !== "range" || t.tagName === "SELECT" || t.tagName === "TEXTAREA")) return;
+  const ctrl = ev.ctrlKey || ev.metaKey, k = ev.key;
+  if (ctrl && (k === "z" || k === "Z")) {
+    if (!labelling()) return;
+    ev.preventDefault(); guard(ev.shiftKey ? redo : undo)(); return;
+  }
+  if (ctrl && (k === "y" || k === "Y")) { if (labelling()) { ev.preventDefault(); guard(redo)(); } return; }
+  if (ctrl || ev.altKey) return;
+  const step = { ArrowDown: 1, ArrowRight: 1, ArrowUp: -1, ArrowLeft: -1, PageDown: PAGE, PageUp: -PAGE }[k];
+  const view = hoveredViewport() || (labelling() ? VIEWS["canvas-wrap"] : VIEWS["axial-wrap"]);
+  if (step !== undefined) {
+    ev.preventDefault();
+    if (labelling()) guard(showSlice)(S.pos + step);
+    else if (S.meta) setCursor(S.cursor + step);
+    return;
+  }
+  if (k === "+" || k === "=") { view.zoomBy(1.25); ev.preventDefault(); return; }
+  if (k === "-") { view.zoomBy(0.8); ev.preventDefault(); return; }
+  if (k === "0") { view.reset(); return; }
+  if (!labelling()) return;
+  const pick = (sel) => { const el = document.querySelector(sel); el.checked = true; sizeOutline(); };
+  if (k === "b" || k === "B") pick("input[name=tool][value=brush]");
+  else if (k === "e" || k === "E") pick("input[name=tool][value=eraser]");
+  else if (k === "1" || k === "2" || k === "3") pick(`input[name=cls][value='${k}']`);
+  else if (k === "[" || k === "]") {
+    const b = $("brush-size");
+    b.value = Math.max(Number(b.min), Math.min(Number(b.max), Number(b.value) + (k === "]" ? 1 : -1)));
+    sizeOutline();
+  }
+}
+
 // ------------------------------------------------------------------ wiring
 function guard(fn) {
-  return (...args) => Promise.resolve(fn(...args)).catch((e) => { status(e.message, true); $("save-status").textContent = ""; });
+  return (...args) => Promise.resolve().then(() => fn(...args)).catch((e) => { status(e.message, true); $("save-status").textContent = ""; });
 }
+window.addEventListener("beforeunload", (ev) => {
+  if (!S.dirty) return;
+  ev.preventDefault();
+  ev.returnValue = "";
+});
 window.addEventListener("DOMContentLoaded", () => {
+  setupSelectionViews();
+  setupPainting();
   $("mode-range").addEventListener("click", () => setMode("range"));
   $("mode-slice").addEventListener("click", () => setMode("slice"));
   $("suggest").addEventListener("click", applySuggestion);
   $("segment").addEventListener("click", guard(segmentSelected));
-  $("back").addEventListener("click", () => { $("label-view").hidden = true; $("select-view").hidden = false; });
-  $("axial-img").addEventListener("click", (ev) => {
-    const rect = ev.currentTarget.getBoundingClientRect(), [, ny, nx] = S.meta.shape;
-    S.row = Math.max(0, Math.min(ny - 1, Math.floor(((ev.clientY - rect.top) / rect.height) * ny)));
-    S.col = Math.max(0, Math.min(nx - 1, Math.floor(((ev.clientX - rect.left) / rect.width) * nx)));
-    refreshReformats();
-  });
+  $("back").addEventListener("click", () => { $("label-view").hidden = true; $("select-view").hidden = false; redrawAll(); });
   for (const b of document.querySelectorAll(".preset")) {
-    b.addEventListener("click", () => {
-      S.preset = b.dataset.preset;
-      document.querySelectorAll(".preset").forEach((x) => x.classList.toggle("active", x === b));
-      if (!$("label-view").hidden && S.session) showSlice(S.pos); else if (S.meta) { refreshReformats(); refreshAxial(); }
-    });
+    b.addEventListener("click", () => { S.wl = { ...S.info.presets[b.dataset.preset] }; redrawAll(); });
   }
-  $("prev").addEventListener("click", guard(() => S.pos > 0 && showSlice(S.pos - 1)));
-  $("next").addEventListener("click", guard(() => S.pos < S.session.slices.length - 1 && showSlice(S.pos + 1)));
+  $("prev").addEventListener("click", guard(() => showSlice(S.pos - 1)));
+  $("next").addEventListener("click", guard(() => showSlice(S.pos + 1)));
   $("undo").addEventListener("click", guard(undo));
+  $("redo").addEventListener("click", guard(redo));
   $("opacity").addEventListener("input", drawOverlay);
+  $("brush-size").addEventListener("input", sizeOutline);
+  document.querySelectorAll("input[name=tool], input[name=cls]").forEach((x) => x.addEventListener("change", sizeOutline));
   document.querySelectorAll(".visible").forEach((x) => x.addEventListener("change", drawOverlay));
   for (const id of ["height", "sex", "cutoff"]) $(id).addEventListener("change", guard(refreshQuant));
   $("save").addEventListener("click", guard(saveToSite));
-  setupPainting();
+  document.addEventListener("keydown", onKey);
   guard(init)();
 });
