@@ -65,9 +65,9 @@ def test_reference_convention_hospitals_get_no_site_convention_finding(suite: Su
 
 
 def test_the_models_own_systematic_errors_are_attributed_to_the_model(suite: SuiteResult) -> None:
-    """Each kind in the model's profile (its errors on the internal test patients) shows up at an
-    external hospital, and wherever it does, outside what that hospital's convention implies, it
-    is the model's."""
+    """Kinds in the model's profile (its errors on the internal test patients) show up at external
+    hospitals, and wherever one does, outside what that hospital's convention implies, it is the
+    model's."""
     external = [s for s in suite.sites if s.role == "external"]
     seen = {key: [s for s in external if key in s.systematic] for key in suite.model_errors}
     # not vacuous: some error of the profile shows up outside (which ones depends on the model's
