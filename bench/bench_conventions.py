@@ -24,8 +24,8 @@ as the study reports it), psoas recall (share of the phantom's psoas pixels, ref
 predicted muscle) and the SMI bias (mean over slices of predicted minus labelled muscle area
 over height squared, cm^2/m^2).
 
-    python bench/bench_conventions.py                  # 128 px sites, 96 px model, 16 slices/site, 6 x 3 epochs
-    python bench/bench_conventions.py --json           # the table as JSON
+    python bench/bench_conventions.py          # 128 px sites, 96 px model, 12 slices/site, 6 x 3 epochs
+    python bench/bench_conventions.py --json   # the table as JSON
 """
 
 from __future__ import annotations
@@ -89,12 +89,11 @@ def fedavg(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[int]) ->
 def federate(
     sites: Sequence[Site], spec: ModelSpec, config: TrainConfig, rounds: int, init: dict[str, torch.Tensor]
 ) -> torch.nn.Module:
-    model = build_model(spec)
+    model, local = build_model(spec), build_model(spec)
     model.load_state_dict(init)
     for r in range(rounds):
         states, weights = [], []
         for site in sites:
-            local = build_model(spec)
             local.load_state_dict(model.state_dict())
             result = train_local(
                 local, spec, site.samples, [], config.model_copy(update={"seed": config.seed + r})
@@ -148,12 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=128, help="demo image size (px)")
     parser.add_argument("--model-size", type=int, default=96)
-    parser.add_argument("--slices", type=int, default=16, help="per hospital")
+    parser.add_argument("--slices", type=int, default=12, help="per hospital")
     parser.add_argument("--held-out-slices", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--local-epochs", type=int, default=3)
     parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -194,8 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
+    n_sites = len(REFERENCE_KEYS) + len(OTHER_KEYS)
     print(
-        f"{len(REFERENCE_KEYS) + len(OTHER_KEYS)} training hospitals x {args.slices} slices at {args.size} px, "
+        f"{n_sites} training hospitals x {args.slices} slices at {args.size} px, "
         f"held-out reference hospital {args.held_out_slices} slices; {args.encoder} at {args.model_size} px, "
         f"{args.rounds} rounds x {args.local_epochs} local epochs, {args.threads} threads"
     )
