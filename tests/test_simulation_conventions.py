@@ -4,19 +4,21 @@ A reference-convention hospital and the psoas-excluding hospital train the study
 ``train.convention-aware`` on; a second reference-convention hospital is held out of training.
 The psoas-excluding site's own audit finds its convention, its loss ignores the psoas region,
 its training replies say so as a share of its labelled pixels, and the report states it. The
-model still learns psoas: on the held-out reference hospital, the muscle it predicts covers
-the psoas (the labelled muscle of the body frame's psoas region) as well as the rest of the
-muscle, well above what plain training gives on the same data (measured below).
+model still learns psoas: on the held-out reference hospital, the share of the labelled psoas
+(the labelled muscle of the body frame's psoas region) it predicts muscle is clearly higher than
+with the plain loss on the same data (the same study run again), while the rest of the muscle
+is learnt alike. Measured values at PSOAS_MARGIN.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_simulation_study import flower_home  # noqa: F401  (the fixture: FLWR_HOME per test)
 
 from common.dataset import LoadedSlice, iter_slices, load_site
 from common.demo.hospitals import study_site_profile
@@ -27,7 +29,7 @@ from common.paths import simulated_site_dir
 from protocols import keys
 from protocols.report import StudyReport
 from server.demo_study import make_demo_sites
-from server.flwr_cli import flwr_run
+from server.flwr_cli import flower_env, flwr_run, local_superlink_pids, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -36,22 +38,46 @@ pytestmark = pytest.mark.slow
 REFERENCE_A, HELD_OUT, NO_PSOAS = (study_site_profile(p).name for p in range(3))
 CONFIG = {
     "study.mode": "train",
-    "study.num-rounds": 3,
+    "study.num-rounds": 4,
     "study.min-sites": 2,
     "study.exclude-from-training": HELD_OUT,
     "study.round-timeout": 300.0,
     "model.encoder": "resnet18",
-    "model.image-size": 64,
+    "model.image-size": 96,
     "demo.slices": 12,
     "demo.size": 128,  # the audit's spine checks need the psoas a few pixels wide
-    "train.local-epochs": 2,
+    "train.local-epochs": 3,
     "train.val-fraction": 0.0,
     "train.test-fraction": 0.0,
     "train.convention-aware": True,
 }
-#: Psoas recall on the held-out hospital. Measured on this setting (2026-12-02): convention-aware
-#: 0.xx, plain training (train.convention-aware false) 0.xx.
-PSOAS_RECALL_FLOOR = 0.6
+#: Psoas recall on the held-out hospital, convention-aware minus plain. Measured on this setting
+#: (2026-12-02, CPU): psoas 0.37 vs 0.24, the rest of the muscle 0.85 vs 0.85. Both are low in
+#: absolute terms (4 rounds of 12 slices at 96 px); the psoas is learnt from one site's labels.
+PSOAS_MARGIN = 0.08
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def flower_home(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A private FLWR_HOME on free local-SuperLink ports (never another test's SuperLink, which
+    would run this study with its own code); every SuperLink started is stopped by pid."""
+    home = tmp_path / "flwr-home"
+    env = flower_env(
+        {
+            "FLWR_HOME": str(home),
+            "SARCOFED_HOME": str(tmp_path / "sarcofed-home"),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        }
+    )
+    yield env
+    stop_processes(local_superlink_pids(home))
 
 
 def _psoas_recall(site_dir: Path, model_path: Path) -> tuple[float, float]:
@@ -76,22 +102,23 @@ def _psoas_recall(site_dir: Path, model_path: Path) -> tuple[float, float]:
     return hit / n, other_hit / other_n
 
 
-def test_a_psoas_excluding_site_trains_convention_aware_and_the_model_still_learns_psoas(
-    tmp_path: Path,
-    flower_home: dict[str, str],  # noqa: F811
-) -> None:
-    demo_dir = tmp_path / "sites"
+def _run(name: str, aware: bool, tmp_path: Path, env: dict[str, str]) -> Path:
     config = CONFIG | {
+        "train.convention-aware": aware,
         "study.output-dir": str(tmp_path / "studies"),
-        "study.run-name": "aware",
-        "demo.dir": str(demo_dir),
+        "study.run-name": name,
+        "demo.dir": str(tmp_path / "sites"),
     }
     make_demo_sites(ROOT, config, 3)
-    outcome = flwr_run(
-        ROOT, run_config=config, federation_config={"num-supernodes": 3}, env=flower_home, timeout=600
-    )
+    outcome = flwr_run(ROOT, run_config=config, federation_config={"num-supernodes": 3}, env=env, timeout=600)
     assert outcome.ok, outcome.output[-4000:]
-    run_dir = tmp_path / "studies" / "aware"
+    return tmp_path / "studies" / name
+
+
+def test_a_psoas_excluding_site_trains_convention_aware_and_the_model_still_learns_psoas(
+    tmp_path: Path, flower_home: dict[str, str]
+) -> None:
+    run_dir = _run("aware", True, tmp_path, flower_home)
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     share_key, slices_key = keys.convention_keys("psoas")
     for record in rounds:
@@ -110,5 +137,13 @@ def test_a_psoas_excluding_site_trains_convention_aware_and_the_model_still_lear
         in (run_dir / "report.md").read_text()
     )
 
-    psoas, other = _psoas_recall(simulated_site_dir(demo_dir, 1), run_dir / "model.pt")
-    assert psoas >= PSOAS_RECALL_FLOOR, (psoas, other)
+    # The same study with the plain loss: the psoas-excluding site teaches "no psoas".
+    plain_dir = _run("plain", False, tmp_path, flower_home)
+    plain_rounds = (plain_dir / "rounds.jsonl").read_text()
+    assert keys.CONVENTION_AWARE not in plain_rounds
+    held_out = simulated_site_dir(tmp_path / "sites", 1)
+    psoas, other = _psoas_recall(held_out, run_dir / "model.pt")
+    plain_psoas, plain_other = _psoas_recall(held_out, plain_dir / "model.pt")
+    # the rest of the muscle is learnt alike; the psoas clearly better with convention-aware training
+    assert abs(other - plain_other) < 0.1, (other, plain_other)
+    assert psoas >= plain_psoas + PSOAS_MARGIN, (psoas, plain_psoas)
