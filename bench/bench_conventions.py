@@ -24,7 +24,7 @@ as the study reports it), psoas recall (share of the phantom's psoas pixels, ref
 predicted muscle) and the SMI bias (mean over slices of predicted minus labelled muscle area
 over height squared, cm^2/m^2).
 
-    python bench/bench_conventions.py          # 128 px sites, 96 px model, 12 slices/site, 6 x 3 epochs
+    python bench/bench_conventions.py          # 128 px sites, 96 px model, 12 slices/site, 12 x 3 epochs (~9 min, 1 core)
     python bench/bench_conventions.py --json   # the table as JSON
 """
 
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-size", type=int, default=96)
     parser.add_argument("--slices", type=int, default=12, help="per hospital")
     parser.add_argument("--held-out-slices", type=int, default=24)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--local-epochs", type=int, default=3)
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--threads", type=int, default=1)
