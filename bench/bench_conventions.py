@@ -24,7 +24,7 @@ as the study reports it), psoas recall (share of the phantom's psoas pixels, ref
 predicted muscle) and the SMI bias (mean over slices of predicted minus labelled muscle area
 over height squared, cm^2/m^2).
 
-    python bench/bench_conventions.py          # 128 px sites, 96 px model, 12 slices/site, 12 x 3 epochs (~9 min, 1 core)
+    python bench/bench_conventions.py          # 128 px sites, 96 px model, 12 slices/site, 12 x 3 epochs
     python bench/bench_conventions.py --json   # the table as JSON
 """
 
