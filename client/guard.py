@@ -19,7 +19,9 @@ enforcing the policy on them:
   validation metrics only over ``[training] min-val-patients`` / ``min-val-slices``
   (otherwise withheld and marked ``val-withheld``); DP-SGD with its epsilon when ``[dp-sgd]``
   demands it (a study model without BatchNorm and a planned epsilon within ``max-epsilon``,
-  checked before training; the training loss then stays at the site);
+  checked before training; the training loss then stays at the site); convention-aware
+  adjustments as pooled shares only, each applied on at least ``min-slices`` training slices
+  (otherwise withheld and marked ``convention-withheld``);
 - every instruction: run-config values inside the site's ``[bounds]``.
 
 Every refusal and every reply sent is appended to the site's audit log first.
@@ -114,6 +116,27 @@ def bounds_refusal(policy: SitePolicy, study: StudyConfig) -> str | None:
                 f"([bounds] in policy.toml); set {key} between {low:g} and {high:g}"
             )
     return None
+
+
+def withhold_conventions(
+    metrics: Mapping[str, float], policy: SitePolicy
+) -> tuple[dict[str, float], list[str]]:
+    """The training metrics without the convention-aware adjustments applied on fewer training
+    slices than the policy's ``min-slices`` (a share over one or two slices is one patient's
+    anatomy), and the names of those withheld (the reply is then marked ``convention-withheld``)."""
+    out = dict(metrics)
+    withheld = []
+    for name in keys.CONVENTION_ADJUSTMENTS:
+        share_key, slices_key = keys.convention_keys(name)
+        if share_key not in out and slices_key not in out:
+            continue
+        if int(out.get(slices_key, 0)) < policy.min_slices:
+            out.pop(share_key, None)
+            out.pop(slices_key, None)
+            withheld.append(name)
+    if withheld:
+        out[keys.CONVENTION_WITHHELD] = 1.0
+    return out, withheld
 
 
 def withheld_validation(metrics: Mapping[str, float], policy: SitePolicy) -> str | None:
@@ -551,6 +574,13 @@ class SiteGuard:
                     "or the site raises noise-multiplier"
                 )
             released = {k: v for k, v in released.items() if k not in NOT_PRIVATE_UNDER_DP_SGD}
+        released, small_conventions = withhold_conventions(released, self.policy)
+        if small_conventions:
+            log.warning(
+                "site withholds convention-aware adjustment(s) %s (run %s): fewer than min-slices slices",
+                small_conventions,
+                self.run_id,
+            )
         withheld = withheld_validation(released, self.policy)
         if withheld:
             log.warning("site withholds validation metrics (run %s): %s", self.run_id, withheld)

@@ -92,7 +92,9 @@ def training_samples(
         if isinstance(item, SliceError):
             excluded[item.reason.value] = excluded.get(item.reason.value, 0) + 1
             continue
-        samples.append(TrainSample(hu=item.ct.hu, label=item.label, group=item.group))
+        samples.append(
+            TrainSample(hu=item.ct.hu, label=item.label, group=item.group, spacing_mm=item.ct.spacing_mm)
+        )
     if not samples:
         why = (
             ", ".join(f"{n} {reason}" for reason, n in sorted(excluded.items()))
@@ -153,6 +155,9 @@ def run_train(
     asks of the training itself is done here: DP-SGD (``[dp-sgd]``) and the BatchNorm statistics
     rule (``[training] batchnorm-stats``); what it asks of the reply (the validation minimums,
     the epsilon cap) the guard enforces on the metrics (``SiteGuard.release_weights``).
+    With ``train.convention-aware`` the site audits its training labels against the study
+    protocol and trains on the adjusted targets (``common.label_conventions``); the reply says
+    which adjustments it made, as shares of its labelled pixels (:func:`convention_metrics`).
     Returns new weights and aggregate metrics, among them the number of validation patients.
     """
     from common.dp_sgd import PrivateTraining
@@ -160,6 +165,13 @@ def run_train(
 
     policy = policy or SitePolicy()
     train_samples, val_samples = train_and_val_samples(site, study.train)
+    convention: dict[str, float] = {}
+    if study.train.convention_aware:
+        from common.label_conventions import plan_conventions
+
+        plan = plan_conventions(train_samples, val_samples, study.protocol, min_slices=policy.min_slices)
+        train_samples, val_samples = plan.train, plan.val
+        convention = convention_metrics(plan.tally.shares(), plan.tally.slices)
     config = TrainConfig.from_study(study.train, proximal_mu=proximal_mu)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dp = policy.dp_sgd
@@ -191,7 +203,18 @@ def run_train(
     for name, (inter, union) in result.val_counts.items():
         inter_key, union_key = keys.val_overlap_keys(name)
         metrics[inter_key], metrics[union_key] = float(inter), float(union)
-    return result.state_dict, metrics
+    return result.state_dict, metrics | convention
+
+
+def convention_metrics(shares: dict[str, float], slices: dict[str, int]) -> dict[str, float]:
+    """The training reply's account of convention-aware training: ``convention-aware`` 1.0, and per
+    adjustment made its share of the labelled training pixels and its number of training slices
+    (the guard withholds an adjustment applied on fewer slices than the site's min-slices)."""
+    out = {keys.CONVENTION_AWARE: 1.0}
+    for name, share in shares.items():
+        share_key, slices_key = keys.convention_keys(name)
+        out[share_key], out[slices_key] = float(share), float(slices.get(name, 0))
+    return out
 
 
 def evaluation_scope(site: SiteDataset, role: Role, train: TrainSection) -> Scope:
@@ -312,6 +335,7 @@ def run_local_training(
 __all__ = [
     "SiteInfo",
     "SplitSamples",
+    "convention_metrics",
     "evaluation_scope",
     "identify",
     "load_state",

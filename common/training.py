@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from common.dp_sgd import PrivateTraining, train_private
-from common.loss import SeedLoss
+from common.loss import IGNORE_INDEX, SeedLoss
 from common.metrics import overlap_from_confusion
 from common.model import ModelSpec
 from common.preprocess import mask_to_size, to_model_input
@@ -44,6 +44,10 @@ class TrainSample:
     hu: np.ndarray  #: float32 HU, H x W
     label: np.ndarray  #: uint8 canonical 0-3, H x W
     group: str  #: patient key: slices of one group stay on one side of the split
+    #: pixel spacing (row, col) in mm; convention-aware training needs it (common.label_conventions)
+    spacing_mm: tuple[float, float] | None = None
+    #: bool, H x W: pixels the loss ignores (target IGNORE_INDEX); None: none
+    ignore: np.ndarray | None = None
 
 
 class TrainConfig(TrainSection):
@@ -127,6 +131,11 @@ def _check_samples(samples: Sequence[TrainSample], spec: ModelSpec, what: str) -
                 f"{what} sample {i} (group {sample.group!r}): image shape {np.shape(sample.hu)} and "
                 f"label shape {np.shape(sample.label)} must be the same 2-D shape"
             )
+        if sample.ignore is not None and np.shape(sample.ignore) != np.shape(sample.label):
+            raise ValueError(
+                f"{what} sample {i} (group {sample.group!r}): ignore mask shape {np.shape(sample.ignore)} "
+                f"differs from label shape {np.shape(sample.label)}"
+            )
         top = int(np.max(sample.label)) if np.size(sample.label) else 0
         if top >= spec.classes or int(np.min(sample.label)) < 0:
             raise ValueError(
@@ -139,8 +148,17 @@ def _tensors(
     samples: Sequence[TrainSample], idx: Sequence[int], spec: ModelSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.stack([to_model_input(samples[i].hu, spec.image_size, spec.hu_window) for i in idx])
-    labels = torch.stack([mask_to_size(samples[i].label, spec.image_size) for i in idx])
+    labels = torch.stack([_target(samples[i], spec.image_size) for i in idx])
     return images, labels
+
+
+def _target(sample: TrainSample, size: int) -> torch.Tensor:
+    """The label at model size, IGNORE_INDEX where the sample's ignore mask says so."""
+    label = mask_to_size(sample.label, size)
+    if sample.ignore is None:
+        return label
+    ignored = mask_to_size(sample.ignore.astype(np.uint8), size).bool()
+    return label.masked_fill(ignored, IGNORE_INDEX)
 
 
 def _augment(
@@ -183,7 +201,8 @@ def evaluate_loss(
     """(sum of per-slice losses, number of slices, pooled (intersection, union) per metric class).
 
     The model runs in eval mode at ``spec.image_size``; its mode is restored afterwards.
-    Counts are at model resolution against the nearest-resized labels.
+    Counts are at model resolution against the nearest-resized labels, over the pixels the
+    samples do not ignore.
     """
     _check_samples(samples, spec, "evaluation")
     loss_fn = _loss_fn(config)
@@ -199,7 +218,8 @@ def evaluate_loss(
                 for k in range(len(idx)):
                     loss_sum += float(loss_fn(logits[k : k + 1], labels[k : k + 1]))
                 pred = logits.argmax(dim=1).clamp_(max=_N_CANONICAL - 1)
-                code = (pred * _N_CANONICAL + labels.clamp(max=_N_CANONICAL - 1)).reshape(-1)
+                kept = labels != IGNORE_INDEX
+                code = (pred * _N_CANONICAL + labels.clamp(max=_N_CANONICAL - 1))[kept]
                 confusion += np.bincount(code.numpy(), minlength=_N_CANONICAL**2).reshape(
                     _N_CANONICAL, _N_CANONICAL
                 )

@@ -48,6 +48,23 @@ DP_EPSILON: Final = "dp-epsilon"  #: DP-SGD: epsilon this round's local training
 DP_DELTA: Final = "dp-delta"  #: DP-SGD: the delta that epsilon is for
 
 
+#: convention-aware training (``train.convention-aware``): 1.0 in the reply of a site that trained so
+CONVENTION_AWARE: Final = "convention-aware"
+#: 1.0 when the site withheld the share of an adjustment applied on fewer slices than its
+#: policy's min-slices (that adjustment's keys are then absent)
+CONVENTION_WITHHELD: Final = "convention-withheld"
+#: The adjustments convention-aware training may make to a site's targets (common.label_conventions):
+#: relabelled by the protocol's HU ranges, IMAT holes filled, a tight-contour band, a muscle group.
+CONVENTION_ADJUSTMENTS: Final[tuple[str, ...]] = ("hu_range", "imat_holes", "boundary", "psoas", "paraspinal")
+
+
+def convention_keys(adjustment: str) -> tuple[str, str]:
+    """(share, slices) keys of one adjustment: the pixels it relabelled or ignored as a share of
+    the site's labelled training pixels (pooled over slices), and on how many training slices it
+    applied; e.g. ``("convention-psoas-share", "convention-psoas-slices")``."""
+    return f"convention-{adjustment}-share", f"convention-{adjustment}-slices"
+
+
 def val_overlap_keys(cls: str) -> tuple[str, str]:
     """(intersection, union) keys of a metric class's validation pixel counts, e.g.
     ``("val-muscle-intersection", "val-muscle-union")``; ``cls`` is one of METRIC_CLASSES."""
@@ -68,6 +85,9 @@ TRAIN_METRIC_KEYS: Final[tuple[str, ...]] = (
     VAL_WITHHELD,
     DP_EPSILON,
     DP_DELTA,
+    CONVENTION_AWARE,
+    CONVENTION_WITHHELD,
+    *(key for adjustment in CONVENTION_ADJUSTMENTS for key in convention_keys(adjustment)),
 )
 
 #: The keys of a training reply that describe the validation split's slices: what a site

@@ -94,6 +94,10 @@ class TrainSection(_Section):
     #: (the seed: 370 of 1,850 slices).
     test_fraction: float = Field(0.2, ge=0, lt=1)
     seed: int = 0
+    #: each training site audits its labels against the study protocol and trains on the
+    #: protocol: pixels its convention got wrong are relabelled (HU-defined) or ignored by the
+    #: loss (docs/CONVENTIONS.md). Off: the seed's plain loss on the site's labels.
+    convention_aware: bool = False
 
     @model_validator(mode="after")
     def _leaves_training(self) -> TrainSection:

@@ -131,3 +131,14 @@ def test_centralised_trains_on_the_sites_train_splits_and_scores_their_val_split
     assert result.n_train == sum(len(s.train) for s in splits)
     assert result.n_val == sum(len(s.val) for s in splits) > 0
     assert result.muscle_iou is not None and 0.0 <= result.muscle_iou <= 1.0
+
+
+def test_bench_conventions_fedavg_weights_by_training_slices_and_rounds_integer_buffers() -> None:
+    import torch
+    from bench_conventions import fedavg
+
+    a = {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(1)}
+    b = {"w": torch.tensor([4.0, 0.0]), "n": torch.tensor(4)}
+    out = fedavg([a, b], [1, 3])
+    assert torch.allclose(out["w"], torch.tensor([3.0, 1.0]))
+    assert out["n"].dtype == torch.int64 and int(out["n"]) == 3  # 0.25 * 1 + 0.75 * 4 = 3.25 -> 3

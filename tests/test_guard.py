@@ -379,3 +379,27 @@ def test_raw_scores_key_stats_and_the_label_audit_follow_the_policy_too(site: Pa
     assert {"raw_scores.muscle.bins", "label_audit.muscle:site_excludes:psoas"} <= set(released.suppressed)
     no_disc = guard(site, accept_tasks=("evaluate",)).release_payload(sent, records=RECORDS)
     assert no_disc.label_audit is None and "label_audit" in no_disc.suppressed
+
+
+def test_convention_aware_shares_leave_only_over_min_slices_training_slices(site: Path) -> None:
+    """An adjustment applied on fewer slices than min-slices (default 5) is one patient's anatomy:
+    its share and slice count are withheld and the reply says so; the others leave as they are."""
+    g = guard(site, "train")
+    psoas_share, psoas_slices = keys.convention_keys("psoas")
+    band_share, band_slices = keys.convention_keys("boundary")
+    metrics = {
+        keys.NUM_EXAMPLES: 9.0,
+        keys.CONVENTION_AWARE: 1.0,
+        psoas_share: 0.17,
+        psoas_slices: 9.0,
+        band_share: 0.01,
+        band_slices: 2.0,
+    }
+    released = g.release_weights(9, "c" * 64, metrics)
+    assert released[psoas_share] == 0.17 and released[psoas_slices] == 9.0
+    assert band_share not in released and band_slices not in released
+    assert released[keys.CONVENTION_WITHHELD] == 1.0
+    sent = [e for e in read_audit(audit_path(site)) if e.event == "sent"]
+    assert band_share not in sent[-1].payload["metrics"]
+    # at min-slices exactly, it leaves
+    assert g.release_weights(9, "c" * 64, {**metrics, band_slices: 5.0})[band_share] == 0.01

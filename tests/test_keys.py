@@ -22,8 +22,15 @@ def test_training_metric_keys_are_the_wire_names() -> None:
         "val-withheld",
         "dp-epsilon",
         "dp-delta",
+        "convention-aware",
+        "convention-withheld",
+        *(
+            f"convention-{name}-{part}"
+            for name in ("hu_range", "imat_holes", "boundary", "psoas", "paraspinal")
+            for part in ("share", "slices")
+        ),
     )
-    assert len(set(keys.TRAIN_METRIC_KEYS)) == len(keys.TRAIN_METRIC_KEYS) == 12 + 2 * len(METRIC_CLASSES)
+    assert len(set(keys.TRAIN_METRIC_KEYS)) == len(keys.TRAIN_METRIC_KEYS) == 24 + 2 * len(METRIC_CLASSES)
     # what a site withholds with a too small validation split: every per-slice validation sum
     assert set(keys.VAL_METRIC_KEYS) == {"val-loss", "val-loss-sum"} | {
         f"val-{cls}-{part}" for cls in METRIC_CLASSES for part in ("intersection", "union")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from common.loss import SeedLoss, soft_dice_loss
+from common.loss import IGNORE_INDEX, SeedLoss, soft_dice_loss
 
 
 def _perfect_logits(target: torch.Tensor, scale: float = 50.0) -> torch.Tensor:
@@ -58,3 +58,78 @@ def test_shape_and_weight_errors() -> None:
         soft_dice_loss(torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="dice_weight=-1"):
         SeedLoss(dice_weight=-1)
+
+
+# --- the partial-label loss: pixels marked IGNORE_INDEX ---------------------------------------
+
+
+def _case() -> tuple[torch.Tensor, torch.Tensor]:
+    """2 slices of 4 x 6 pixels, random logits, every class in the left half of each slice."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 4, 6, generator=gen)
+    target = torch.randint(0, 4, (2, 4, 6), generator=gen)
+    target[:, 0, :4] = torch.tensor([0, 1, 2, 3])
+    return logits, target
+
+
+@pytest.mark.parametrize("weights", [(0.5, 0.5), (1.0, 0.0), (0.0, 1.0)])
+def test_ignored_pixels_get_exactly_zero_gradient_and_the_rest_is_the_loss_of_the_kept_part(
+    weights: tuple[float, float],
+) -> None:
+    """Ignoring the right two columns = the plain loss of the left four columns, gradient and all."""
+    logits, target = _case()
+    masked = target.clone()
+    masked[..., 4:] = IGNORE_INDEX
+    loss = SeedLoss(*weights)
+    full = logits.clone().requires_grad_()
+    value = loss(full, masked)
+    value.backward()
+    left = logits[..., :4].clone().requires_grad_()
+    expected = loss(left, target[..., :4])
+    expected.backward()
+    assert full.grad is not None and left.grad is not None
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert torch.equal(full.grad[..., 4:], torch.zeros_like(full.grad[..., 4:]))  # exactly zero
+    torch.testing.assert_close(full.grad[..., :4], left.grad)
+    # ... and the ignored pixels really would have mattered to the plain loss
+    plain = logits.clone().requires_grad_()
+    loss(plain, target).backward()
+    assert plain.grad is not None and float(plain.grad[..., 4:].abs().sum()) > 0
+
+
+def test_scattered_ignored_pixels_have_zero_gradient_and_their_logits_do_not_change_the_loss() -> None:
+    logits, target = _case()
+    ignore = torch.zeros_like(target, dtype=torch.bool)
+    ignore[0, 1, 1] = ignore[1, 3, 5] = ignore[1, 2, 0] = True
+    masked = target.where(~ignore, IGNORE_INDEX)
+    x = logits.clone().requires_grad_()
+    value = SeedLoss()(x, masked)
+    value.backward()
+    assert x.grad is not None
+    assert torch.equal(x.grad.permute(0, 2, 3, 1)[ignore], torch.zeros(3, 4))
+    changed = logits.clone()
+    changed.permute(0, 2, 3, 1)[ignore] = 40.0 * torch.randn(3, 4)
+    assert float(SeedLoss()(changed, masked)) == pytest.approx(float(value.detach()), rel=1e-6)
+
+
+def test_an_empty_ignore_mask_gives_the_plain_loss_bit_for_bit() -> None:
+    logits, target = _case()
+    x = logits.clone().requires_grad_()
+    value = SeedLoss()(x, target)
+    value.backward()
+    # the seed's formula written out: CE mean over every pixel + Dice over present classes
+    probs = logits.softmax(1)[:, 1:]
+    onehot = torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2)[:, 1:].float()
+    inter, denom = (probs * onehot).sum((0, 2, 3)), (probs + onehot).sum((0, 2, 3))
+    dice = 1 - (2 * inter + 1) / (denom + 1)
+    seed = 0.5 * torch.nn.functional.cross_entropy(logits, target) + 0.5 * dice.mean()
+    assert float(value.detach()) == pytest.approx(float(seed), rel=1e-6)
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_a_batch_with_every_pixel_ignored_has_zero_loss_and_zero_gradient() -> None:
+    logits, _ = _case()
+    x = logits.clone().requires_grad_()
+    value = SeedLoss()(x, torch.full((2, 4, 6), IGNORE_INDEX))
+    value.backward()
+    assert float(value.detach()) == 0.0 and x.grad is not None and not bool(x.grad.any())

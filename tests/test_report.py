@@ -751,3 +751,23 @@ def test_withheld_validation_and_dp_sgd_rounds_are_said_in_words() -> None:
     assert notes[0].startswith("site-a: validation metrics withheld in round(s) 1, 2")
     assert "min-val-patients" in notes[0]
     assert notes[1].startswith("site-b: trained with DP-SGD") and "epsilon 3 per round" in notes[1]
+
+
+def test_convention_aware_training_is_stated_per_site_from_its_last_reply() -> None:
+    from protocols import keys
+    from server.report.sentences import training_release_notes
+
+    share, slices = keys.convention_keys("psoas")
+    b = {keys.CONVENTION_AWARE: 1.0, share: 0.171, slices: 12.0, keys.CONVENTION_WITHHELD: 1.0}
+    rounds = [
+        RoundRecord(round=1, per_site={"site-a": {keys.CONVENTION_AWARE: 1.0}, "site-b": {**b, share: 0.5}}),
+        RoundRecord(round=2, per_site={"site-a": {keys.CONVENTION_AWARE: 1.0}, "site-b": b, "site-c": {}}),
+    ]
+    notes = training_release_notes(study_report().model_copy(update={"training": rounds}))
+    assert notes == [
+        "site-a: trained convention-aware (train.convention-aware): no adjustment: its labels follow the "
+        "protocol as far as its audit can tell.",
+        "site-b: trained convention-aware (train.convention-aware): psoas region ignored (17.1% of its "
+        "labelled pixels, 12 training slices); an adjustment on fewer slices than its min-slices was "
+        "withheld.",
+    ]

@@ -46,3 +46,31 @@ def test_train_and_val_samples_are_the_splits_train_and_validation_patients_only
     loaded = site_tasks.split_samples(site, section)
     assert [s.group for s in loaded.train] == [s.group for s in train] and loaded.split == split
     assert [s.group for s in loaded.val] == [s.group for s in val] and loaded.excluded == {}
+
+
+def test_convention_aware_training_reports_its_adjustments_as_shares_and_plain_training_none(
+    tmp_path: Path,
+) -> None:
+    """A psoas-excluding demo hospital: its own audit asks to ignore the psoas region; the reply
+    says so as a share of its labelled pixels over its training slices, nothing per slice."""
+    import torch
+
+    from common.demo.hospitals import SITE_PROFILES
+    from common.demo.hospitals import make_site as make_demo_site
+    from common.model import ModelSpec, build_model
+    from protocols import keys
+
+    torch.set_num_threads(1)
+    profile = next(p for p in SITE_PROFILES if p.key == "psoas left out")
+    site = load_site(make_demo_site(tmp_path / "b", profile, slices=10, size=128, seed=2))
+    spec = ModelSpec(encoder="resnet18", image_size=32)
+    base = {"train.val-fraction": 0.0, "train.test-fraction": 0.1, "model.image-size": 32}
+    aware = StudyConfig.from_run_config(base | {"train.convention-aware": True})
+    _, metrics = site_tasks.run_train(site, build_model(spec), spec, aware)
+    share_key, slices_key = keys.convention_keys("psoas")
+    assert metrics[keys.CONVENTION_AWARE] == 1.0
+    assert 0.05 < metrics[share_key] < 0.4  # the psoas is a fraction of the labelled tissue
+    assert metrics[slices_key] == metrics[keys.NUM_EXAMPLES]
+    assert not {k for k in metrics if k.startswith("convention-")} - set(keys.TRAIN_METRIC_KEYS)
+    _, plain = site_tasks.run_train(site, build_model(spec), spec, StudyConfig.from_run_config(base))
+    assert not [k for k in plain if k.startswith("convention")]

@@ -164,3 +164,24 @@ def test_train_local_lowers_training_loss_of_the_unet() -> None:
     assert result.epoch_losses[-1] < 0.7 * result.epoch_losses[0], result.epoch_losses
     # the returned weights are the trained model's, in eval mode they also score better
     assert result.val_loss_sum < before
+
+
+def test_ignored_pixels_are_left_out_of_the_validation_counts() -> None:
+    """evaluate_loss pools (intersection, union) over the pixels the samples keep only."""
+    import numpy as np
+    import torch
+
+    from common.model import ModelSpec, build_model
+    from common.training import TrainConfig, TrainSample, evaluate_loss
+
+    torch.manual_seed(0)
+    spec = ModelSpec(encoder="resnet18", image_size=32)
+    model = build_model(spec)
+    hu = np.random.default_rng(0).normal(0, 100, (32, 32)).astype(np.float32)
+    label = np.ones((32, 32), dtype=np.uint8)
+    half = np.zeros((32, 32), dtype=bool)
+    half[:, 16:] = True
+    plain = evaluate_loss(model, spec, [TrainSample(hu, label, "p", (1.0, 1.0))], TrainConfig())
+    masked = evaluate_loss(model, spec, [TrainSample(hu, label, "p", (1.0, 1.0), half)], TrainConfig())
+    assert plain[2]["muscle"][1] >= 32 * 32  # every pixel is muscle in the label: union = all
+    assert masked[2]["muscle"][1] == 32 * 16  # half of them ignored

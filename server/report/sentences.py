@@ -44,11 +44,15 @@ def consistency_notes(report: StudyReport) -> list[str]:
 
 
 def training_release_notes(report: StudyReport) -> list[str]:
-    """Sites whose training replies withheld their validation metrics or were trained with DP-SGD."""
+    """Sites whose training replies withheld their validation metrics, were trained with DP-SGD,
+    or trained convention-aware (what each adjusted, from its last training reply)."""
     withheld: dict[str, list[int]] = {}
     private: dict[str, list[float]] = {}
+    aware: dict[str, dict[str, float]] = {}
     for record in report.training:
         for site, metrics in record.per_site.items():
+            if metrics.get(keys.CONVENTION_AWARE):
+                aware[site] = dict(metrics)
             if metrics.get(keys.VAL_WITHHELD):
                 withheld.setdefault(site, []).append(record.round)
             if keys.DP_EPSILON in metrics:
@@ -65,7 +69,38 @@ def training_release_notes(report: StudyReport) -> list[str]:
         f"{len(eps)} round(s)."
         for site, eps in sorted(private.items())
     ]
+    notes += [convention_note(site, metrics) for site, metrics in sorted(aware.items())]
     return notes
+
+
+#: How the report names each convention-aware adjustment (protocols.keys.CONVENTION_ADJUSTMENTS).
+_ADJUSTMENT_WORDS = {
+    "hu_range": "relabelled by the protocol's HU ranges",
+    "imat_holes": "intramuscular-fat holes relabelled muscle",
+    "boundary": "tight-contour band ignored",
+    "psoas": "psoas region ignored",
+    "paraspinal": "paraspinal region ignored",
+}
+
+
+def convention_note(site: str, metrics: dict[str, float]) -> str:
+    """One site's convention-aware training in words, from its (last) training reply."""
+    parts = []
+    for name in keys.CONVENTION_ADJUSTMENTS:
+        share_key, slices_key = keys.convention_keys(name)
+        if share_key in metrics:
+            parts.append(
+                f"{_ADJUSTMENT_WORDS[name]} ({metrics[share_key]:.1%} of its labelled pixels, "
+                f"{int(metrics.get(slices_key, 0))} training slices)"
+            )
+    what = (
+        "; ".join(parts)
+        if parts
+        else "no adjustment: its labels follow the protocol as far as its audit can tell"
+    )
+    if metrics.get(keys.CONVENTION_WITHHELD):
+        what += "; an adjustment on fewer slices than its min-slices was withheld"
+    return f"{site}: trained convention-aware (train.convention-aware): {what}."
 
 
 def summary_lines(report: StudyReport) -> list[str]:

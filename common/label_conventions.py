@@ -1,0 +1,278 @@
+"""Convention-aware training targets: a site's labels turned into what the study protocol says.
+
+Input: a site's training slices (HU, canonical label 0-3, pixel spacing) and the study's
+:class:`~protocols.protocol.LabelProtocol`. The site's own model-free label audit
+(:mod:`common.label_audit`) says which of its labelling conventions differ from the protocol
+*systematically*; each such convention becomes one adjustment of the per-slice targets:
+
+- ``hu_range`` (relabel): the site labels tissue outside the protocol's HU range (IMAT
+  included in muscle, outlines over fat, a wider fat range): those pixels become background,
+  as the protocol's HU ranges decide them unambiguously;
+- ``imat_holes`` (relabel, protocols that count IMAT as muscle): small fat-density holes
+  inside the site's muscle become muscle;
+- ``boundary`` (ignore): contours drawn inside the tissue edge: the unlabelled band of
+  ``BAND_PX`` pixels around the site's muscle says nothing about where muscle ends;
+- ``psoas`` / ``paraspinal`` (ignore): a muscle group the site leaves out (or adds): the
+  unlabelled muscle-density tissue of that body-frame region (``common.discrepancy.frame``),
+  or the site's muscle there when the protocol leaves the group out.
+
+Relabelled pixels teach the protocol's class; ignored pixels get :data:`~common.loss.IGNORE_INDEX`
+as target and teach nothing (``common.loss``); every other pixel teaches what the site drew.
+Called by ``client.site_tasks.run_train`` when ``train.convention-aware`` is on; nothing here
+leaves the site except the aggregate :class:`ConventionTally` (shares of labelled pixels).
+docs/CONVENTIONS.md gives the reasoning and what cannot be corrected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
+from scipy import ndimage
+
+from common.discrepancy.frame import BONE_HU, REGION_NAMES, BodyFrame, body_frame, fill_small_holes
+from common.discrepancy.slice import BAND_PX, SMALL_HOLE_MM2, Key
+from common.label_audit import LabelAuditAccumulator, audit_slice
+from protocols.findings import LabelAudit
+from protocols.keys import CONVENTION_ADJUSTMENTS
+from protocols.protocol import ALBERTA, LabelProtocol
+
+if TYPE_CHECKING:
+    from common.training import TrainSample
+
+log = logging.getLogger(__name__)
+
+#: Unlabelled tissue down to this many HU below the muscle range counts as part of a muscle
+#: group left out (partial volume at its edge), up to bone density.
+GROUP_HU_MARGIN: Final = 30.0
+
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+#: Which systematic audit finding asks for which adjustment.
+_ADJUSTMENT_OF: Final[dict[Key, str]] = {
+    Key("muscle", "site_includes", "intramuscular_fat"): "hu_range",
+    Key("muscle", "site_includes", "boundary"): "hu_range",
+    Key("muscle", "site_includes", "other"): "hu_range",
+    Key("subcutaneous_fat", "site_includes", "other"): "hu_range",
+    Key("visceral_fat", "site_includes", "other"): "hu_range",
+    Key("muscle", "site_excludes", "intramuscular_fat"): "imat_holes",
+    Key("muscle", "site_excludes", "boundary"): "boundary",
+    Key("muscle", "site_excludes", "psoas"): "psoas",
+    Key("muscle", "site_includes", "psoas"): "psoas",
+    Key("muscle", "site_excludes", "paraspinal"): "paraspinal",
+    Key("muscle", "site_includes", "paraspinal"): "paraspinal",
+}
+
+
+def adjustments_for(audit: LabelAudit) -> tuple[str, ...]:
+    """The adjustments a site's audit asks for: one per kind of systematic deviation, in
+    :data:`~protocols.keys.CONVENTION_ADJUSTMENTS` order (empty for protocol-following labels)."""
+    wanted = {
+        _ADJUSTMENT_OF[key]
+        for check in audit.checks
+        if check.systematic and (key := Key(check.tissue, check.direction, check.region)) in _ADJUSTMENT_OF
+    }
+    return tuple(a for a in CONVENTION_ADJUSTMENTS if a in wanted)
+
+
+@dataclass(frozen=True, eq=False)
+class SliceTargets:
+    """One slice's training target: the label after relabelling, the pixels to ignore, and how
+    many pixels each adjustment relabelled or ignored (never sent as such)."""
+
+    label: np.ndarray  #: uint8 canonical 0-3
+    ignore: np.ndarray  #: bool, True where the loss ignores the pixel
+    changed_px: dict[str, int]
+
+
+def _in(hu: np.ndarray, rng: tuple[float, float]) -> np.ndarray:
+    return (hu >= rng[0]) & (hu <= rng[1])
+
+
+def _relabel_hu(hu: np.ndarray, label: np.ndarray, protocol: LabelProtocol) -> np.ndarray:
+    """Pixels whose class the protocol's HU ranges rule out (IMAT kept when the protocol counts it)."""
+    ranges = protocol.hu_ranges
+    muscle = (label == 1) & ~_in(hu, ranges.muscle)
+    if protocol.imat_in_muscle:
+        muscle &= ~_in(hu, ranges.subcutaneous_fat)
+    sat = (label == 2) & ~_in(hu, ranges.subcutaneous_fat)
+    vat = (label == 3) & ~_in(hu, ranges.visceral_fat)
+    return muscle | sat | vat
+
+
+def _group_pixels(
+    hu: np.ndarray, label: np.ndarray, frame: BodyFrame, group: str, protocol: LabelProtocol
+) -> np.ndarray:
+    """The pixels of body-frame region ``group`` whose site label follows the site, not the protocol."""
+    rows, cols = np.nonzero(frame.body)
+    region = np.zeros(label.shape, dtype=bool)
+    region[rows, cols] = frame.regions(rows, cols) == REGION_NAMES.index(group)
+    if not protocol.includes(group):
+        return region & (label == 1)  # the site adds a group the protocol leaves out
+    candidate = region & (label == 0)
+    dense = candidate & (hu >= protocol.hu_ranges.muscle[0] - GROUP_HU_MARGIN) & (hu < BONE_HU)
+    return ndimage.binary_dilation(dense, _CROSS) & candidate  # one pixel of partial volume
+
+
+def adjust_slice(
+    hu: np.ndarray,
+    spacing_mm: tuple[float, float],
+    label: np.ndarray,
+    adjustments: Iterable[str],
+    protocol: LabelProtocol = ALBERTA,
+    *,
+    frame: BodyFrame | None = None,
+) -> SliceTargets:
+    """Apply ``adjustments`` (names of :data:`~protocols.keys.CONVENTION_ADJUSTMENTS`) to one slice.
+
+    Relabelling comes first; the ignore masks are drawn around the relabelled muscle. The
+    region adjustments need the body frame with a spine (built here unless ``frame`` is given);
+    on a slice without one they are skipped (and not counted).
+    """
+    if hu.ndim != 2 or label.shape != hu.shape:
+        raise ValueError(f"hu and label must be 2-D of one shape, got {hu.shape} and {label.shape}")
+    wanted = tuple(adjustments)
+    unknown = sorted(set(wanted) - set(CONVENTION_ADJUSTMENTS))
+    if unknown:
+        raise ValueError(f"unknown adjustment(s) {unknown}; valid: {', '.join(CONVENTION_ADJUSTMENTS)}")
+    out = label.astype(np.uint8, copy=True)
+    ignore = np.zeros(label.shape, dtype=bool)
+    changed: dict[str, int] = {}
+    if "hu_range" in wanted:
+        drop = _relabel_hu(hu, out, protocol)
+        out[drop] = 0
+        changed["hu_range"] = int(np.count_nonzero(drop))
+    if "imat_holes" in wanted:
+        small = max(int(SMALL_HOLE_MM2 / (spacing_mm[0] * spacing_mm[1])), 1)
+        site = out == 1
+        holes = fill_small_holes(site, small) & (out == 0) & _in(hu, protocol.hu_ranges.subcutaneous_fat)
+        out[holes] = 1
+        changed["imat_holes"] = int(np.count_nonzero(holes))
+    if "boundary" in wanted:
+        near = ndimage.binary_dilation(out == 1, _CROSS, iterations=BAND_PX)
+        band = near & (out == 0) & (hu > -500) & ~ignore
+        ignore |= band
+        changed["boundary"] = int(np.count_nonzero(band))
+    groups = [g for g in ("psoas", "paraspinal") if g in wanted]
+    if groups:
+        if frame is None:
+            try:
+                frame = body_frame(hu, spacing_mm)
+            except ValueError as exc:
+                log.info(
+                    "convention-aware training: no body frame for a slice (%s); regions not ignored", exc
+                )
+        if frame is not None and frame.spine_found:
+            for group in groups:
+                pixels = _group_pixels(hu, out, frame, group, protocol) & ~ignore
+                ignore |= pixels
+                changed[group] = int(np.count_nonzero(pixels))
+    return SliceTargets(label=out, ignore=ignore, changed_px=changed)
+
+
+@dataclass
+class ConventionTally:
+    """Counts over a site's training slices (pooled, nothing per slice kept): labelled pixels,
+    and per adjustment the pixels relabelled or ignored and the slices it was applied to."""
+
+    n_slices: int = 0
+    labelled_px: int = 0
+    changed_px: dict[str, int] = field(default_factory=dict)
+    slices: dict[str, int] = field(default_factory=dict)
+
+    def add(self, label: np.ndarray, targets: SliceTargets) -> None:
+        self.n_slices += 1
+        self.labelled_px += int(np.count_nonzero(label))
+        for name, n in targets.changed_px.items():
+            self.changed_px[name] = self.changed_px.get(name, 0) + n
+            self.slices[name] = self.slices.get(name, 0) + 1
+
+    def shares(self) -> dict[str, float]:
+        """Adjusted pixels per adjustment as a share of the site's labelled pixels (pooled)."""
+        total = max(self.labelled_px, 1)
+        return {name: n / total for name, n in self.changed_px.items()}
+
+
+@dataclass(frozen=True)
+class ConventionPlan:
+    """What convention-aware training did at one site: its audit, the adjustments it asked for,
+    the adjusted training and validation samples and the tally over the training slices."""
+
+    audit: LabelAudit
+    adjustments: tuple[str, ...]
+    train: list[TrainSample]
+    val: list[TrainSample]
+    tally: ConventionTally
+
+
+def _frame(sample: TrainSample, spacing: tuple[float, float]) -> BodyFrame | None:
+    try:
+        return body_frame(sample.hu, spacing)
+    except ValueError:
+        return None
+
+
+def _spacing(sample: TrainSample, what: str, i: int) -> tuple[float, float]:
+    if sample.spacing_mm is None:
+        raise ValueError(
+            f"{what} sample {i} (group {sample.group!r}) has no pixel spacing; convention-aware "
+            "training needs it (client.site_tasks.training_samples sets it from the CT header)"
+        )
+    return sample.spacing_mm
+
+
+def plan_conventions(
+    train: Sequence[TrainSample],
+    val: Sequence[TrainSample],
+    protocol: LabelProtocol = ALBERTA,
+    *,
+    min_slices: int = 5,
+) -> ConventionPlan:
+    """Audit the training slices against ``protocol``, then adjust train and validation samples.
+
+    The audit runs on the training slices only (``min_slices``: below it the audit decides
+    nothing and the samples are left as they are). Each body frame is built once per slice.
+    """
+    frames = [_frame(s, _spacing(s, "training", i)) for i, s in enumerate(train)]
+    audit_sums = LabelAuditAccumulator(protocol=protocol)
+    for i, (sample, frame) in enumerate(zip(train, frames, strict=True)):
+        audit_sums.add(
+            audit_slice(sample.hu, _spacing(sample, "training", i), sample.label, protocol, frame=frame)
+        )
+    audit = audit_sums.finalise(min_slices=min_slices)
+    adjustments = adjustments_for(audit)
+    tally = ConventionTally()
+    adjusted_train = []
+    for i, (sample, frame) in enumerate(zip(train, frames, strict=True)):
+        targets = adjust_slice(
+            sample.hu, _spacing(sample, "training", i), sample.label, adjustments, protocol, frame=frame
+        )
+        tally.add(sample.label, targets)
+        adjusted_train.append(replace(sample, label=targets.label, ignore=targets.ignore))
+    adjusted_val = []
+    for i, sample in enumerate(val):
+        targets = adjust_slice(
+            sample.hu, _spacing(sample, "validation", i), sample.label, adjustments, protocol
+        )
+        adjusted_val.append(replace(sample, label=targets.label, ignore=targets.ignore))
+    if adjustments:
+        log.info(
+            "convention-aware training: %s (share of labelled pixels: %s)",
+            ", ".join(adjustments),
+            {k: round(v, 4) for k, v in tally.shares().items()},
+        )
+    return ConventionPlan(audit, adjustments, adjusted_train, adjusted_val, tally)
+
+
+__all__ = [
+    "GROUP_HU_MARGIN",
+    "ConventionPlan",
+    "ConventionTally",
+    "SliceTargets",
+    "adjust_slice",
+    "adjustments_for",
+    "plan_conventions",
+]

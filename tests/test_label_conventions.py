@@ -1,0 +1,110 @@
+"""common.label_conventions: a site's conventions turned into protocol targets (relabel / ignore)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.demo.hospitals import SITE_PROFILES, demo_slices
+from common.demo.structures import Structure
+from common.label_conventions import adjust_slice, plan_conventions
+from common.training import TrainSample
+from protocols.protocol import LabelProtocol
+
+SPACING = (1.0, 1.0)
+
+
+def _profile(key: str):
+    return next(p for p in SITE_PROFILES if p.key == key)
+
+
+def _samples(key: str, n: int = 8, size: int = 128) -> tuple[list, list[TrainSample]]:
+    slices = list(demo_slices(_profile(key), slices=n, size=size, seed=4))
+    samples = [
+        TrainSample(hu=s.hu, label=s.label, group=str(s.patient), spacing_mm=(s.spacing_mm, s.spacing_mm))
+        for s in slices
+    ]
+    return slices, samples
+
+
+def test_hu_range_relabels_only_pixels_outside_their_class_range() -> None:
+    hu = np.array([[40.0, -100.0, 400.0], [-100.0, -100.0, -200.0]])
+    label = np.array([[1, 1, 1], [2, 3, 2]], dtype=np.uint8)
+    out = adjust_slice(hu, SPACING, label, ["hu_range"])
+    # muscle at -100 (IMAT) and 400 (bone) -> background; fat inside its range stays; SAT at -200 -> 0
+    assert out.label.tolist() == [[1, 0, 0], [2, 3, 0]]
+    assert out.changed_px == {"hu_range": 3} and not out.ignore.any()
+    imat_counts = LabelProtocol(name="imat-counts", imat_in_muscle=True)
+    assert adjust_slice(hu, SPACING, label, ["hu_range"], imat_counts).label[0].tolist() == [1, 1, 0]
+
+
+def test_boundary_ignores_the_unlabelled_band_around_muscle_and_nothing_else() -> None:
+    hu = np.full((11, 11), 40.0)
+    label = np.zeros((11, 11), dtype=np.uint8)
+    label[5, 5] = 1
+    label[5, 9] = 2  # labelled fat in the band keeps teaching fat
+    out = adjust_slice(hu, SPACING, label, ["boundary"])
+    distance = np.abs(np.arange(11)[:, None] - 5) + np.abs(np.arange(11)[None, :] - 5)  # cross steps
+    expected = (distance >= 1) & (distance <= 3)
+    expected[5, 9] = False
+    assert np.array_equal(out.ignore, expected)
+    assert out.changed_px["boundary"] == int(expected.sum())
+    assert np.array_equal(out.label, label)  # ignoring never relabels
+
+
+def test_unknown_adjustment_is_refused_with_the_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"\['psoas-left'\].*hu_range"):
+        adjust_slice(np.zeros((4, 4)), SPACING, np.zeros((4, 4), dtype=np.uint8), ["psoas-left"])
+
+
+@pytest.mark.parametrize(
+    ("key", "adjustments"),
+    [
+        ("reference-like", ()),
+        ("psoas left out", ("psoas",)),
+        ("IMAT included in muscle", ("hu_range",)),
+        ("contours drawn 2 px tight", ("boundary",)),
+        ("paraspinals left out", ("paraspinal",)),
+    ],
+)
+def test_the_audit_of_each_demo_convention_asks_for_its_adjustment_and_the_kept_targets_follow_the_protocol(
+    key: str, adjustments: tuple[str, ...]
+) -> None:
+    """Demo hospitals (the truth known): after the adjustments, the pixels the loss keeps agree
+    with the reference-convention labels far better than the site's raw labels do."""
+    slices, samples = _samples(key)
+    plan = plan_conventions(samples, samples[:2])
+    assert plan.adjustments == adjustments
+    assert set(plan.tally.shares()) == set(adjustments) and plan.tally.n_slices == len(samples)
+    assert len(plan.val) == 2 and plan.val[0].ignore is not None
+    wrong_raw = sum(int(np.count_nonzero(s.label != s.reference)) for s in slices)
+    wrong_kept = sum(
+        int(np.count_nonzero((a.label != s.reference) & ~a.ignore))
+        for s, a in zip(slices, plan.train, strict=True)
+    )
+    if not adjustments:
+        assert wrong_raw == 0 and wrong_kept == 0
+        assert all(not a.ignore.any() for a in plan.train)
+        return
+    # a tight contour erases muscles thinner than twice its erosion altogether: farther than the
+    # band from any labelled muscle, they stay wrong (docs/CONVENTIONS.md, limits); measured 0.38
+    assert wrong_kept <= (0.45 if key == "contours drawn 2 px tight" else 0.05) * wrong_raw, (
+        wrong_kept,
+        wrong_raw,
+    )
+    if key == "psoas left out":  # the reference's psoas is ignored almost entirely, other muscle kept
+        psoas = [(s.structures == Structure.psoas) & (s.reference == 1) for s in slices]
+        ignored = sum(int(np.count_nonzero(p & a.ignore)) for p, a in zip(psoas, plan.train, strict=True))
+        assert ignored >= 0.95 * sum(int(p.sum()) for p in psoas)
+        muscle = sum(int(np.count_nonzero(a.label == 1)) for a in plan.train)
+        muscle_ignored = sum(int(np.count_nonzero((a.label == 1) & a.ignore)) for a in plan.train)
+        assert muscle_ignored == 0 and muscle > 0
+
+
+def test_too_few_slices_decide_nothing_and_a_missing_spacing_is_named() -> None:
+    _, samples = _samples("psoas left out", n=4)
+    plan = plan_conventions(samples, [], min_slices=5)
+    assert plan.adjustments == () and all(not a.ignore.any() for a in plan.train)
+    samples[1].spacing_mm = None
+    with pytest.raises(ValueError, match=r"training sample 1 .*pixel spacing"):
+        plan_conventions(samples, [])
