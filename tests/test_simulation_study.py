@@ -77,8 +77,10 @@ def _top_share(scores: ClassScores) -> float:
     return scores.bins[TOP_BIN] / sum(scores.bins.values())
 
 
-#: The internal share the demo reaches today (13/18 = 0.72 measured); the issue's goal is 0.8.
-INTERNAL_SHARE_FLOOR = 0.65
+#: The internal share the demo reaches today: 15/18 = 0.83 (the same model, weights hash 31b3f07d,
+#: on two runs here). The floor leaves room for another machine's float arithmetic, which moved
+#: the attribution suite's share (tests/test_attribution_suite.py).
+INTERNAL_SHARE_FLOOR = 0.7
 
 
 def assert_the_seeds_story(report: StudyReport, study: StudyConfig) -> None:
@@ -87,8 +89,8 @@ def assert_the_seeds_story(report: StudyReport, study: StudyConfig) -> None:
     reference-convention hospitals have no convention of their own, and the harmonised picture."""
     by_site = {s.site: s for s in report.sites}
     # The model works: issue 13 asks muscle IoU >= 0.9 on >= 80% of the internal test slices. The
-    # demo's 6-minute schedule reaches 13 of 18 (72%); nine rounds gave 78% in 6.8 min. This guards
-    # what it reaches (INTERNAL_SHARE_FLOOR) until a schedule that reaches 0.8 in time is found.
+    # demo reaches 15 of 18 (83%) in 6.9 min on 2 cores (the goal is 6); 6 local epochs instead of 8
+    # took 5.9 min but reached 67%. This guards what it reaches (INTERNAL_SHARE_FLOOR).
     assert report.pooled is not None
     internal = report.pooled.group("internal")
     external = report.pooled.group("external")
