@@ -29,7 +29,8 @@ from common.paths import simulated_site_dir
 from protocols import keys
 from protocols.report import StudyReport
 from server.demo_study import make_demo_sites
-from server.flwr_cli import flower_env, flwr_run, local_superlink_pids, stop_processes
+from server.deploy import flwr_env
+from server.flwr_cli import flwr_run, local_superlink_pids, stop_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -68,8 +69,8 @@ def flower_home(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A private FLWR_HOME on free local-SuperLink ports (never another test's SuperLink, which
     would run this study with its own code); every SuperLink started is stopped by pid."""
     home = tmp_path / "flwr-home"
-    env = flower_env(
-        {
+    env = flwr_env(
+        extra={
             "FLWR_HOME": str(home),
             "SARCOFED_HOME": str(tmp_path / "sarcofed-home"),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
