@@ -24,13 +24,7 @@ runner = CliRunner()
 
 
 def _truth(profile: SiteProfile) -> LabelMap:
-    v = profile.values
-    return LabelMap(
-        muscle=[v.muscle],
-        subcutaneous_fat=[v.subcutaneous_fat],
-        visceral_fat=[v.visceral_fat],
-        background=[v.imat] if v.imat is not None else [],
-    )
+    return profile.values.label_map()
 
 
 def _swap(root: Path, a: str, b: str) -> None:

@@ -27,13 +27,7 @@ SIZE, SLICES = 64, 4
 
 
 def _truth(profile: SiteProfile) -> LabelMap:
-    v = profile.values
-    return LabelMap(
-        muscle=[v.muscle],
-        subcutaneous_fat=[v.subcutaneous_fat],
-        visceral_fat=[v.visceral_fat],
-        background=[v.imat] if v.imat is not None else [],
-    )
+    return profile.values.label_map()
 
 
 def _demo(tmp_path: Path, profile: SiteProfile, seed: int = 0) -> tuple[Path, list[tuple[Path, Path]]]:

@@ -32,6 +32,7 @@ from common.demo.phantom import apply_scanner, render_l3
 from common.dicom_io import PatientInfo, write_ct_slice
 from common.masks import write_mask
 from protocols.classes import Tissue
+from protocols.site import LabelMap
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,15 @@ class LabelValues:
         if self.imat is not None and imat is not None:
             out[imat & (canonical == Tissue.background)] = self.imat
         return out
+
+    def label_map(self) -> LabelMap:
+        """The ``[labels]`` table these values need (what :meth:`toml` writes)."""
+        return LabelMap(
+            muscle=[self.muscle],
+            subcutaneous_fat=[self.subcutaneous_fat],
+            visceral_fat=[self.visceral_fat],
+            background=[self.imat] if self.imat is not None else [],
+        )
 
     def toml(self) -> str:
         lines = [
