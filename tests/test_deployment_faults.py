@@ -16,6 +16,7 @@ checkpoint and writing rounds.jsonl left out of rounds.jsonl.)
 from __future__ import annotations
 
 import json
+import os
 import time
 import tomllib
 from pathlib import Path
@@ -48,13 +49,31 @@ def site_name(site_dir: Path) -> str:
 
 
 def make_slow_site(site_dir: Path) -> Path:
-    """A demo site with large slices and many rows: genuinely slow to validate."""
+    """A demo site with large slices and many rows: genuinely slow to validate.
+
+    Each repeat lists hard links under ``copies/<k>/``: a row listing an image listed above
+    is a ``duplicate_row`` and is never loaded, so plain repeated rows would make it fast.
+    """
     from common.demo.hospitals import make_site, site_profile
 
     make_site(site_dir, site_profile(2), slices=SLOW_SLICES, size=1024, seed=2, site_tag="2")
     manifest = site_dir / "manifest.csv"
     header, *rows = manifest.read_text(encoding="utf-8").splitlines()
-    manifest.write_text("\n".join([header, *rows * SLOW_REPEAT]) + "\n", encoding="utf-8")
+    columns = header.split(",")
+    files = [c for c in ("image", "label", "reference") if c in columns]
+    listed = []
+    for k in range(SLOW_REPEAT):
+        for row in rows:
+            cells = dict(zip(columns, row.split(","), strict=True))
+            for column in files:
+                if cells[column]:
+                    copy = Path("copies") / str(k) / cells[column]
+                    (site_dir / copy).parent.mkdir(parents=True, exist_ok=True)
+                    os.link(site_dir / cells[column], site_dir / copy)
+                    cells[column] = copy.as_posix()
+            cells["group"] = f"{cells['group']}-{k}"
+            listed.append(",".join(cells[c] for c in columns))
+    manifest.write_text("\n".join([header, *listed]) + "\n", encoding="utf-8")
     return site_dir
 
 
