@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 #: Unlabelled tissue down to this many HU below the muscle range counts as part of a muscle
 #: group left out (partial volume at its edge), up to bone density.
 GROUP_HU_MARGIN: Final = 30.0
+#: How far (mm) a muscle group left out may reach past its body-frame region, through
+#: unlabelled tissue of its density.
+GROUP_GROW_MM: Final = 10.0
 
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
@@ -103,8 +106,18 @@ def _relabel_hu(hu: np.ndarray, label: np.ndarray, protocol: LabelProtocol) -> n
     return muscle | sat | vat
 
 
+def _unlabelled_dense(hu: np.ndarray, label: np.ndarray, protocol: LabelProtocol) -> np.ndarray:
+    """Background of muscle density (down to GROUP_HU_MARGIN below the range, up to bone)."""
+    return (label == 0) & (hu >= protocol.hu_ranges.muscle[0] - GROUP_HU_MARGIN) & (hu < BONE_HU)
+
+
 def _group_pixels(
-    hu: np.ndarray, label: np.ndarray, frame: BodyFrame, group: str, protocol: LabelProtocol
+    hu: np.ndarray,
+    label: np.ndarray,
+    frame: BodyFrame,
+    group: str,
+    protocol: LabelProtocol,
+    spacing_mm: float,
 ) -> np.ndarray:
     """The pixels of body-frame region ``group`` whose site label follows the site, not the protocol."""
     rows, cols = np.nonzero(frame.body)
@@ -112,9 +125,24 @@ def _group_pixels(
     region[rows, cols] = frame.regions(rows, cols) == REGION_NAMES.index(group)
     if not protocol.includes(group):
         return region & (label == 1)  # the site adds a group the protocol leaves out
-    candidate = region & (label == 0)
-    dense = candidate & (hu >= protocol.hu_ranges.muscle[0] - GROUP_HU_MARGIN) & (hu < BONE_HU)
-    return ndimage.binary_dilation(dense, _CROSS) & candidate  # one pixel of partial volume
+    unlabelled_dense = _unlabelled_dense(hu, label, protocol)
+    seed = region & unlabelled_dense
+    # The frame's regions are geometric; a muscle group reaches past them (a psoas wider than
+    # the model of the region): grow into the same unlabelled dense tissue, GROUP_GROW_MM at most.
+    steps = max(1, round(GROUP_GROW_MM / spacing_mm))
+    if seed.any():
+        seed = ndimage.binary_dilation(seed, _CROSS, iterations=steps, mask=unlabelled_dense)
+    return ndimage.binary_dilation(seed, _CROSS) & (label == 0)  # one pixel of partial volume
+
+
+def _erased_wall(hu: np.ndarray, label: np.ndarray, protocol: LabelProtocol) -> np.ndarray:
+    """Unlabelled muscle-density tissue just inside the site's subcutaneous fat: an abdominal-wall
+    muscle thinner than twice a tight contour's erosion, erased altogether (no band reaches it)."""
+    unlabelled_muscle = (label == 0) & _in(hu, protocol.hu_ranges.muscle)
+    near_fat = ndimage.binary_dilation(label == 2, _CROSS, iterations=BAND_PX) & unlabelled_muscle
+    if not near_fat.any():
+        return near_fat
+    return ndimage.binary_dilation(near_fat, _CROSS, iterations=2 * BAND_PX, mask=unlabelled_muscle)
 
 
 def adjust_slice(
@@ -153,7 +181,7 @@ def adjust_slice(
         changed["imat_holes"] = int(np.count_nonzero(holes))
     if "boundary" in wanted:
         near = ndimage.binary_dilation(out == 1, _CROSS, iterations=BAND_PX)
-        band = near & (out == 0) & (hu > -500) & ~ignore
+        band = ((near & (hu > -500)) | _erased_wall(hu, out, protocol)) & (out == 0) & ~ignore
         ignore |= band
         changed["boundary"] = int(np.count_nonzero(band))
     groups = [g for g in ("psoas", "paraspinal") if g in wanted]
@@ -163,13 +191,22 @@ def adjust_slice(
                 frame = body_frame(hu, spacing_mm)
             except ValueError as exc:
                 log.info(
-                    "convention-aware training: no body frame for a slice (%s); regions not ignored", exc
+                    "convention-aware training: no body frame for a slice (%s); its unlabelled "
+                    "muscle-density tissue is ignored",
+                    exc,
                 )
-        if frame is not None and frame.spine_found:
-            for group in groups:
-                pixels = _group_pixels(hu, out, frame, group, protocol) & ~ignore
-                ignore |= pixels
-                changed[group] = int(np.count_nonzero(pixels))
+        for group in groups:
+            if frame is not None and frame.spine_found:
+                pixels = _group_pixels(hu, out, frame, group, protocol, min(spacing_mm))
+            elif protocol.includes(group):
+                # the group cannot be placed without the spine, and the site's background may
+                # hold it anywhere: no unlabelled tissue of muscle density teaches on this slice
+                pixels = _unlabelled_dense(hu, out, protocol)
+            else:
+                continue  # a group the site adds cannot be told from its other muscle
+            pixels &= ~ignore
+            ignore |= pixels
+            changed[group] = int(np.count_nonzero(pixels))
     return SliceTargets(label=out, ignore=ignore, changed_px=changed)
 
 
