@@ -38,6 +38,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -270,10 +271,11 @@ class SliceCache:
             path.parent.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
             with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, _key=np.array(key), **arrays)
+                payload: dict[str, Any] = {"_key": np.array(key), **arrays}
+                np.savez(handle, allow_pickle=False, **payload)  # an object array is refused
             os.replace(tmp, path)
             tmp = None
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.warning("slice cache: cannot write %s (%s); continuing without it", path, exc)
         finally:
             if tmp is not None:

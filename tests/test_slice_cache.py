@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import shutil
@@ -304,3 +305,20 @@ def test_concurrent_writers_leave_a_whole_entry(tmp_path: Path) -> None:
     assert got is not None and cache.corrupt == 0
     assert np.unique(got["hu"]).tolist() in ([1.0], [2.0])  # one writer's whole array
     assert not list(tmp_path.glob("*/.tmp-*"))
+
+
+def test_site_cache_command_shows_and_clears(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    root = make_site(tmp_path, n=2, size=32)
+    _load_all(root)
+    shown = CliRunner().invoke(app, ["site", "cache", str(root), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert [f["entries"] for f in json.loads(shown.output)["folders"]] == [2]
+    cleared = CliRunner().invoke(app, ["site", "cache", str(root), "--clear"])
+    assert cleared.exit_code == 0 and "removed 2 entries" in cleared.output
+    assert not _entries(root / CACHE_DIR_NAME)
+    items, cache = _load_all(root)  # decoded again
+    assert cache is not None and cache.misses == 2 and all(isinstance(i, LoadedSlice) for i in items)
