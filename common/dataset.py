@@ -398,9 +398,6 @@ def _scalar(array: np.ndarray) -> float | str | None:
 
 
 def _slice_arrays(ct: CTSlice, label: np.ndarray, values: tuple[int, ...], raw: np.ndarray) -> Arrays:
-    # Raw values are whole numbers in 0..65535 (read_mask checks): uint16 on disk, the
-    # original dtype back on reading.
-    fits_uint16 = not values or (values[0] >= 0 and values[-1] <= np.iinfo(np.uint16).max)
     return {
         "hu": ct.hu,
         "spacing_mm": np.array(ct.spacing_mm, dtype=np.float64),
@@ -411,8 +408,7 @@ def _slice_arrays(ct: CTSlice, label: np.ndarray, values: tuple[int, ...], raw: 
         "frame_of_reference_uid": _optional(ct.frame_of_reference_uid, "U"),
         "label": label,
         "label_values": np.array(values, dtype=np.int64),
-        "raw_label": raw.astype(np.uint16) if fits_uint16 else raw,
-        "raw_dtype": np.array(raw.dtype.str),
+        "raw_label": raw,
     }
 
 
@@ -430,9 +426,8 @@ def _slice_from_arrays(
         sop_instance_uid=_str_or_none(_scalar(arrays["sop_instance_uid"])),
         frame_of_reference_uid=_str_or_none(_scalar(arrays["frame_of_reference_uid"])),
     )
-    raw = arrays["raw_label"].astype(np.dtype(str(arrays["raw_dtype"])))
     values = tuple(int(v) for v in arrays["label_values"])
-    return ct, arrays["label"], values, raw
+    return ct, arrays["label"], values, arrays["raw_label"]
 
 
 def _float_or_none(value: float | str | None) -> float | None:

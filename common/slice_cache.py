@@ -11,8 +11,10 @@ re-reads and re-decodes every DICOM file and mask. ``common.dataset.load_slice``
   libraries they call). A file whose bytes change is re-read, whatever its name, size or
   modification time; paths never enter the key, and no path is stored in an entry.
 - **Entry**: one ``.npz`` (``np.savez``, no pickle; read with ``allow_pickle=False``)
-  under ``<folder>/<key[:2]>/<key>.npz``. Written to a temporary file in the same folder,
-  then ``os.replace``d: two ClientApps writing the same entry each leave a whole file.
+  under ``<folder>/<key[:2]>/<key>.npz``; each array in the smallest integer type that
+  holds it exactly (:func:`compact`), read back in its own type. Written to a temporary
+  file in the same folder, then ``os.replace``d: two ClientApps writing the same entry
+  each leave a whole file.
   An entry that cannot be read (truncated, corrupt, another key) is a miss, logged, and
   rewritten; the cache never turns a usable slice into an error.
 - **Where**: :func:`cache_folders` (``<site>/.sarcofed-cache``, else
@@ -188,6 +190,27 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 #: The arrays of one entry, by name (what ``np.savez`` stores).
 Arrays = dict[str, np.ndarray]
+_SMALL_INTS = (np.uint8, np.int8, np.uint16, np.int16)
+
+
+def compact(array: np.ndarray) -> np.ndarray:
+    """``array`` in the smallest integer type that gives back exactly its bytes, else itself.
+
+    HU of a slice with an integer RescaleIntercept and slope 1 are whole numbers (int16 on
+    disk, half of float32); masks fit uint8. The check is on the bytes, so -0.0, NaN and
+    fractions keep the original type: the arrays read back are bit for bit those stored.
+    """
+    if array.dtype.kind not in "iuf" or array.size == 0:
+        return array
+    low, high = array.min(), array.max()
+    for dtype in _SMALL_INTS:
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            if array.dtype.itemsize <= np.dtype(dtype).itemsize:
+                return array
+            stored = array.astype(dtype)
+            return stored if stored.astype(array.dtype).tobytes() == array.tobytes() else array
+    return array
 
 
 @dataclass
@@ -252,6 +275,8 @@ class SliceCache:
                 arrays = {name: data[name] for name in data.files}
             if str(arrays.pop("_key", "")) != key:
                 raise ValueError("entry holds another key")
+            dtypes: dict[str, str] = json.loads(str(arrays.pop("_dtypes")))
+            arrays = {name: a.astype(np.dtype(dtypes[name]), copy=False) for name, a in arrays.items()}
         except Exception as exc:  # zip, npy and OS errors come in many types: all mean "decode again"
             log.warning("slice cache: entry %s cannot be read (%s); decoding again", path.name, exc)
             self.misses += 1
@@ -271,7 +296,9 @@ class SliceCache:
             path.parent.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
             with os.fdopen(fd, "wb") as handle:
-                payload: dict[str, Any] = {"_key": np.array(key), **arrays}
+                dtypes = json.dumps({name: a.dtype.str for name, a in arrays.items()})
+                payload: dict[str, Any] = {"_key": np.array(key), "_dtypes": np.array(dtypes)}
+                payload |= {name: compact(a) for name, a in arrays.items()}
                 np.savez(handle, allow_pickle=False, **payload)  # an object array is refused
             os.replace(tmp, path)
             tmp = None
@@ -342,6 +369,7 @@ __all__ = [
     "cache_folders",
     "cache_usage",
     "clear_cache",
+    "compact",
     "content_digest",
     "decoder_version",
     "entry_key",

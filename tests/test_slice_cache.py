@@ -18,7 +18,7 @@ import common.dataset as dataset
 from common.dataset import LoadedSlice, iter_slices, load_site
 from common.demo.hospitals import SITE_PROFILES
 from common.demo.hospitals import make_site as make_demo_site
-from common.dicom_io import read_ct_slice, write_ct_slice
+from common.dicom_io import read_ct_slice
 from common.errors import SliceError
 from common.masks import write_mask
 from common.series import scan_folder
@@ -27,6 +27,7 @@ from common.slice_cache import (
     SliceCache,
     cache_usage,
     clear_cache,
+    compact,
     site_fallback_folder,
 )
 from protocols.classes import ExclusionReason
@@ -143,7 +144,9 @@ def test_changed_bytes_are_reread_even_with_same_size_and_mtime(tmp_path: Path) 
     first = before[0]
     assert isinstance(first, LoadedSlice)
     stats = {path: path.stat() for path in (image, label)}
-    write_ct_slice(image, first.ct.hu + 7.0, spacing_mm=first.ct.spacing_mm)
+    data = bytearray(image.read_bytes())  # PixelData ends the file: raise its last 32 pixels by 1
+    data[-64:] = (np.frombuffer(bytes(data[-64:]), dtype="<i2") + 1).astype("<i2").tobytes()
+    image.write_bytes(bytes(data))
     changed = first.raw_label.copy()
     changed[changed == 7] = 1  # subcutaneous fat becomes muscle
     write_mask(label, changed)
@@ -154,7 +157,7 @@ def test_changed_bytes_are_reread_even_with_same_size_and_mtime(tmp_path: Path) 
     second = after[0]
     assert isinstance(second, LoadedSlice) and cache is not None and cache.hits == 0
     np.testing.assert_array_equal(second.ct.hu, read_ct_slice(image).hu)
-    assert not np.array_equal(second.ct.hu, first.ct.hu)
+    assert (second.ct.hu - first.ct.hu).ravel()[-32:].tolist() == [1.0] * 32
     assert 2 not in second.label  # no subcutaneous fat left: the new mask was read
     assert 2 in first.label
 
@@ -322,3 +325,16 @@ def test_site_cache_command_shows_and_clears(tmp_path: Path) -> None:
     assert not _entries(root / CACHE_DIR_NAME)
     items, cache = _load_all(root)  # decoded again
     assert cache is not None and cache.misses == 2 and all(isinstance(i, LoadedSlice) for i in items)
+
+
+def test_compact_keeps_every_bit() -> None:
+    whole = np.array([[-1024.0, 0.0], [3071.0, 45.0]], dtype=np.float32)
+    assert compact(whole).dtype == np.int16 and compact(whole).astype(np.float32).tobytes() == whole.tobytes()
+    for kept in (
+        np.array([[-0.0, 1.0]], dtype=np.float32),  # -0.0 is not 0 bit for bit
+        np.array([[0.5, 1.0]], dtype=np.float32),
+        np.array([[np.nan, 1.0]], dtype=np.float32),
+        np.array([[0, 70000]], dtype=np.int64),
+    ):
+        assert compact(kept).dtype == kept.dtype
+    assert compact(np.array([[0, 7, 255]], dtype=np.int64)).dtype == np.uint8
