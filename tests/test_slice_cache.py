@@ -6,6 +6,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -338,3 +339,21 @@ def test_compact_keeps_every_bit() -> None:
     ):
         assert compact(kept).dtype == kept.dtype
     assert compact(np.array([[0, 7, 255]], dtype=np.int64)).dtype == np.uint8
+
+
+IMPORTS_CACHE = re.compile(
+    r"^\s*(from common\.slice_cache import|import common\.slice_cache|from common import .*slice_cache)", re.M
+)
+
+
+def test_only_the_dataset_reads_the_cache() -> None:
+    """Replies are built from decoded slices: no task, guard or server module opens the cache."""
+    repo = Path(__file__).resolve().parents[1]
+    users = sorted(
+        path.relative_to(repo).as_posix()
+        for package in ("protocols", "common", "client", "server")
+        for path in (repo / package).rglob("*.py")
+        if IMPORTS_CACHE.search(path.read_text(encoding="utf-8"))
+    )
+    # the dataset reads and writes entries; the CLI only counts and deletes them
+    assert users == ["client/site_ops_cli.py", "common/dataset.py"]
