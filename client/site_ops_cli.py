@@ -1,5 +1,6 @@
-"""``sarcofed site audit | keys | join | policy``: what a hospital runs to join a study
-on Flower's deployment engine and to see what it sent. ``register(site_app)`` adds them."""
+"""``sarcofed site audit | keys | join | policy | cache``: what a hospital runs to join a study
+on Flower's deployment engine, to see what it sent, and to empty its slice cache.
+``register(site_app)`` adds them."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from client.deploy import (
 )
 from client.policy import SitePolicy, load_policy, policy_path, write_policy
 from common.errors import SiteFolderError
+from common.slice_cache import CacheUsage, cache_folders, cache_usage, clear_cache
 
 SITE_DIR = typer.Argument(
     ..., help="The site folder (holding site.toml and manifest.csv).", show_default=False
@@ -318,8 +320,54 @@ def policy_allow(
     typer.echo(f"allowed-apps: {', '.join(dict.fromkeys(updated.allowed_apps))}")
 
 
+def cache(
+    site_dir: Path = SITE_DIR,
+    clear: bool = typer.Option(False, "--clear", help="Delete every cached slice (they are decoded again)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the folders and counts as JSON."),
+) -> None:
+    """Show, or empty, the site's cache of decoded slices.
+
+    Training and evaluation keep each decoded CT slice and mask in the site's cache, so later
+    rounds and studies need not decode the files again: SITE_DIR/.sarcofed-cache, or
+    $SARCOFED_HOME/cache/... when the site folder is not writable, or the folder that
+    site.toml's cache_dir names (cache_dir = false turns it off). Entries are keyed by the
+    files' content, so a changed file is always read again; they hold this site's pixel data,
+    stay on this machine and are never sent. Deleting them is always safe.
+    """
+    from common.dataset import load_site
+
+    try:
+        site = load_site(site_dir)
+    except SiteFolderError as err:
+        _fail(f"{err.path}: {err.detail}")
+    folders = [f for f in cache_folders(site.root, site.config.cache_dir) if f.is_dir()]
+    found: list[CacheUsage] = [clear_cache(f) if clear else cache_usage(f) for f in folders]
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "enabled": site.cache is not None,
+                    "cleared": clear,
+                    "folders": [
+                        {"folder": str(u.folder), "entries": u.entries, "bytes": u.bytes} for u in found
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    if site.cache is None:
+        typer.echo("The slice cache is off (site.toml cache_dir); slices are decoded every round.")
+    if not found:
+        typer.echo("No cached slices.")
+    for usage in found:
+        verb = "removed" if clear else "holds"
+        typer.echo(f"{usage.folder}: {verb} {usage.entries} entries ({usage.bytes / 2**20:.1f} MiB)")
+
+
 def register(site_app: typer.Typer) -> None:
-    """Add ``audit``, ``keys``, ``join`` and the ``policy`` group to ``sarcofed site``."""
+    """Add ``audit``, ``keys``, ``join``, ``cache`` and the ``policy`` group to ``sarcofed site``."""
+    site_app.command("cache")(cache)
     site_app.command("audit")(audit)
     site_app.command("keys")(keys)
     site_app.command("join")(join)

@@ -15,6 +15,10 @@ a slice counted twice would weigh twice in every pooled number).
 into it. ``site.n_listed`` counts every data row of manifest.csv (valid or not), and
 ``iter_slices`` yields exactly ``n_listed`` items: one per valid row, in order, then one
 ``SliceError`` per invalid row.
+
+Decoded slices are cached at the site (``SiteDataset.cache``, ``common.slice_cache``): a
+slice whose files (by content) and ``[labels]`` are unchanged is read back from the cache
+instead of being decoded again; the returned arrays are the same, bit for bit.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from common.dicom_io import CTSlice, read_ct_slice
 from common.errors import SiteFolderError, SliceError
 from common.masks import read_mask
 from common.site_file import require_regular_file
+from common.slice_cache import Arrays, SliceCache, open_site_cache
 from protocols.classes import ExclusionReason
 from protocols.site import MANIFEST_OPTIONAL, MANIFEST_REQUIRED, LabelMap, ManifestRow, SiteConfig
 
@@ -82,6 +87,8 @@ class SiteDataset:
     rows: list[ManifestRow]
     invalid_rows: list[InvalidRow] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
+    #: where decoded slices are kept between rounds (site.toml ``cache_dir``); ``None``: off.
+    cache: SliceCache | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -287,7 +294,14 @@ def load_site(root: Path | str) -> SiteDataset:
     for bad in broken:
         log.warning("%s line %d: %s", root / MANIFEST_CSV, bad.line, bad.detail)
     invalid = sorted([*invalid, *broken], key=lambda bad: bad.line)
-    return SiteDataset(root=root, config=config, rows=rows, invalid_rows=invalid, lines=lines)
+    return SiteDataset(
+        root=root,
+        config=config,
+        rows=rows,
+        invalid_rows=invalid,
+        lines=lines,
+        cache=open_site_cache(root, config.cache_dir),
+    )
 
 
 # ------------------------------------------------------------------ slices
@@ -373,6 +387,115 @@ def row_group(site: SiteDataset, index: int) -> str:
     return row.group or f"image:{row.image}"
 
 
+# ------------------------------------------------------------------ cached decoding
+def _optional(value: float | str | None, dtype: str) -> np.ndarray:
+    """An optional scalar as a 0- or 1-element array (``np.savez`` stores no ``None``)."""
+    return np.array([] if value is None else [value], dtype=dtype)
+
+
+def _scalar(array: np.ndarray) -> float | str | None:
+    return None if array.size == 0 else array[0].item()
+
+
+def _slice_arrays(ct: CTSlice, label: np.ndarray, values: tuple[int, ...], raw: np.ndarray) -> Arrays:
+    return {
+        "hu": ct.hu,
+        "spacing_mm": np.array(ct.spacing_mm, dtype=np.float64),
+        "height_m": _optional(ct.height_m, "float64"),
+        "sex": _optional(ct.sex, "U"),
+        "slice_location": _optional(ct.slice_location, "float64"),
+        "sop_instance_uid": _optional(ct.sop_instance_uid, "U"),
+        "frame_of_reference_uid": _optional(ct.frame_of_reference_uid, "U"),
+        "label": label,
+        "label_values": np.array(values, dtype=np.int64),
+        "raw_label": raw,
+    }
+
+
+def _slice_from_arrays(
+    arrays: Arrays, image_path: Path
+) -> tuple[CTSlice, np.ndarray, tuple[int, ...], np.ndarray]:
+    spacing = arrays["spacing_mm"]
+    ct = CTSlice(
+        hu=arrays["hu"],
+        spacing_mm=(float(spacing[0]), float(spacing[1])),
+        height_m=_float_or_none(_scalar(arrays["height_m"])),
+        sex=_str_or_none(_scalar(arrays["sex"])),
+        slice_location=_float_or_none(_scalar(arrays["slice_location"])),
+        path=image_path,
+        sop_instance_uid=_str_or_none(_scalar(arrays["sop_instance_uid"])),
+        frame_of_reference_uid=_str_or_none(_scalar(arrays["frame_of_reference_uid"])),
+    )
+    values = tuple(int(v) for v in arrays["label_values"])
+    return ct, arrays["label"], values, arrays["raw_label"]
+
+
+def _float_or_none(value: float | str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _str_or_none(value: float | str | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _decode_slice(
+    site: SiteDataset, row: ManifestRow, image_path: Path
+) -> tuple[CTSlice, np.ndarray, tuple[int, ...], np.ndarray]:
+    """The CT, canonical label, raw label values and raw label of a row, from the cache if it
+    holds them (same files by content, same ``[labels]``), else decoded and then cached."""
+    cache = site.cache
+    files: list[Path] = []
+    key = None
+    if cache is not None:
+        try:
+            files = [image_path, resolve_path(site, row.label)]
+        except SliceError:
+            files = []  # the decoder below refuses the row with the right reason and order
+        key = cache.key("slice", files, site.config.labels.lookup()) if files else None
+        cached = cache.get(key) if key is not None else None
+        if cached is not None:
+            try:
+                return _slice_from_arrays(cached, image_path)
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                log.warning("slice cache: entry for %s is incomplete (%s); decoding again", image_path, exc)
+    ct = read_ct_slice(image_path)
+    label, values, raw = _mapped_mask(site, row.label, ct, image_path, reason=None)
+    if (
+        cache is not None
+        and key is not None
+        and cache.key("slice", files, site.config.labels.lookup()) == key
+    ):
+        # Stored only if no file changed while it was decoded: the entry matches its key.
+        cache.put(key, _slice_arrays(ct, label, values, raw))
+    return ct, label, values, raw
+
+
+def _decode_reference(site: SiteDataset, item: LoadedSlice, reference: str) -> np.ndarray:
+    """The row's mapped reference mask, from the cache or read (then cached)."""
+    cache = site.cache
+    files: list[Path] = []
+    key = None
+    if cache is not None:
+        try:
+            files = [item.ct.path, resolve_path(site, reference)]
+        except SliceError:
+            files = []
+        key = cache.key("reference", files, site.config.labels.lookup()) if files else None
+        cached = cache.get(key) if key is not None else None
+        if cached is not None and "reference" in cached:
+            return cached["reference"]
+    mapped, _, _ = _mapped_mask(
+        site, reference, item.ct, item.ct.path, reason=ExclusionReason.unreadable_reference
+    )
+    if (
+        cache is not None
+        and key is not None
+        and cache.key("reference", files, site.config.labels.lookup()) == key
+    ):
+        cache.put(key, {"reference": mapped})
+    return mapped
+
+
 def load_reference(site: SiteDataset, item: LoadedSlice) -> np.ndarray | None:
     """The row's reference mask, mapped like its label; ``None`` when the row has none.
 
@@ -381,18 +504,14 @@ def load_reference(site: SiteDataset, item: LoadedSlice) -> np.ndarray | None:
     """
     if not item.row.reference:
         return None
-    reference, _, _ = _mapped_mask(
-        site, item.row.reference, item.ct, item.ct.path, reason=ExclusionReason.unreadable_reference
-    )
-    return reference
+    return _decode_reference(site, item, item.row.reference)
 
 
 def load_slice(site: SiteDataset, index: int, *, with_reference: bool = False) -> LoadedSlice:
     """Load valid row ``index`` (0-based into ``site.rows``); raise ``SliceError`` if unusable."""
     row = site.rows[index]
     image_path = resolve_path(site, row.image)
-    ct = read_ct_slice(image_path)
-    label, values, raw = _mapped_mask(site, row.label, ct, image_path, reason=None)
+    ct, label, values, raw = _decode_slice(site, row, image_path)
     if not label.any():
         raise SliceError(
             ExclusionReason.empty_mask,

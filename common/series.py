@@ -217,8 +217,8 @@ def scan_folder(folder: Path | str, *, recursive: bool = True) -> SeriesListing:
     groups: dict[str, tuple[str, str, list[SliceHeader]]] = {}
     skipped: list[SkippedFile] = []
     for path in paths:
-        if path.name.startswith("."):
-            continue
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue  # hidden files and folders (the site's .sarcofed-cache) are not site data
         if not _inside(root, path):
             skipped.append(SkippedFile(path, "symbolic link leads outside the folder; not followed"))
             continue

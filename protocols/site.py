@@ -77,6 +77,11 @@ class SiteConfig(BaseModel):
     #: folder itself. ``sarcofed site init`` sets it to the export it read, so that nothing is
     #: copied: the files stay where they are, read only. Paths still may not leave it.
     data_root: str | None = Field(default=None, min_length=1)
+    #: where decoded slices are cached between rounds and studies (``common.slice_cache``):
+    #: not set (or ``true``), the site folder's ``.sarcofed-cache`` (``$SARCOFED_HOME/cache/...``
+    #: when the site folder is not writable); a folder (absolute, or relative to the site
+    #: folder); ``false`` or ``""`` to decode every slice every time.
+    cache_dir: str | bool | None = None
 
     @field_validator("name")
     @classmethod
