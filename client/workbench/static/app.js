@@ -13,12 +13,15 @@ const $ = (id) => document.getElementById(id);
 const COLOURS = { 1: [230, 60, 60], 2: [245, 200, 40], 3: [40, 190, 170] };
 const CLASS_NAMES = { 1: "Muscle", 2: "SAT", 3: "VAT" };
 const PAGE = 5;
+// `?viewer=niivue`: also show the series in NiiVue (nvview.js, loaded only then).
+const NIIVUE = new URLSearchParams(window.location.search).get("viewer") === "niivue";
 
 const S = {
   info: null, key: null, meta: null, vol: null, mode: "range",
   wl: { width: 400, level: 40 },
   start: 0, end: 0, cursor: 0, row: 0, col: 0,
   session: null, pos: 0, labels: [], hu: [], undo: [], redo: [], painting: false, dirty: false,
+  nv: null,
 };
 
 async function api(path, options) {
@@ -39,6 +42,7 @@ const labelling = () => !$("label-view").hidden && S.session !== null;
 
 // ------------------------------------------------------------------ window / level
 function showWindow() {
+  if (S.nv) S.nv.setWindow(S.wl);
   $("wl").textContent = `W ${Math.round(S.wl.width)} L ${Math.round(S.wl.level)} HU`;
   for (const b of document.querySelectorAll(".preset")) {
     const p = S.info && S.info.presets[b.dataset.preset];
@@ -76,6 +80,7 @@ function drawAxial() {
   c.width = nx; c.height = ny;
   grey(c.getContext("2d"), nx, ny, (i) => S.vol[off + i]);
   $("axial-index").textContent = `slice ${S.cursor} / ${nz() - 1} (z ${S.meta.positions_mm[S.cursor].toFixed(1)} mm)`;
+  if (S.nv) nvCursor(S.cursor);
 }
 function drawReformats() {
   const [z, ny, nx] = S.meta.shape;
@@ -225,9 +230,49 @@ async function loadSeries(key) {
   layoutSelection();
   drawReformats();
   applySuggestion();
+  if (NIIVUE) await startNiivue();
   $("select-view").dataset.loaded = key;
   status(`${S.meta.description || "series"}: ${S.meta.shape[0]} slices, spacing ` +
     `${S.meta.spacing_mm.map((v) => v.toFixed(2)).join(" x ")} mm ${S.meta.note ? "- " + S.meta.note : ""}`);
+}
+
+// ------------------------------------------------------------------ NiiVue (prototype, ?viewer=niivue)
+async function startNiivue() {
+  const { createNiivueView, NIIVUE_VERSION } = await import("./nvview.js");
+  const panel = $("nv-panel");
+  // a fresh canvas per series: a NiiVue instance owns its canvas's WebGL context
+  const old = $("nv-canvas"), canvas = old.cloneNode(false);
+  old.replaceWith(canvas);
+  S.nv = await createNiivueView(canvas, S.meta, S.vol, (loc) => {
+    $("nv-hu").textContent = `${loc.hu} HU at slice ${loc.k}, row ${loc.row}, col ${loc.col}`;
+    if (loc.programmatic || labelling()) return;
+    S.row = loc.row; S.col = loc.col;
+    drawReformats();
+    setCursor(loc.k);
+  });
+  panel.hidden = false;
+  if (!S.nv) { $("nv-version").textContent = "not shown: the series is not axis-aligned"; return; }
+  $("nv-version").textContent = NIIVUE_VERSION;
+  panel.dataset.niivue = NIIVUE_VERSION;
+  panel.dataset.gl = S.nv.gl2 ? "webgl2" : "none";
+  S.nv.setWindow(S.wl);
+  nvCursor(S.cursor);
+  syncLabels();
+}
+// Point NiiVue's crosshair at (k, row, col) and note where it drew the axial tile (a check that
+// the image is not mirrored compares that tile with the slice).
+function nvCursor(k) {
+  S.nv.setCursor(k, S.row, S.col);
+  const tile = S.nv.axialTile();
+  if (tile && tile.every(Number.isFinite)) $("nv-panel").dataset.axialTile = tile.map((x) => x.toFixed(1)).join(",");
+}
+// Mirror the session's labels into NiiVue's drawing layer (all slices, or one position).
+function syncLabels(pos) {
+  if (!S.nv) return;
+  if (!S.session) S.nv.clearLabels();
+  else if (pos === undefined) S.session.slices.forEach((s, i) => S.nv.setLabels(s.index, S.labels[i]));
+  else S.nv.setLabels(S.session.slices[pos].index, S.labels[pos]);
+  $("nv-panel").dataset.drawCounts = S.nv.labelCounts().join(",");
 }
 
 function setupSelectionViews() {
@@ -328,6 +373,7 @@ async function segmentSelected() {
   }
   S.session = session; S.labels = labels; S.hu = hu;
   S.undo = []; S.redo = []; S.pos = 0; setDirty(false);
+  if (S.nv) { S.nv.clearLabels(); syncLabels(); }
   const m = $("method");
   m.textContent = S.session.method === "fallback" ? S.session.method_label : `Pre-segmented by ${S.session.method_label}`;
   m.className = `method ${S.session.method}`;
@@ -348,6 +394,7 @@ async function showSlice(pos) {
   for (const c of [ctCanvas(), ovCanvas()]) { c.width = s.cols; c.height = s.rows; }
   setAspect("canvas-wrap", 512, (s.rows * s.spacing_mm[0]) / (s.cols * s.spacing_mm[1]));
   $("slice-name").textContent = `${S.pos + 1}/${S.session.slices.length}: slice ${s.index}`;
+  if (S.nv) nvCursor(s.index);
   drawCT();
   drawOverlay();
   sizeOutline();
@@ -450,6 +497,7 @@ function setupPainting() {
   const end = () => {
     if (!S.painting) return;
     S.painting = false; setDirty(true);
+    syncLabels(S.pos);
     guard(pushLabels)(S.pos);
   };
   c.addEventListener("pointerup", end);
@@ -470,6 +518,7 @@ async function restore(from, to) {
   S.labels[step.pos] = step.labels;
   setDirty(true);
   if (step.pos !== S.pos) await showSlice(step.pos); else drawOverlay();
+  syncLabels(step.pos);
   await pushLabels(step.pos);
 }
 const undo = () => restore(S.undo, S.redo);
