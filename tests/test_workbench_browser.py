@@ -560,4 +560,38 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         )
         assert counts() == [sum(int((lab == c).sum()) for lab in labels) for c in (1, 2, 3)]
         page.locator("#nv-canvas").screenshot(path=str(ARTIFACTS / "32-niivue-stroke-undone.png"))
+
+        # the same stroke painted on NiiVue's axial tile: the same rules (bone stays unlabelled,
+        # other classes kept, only the stroke's rows change), one undo step, the layer follows
+        page.locator("#nv-canvas").scroll_into_view_if_needed()
+        page.wait_for_selector("#nv-panel[data-axial-tile]")
+        tile = [float(x) for x in page.get_attribute("#nv-panel", "data-axial-tile").split(",")]
+        box = page.locator("#nv-canvas").bounding_box()
+
+        def on_tile(row: float, col: float) -> tuple[float, float]:
+            return (
+                box["x"] + tile[0] + (col + 0.5) / cols * tile[2],
+                box["y"] + tile[1] + (row + 0.5) / rows * tile[3],
+            )
+
+        before = labels[0]
+        page.mouse.move(*on_tile(r, c0))
+        page.mouse.down()
+        page.mouse.move(*on_tile(r, c1), steps=12)
+        page.mouse.up()
+        page.wait_for_timeout(400)
+        on_nv = _labels(url, sid, 0, (rows, cols))
+        page.locator("#nv-canvas").screenshot(path=str(ARTIFACTS / "33-niivue-painted-on-tile.png"))
+        seg, vals, old = on_nv[r, c0 : c1 + 1], image[r, c0 : c1 + 1], before[r, c0 : c1 + 1]
+        muscle_range = (vals >= -29) & (vals <= 150)
+        assert np.all(seg[vals > 150] == 0), "bone under the stroke must stay unlabelled"
+        assert np.all(seg[muscle_range & (old == 0)] == 1), "muscle-range pixels are painted"
+        assert np.all(seg[old > 1] == old[old > 1]), "other classes are never overwritten"
+        changed = np.argwhere(on_nv != before)
+        assert changed.size and np.all(np.abs(changed[:, 0] - r) <= 1), "only the stroke's rows changed"
+        assert counts() == [sum(int((lab == c).sum()) for lab in [on_nv, *labels[1:]]) for c in (1, 2, 3)]
+        assert page.inner_text("#dirty") != ""
+        page.keyboard.press("Control+z")
+        page.wait_for_timeout(400)
+        assert np.array_equal(_labels(url, sid, 0, (rows, cols)), before)
     assert not errors, errors

@@ -373,7 +373,7 @@ async function segmentSelected() {
   }
   S.session = session; S.labels = labels; S.hu = hu;
   S.undo = []; S.redo = []; S.pos = 0; setDirty(false);
-  if (S.nv) { S.nv.clearLabels(); syncLabels(); }
+  if (S.nv) { S.nv.setLayout("axial"); S.nv.clearLabels(); syncLabels(); }
   const m = $("method");
   m.textContent = S.session.method === "fallback" ? S.session.method_label : `Pre-segmented by ${S.session.method_label}`;
   m.className = `method ${S.session.method}`;
@@ -468,40 +468,75 @@ function moveOutline(ev) {
     showHU(S.hu[S.pos][row * s.cols + col], `row ${row}, col ${col}${v ? ` (${CLASS_NAMES[v]})` : ""}`);
   }
 }
+// A brush on `target`: `pointOf(ev)` is the native (col, row) under the pointer, or null where
+// the target does not paint now. One stroke = one undo step; the server gets it at the end.
+function attachBrush(target, pointOf, { capture = false, onMove = null } = {}) {
+  let last = null;
+  target.addEventListener("pointerdown", (ev) => {
+    if (ev.button !== 0 || ev.shiftKey || !S.session) return;
+    const p = pointOf(ev);
+    if (!p) return;
+    ev.preventDefault(); // also keeps the compatibility mouse events from a viewer underneath
+    if (capture) ev.stopPropagation();
+    target.setPointerCapture(ev.pointerId);
+    S.undo.push({ pos: S.pos, labels: S.labels[S.pos].slice() });
+    if (S.undo.length > 100) S.undo.shift();
+    S.redo = [];
+    S.painting = target;
+    last = p;
+    paintAt(...last); drawOverlay();
+    if (capture) syncLabels(S.pos);
+  }, capture);
+  target.addEventListener("pointermove", (ev) => {
+    if (onMove) onMove(ev);
+    if (S.painting !== target) return;
+    if (capture) ev.stopPropagation();
+    const p = pointOf(ev);
+    if (!p) return;
+    const steps = Math.max(1, Math.ceil(Math.hypot(p[0] - last[0], p[1] - last[1])));
+    for (let t = 1; t <= steps; t++) paintAt(last[0] + ((p[0] - last[0]) * t) / steps, last[1] + ((p[1] - last[1]) * t) / steps);
+    last = p; drawOverlay();
+    if (capture) syncLabels(S.pos);
+  }, capture);
+  const end = (ev) => {
+    if (S.painting !== target) return;
+    if (capture) ev.stopPropagation();
+    S.painting = false; setDirty(true);
+    syncLabels(S.pos);
+    guard(pushLabels)(S.pos);
+  };
+  target.addEventListener("pointerup", end, capture);
+  target.addEventListener("pointercancel", end, capture);
+}
+// The native (col, row) under the pointer on NiiVue's axial tile while labelling, or null. The
+// axial tile shows the current session slice, row 0 at the top and col 0 at the left (the
+// browser test checks this against the volume); NiiVue's own zoom/pan is not followed yet.
+function nvPoint(ev) {
+  if (!S.nv || !labelling()) return null;
+  const tile = S.nv.axialTile(), s = cur();
+  if (!tile) return null;
+  const rect = $("nv-canvas").getBoundingClientRect();
+  const fx = (ev.clientX - rect.left - tile[0]) / tile[2], fy = (ev.clientY - rect.top - tile[1]) / tile[3];
+  if (fx < 0 || fy < 0 || fx >= 1 || fy >= 1) return null;
+  return [fx * s.cols, fy * s.rows];
+}
 function setupPainting() {
   const v = viewport("canvas-wrap", {
     scroll: (d) => { if (S.session) guard(showSlice)(S.pos + d); },
   });
   const c = ovCanvas();
-  let last = null;
-  c.addEventListener("pointerdown", (ev) => {
-    if (ev.button !== 0 || ev.shiftKey) return;
-    ev.preventDefault();
-    c.setPointerCapture(ev.pointerId);
-    S.undo.push({ pos: S.pos, labels: S.labels[S.pos].slice() });
-    if (S.undo.length > 100) S.undo.shift();
-    S.redo = [];
-    S.painting = true;
-    last = canvasPoint(ev);
-    paintAt(...last); drawOverlay();
-  });
-  c.addEventListener("pointermove", (ev) => {
-    moveOutline(ev);
-    if (!S.painting) return;
-    const p = canvasPoint(ev);
-    const steps = Math.max(1, Math.ceil(Math.hypot(p[0] - last[0], p[1] - last[1])));
-    for (let t = 1; t <= steps; t++) paintAt(last[0] + ((p[0] - last[0]) * t) / steps, last[1] + ((p[1] - last[1]) * t) / steps);
-    last = p; drawOverlay();
-  });
+  attachBrush(c, canvasPoint, { onMove: moveOutline });
   c.addEventListener("pointerleave", () => { $("brush-outline").hidden = true; });
-  const end = () => {
-    if (!S.painting) return;
-    S.painting = false; setDirty(true);
-    syncLabels(S.pos);
-    guard(pushLabels)(S.pos);
-  };
-  c.addEventListener("pointerup", end);
-  c.addEventListener("pointercancel", end);
+  // while labelling, a left-drag on NiiVue's axial tile paints with the same rules (capture
+  // phase on its frame: NiiVue never sees the stroke)
+  const nvBox = document.querySelector("#nv-panel .nv-box");
+  attachBrush(nvBox, nvPoint, { capture: true });
+  // while labelling, NiiVue's wheel pages through the session's slices, as the canvas view does
+  nvBox.addEventListener("wheel", (ev) => {
+    if (!S.nv || !labelling() || ev.ctrlKey || !ev.deltaY) return;
+    ev.preventDefault(); ev.stopPropagation();
+    guard(showSlice)(S.pos + (ev.deltaY > 0 ? 1 : -1));
+  }, { capture: true, passive: false });
   return v;
 }
 async function pushLabels(pos) {
@@ -608,7 +643,11 @@ window.addEventListener("DOMContentLoaded", () => {
   $("mode-slice").addEventListener("click", () => setMode("slice"));
   $("suggest").addEventListener("click", applySuggestion);
   $("segment").addEventListener("click", guard(segmentSelected));
-  $("back").addEventListener("click", () => { $("label-view").hidden = true; $("select-view").hidden = false; redrawAll(); });
+  $("back").addEventListener("click", () => {
+    $("label-view").hidden = true; $("select-view").hidden = false;
+    if (S.nv) S.nv.setLayout("multiplanar");
+    redrawAll();
+  });
   for (const b of document.querySelectorAll(".preset")) {
     b.addEventListener("click", () => { S.wl = { ...S.info.presets[b.dataset.preset] }; redrawAll(); });
   }

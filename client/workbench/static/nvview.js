@@ -120,6 +120,10 @@ export async function createNiivueView(canvas, meta, hu, onLocation) {
       const scale = canvas.clientWidth / canvas.width;
       return tile.leftTopWidthHeight.map((x) => x * scale);
     },
+    /** "multiplanar" (selecting) or "axial" (labelling: one large tile to paint on). */
+    setLayout(layout) {
+      nv.setSliceType(layout === "axial" ? SLICE_TYPE.AXIAL : SLICE_TYPE.MULTIPLANAR);
+    },
     /** Empty the drawing layer (a new session). */
     clearLabels() { nv.drawBitmap.fill(0); nv.refreshDrawing(true); },
     /** Voxels per class 1-3 in the drawing layer. */
