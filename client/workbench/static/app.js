@@ -508,17 +508,11 @@ function attachBrush(target, pointOf, { capture = false, onMove = null } = {}) {
   target.addEventListener("pointerup", end, capture);
   target.addEventListener("pointercancel", end, capture);
 }
-// The native (col, row) under the pointer on NiiVue's axial tile while labelling, or null. The
-// axial tile shows the current session slice, row 0 at the top and col 0 at the left (the
-// browser test checks this against the volume); NiiVue's own zoom/pan is not followed yet.
+// The native (col, row) under the pointer on NiiVue's axial view while labelling, or null
+// (NiiVue shows the current session slice there; its zoom and pan are followed).
 function nvPoint(ev) {
   if (!S.nv || !labelling()) return null;
-  const tile = S.nv.axialTile(), s = cur();
-  if (!tile) return null;
-  const rect = $("nv-canvas").getBoundingClientRect();
-  const fx = (ev.clientX - rect.left - tile[0]) / tile[2], fy = (ev.clientY - rect.top - tile[1]) / tile[3];
-  if (fx < 0 || fy < 0 || fx >= 1 || fy >= 1) return null;
-  return [fx * s.cols, fy * s.rows];
+  return S.nv.pointerToPixel(ev.clientX, ev.clientY);
 }
 function setupPainting() {
   const v = viewport("canvas-wrap", {

@@ -113,12 +113,29 @@ export async function createNiivueView(canvas, meta, hu, onLocation) {
       }
       nv.refreshDrawing(true);
     },
-    /** The axial tile on the canvas, [left, top, width, height] in CSS pixels, or null. */
+    /**
+     * Where NiiVue draws the axial slice on the canvas: [left, top, width, height] in CSS pixels
+     * of the image's outer edges (not the tile, which may be letterboxed), or null.
+     */
     axialTile() {
-      const tile = nv.screenSlices.find((t) => t.axCorSag === SLICE_TYPE.AXIAL);
-      if (!tile) return null;
+      const z = nv.scene.crosshairPos[2];
+      const a = nv.frac2canvasPos([0, 0, z]), b = nv.frac2canvasPos([1, 1, z]);
+      if (!a || !b || a[0] < 0 || b[0] < 0) return null;
       const scale = canvas.clientWidth / canvas.width;
-      return tile.leftTopWidthHeight.map((x) => x * scale);
+      const left = Math.min(a[0], b[0]), top = Math.min(a[1], b[1]);
+      return [left, top, Math.abs(b[0] - a[0]), Math.abs(b[1] - a[1])].map((x) => x * scale);
+    },
+    /**
+     * The workbench's native (col, row), as continuous pixel coordinates (centres at +0.5), under
+     * a client point on the canvas, or null off the image. Through NiiVue's own mapping, so its
+     * tile layout, 2-D zoom and pan are followed.
+     */
+    pointerToPixel(clientX, clientY) {
+      const rect = canvas.getBoundingClientRect(), scale = canvas.width / rect.width;
+      const frac = nv.canvasPos2frac([(clientX - rect.left) * scale, (clientY - rect.top) * scale]);
+      if (!(frac[0] >= 0 && frac[1] >= 0 && frac[0] <= 1 && frac[1] <= 1)) return null;
+      const fi = frac[0] * nx, fj = frac[1] * ny; // voxel-centre coordinates, as +0.5 pixels
+      return [flips.flipCol ? nx - fi : fi, flips.flipRow ? ny - fj : fj];
     },
     /** "multiplanar" (selecting) or "axial" (labelling: one large tile to paint on). */
     setLayout(layout) {
