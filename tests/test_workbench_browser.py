@@ -524,6 +524,31 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         shot = np.asarray(Image.open(io.BytesIO(page.locator("#nv-canvas").screenshot())).convert("RGB"))
         _assert_axial_tile_matches(page, shot, hu[k])
 
+        # NiiVue's controls drive the workbench: its wheel over the axial image moves the
+        # workbench's slice (and its readout follows), a right-drag on it is the window/level
+        tile = [float(x) for x in page.get_attribute("#nv-panel", "data-axial-tile").split(",")]
+        box = page.locator("#nv-canvas").bounding_box()
+        centre = (box["x"] + tile[0] + tile[2] / 2, box["y"] + tile[1] + tile[3] / 2)
+        page.mouse.move(*centre)
+        for _ in range(2):
+            page.mouse.wheel(0, 100)
+        page.wait_for_function(
+            f"() => !document.getElementById('axial-index').textContent.startsWith('slice {k} ')"
+        )
+        moved = _axial_slice(page)
+        assert abs(moved - k) == 2, (k, moved)
+        assert _nv_readout(page)[1] == moved
+        image_before = page.locator("#nv-canvas").screenshot()
+        page.mouse.move(*centre)
+        page.mouse.down(button="right")
+        page.mouse.move(centre[0] + 50, centre[1] + 20, steps=5)
+        page.mouse.up(button="right")
+        assert page.inner_text("#wl") == "W 600 L 80 HU"
+        assert page.locator("#nv-canvas").screenshot() != image_before
+        assert _axial_slice(page) == moved  # a window drag moves no slice
+        page.click("button[data-preset=abdomen]")
+        assert page.inner_text("#wl") == "W 400 L 40 HU"
+
         # segment: the drawing layer holds every session slice's labels
         page.click("#segment")
         page.wait_for_function("() => document.querySelectorAll('#quant-table tbody tr').length > 0")

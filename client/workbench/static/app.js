@@ -525,6 +525,24 @@ function setupPainting() {
   // phase on its frame: NiiVue never sees the stroke)
   const nvBox = document.querySelector("#nv-panel .nv-box");
   attachBrush(nvBox, nvPoint, { capture: true });
+  // right-drag on NiiVue: the workbench's window/level (one model for every view)
+  nvBox.addEventListener("pointerdown", (ev) => {
+    if (!S.nv || ev.button !== 2) return;
+    ev.preventDefault(); ev.stopPropagation();
+    nvBox.setPointerCapture(ev.pointerId);
+    let lx = ev.clientX, ly = ev.clientY;
+    const move = (e) => {
+      e.stopPropagation();
+      const dx = e.clientX - lx, dy = e.clientY - ly; lx = e.clientX; ly = e.clientY;
+      S.wl.width = Math.max(1, S.wl.width + dx * 4);
+      S.wl.level += dy * 2;
+      redrawAll();
+    };
+    const up = () => { nvBox.removeEventListener("pointermove", move, true); nvBox.removeEventListener("pointerup", up, true); };
+    nvBox.addEventListener("pointermove", move, true);
+    nvBox.addEventListener("pointerup", up, true);
+  }, true);
+  nvBox.addEventListener("contextmenu", (ev) => ev.preventDefault());
   // while labelling, NiiVue's wheel pages through the session's slices, as the canvas view does
   nvBox.addEventListener("wheel", (ev) => {
     if (!S.nv || !labelling() || ev.ctrlKey || !ev.deltaY) return;

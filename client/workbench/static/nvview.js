@@ -7,7 +7,7 @@
 // (i, j, kz) of NiiVue, and index i + j*nx + kz*nx*ny of its drawing bitmap, map to the workbench's
 // (slice, row, col) by the flips in `toRas`. Only axis-aligned series are shown (the letters of
 // the axial view must be A/P and R/L); anything else keeps to the canvas viewer.
-import { Niivue, SLICE_TYPE } from "./vendor/niivue/niivue.js";
+import { DRAG_MODE, Niivue, SLICE_TYPE } from "./vendor/niivue/niivue.js";
 
 export const NIIVUE_VERSION = "0.69.0";
 
@@ -77,6 +77,7 @@ export async function createNiivueView(canvas, meta, hu, onLocation) {
     backColor: [0, 0, 0, 1], show3Dcrosshair: false, isColorbar: false, isOrientCube: false,
     multiplanarShowRender: 0, isRadiologicalConvention: true, dragAndDropEnabled: false,
     drawingEnabled: false, logLevel: "warn", isNearestInterpolation: true, textHeight: 0.04,
+    dragMode: DRAG_MODE.none, // right-drag is the workbench's window/level (app.js)
   });
   await nv.attachToCanvas(canvas);
   await nv.loadFromArrayBuffer(niftiFromHU(hu, meta.shape, meta.spacing_mm, flips), "series.nii");
