@@ -524,6 +524,19 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         shot = np.asarray(Image.open(io.BytesIO(page.locator("#nv-canvas").screenshot())).convert("RGB"))
         _assert_axial_tile_matches(page, shot, hu[k])
 
+        # the suggested vertebrae are labelled on NiiVue's coronal and sagittal images, where
+        # NiiVue puts those slices: a click on the sagittal "L3" lands in L3
+        names = page.locator("#nv-overlay .vertebra[data-plane='2'] span").all_inner_texts()
+        assert {"L1", "L2", "L3", "L4", "L5"} <= set(names), names
+        assert len(page.locator("#nv-overlay .vertebra[data-plane='1']").all()) == len(names)
+        l3_first, l3_last = demo.l3  # type: ignore[attr-defined]
+        label = page.locator("#nv-overlay .vertebra[data-plane='2']", has_text="L3").bounding_box()
+        page.mouse.click(label["x"] + label["width"] / 2, label["y"] + label["height"] / 2)
+        clicked = _axial_slice(page)
+        assert l3_first <= clicked <= l3_last, (clicked, demo.l3)  # type: ignore[attr-defined]
+        page.locator("#nv-panel").screenshot(path=str(ARTIFACTS / "34-niivue-vertebrae.png"))
+        k = clicked
+
         # NiiVue's controls drive the workbench: its wheel over the axial image moves the
         # workbench's slice (and its readout follows), a right-drag on it is the window/level
         tile = [float(x) for x in page.get_attribute("#nv-panel", "data-axial-tile").split(",")]

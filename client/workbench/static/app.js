@@ -192,6 +192,7 @@ function placeGuides() {
     ? `Slice ${lo} (z ${pos[lo].toFixed(1)} mm)`
     : `Slices ${lo}-${hi} (${n} files, z ${pos[lo].toFixed(1)} to ${pos[hi].toFixed(1)} mm)`;
   $("download").href = `/api/series/${S.key}/download?start=${lo}&end=${hi}`;
+  if (S.nv) drawNvOverlay();
 }
 function setMode(mode) {
   S.mode = mode;
@@ -265,6 +266,32 @@ function nvCursor(k) {
   S.nv.setCursor(k, S.row, S.col);
   const tile = S.nv.axialTile();
   if (tile && tile.every(Number.isFinite)) $("nv-panel").dataset.axialTile = tile.map((x) => x.toFixed(1)).join(",");
+  drawNvOverlay();
+}
+// The suggested vertebrae and the selected range over NiiVue's coronal and sagittal images,
+// placed through NiiVue's own mapping (display only: clicks go through to NiiVue).
+function drawNvOverlay() {
+  const layer = $("nv-overlay");
+  layer.replaceChildren();
+  if (!S.nv || labelling()) return;
+  const box = (cls, rect, span, text) => {
+    const el = document.createElement("div");
+    el.className = cls;
+    el.style.left = `${rect[0]}px`; el.style.width = `${rect[2]}px`;
+    el.style.top = `${rect[1] + span[0] * rect[3]}px`; el.style.height = `${(span[1] - span[0]) * rect[3]}px`;
+    if (text) { const t = document.createElement("span"); t.textContent = text; el.appendChild(t); }
+    return el;
+  };
+  for (const plane of [1, 2]) {
+    const rect = S.nv.planeRect(plane);
+    if (!rect || !rect.every(Number.isFinite)) continue;
+    for (const v of S.meta.suggestion.vertebrae) {
+      const el = box("vertebra", rect, S.nv.sliceSpan(v.start, v.end), v.name);
+      el.dataset.plane = String(plane);
+      layer.appendChild(el);
+    }
+    layer.appendChild(box("band", rect, S.nv.sliceSpan(S.start, S.end)));
+  }
 }
 // Mirror the session's labels into NiiVue's drawing layer (all slices, or one position).
 function syncLabels(pos) {
@@ -373,7 +400,7 @@ async function segmentSelected() {
   }
   S.session = session; S.labels = labels; S.hu = hu;
   S.undo = []; S.redo = []; S.pos = 0; setDirty(false);
-  if (S.nv) { S.nv.setLayout("axial"); S.nv.clearLabels(); syncLabels(); }
+  if (S.nv) { S.nv.setLayout("axial"); S.nv.clearLabels(); syncLabels(); $("nv-overlay").replaceChildren(); }
   const m = $("method");
   m.textContent = S.session.method === "fallback" ? S.session.method_label : `Pre-segmented by ${S.session.method_label}`;
   m.className = `method ${S.session.method}`;
@@ -657,7 +684,7 @@ window.addEventListener("DOMContentLoaded", () => {
   $("segment").addEventListener("click", guard(segmentSelected));
   $("back").addEventListener("click", () => {
     $("label-view").hidden = true; $("select-view").hidden = false;
-    if (S.nv) S.nv.setLayout("multiplanar");
+    if (S.nv) { S.nv.setLayout("multiplanar"); nvCursor(S.cursor); }
     redrawAll();
   });
   for (const b of document.querySelectorAll(".preset")) {

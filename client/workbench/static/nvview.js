@@ -127,6 +127,27 @@ export async function createNiivueView(canvas, meta, hu, onLocation) {
       return [left, top, Math.abs(b[0] - a[0]), Math.abs(b[1] - a[1])].map((x) => x * scale);
     },
     /**
+     * Where NiiVue draws the coronal (1) or sagittal (2) image: [left, top, width, height] in CSS
+     * pixels, or null when that plane is not shown. Corners through NiiVue's own mapping, on the
+     * plane through its crosshair.
+     */
+    planeRect(plane) {
+      const c = nv.scene.crosshairPos;
+      const lo = plane === 1 ? [0, c[1], 0] : [c[0], 0, 0], hi = plane === 1 ? [1, c[1], 1] : [c[0], 1, 1];
+      const a = nv.frac2canvasPosWithTile(lo, plane), b = nv.frac2canvasPosWithTile(hi, plane);
+      if (!a || !b || a.tileIndex < 0 || b.tileIndex < 0) return null;
+      const scale = canvas.clientWidth / canvas.width;
+      const left = Math.min(a.pos[0], b.pos[0]), top = Math.min(a.pos[1], b.pos[1]);
+      return [left, top, Math.abs(b.pos[0] - a.pos[0]), Math.abs(b.pos[1] - a.pos[1])].map((x) => x * scale);
+    },
+    /** Fractions (0 top .. 1 bottom) of a coronal/sagittal image's height spanned by slices k0..k1. */
+    sliceSpan(k0, k1) {
+      const lo = Math.min(k0, k1), hi = Math.max(k0, k1);
+      // slice k covers z fractions [kz/nz, (kz+1)/nz]; the screen's top is z fraction 1
+      const edge = (k) => (flips.flipZ ? k / nz : 1 - (k + 1) / nz);
+      return flips.flipZ ? [edge(lo), edge(hi + 1)] : [edge(hi), edge(lo - 1)];
+    },
+    /**
      * The workbench's native (col, row), as continuous pixel coordinates (centres at +0.5), under
      * a client point on the canvas, or null off the image. Through NiiVue's own mapping, so its
      * tile layout, 2-D zoom and pan are followed.
