@@ -244,7 +244,7 @@ async function startNiivue() {
   // a fresh canvas per series: a NiiVue instance owns its canvas's WebGL context
   const old = $("nv-canvas"), canvas = old.cloneNode(false);
   old.replaceWith(canvas);
-  S.nv = await createNiivueView(canvas, S.meta, S.vol, (loc) => {
+  S.nv = await createNiivueView(canvas, S.meta, S.vol, S.wl, (loc) => {
     $("nv-hu").textContent = `${loc.hu} HU at slice ${loc.k}, row ${loc.row}, col ${loc.col}`;
     if (loc.programmatic || labelling()) return;
     S.row = loc.row; S.col = loc.col;

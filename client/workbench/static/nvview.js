@@ -29,7 +29,7 @@ export function rasFlips(orientation) {
 }
 
 /** A NIfTI-1 (int16, RAS voxel order, diagonal sform in mm) of a (nz, ny, nx) HU volume. */
-export function niftiFromHU(hu, shape, spacing, flips) {
+export function niftiFromHU(hu, shape, spacing, flips, wl) {
   const [nz, ny, nx] = shape, [dz, dy, dx] = spacing;
   const buf = new ArrayBuffer(352 + nx * ny * nz * 2);
   const v = new DataView(buf);
@@ -42,6 +42,10 @@ export function niftiFromHU(hu, shape, spacing, flips) {
   v.setFloat32(108, 352, true); // vox_offset
   v.setFloat32(112, 1, true); // scl_slope
   v.setUint8(123, 10); // xyzt_units: mm, s
+  if (wl) { // the initial window as cal_max / cal_min: no second pass over the volume to set it
+    v.setFloat32(124, wl.level + wl.width / 2, true);
+    v.setFloat32(128, wl.level - wl.width / 2, true);
+  }
   v.setInt16(252, 0, true); // qform_code
   v.setInt16(254, 1, true); // sform_code: scanner
   [[dx, 0, 0, 0], [0, dy, 0, 0], [0, 0, dz, 0]].forEach((row, r) =>
@@ -70,19 +74,22 @@ export function toRas(shape, flips, k, row, col) {
  * `onLocation({k, row, col, hu, programmatic})` is called when NiiVue's crosshair moves: a click in
  * it, or `setCursor` (programmatic: true).
  */
-export async function createNiivueView(canvas, meta, hu, onLocation) {
+export async function createNiivueView(canvas, meta, hu, wl, onLocation) {
   const flips = rasFlips(meta.orientation);
   if (!flips) return null;
   const nv = new Niivue({
     backColor: [0, 0, 0, 1], show3Dcrosshair: false, isColorbar: false, isOrientCube: false,
     multiplanarShowRender: 0, isRadiologicalConvention: true, dragAndDropEnabled: false,
-    drawingEnabled: false, logLevel: "warn", isNearestInterpolation: true, textHeight: 0.04,
+    drawingEnabled: false, logLevel: "warn", isNearestInterpolation: true,
     dragMode: DRAG_MODE.none, // right-drag is the workbench's window/level (app.js)
   });
   await nv.attachToCanvas(canvas);
-  await nv.loadFromArrayBuffer(niftiFromHU(hu, meta.shape, meta.spacing_mm, flips), "series.nii");
-  nv.setSliceType(SLICE_TYPE.MULTIPLANAR);
+  // Each full-volume pass (loading, a window change: NiiVue's refreshLayers) costs seconds for a
+  // 512 x 512 x 72 series on a software GL (SwiftShader): the colormap is set before the volume
+  // and the initial window rides in the header, so loading makes one pass.
   nv.setDrawColormap(DRAW_COLORMAP);
+  nv.opts.sliceType = SLICE_TYPE.MULTIPLANAR;
+  await nv.loadFromArrayBuffer(niftiFromHU(hu, meta.shape, meta.spacing_mm, flips, wl), "series.nii");
   nv.createEmptyDrawing();
   nv.setDrawOpacity(0.5);
   const [nz, ny, nx] = meta.shape;
@@ -91,9 +98,11 @@ export async function createNiivueView(canvas, meta, hu, onLocation) {
     gl2: nv.gl instanceof WebGL2RenderingContext,
     /** Show the window {width, level} in HU. */
     setWindow(wl) {
-      const vol = nv.volumes[0];
-      vol.cal_min = wl.level - wl.width / 2; vol.cal_max = wl.level + wl.width / 2;
-      nv.updateGLVolume();
+      const vol = nv.volumes[0], lo = wl.level - wl.width / 2, hi = wl.level + wl.width / 2;
+      if (vol.cal_min === lo && vol.cal_max === hi) return; // a full-volume pass: only on a change
+      vol.cal_min = lo; vol.cal_max = hi;
+      nv.refreshLayers(vol, 0);
+      nv.drawScene();
     },
     /** Put the crosshair on the workbench's (k, row, col). */
     setCursor(k, row, col) {
