@@ -57,7 +57,9 @@ def test_host_check_and_no_external_urls(demo: DemoSeries) -> None:
     assert client.get("/", headers={"Host": "evil.example"}).status_code == 400
     page = client.get("/")
     assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
-    for path in STATIC.iterdir():
+    # our own files; the vendored NiiVue bundle names URLs in its code (docs, demo loaders), and
+    # that the page fetches nothing from elsewhere is checked in the browser (test_niivue_...)
+    for path in (p for p in STATIC.iterdir() if p.is_file()):
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), path.name
 

@@ -9,6 +9,7 @@ Needs Debian's chromium (``apt-get install -y chromium``) and the ``playwright``
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import threading
@@ -441,4 +442,194 @@ def test_brush_hu_limit_undo_redo_and_unsaved_guard(server: tuple[str, object, P
         # leaving the page with unsaved edits asks too (beforeunload)
         _close_with_unload(page)
     assert [d[0] for d in dialogs] == ["confirm", "beforeunload"], dialogs
+    assert not errors, errors
+
+
+def _nv_readout(page) -> tuple[int, int, int, int]:  # type: ignore[no-untyped-def]
+    """(HU, slice, row, col) from NiiVue's readout: "<hu> HU at slice k, row r, col c"."""
+    text = page.inner_text("#nv-hu")
+    value, rest = text.split(" HU at slice ")
+    k, row, col = (int(part.split()[-1]) for part in rest.split(","))
+    return int(float(value)), k, row, col
+
+
+def _assert_axial_tile_matches(page, shot: np.ndarray, image: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    page.wait_for_selector("#nv-panel[data-axial-tile]")
+    tile = page.get_attribute("#nv-panel", "data-axial-tile")
+    left, top, width, height = (float(x) for x in tile.split(","))
+    rows, cols = image.shape
+    # sample the tile at each pixel centre (nearest-neighbour rendering); drop crosshair-red pixels
+    ys = np.clip((top + (np.arange(rows) + 0.5) / rows * height).astype(int), 0, shot.shape[0] - 1)
+    xs = np.clip((left + (np.arange(cols) + 0.5) / cols * width).astype(int), 0, shot.shape[1] - 1)
+    tile = shot[np.ix_(ys, xs)].astype(float)
+    neutral = np.ptp(tile, axis=2) < 12
+    seen = tile.mean(axis=2)
+    expected = np.clip((image - (40 - 200)) / 400 * 255, 0, 255)  # W 400 L 40
+    scores = {
+        name: float(np.corrcoef(seen[neutral], view[neutral])[0, 1])
+        for name, view in {
+            "as is": expected, "rows mirrored": expected[::-1], "both mirrored": expected[::-1, ::-1]
+        }.items()
+    }  # fmt: skip
+    assert scores["as is"] > 0.9 and scores["as is"] > max(scores.values()) - 1e-9, (scores, tile)
+    # (left-right mirroring is not tested: the phantom is left-right symmetric)
+
+
+def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object, Path]) -> None:
+    """`?viewer=niivue`: the vendored NiiVue draws the series on a WebGL2 canvas, its crosshair
+    follows the workbench's slice at the right voxel (the HU it reads is the volume's), and the
+    session's labels, HU-limited strokes included, are its drawing layer."""
+    from PIL import Image
+
+    url, demo, _ = server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    hu = _volume(demo)
+    _, rows, cols = hu.shape
+    errors: list[str] = []
+    with _page(errors) as page:  # type: ignore[var-annotated]
+        page.goto(f"{url}?viewer=niivue")
+        page.wait_for_selector("#select-view[data-loaded]")
+        page.wait_for_selector("#nv-panel[data-niivue]")
+        assert page.get_attribute("#nv-panel", "data-niivue") == "0.69.0"
+        assert page.get_attribute("#nv-panel", "data-gl") == "webgl2"
+        # the vendored bundle, from this server: nothing else was fetched
+        loaded = page.evaluate("() => performance.getEntriesByType('resource').map((e) => e.name)")
+        assert f"{url}static/vendor/niivue/niivue.js" in loaded, loaded
+        assert all(name.startswith(url) for name in loaded), loaded
+
+        # the canvas is drawn: a CT, not a blank or uniform frame
+        shot = np.asarray(Image.open(io.BytesIO(page.locator("#nv-canvas").screenshot())).convert("RGB"))
+        grey = shot.mean(axis=2)
+        assert grey.std() > 20 and len(np.unique(grey.astype(np.uint8))) > 40, (grey.std(), grey.max())
+        page.locator("#nv-canvas").screenshot(path=str(ARTIFACTS / "30-niivue-series.png"))
+        # ... shown the right way round: NiiVue's axial tile matches the slice (radiological: row 0
+        # anterior at the top, col 0 the patient's right at the left) better than any mirror of it
+
+        # NiiVue's crosshair follows the workbench's wheel: same slice, and the HU it reads there
+        # is the volume's (a flipped axis would read another voxel)
+        first = _axial_slice(page)
+        page.mouse.move(*_point(page, "#axial-canvas", rows / 2, cols / 2, rows, cols))
+        for _ in range(3):
+            page.mouse.wheel(0, 100)
+        page.wait_for_function(
+            f"() => document.getElementById('nv-hu').textContent.includes('slice {first + 3},')"
+        )
+        value, k, row, col = _nv_readout(page)
+        assert k == first + 3
+        assert value == round(float(hu[k, row, col])), (value, hu[k, row, col])
+        assert hu[k, row, col] > 150, "the crosshair starts on the spine"
+        # ... and the image is shown the right way round: NiiVue's axial tile matches the slice
+        # (radiological: row 0 anterior at the top, col 0 the patient's right at the left) better
+        # than a mirror of it (a consistent flip would pass the HU check above)
+        shot = np.asarray(Image.open(io.BytesIO(page.locator("#nv-canvas").screenshot())).convert("RGB"))
+        _assert_axial_tile_matches(page, shot, hu[k])
+
+        # the suggested vertebrae are labelled on NiiVue's coronal and sagittal images, where
+        # NiiVue puts those slices: a click on the sagittal "L3" lands in L3
+        names = page.locator("#nv-overlay .vertebra[data-plane='2'] span").all_inner_texts()
+        assert {"L1", "L2", "L3", "L4", "L5"} <= set(names), names
+        assert len(page.locator("#nv-overlay .vertebra[data-plane='1']").all()) == len(names)
+        l3_first, l3_last = demo.l3  # type: ignore[attr-defined]
+        label = page.locator("#nv-overlay .vertebra[data-plane='2']", has_text="L3").bounding_box()
+        page.mouse.click(label["x"] + label["width"] / 2, label["y"] + label["height"] / 2)
+        clicked = _axial_slice(page)
+        assert l3_first <= clicked <= l3_last, (clicked, demo.l3)  # type: ignore[attr-defined]
+        page.locator("#nv-panel").screenshot(path=str(ARTIFACTS / "34-niivue-vertebrae.png"))
+        k = clicked
+
+        # NiiVue's controls drive the workbench: its wheel over the axial image moves the
+        # workbench's slice (and its readout follows), a right-drag on it is the window/level
+        tile = [float(x) for x in page.get_attribute("#nv-panel", "data-axial-tile").split(",")]
+        box = page.locator("#nv-canvas").bounding_box()
+        centre = (box["x"] + tile[0] + tile[2] / 2, box["y"] + tile[1] + tile[3] / 2)
+        page.mouse.move(*centre)
+        for _ in range(2):
+            page.mouse.wheel(0, 100)
+        page.wait_for_function(
+            f"() => !document.getElementById('axial-index').textContent.startsWith('slice {k} ')"
+        )
+        moved = _axial_slice(page)
+        assert abs(moved - k) == 2, (k, moved)
+        assert _nv_readout(page)[1] == moved
+        image_before = page.locator("#nv-canvas").screenshot()
+        page.mouse.move(*centre)
+        page.mouse.down(button="right")
+        page.mouse.move(centre[0] + 50, centre[1] + 20, steps=5)
+        page.mouse.up(button="right")
+        assert page.inner_text("#wl") == "W 600 L 80 HU"
+        assert page.locator("#nv-canvas").screenshot() != image_before
+        assert _axial_slice(page) == moved  # a window drag moves no slice
+        page.click("button[data-preset=abdomen]")
+        assert page.inner_text("#wl") == "W 400 L 40 HU"
+
+        # segment: the drawing layer holds every session slice's labels
+        page.click("#segment")
+        page.wait_for_function("() => document.querySelectorAll('#quant-table tbody tr').length > 0")
+        sid = _session_id(page)
+        n = page.locator("#quant-table tbody tr").count()
+        counts = lambda: [int(x) for x in page.get_attribute("#nv-panel", "data-draw-counts").split(",")]  # noqa: E731
+        labels = [_labels(url, sid, i, (rows, cols)) for i in range(n)]
+        assert counts() == [sum(int((lab == c).sum()) for lab in labels) for c in (1, 2, 3)]
+        assert counts()[0] > 0
+        page.locator("#nv-canvas").screenshot(path=str(ARTIFACTS / "31-niivue-mask.png"))
+
+        # an HU-limited muscle stroke across the spine reaches the layer; bone stays unlabelled
+        k0 = int(page.inner_text("#slice-name").split()[-1])
+        image = hu[k0]
+        r = int(np.argmax((image > 150).sum(axis=1)))
+        line = np.nonzero(image[r] > 150)[0]
+        c0, c1 = int(line.min()) - 8, int(line.max()) + 8
+        page.check("input[name=cls][value='1']")
+        page.fill("#brush-size", "1")
+        page.mouse.move(*_point(page, "#ov-canvas", r, c0, rows, cols))
+        page.mouse.down()
+        page.mouse.move(*_point(page, "#ov-canvas", r, c1, rows, cols), steps=12)
+        page.mouse.up()
+        page.wait_for_function("() => document.getElementById('dirty').textContent !== ''")
+        page.wait_for_timeout(300)
+        painted = _labels(url, sid, 0, (rows, cols))
+        assert np.all(painted[r, c0 : c1 + 1][image[r, c0 : c1 + 1] > 150] == 0)
+        after = [sum(int((lab == c).sum()) for lab in [painted, *labels[1:]]) for c in (1, 2, 3)]
+        assert after != [sum(int((lab == c).sum()) for lab in labels) for c in (1, 2, 3)]
+        assert counts() == after
+        page.keyboard.press("Control+z")
+        page.wait_for_function(
+            f"() => document.getElementById('nv-panel').dataset.drawCounts !== '{','.join(map(str, after))}'"
+        )
+        assert counts() == [sum(int((lab == c).sum()) for lab in labels) for c in (1, 2, 3)]
+        page.locator("#nv-canvas").screenshot(path=str(ARTIFACTS / "32-niivue-stroke-undone.png"))
+
+        # the same stroke painted on NiiVue's axial tile: the same rules (bone stays unlabelled,
+        # other classes kept, only the stroke's rows change), one undo step, the layer follows
+        page.locator("#nv-canvas").scroll_into_view_if_needed()
+        page.wait_for_selector("#nv-panel[data-axial-tile]")
+        tile = [float(x) for x in page.get_attribute("#nv-panel", "data-axial-tile").split(",")]
+        box = page.locator("#nv-canvas").bounding_box()
+
+        def on_tile(row: float, col: float) -> tuple[float, float]:
+            return (
+                box["x"] + tile[0] + (col + 0.5) / cols * tile[2],
+                box["y"] + tile[1] + (row + 0.5) / rows * tile[3],
+            )
+
+        before = labels[0]
+        page.mouse.move(*on_tile(r, c0))
+        page.mouse.down()
+        page.mouse.move(*on_tile(r, c1), steps=12)
+        page.mouse.up()
+        page.wait_for_timeout(400)
+        on_nv = _labels(url, sid, 0, (rows, cols))
+        page.locator("#nv-canvas").screenshot(path=str(ARTIFACTS / "33-niivue-painted-on-tile.png"))
+        seg, vals, old = on_nv[r, c0 : c1 + 1], image[r, c0 : c1 + 1], before[r, c0 : c1 + 1]
+        muscle_range = (vals >= -29) & (vals <= 150)
+        assert np.all(seg[vals > 150] == 0), "bone under the stroke must stay unlabelled"
+        assert np.all(seg[muscle_range & (old == 0)] == 1), "muscle-range pixels are painted"
+        assert np.all(seg[old > 1] == old[old > 1]), "other classes are never overwritten"
+        changed = np.argwhere(on_nv != before)
+        assert changed.size and np.all(np.abs(changed[:, 0] - r) <= 1), "only the stroke's rows changed"
+        assert counts() == [sum(int((lab == c).sum()) for lab in [on_nv, *labels[1:]]) for c in (1, 2, 3)]
+        assert page.inner_text("#dirty") != ""
+        page.keyboard.press("Control+z")
+        page.wait_for_timeout(400)
+        assert np.array_equal(_labels(url, sid, 0, (rows, cols)), before)
     assert not errors, errors

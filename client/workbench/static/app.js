@@ -13,12 +13,15 @@ const $ = (id) => document.getElementById(id);
 const COLOURS = { 1: [230, 60, 60], 2: [245, 200, 40], 3: [40, 190, 170] };
 const CLASS_NAMES = { 1: "Muscle", 2: "SAT", 3: "VAT" };
 const PAGE = 5;
+// `?viewer=niivue`: also show the series in NiiVue (nvview.js, loaded only then).
+const NIIVUE = new URLSearchParams(window.location.search).get("viewer") === "niivue";
 
 const S = {
   info: null, key: null, meta: null, vol: null, mode: "range",
   wl: { width: 400, level: 40 },
   start: 0, end: 0, cursor: 0, row: 0, col: 0,
   session: null, pos: 0, labels: [], hu: [], undo: [], redo: [], painting: false, dirty: false,
+  nv: null,
 };
 
 async function api(path, options) {
@@ -39,6 +42,7 @@ const labelling = () => !$("label-view").hidden && S.session !== null;
 
 // ------------------------------------------------------------------ window / level
 function showWindow() {
+  if (S.nv) S.nv.setWindow(S.wl);
   $("wl").textContent = `W ${Math.round(S.wl.width)} L ${Math.round(S.wl.level)} HU`;
   for (const b of document.querySelectorAll(".preset")) {
     const p = S.info && S.info.presets[b.dataset.preset];
@@ -76,6 +80,7 @@ function drawAxial() {
   c.width = nx; c.height = ny;
   grey(c.getContext("2d"), nx, ny, (i) => S.vol[off + i]);
   $("axial-index").textContent = `slice ${S.cursor} / ${nz() - 1} (z ${S.meta.positions_mm[S.cursor].toFixed(1)} mm)`;
+  if (S.nv) nvCursor(S.cursor);
 }
 function drawReformats() {
   const [z, ny, nx] = S.meta.shape;
@@ -187,6 +192,7 @@ function placeGuides() {
     ? `Slice ${lo} (z ${pos[lo].toFixed(1)} mm)`
     : `Slices ${lo}-${hi} (${n} files, z ${pos[lo].toFixed(1)} to ${pos[hi].toFixed(1)} mm)`;
   $("download").href = `/api/series/${S.key}/download?start=${lo}&end=${hi}`;
+  if (S.nv) drawNvOverlay();
 }
 function setMode(mode) {
   S.mode = mode;
@@ -225,9 +231,75 @@ async function loadSeries(key) {
   layoutSelection();
   drawReformats();
   applySuggestion();
+  if (NIIVUE) await startNiivue();
   $("select-view").dataset.loaded = key;
   status(`${S.meta.description || "series"}: ${S.meta.shape[0]} slices, spacing ` +
     `${S.meta.spacing_mm.map((v) => v.toFixed(2)).join(" x ")} mm ${S.meta.note ? "- " + S.meta.note : ""}`);
+}
+
+// ------------------------------------------------------------------ NiiVue (prototype, ?viewer=niivue)
+async function startNiivue() {
+  const { createNiivueView, NIIVUE_VERSION } = await import("./nvview.js");
+  const panel = $("nv-panel");
+  // a fresh canvas per series: a NiiVue instance owns its canvas's WebGL context
+  const old = $("nv-canvas"), canvas = old.cloneNode(false);
+  old.replaceWith(canvas);
+  S.nv = await createNiivueView(canvas, S.meta, S.vol, S.wl, (loc) => {
+    $("nv-hu").textContent = `${loc.hu} HU at slice ${loc.k}, row ${loc.row}, col ${loc.col}`;
+    if (loc.programmatic || labelling()) return;
+    S.row = loc.row; S.col = loc.col;
+    drawReformats();
+    setCursor(loc.k);
+  });
+  panel.hidden = false;
+  if (!S.nv) { $("nv-version").textContent = "not shown: the series is not axis-aligned"; return; }
+  $("nv-version").textContent = NIIVUE_VERSION;
+  panel.dataset.niivue = NIIVUE_VERSION;
+  panel.dataset.gl = S.nv.gl2 ? "webgl2" : "none";
+  S.nv.setWindow(S.wl);
+  nvCursor(S.cursor);
+  syncLabels();
+}
+// Point NiiVue's crosshair at (k, row, col) and note where it drew the axial tile (a check that
+// the image is not mirrored compares that tile with the slice).
+function nvCursor(k) {
+  S.nv.setCursor(k, S.row, S.col);
+  const tile = S.nv.axialTile();
+  if (tile && tile.every(Number.isFinite)) $("nv-panel").dataset.axialTile = tile.map((x) => x.toFixed(1)).join(",");
+  drawNvOverlay();
+}
+// The suggested vertebrae and the selected range over NiiVue's coronal and sagittal images,
+// placed through NiiVue's own mapping (display only: clicks go through to NiiVue).
+function drawNvOverlay() {
+  const layer = $("nv-overlay");
+  layer.replaceChildren();
+  if (!S.nv || labelling()) return;
+  const box = (cls, rect, span, text) => {
+    const el = document.createElement("div");
+    el.className = cls;
+    el.style.left = `${rect[0]}px`; el.style.width = `${rect[2]}px`;
+    el.style.top = `${rect[1] + span[0] * rect[3]}px`; el.style.height = `${(span[1] - span[0]) * rect[3]}px`;
+    if (text) { const t = document.createElement("span"); t.textContent = text; el.appendChild(t); }
+    return el;
+  };
+  for (const plane of [1, 2]) {
+    const rect = S.nv.planeRect(plane);
+    if (!rect || !rect.every(Number.isFinite)) continue;
+    for (const v of S.meta.suggestion.vertebrae) {
+      const el = box("vertebra", rect, S.nv.sliceSpan(v.start, v.end), v.name);
+      el.dataset.plane = String(plane);
+      layer.appendChild(el);
+    }
+    layer.appendChild(box("band", rect, S.nv.sliceSpan(S.start, S.end)));
+  }
+}
+// Mirror the session's labels into NiiVue's drawing layer (all slices, or one position).
+function syncLabels(pos) {
+  if (!S.nv) return;
+  if (!S.session) S.nv.clearLabels();
+  else if (pos === undefined) S.session.slices.forEach((s, i) => S.nv.setLabels(s.index, S.labels[i]));
+  else S.nv.setLabels(S.session.slices[pos].index, S.labels[pos]);
+  $("nv-panel").dataset.drawCounts = S.nv.labelCounts().join(",");
 }
 
 function setupSelectionViews() {
@@ -328,6 +400,7 @@ async function segmentSelected() {
   }
   S.session = session; S.labels = labels; S.hu = hu;
   S.undo = []; S.redo = []; S.pos = 0; setDirty(false);
+  if (S.nv) { S.nv.setLayout("axial"); S.nv.clearLabels(); syncLabels(); $("nv-overlay").replaceChildren(); }
   const m = $("method");
   m.textContent = S.session.method === "fallback" ? S.session.method_label : `Pre-segmented by ${S.session.method_label}`;
   m.className = `method ${S.session.method}`;
@@ -348,6 +421,7 @@ async function showSlice(pos) {
   for (const c of [ctCanvas(), ovCanvas()]) { c.width = s.cols; c.height = s.rows; }
   setAspect("canvas-wrap", 512, (s.rows * s.spacing_mm[0]) / (s.cols * s.spacing_mm[1]));
   $("slice-name").textContent = `${S.pos + 1}/${S.session.slices.length}: slice ${s.index}`;
+  if (S.nv) nvCursor(s.index);
   drawCT();
   drawOverlay();
   sizeOutline();
@@ -421,39 +495,87 @@ function moveOutline(ev) {
     showHU(S.hu[S.pos][row * s.cols + col], `row ${row}, col ${col}${v ? ` (${CLASS_NAMES[v]})` : ""}`);
   }
 }
+// A brush on `target`: `pointOf(ev)` is the native (col, row) under the pointer, or null where
+// the target does not paint now. One stroke = one undo step; the server gets it at the end.
+function attachBrush(target, pointOf, { capture = false, onMove = null } = {}) {
+  let last = null;
+  target.addEventListener("pointerdown", (ev) => {
+    if (ev.button !== 0 || ev.shiftKey || !S.session) return;
+    const p = pointOf(ev);
+    if (!p) return;
+    ev.preventDefault(); // also keeps the compatibility mouse events from a viewer underneath
+    if (capture) ev.stopPropagation();
+    target.setPointerCapture(ev.pointerId);
+    S.undo.push({ pos: S.pos, labels: S.labels[S.pos].slice() });
+    if (S.undo.length > 100) S.undo.shift();
+    S.redo = [];
+    S.painting = target;
+    last = p;
+    paintAt(...last); drawOverlay();
+    if (capture) syncLabels(S.pos);
+  }, capture);
+  target.addEventListener("pointermove", (ev) => {
+    if (onMove) onMove(ev);
+    if (S.painting !== target) return;
+    if (capture) ev.stopPropagation();
+    const p = pointOf(ev);
+    if (!p) return;
+    const steps = Math.max(1, Math.ceil(Math.hypot(p[0] - last[0], p[1] - last[1])));
+    for (let t = 1; t <= steps; t++) paintAt(last[0] + ((p[0] - last[0]) * t) / steps, last[1] + ((p[1] - last[1]) * t) / steps);
+    last = p; drawOverlay();
+    if (capture) syncLabels(S.pos);
+  }, capture);
+  const end = (ev) => {
+    if (S.painting !== target) return;
+    if (capture) ev.stopPropagation();
+    S.painting = false; setDirty(true);
+    syncLabels(S.pos);
+    guard(pushLabels)(S.pos);
+  };
+  target.addEventListener("pointerup", end, capture);
+  target.addEventListener("pointercancel", end, capture);
+}
+// The native (col, row) under the pointer on NiiVue's axial view while labelling, or null
+// (NiiVue shows the current session slice there; its zoom and pan are followed).
+function nvPoint(ev) {
+  if (!S.nv || !labelling()) return null;
+  return S.nv.pointerToPixel(ev.clientX, ev.clientY);
+}
 function setupPainting() {
   const v = viewport("canvas-wrap", {
     scroll: (d) => { if (S.session) guard(showSlice)(S.pos + d); },
   });
   const c = ovCanvas();
-  let last = null;
-  c.addEventListener("pointerdown", (ev) => {
-    if (ev.button !== 0 || ev.shiftKey) return;
-    ev.preventDefault();
-    c.setPointerCapture(ev.pointerId);
-    S.undo.push({ pos: S.pos, labels: S.labels[S.pos].slice() });
-    if (S.undo.length > 100) S.undo.shift();
-    S.redo = [];
-    S.painting = true;
-    last = canvasPoint(ev);
-    paintAt(...last); drawOverlay();
-  });
-  c.addEventListener("pointermove", (ev) => {
-    moveOutline(ev);
-    if (!S.painting) return;
-    const p = canvasPoint(ev);
-    const steps = Math.max(1, Math.ceil(Math.hypot(p[0] - last[0], p[1] - last[1])));
-    for (let t = 1; t <= steps; t++) paintAt(last[0] + ((p[0] - last[0]) * t) / steps, last[1] + ((p[1] - last[1]) * t) / steps);
-    last = p; drawOverlay();
-  });
+  attachBrush(c, canvasPoint, { onMove: moveOutline });
   c.addEventListener("pointerleave", () => { $("brush-outline").hidden = true; });
-  const end = () => {
-    if (!S.painting) return;
-    S.painting = false; setDirty(true);
-    guard(pushLabels)(S.pos);
-  };
-  c.addEventListener("pointerup", end);
-  c.addEventListener("pointercancel", end);
+  // while labelling, a left-drag on NiiVue's axial tile paints with the same rules (capture
+  // phase on its frame: NiiVue never sees the stroke)
+  const nvBox = document.querySelector("#nv-panel .nv-box");
+  attachBrush(nvBox, nvPoint, { capture: true });
+  // right-drag on NiiVue: the workbench's window/level (one model for every view)
+  nvBox.addEventListener("pointerdown", (ev) => {
+    if (!S.nv || ev.button !== 2) return;
+    ev.preventDefault(); ev.stopPropagation();
+    nvBox.setPointerCapture(ev.pointerId);
+    let lx = ev.clientX, ly = ev.clientY;
+    const move = (e) => {
+      e.stopPropagation();
+      const dx = e.clientX - lx, dy = e.clientY - ly; lx = e.clientX; ly = e.clientY;
+      S.wl.width = Math.max(1, S.wl.width + dx * 4);
+      S.wl.level += dy * 2;
+      redrawAll();
+    };
+    const up = () => { nvBox.removeEventListener("pointermove", move, true); nvBox.removeEventListener("pointerup", up, true); };
+    nvBox.addEventListener("pointermove", move, true);
+    nvBox.addEventListener("pointerup", up, true);
+  }, true);
+  nvBox.addEventListener("contextmenu", (ev) => ev.preventDefault());
+  // while labelling, NiiVue's wheel pages through the session's slices, as the canvas view does
+  nvBox.addEventListener("wheel", (ev) => {
+    if (!S.nv || !labelling() || ev.ctrlKey || !ev.deltaY) return;
+    ev.preventDefault(); ev.stopPropagation();
+    guard(showSlice)(S.pos + (ev.deltaY > 0 ? 1 : -1));
+  }, { capture: true, passive: false });
   return v;
 }
 async function pushLabels(pos) {
@@ -470,6 +592,7 @@ async function restore(from, to) {
   S.labels[step.pos] = step.labels;
   setDirty(true);
   if (step.pos !== S.pos) await showSlice(step.pos); else drawOverlay();
+  syncLabels(step.pos);
   await pushLabels(step.pos);
 }
 const undo = () => restore(S.undo, S.redo);
@@ -559,7 +682,11 @@ window.addEventListener("DOMContentLoaded", () => {
   $("mode-slice").addEventListener("click", () => setMode("slice"));
   $("suggest").addEventListener("click", applySuggestion);
   $("segment").addEventListener("click", guard(segmentSelected));
-  $("back").addEventListener("click", () => { $("label-view").hidden = true; $("select-view").hidden = false; redrawAll(); });
+  $("back").addEventListener("click", () => {
+    $("label-view").hidden = true; $("select-view").hidden = false;
+    if (S.nv) { S.nv.setLayout("multiplanar"); nvCursor(S.cursor); }
+    redrawAll();
+  });
   for (const b of document.querySelectorAll(".preset")) {
     b.addEventListener("click", () => { S.wl = { ...S.info.presets[b.dataset.preset] }; redrawAll(); });
   }
