@@ -87,14 +87,14 @@ def test_the_site_node_config_wins_over_the_study() -> None:
     if cpu_bf16:
         assert site_compute({"precision": "bf16"}, study, "training").precision == "bf16"
     if not torch.cuda.is_available():
-        with pytest.raises(ComputeUnavailable, match="node config's 'device'"):
+        with pytest.raises(ComputeUnavailable, match=r"node config's 'device'"):
             site_compute({"device": "cuda"}, study, "training")
-        with pytest.raises(ComputeUnavailable, match="compute.device = 'cuda'"):
+        with pytest.raises(ComputeUnavailable, match=r"compute\.device = 'cuda'"):
             site_compute({}, StudyConfig.from_run_config({"compute.device": "cuda"}), "training")
 
 
 def test_the_study_refuses_an_unknown_device_with_the_choices() -> None:
-    with pytest.raises(ValueError, match="compute.device") as err:
+    with pytest.raises(ValueError, match=r"compute\.device") as err:
         StudyConfig.from_run_config({"compute.device": "gpu"})
     assert "'cuda'" in str(err.value)
 
