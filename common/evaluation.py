@@ -448,9 +448,9 @@ def evaluate_site(
     fails is retried slice by slice, and a slice that still fails (or fails scoring) counts
     as ``evaluation_error``. ``on_slice(loaded_slice, protocol_applied_mask)`` is called for
     every scored slice. ``compute`` (``common.device``): where and in what precision the model
-    runs (``None``: fp32 on the device the model is on); the payload says which (``compute``).
+    runs, which the payload's ``compute`` says (``None``: the model as it is, in fp32; the
+    payload does not say).
     """
-    from common import device  # torch: imported only when a model is run
     from common.inference import predict_masks  # torch: imported only when a model is run
     from common.model import load_model
 
@@ -460,8 +460,8 @@ def evaluate_site(
     protocol = protocol or LabelProtocol()
     hu_ranges = protocol.hu_ranges
     loaded = load_model(model) if isinstance(model, Path | str) else model
-    compute = compute or device.Compute.of_model(loaded.model)
-    compute.prepare(loaded.model)
+    if compute is not None:
+        compute.prepare(loaded.model)
     run = _SiteRun(hu_ranges if harmonised else None, on_slice, apply=hu_ranges)
 
     def predict(batch: list[LoadedSlice]) -> None:
@@ -506,7 +506,8 @@ def evaluate_site(
         harmonised=harmonised,
         scope=scope,
     )
-    return payload.model_copy(update={"compute": compute.used}), run.records
+    used = compute.used if compute is not None else None
+    return payload.model_copy(update={"compute": used}), run.records
 
 
 def compare_site(
