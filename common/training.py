@@ -347,8 +347,8 @@ def train_local(
 
     ``compute`` (``common.device``): where the forward and backward passes run and in what
     precision (autocast; the weights and the optimiser stay float32). DP-SGD runs in fp32 and
-    contiguous memory on ``compute``'s device (Opacus's per-slice gradients are not checked
-    under autocast). Each sample's model-size input is made once per call; on CUDA the
+    contiguous memory on ``compute``'s device: under bf16 autocast Opacus's per-slice
+    gradients come out in bf16 and its noise step cannot assign them to the float32 weights. Each sample's model-size input is made once per call; on CUDA the
     batches come through a ``torch.utils.data.DataLoader`` with pinned memory. The returned
     ``state_dict`` is float32, contiguous, on the CPU, and so is ``model`` afterwards.
     """
