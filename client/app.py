@@ -123,7 +123,7 @@ def _run(
 
         spec = _spec(config)
         guard.check_training(spec, study.train, site_tasks.n_train_rows(site, study.train))
-        compute = site_tasks.site_compute(node_config, study, "training")
+        compute = site_tasks.site_compute(node_config, study, "training", guard.policy)
         model = _model(msg, config, spec)
         global_packed = msg.content.array_records[keys.ARRAYS][keys.PACKED].numpy()
         mu = float(config.get(keys.PROXIMAL_MU, 0.0))  # type: ignore[arg-type]

@@ -69,11 +69,17 @@ NODE_DEVICE = "device"
 NODE_PRECISION = "precision"
 
 
-def site_compute(node_config: Mapping[str, object], study: StudyConfig, purpose: Purpose) -> Compute:
+def site_compute(
+    node_config: Mapping[str, object],
+    study: StudyConfig,
+    purpose: Purpose,
+    policy: SitePolicy | None = None,
+) -> Compute:
     """Where this site runs the model: its node config's ``device`` / ``precision`` when set, else
     the study's ``compute`` section (``auto`` by default), resolved on this machine
     (``common.device.resolve_compute``; a device it does not have is a SarcofedError naming the
-    setting)."""
+    setting). Training under the ``policy``'s DP-SGD runs in fp32 whatever is asked
+    (``common.training.training_compute``), and this says so."""
     from common.device import resolve_compute
 
     def pick(key: str, study_value: str) -> tuple[str, str]:
@@ -83,13 +89,18 @@ def site_compute(node_config: Mapping[str, object], study: StudyConfig, purpose:
 
     device, device_setting = pick(NODE_DEVICE, study.compute.device)
     precision, precision_setting = pick(NODE_PRECISION, study.compute.precision)
-    return resolve_compute(
+    compute = resolve_compute(
         device,
         precision,
         purpose=purpose,
         device_setting=device_setting,
         precision_setting=precision_setting,
     )
+    if purpose == "training" and policy is not None and policy.dp_sgd.enabled:
+        from common.training import training_compute
+
+        return training_compute(compute, private=True)
+    return compute
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,8 @@ class LocalTrainResult:
     #: DP-SGD only: the epsilon this round spent at ``delta`` (Opacus's RDP accountant).
     epsilon: float | None = None
     delta: float | None = None
+    #: where and in what precision the round ran (DP-SGD: fp32 whatever was asked)
+    compute: Compute = REFERENCE
 
 
 def proximal_term(
@@ -321,6 +323,12 @@ def _train_epochs(
     return epoch_losses, epoch_sum
 
 
+def training_compute(compute: Compute, *, private: bool) -> Compute:
+    """What a round runs on when ``compute`` is asked for: DP-SGD is fp32 and contiguous memory
+    on the same device (see :func:`train_local`), anything else ``compute`` itself."""
+    return Compute(device=compute.device) if private else compute
+
+
 def train_local(
     model: torch.nn.Module,
     spec: ModelSpec,
@@ -348,9 +356,11 @@ def train_local(
     ``compute`` (``common.device``): where the forward and backward passes run and in what
     precision (autocast; the weights and the optimiser stay float32). DP-SGD runs in fp32 and
     contiguous memory on ``compute``'s device: under bf16 autocast Opacus's per-slice
-    gradients come out in bf16 and its noise step cannot assign them to the float32 weights. Each sample's model-size input is made once per call; on CUDA the
-    batches come through a ``torch.utils.data.DataLoader`` with pinned memory. The returned
-    ``state_dict`` is float32, contiguous, on the CPU, and so is ``model`` afterwards.
+    gradients come out in bf16 and its noise step cannot assign them to the float32 weights;
+    the result's ``compute`` says what ran. Each sample's model-size input is made once per
+    call; on CUDA the batches come through a ``torch.utils.data.DataLoader`` with pinned
+    memory. The returned ``state_dict`` is float32, contiguous, on the CPU, and so is ``model``
+    afterwards.
     """
     if not train:
         raise ValueError("train_local needs at least one training slice")
@@ -361,8 +371,7 @@ def train_local(
     _check_samples(train, spec, "training")
     _check_samples(val, spec, "validation")
     started = time.perf_counter()
-    if private is not None:
-        compute = Compute(device=compute.device)
+    compute = training_compute(compute, private=private is not None)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     inputs = ModelInputs.of(train, spec)
@@ -442,6 +451,7 @@ def train_local(
         epoch_losses=epoch_losses,
         epsilon=spent[0] if spent else None,
         delta=spent[1] if spent else None,
+        compute=compute,
     )
 
 

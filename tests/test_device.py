@@ -20,6 +20,7 @@ from common.errors import SarcofedError
 from common.inference import predict_masks
 from common.model import ModelSpec, build_model, pack_state, unpack_state
 from common.training import ModelInputs, TrainConfig, train_local
+from common.training import training_compute as train_local_compute
 from protocols.study import StudyConfig
 
 GPU_BF16 = Capabilities(cuda=True, cuda_bf16=True, cpu_bf16=True)
@@ -91,6 +92,18 @@ def test_the_site_node_config_wins_over_the_study() -> None:
             site_compute({"device": "cuda"}, study, "training")
         with pytest.raises(ComputeUnavailable, match=r"compute\.device = 'cuda'"):
             site_compute({}, StudyConfig.from_run_config({"compute.device": "cuda"}), "training")
+
+
+def test_a_dp_sgd_site_trains_and_says_fp32_whatever_is_asked() -> None:
+    """Opacus cannot take bf16 per-slice gradients: under the policy's DP-SGD the site trains in
+    fp32 on the same device, and what it says it used is that (its validation is unaffected)."""
+    from client.policy import DpSgd, SitePolicy
+
+    policy = SitePolicy(dp_sgd=DpSgd(enabled=True))
+    study = StudyConfig.from_run_config({"compute.device": "cpu"})
+    assert site_compute({}, study, "training", policy) == Compute("cpu", "fp32", False)
+    assert site_compute({}, study, "inference", policy) == Compute("cpu", "fp32", True)
+    assert train_local_compute(Compute("cpu", "bf16", True), private=True) == Compute("cpu", "fp32", False)
 
 
 def test_the_study_refuses_an_unknown_device_with_the_choices() -> None:
