@@ -11,10 +11,18 @@ Builds a temporary site of ``--slices`` 512 x 512 slices, then times per slice:
 - ``end-to-end``: ``common.evaluation.evaluate_site`` from the model.pt path (model load and
   dataset fingerprint included).
 
-Goals: read + pre + post + metrics < 10% of forward; end-to-end / forward <= 1.10.
-Timings on a shared machine are noisy: compare ratios from the same run.
+Each is timed twice: ``today`` (fp32, contiguous memory: the path before issue 16, and the
+reference ``common.device.REFERENCE``) and ``after`` (the ``auto`` inference path of
+``common.device.resolve_compute`` on this machine, e.g. ``cpu fp32 channels_last``), and the
+run prints site evaluation throughput (end-to-end slices/s) today vs after. A short training
+comparison follows: ``--train-steps`` steps of batch ``--batch-size`` at ``--train-size`` px,
+fp32 contiguous vs the ``auto`` training path (e.g. ``cpu bf16 channels_last``), ms per step.
+
+Goals: read + pre + post + metrics < 10% of forward; end-to-end / forward <= 1.10; after >= 2x
+today's slices/s (issue 16). Timings on a shared machine are noisy: compare ratios from the same run.
 
     python bench/bench_evaluation.py --slices 8 --threads 2
+    python bench/bench_evaluation.py --slices 2 --size 64 --encoder resnet18 --train-steps 1  # smoke
 """
 
 from __future__ import annotations
@@ -28,12 +36,16 @@ from pathlib import Path
 
 import torch
 
-from common.dataset import iter_slices, load_site
+from common.dataset import LoadedSlice, iter_slices, load_site
+from common.device import REFERENCE, Compute, inference, resolve_compute
 from common.evaluation import evaluate_site, score_slice
 from common.inference import predict_masks
-from common.model import ModelSpec, build_model, load_model, save_model
+from common.loss import SeedLoss
+from common.model import LoadedModel, ModelSpec, build_model, load_model, save_model
 from common.preprocess import logits_to_native, to_model_input
 from protocols.protocol import HuRanges
+
+PATHS = ("today", "after")
 
 
 def _make_site(root: Path, n: int, size: int) -> Path:
@@ -59,10 +71,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--train-steps", type=int, default=3, help="training steps per path; 0: none")
+    parser.add_argument("--train-size", type=int, default=None, help="training input size (default --size)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     n = args.slices
+    computes = {"today": REFERENCE, "after": resolve_compute(purpose="inference")}
 
     with tempfile.TemporaryDirectory(prefix="sarcofed-bench-") as tmp:
         tmp_path = Path(tmp)
@@ -70,69 +85,147 @@ def main() -> None:
         spec = ModelSpec(encoder=args.encoder, image_size=args.size)
         torch.manual_seed(0)
         model_path = save_model(tmp_path / "model.pt", build_model(spec), spec)
-        loaded, t_load = _timed(load_model, model_path)
+        start = time.perf_counter()
+        loaded = load_model(model_path)
+        t_load = time.perf_counter() - start
 
         # read
         site = load_site(site_root)
         start = time.perf_counter()
-        slices = [s for s in iter_slices(site) if not isinstance(s, Exception)]
+        slices = [s for s in iter_slices(site) if isinstance(s, LoadedSlice)]
         t_read = time.perf_counter() - start
         if len(slices) != n:
             raise SystemExit(f"expected {n} usable slices, got {len(slices)}")
-        images = [s.ct.hu for s in slices]
 
-        # pre-processing, pure forward and post-processing, timed apart, same batching as evaluation
-        net = loaded.model  # type: ignore[attr-defined]
-        predict_masks(net, spec, images, batch_size=args.batch_size)  # warm-up at the real batch shapes
-        t_pre = t_forward = t_post = 0.0
-        with torch.inference_mode():
-            for i in range(0, n, args.batch_size):
-                chunk = images[i : i + args.batch_size]
-                start = time.perf_counter()
-                batch = torch.stack([to_model_input(hu, spec.image_size, spec.hu_window) for hu in chunk])
-                t_pre += time.perf_counter() - start
-                start = time.perf_counter()
-                logits = net(batch)
-                t_forward += time.perf_counter() - start
-                start = time.perf_counter()
-                for lg, hu in zip(logits, chunk, strict=True):
-                    logits_to_native(lg, hu.shape)
-                t_post += time.perf_counter() - start
+        totals: dict[str, dict[str, float]] = {}
+        for name in PATHS:
+            totals[name] = {"read": t_read} | _inference_times(
+                loaded, slices, site_root, model_path, computes[name], args.batch_size
+            )
+        del slices
 
-        # predict_masks as evaluation calls it (pre + forward + post)
-        masks, t_predict = _timed(predict_masks, net, spec, images, batch_size=args.batch_size)
-
-        # metrics
-        start = time.perf_counter()
-        for s, mask in zip(slices, masks, strict=True):  # type: ignore[call-overload]
-            score_slice(
-                mask, s.label, s.ct.hu, s.ct.spacing_mm,
-                group=s.group, height_m=s.height_m, sex=s.sex, hu_ranges=HuRanges(),
-            )  # fmt: skip
-        t_metrics = time.perf_counter() - start
-        del slices, images, masks
-
-        # end to end
-        _, t_e2e = _timed(lambda: evaluate_site(load_site(site_root), model_path, batch_size=args.batch_size))
-
-    totals = {"read": t_read, "preprocess": t_pre, "forward": t_forward, "postprocess": t_post,
-              "predict": t_predict, "metrics": t_metrics, "e2e": t_e2e}  # fmt: skip
-    _report(args, t_load, totals)
+    _report(args, t_load, totals, computes)
+    if args.train_steps > 0:
+        _train_report(args)
 
 
-def _report(args: argparse.Namespace, t_load: float, totals: dict[str, float]) -> None:
+def _inference_times(
+    loaded: LoadedModel,
+    slices: list[LoadedSlice],
+    site_root: Path,
+    model_path: Path,
+    compute: Compute,
+    batch_size: int,
+) -> dict[str, float]:
+    """Seconds of preprocess, forward, postprocess, predict_masks, metrics and end to end on ``compute``."""
+    images = [s.ct.hu for s in slices]
+    spec, net = loaded.spec, loaded.model
+    compute.prepare(net)
+    predict_masks(net, spec, images, batch_size=batch_size, compute=compute)  # warm-up at the real shapes
+    t_pre = t_forward = t_post = 0.0
+    with inference(compute):
+        for i in range(0, len(images), batch_size):
+            chunk = images[i : i + batch_size]
+            start = time.perf_counter()
+            batch = compute.batch(
+                torch.stack([to_model_input(hu, spec.image_size, spec.hu_window) for hu in chunk])
+            )
+            t_pre += time.perf_counter() - start
+            start = time.perf_counter()
+            logits = net(batch).float()
+            t_forward += time.perf_counter() - start
+            start = time.perf_counter()
+            for lg, hu in zip(logits, chunk, strict=True):
+                logits_to_native(lg, hu.shape)
+            t_post += time.perf_counter() - start
+
+    # predict_masks as evaluation calls it (pre + forward + post)
+    masks, t_predict = _timed(predict_masks, net, spec, images, batch_size=batch_size, compute=compute)
+
+    # metrics
+    start = time.perf_counter()
+    for s, mask in zip(slices, masks, strict=True):  # type: ignore[call-overload]
+        score_slice(
+            mask, s.label, s.ct.hu, s.ct.spacing_mm,
+            group=s.group, height_m=s.height_m, sex=s.sex, hu_ranges=HuRanges(),
+        )  # fmt: skip
+    t_metrics = time.perf_counter() - start
+
+    # end to end: the model.pt read again, as a site does
+    _, t_e2e = _timed(
+        lambda: evaluate_site(load_site(site_root), model_path, batch_size=batch_size, compute=compute)
+    )
+    return {"preprocess": t_pre, "forward": t_forward, "postprocess": t_post,
+            "predict": t_predict, "metrics": t_metrics, "e2e": t_e2e}  # fmt: skip
+
+
+def _report(
+    args: argparse.Namespace,
+    t_load: float,
+    totals: dict[str, dict[str, float]],
+    computes: dict[str, Compute],
+) -> None:
     n = args.slices
-    per = {name: seconds / n * 1000 for name, seconds in totals.items()}
-    overhead = per["read"] + per["preprocess"] + per["postprocess"] + per["metrics"]
     print(f"{n} slices {args.size}x{args.size}, {args.encoder} U-Net, ", end="")
     print(f"{args.threads} threads, batch {args.batch_size}")
     print(f"model load          {t_load * 1000:8.1f} ms (once)")
-    for name, ms in per.items():
-        print(f"{name:<19} {ms:8.1f} ms/slice  {1000 / ms:8.2f} slices/s")
-    share = overhead / per["forward"]
-    print(f"read + pre + post + metrics = {overhead:.1f} ms/slice = {share:.1%} of forward (goal < 10%)")
-    print(f"end-to-end / forward = {per['e2e'] / per['forward']:.3f} (goal <= 1.10)")
-    print(f"end-to-end / predict_masks = {per['e2e'] / per['predict']:.3f}")
+    per_path = {}
+    for name in PATHS:
+        per = {key: seconds / n * 1000 for key, seconds in totals[name].items()}
+        per_path[name] = per
+        print(f"-- {name}: {computes[name].label()}")
+        for key, ms in per.items():
+            print(f"{key:<19} {ms:8.1f} ms/slice  {1000 / ms:8.2f} slices/s")
+        overhead = per["read"] + per["preprocess"] + per["postprocess"] + per["metrics"]
+        share = overhead / per["forward"]
+        print(f"read + pre + post + metrics = {overhead:.1f} ms/slice = {share:.1%} of forward (goal < 10%)")
+        print(f"end-to-end / forward = {per['e2e'] / per['forward']:.3f} (goal <= 1.10)")
+        print(f"end-to-end / predict_masks = {per['e2e'] / per['predict']:.3f}")
+    today, after = (1000 / per_path[name]["e2e"] for name in PATHS)
+    print(
+        f"site evaluation: today {today:.2f} slices/s, after {after:.2f} slices/s "
+        f"= {after / today:.2f}x (goal >= 2x)"
+    )
+    forward_today, forward_after = (per_path[name]["forward"] for name in PATHS)
+    print(f"forward alone: after / today time = {forward_after / forward_today:.3f}")
+
+
+def _train_report(args: argparse.Namespace) -> None:
+    """ms per training step (forward, float32 loss, backward, RMSprop), fp32 contiguous vs auto."""
+    size = args.train_size or args.size
+    spec = ModelSpec(encoder=args.encoder, image_size=size)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand((args.batch_size, 1, size, size), generator=gen)
+    labels = torch.randint(0, 4, (args.batch_size, size, size), generator=gen)
+    times = {}
+    for name, compute in {"today": REFERENCE, "after": resolve_compute(purpose="training")}.items():
+        times[name] = _step_seconds(spec, compute, images, labels, args.train_steps)
+        print(
+            f"training step ({name}: {compute.label()}): {times[name] * 1000:8.1f} ms at {size} px, "
+            f"batch {args.batch_size}"
+        )
+    print(f"training step: after / today time = {times['after'] / times['today']:.3f}")
+
+
+def _step_seconds(
+    spec: ModelSpec, compute: Compute, images: torch.Tensor, labels: torch.Tensor, steps: int
+) -> float:
+    """Mean seconds of one training step on ``compute``, after one warm-up step."""
+    torch.manual_seed(0)
+    model = compute.prepare(build_model(spec)).train()
+    optimiser = torch.optim.RMSprop(model.parameters(), lr=2e-4)
+    batch, target = compute.batch(images), labels.to(compute.torch_device)
+    loss_fn = SeedLoss()
+    start = 0.0
+    for k in range(steps + 1):
+        if k == 1:
+            start = time.perf_counter()
+        optimiser.zero_grad(set_to_none=True)
+        with compute.autocast():
+            logits = model(batch)
+        loss_fn(logits.float(), target).backward()
+        optimiser.step()
+    return (time.perf_counter() - start) / steps
 
 
 if __name__ == "__main__":

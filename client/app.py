@@ -62,7 +62,7 @@ def _handle(msg: Message, context: Context, task_default: str) -> Message:
         guard = open_guard(site_dir, run_id=context.run_id, task=task, config=dict(config), study=study)
         # The one parse of the site folder for this message: every task and the guard use it.
         site = guard.attach(load_site(site_dir))
-        return _run(msg, task, config, study, site, guard)
+        return _run(msg, task, config, study, site, guard, dict(context.node_config))
     except SiteRefusal as refusal:
         return _error(msg, REFUSED, f"refused by site policy: {refusal.reason}")
     except SarcofedError as err:
@@ -106,7 +106,13 @@ def _model(msg: Message, config: ConfigRecord, spec: ModelSpec) -> object:
 
 
 def _run(
-    msg: Message, task: str, config: ConfigRecord, study: StudyConfig, site: SiteDataset, guard: SiteGuard
+    msg: Message,
+    task: str,
+    config: ConfigRecord,
+    study: StudyConfig,
+    site: SiteDataset,
+    guard: SiteGuard,
+    node_config: dict[str, object],
 ) -> Message:
     if task == "identify":
         info = site_tasks.identify(site)
@@ -117,6 +123,7 @@ def _run(
 
         spec = _spec(config)
         guard.check_training(spec, study.train, site_tasks.n_train_rows(site, study.train))
+        compute = site_tasks.site_compute(node_config, study, "training", guard.policy)
         model = _model(msg, config, spec)
         global_packed = msg.content.array_records[keys.ARRAYS][keys.PACKED].numpy()
         mu = float(config.get(keys.PROXIMAL_MU, 0.0))  # type: ignore[arg-type]
@@ -127,18 +134,23 @@ def _run(
             study,
             proximal_mu=mu,
             policy=guard.policy,
+            compute=compute,
         )
         packed, _layout = pack_state(state)
         # Local DP when the site's policy demands it: clip and noise the update, not the weights.
         update, dp_applied = guard.protect_update(packed - global_packed)
         packed = (global_packed + update).astype(np.float32)
+        used = compute.used
         released_metrics = guard.release_weights(
-            int(metrics[keys.NUM_EXAMPLES]), weights_hash(state), metrics, dp_applied=dp_applied
+            int(metrics[keys.NUM_EXAMPLES]), weights_hash(state), metrics, dp_applied=dp_applied, compute=used
         )
         content = RecordDict(
             {
                 keys.ARRAYS: ArrayRecord({keys.PACKED: Array(np.ascontiguousarray(packed))}),
                 keys.METRICS: MetricRecord({k: v for k, v in released_metrics.items()}),
+                keys.COMPUTE: ConfigRecord(
+                    {keys.COMPUTE_DEVICE: used.device, keys.COMPUTE_PRECISION: used.precision}
+                ),
             }
         )
         return Message(content, reply_to=msg)
@@ -147,6 +159,7 @@ def _run(
             from common.model import weights_hash
 
             spec = _spec(config)
+            compute = site_tasks.site_compute(node_config, study, "inference")
             model = _model(msg, config, spec)
             # the hash of the weights this site received, not the one the coordinator claims
             received = weights_hash(model.state_dict())  # type: ignore[attr-defined]
@@ -158,6 +171,7 @@ def _run(
                 study,
                 role=role,
                 model_hash=received,
+                compute=compute,
             )
         else:
             scored = site_tasks.run_compare(site, study)

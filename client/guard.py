@@ -50,6 +50,7 @@ from common.dataset import IDENTIFYING_COLUMNS, SiteDataset
 from common.errors import SarcofedError, SiteFolderError
 from common.evaluation import SliceRecord, patients_of
 from protocols import keys
+from protocols.compute import ComputeUsed
 from protocols.model import ModelSpec
 from protocols.payloads import AreaAgreement, ClassScores, Distribution, EvaluationPayload
 from protocols.study import StudyConfig, TrainSection
@@ -530,8 +531,12 @@ class SiteGuard:
         metrics: Mapping[str, float],
         *,
         dp_applied: bool = False,
+        compute: ComputeUsed | None = None,
     ) -> dict[str, float]:
         """The training metrics as they may leave (allow-listed keys, finite values), audited.
+
+        ``compute``: the device and precision the site trained on, which the reply also says
+        (it is audited with the metrics).
 
         Validation metrics over fewer patients or slices than the policy's minimums are
         withheld and the reply marked ``val-withheld`` (the weights still leave); a reply the
@@ -594,6 +599,7 @@ class SiteGuard:
                 "weights_dp": dp.model_dump() if dp.enabled else None,
                 "dp_sgd": dp_sgd.model_dump() if dp_sgd.enabled else None,
                 "validation_withheld": withheld,
+                "compute": compute.model_dump() if compute is not None else None,
             }
         )
         return released

@@ -10,7 +10,7 @@ Nothing here makes data: in simulation the demo hospitals must exist already
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +30,7 @@ from protocols.study import StudyConfig, TrainSection
 if TYPE_CHECKING:  # torch and the model zoo cost seconds to import: only tasks that use a model do
     import torch
 
+    from common.device import Compute, Purpose
     from common.model import ModelSpec
     from common.site_evaluation import Scored
     from common.training import TrainSample
@@ -60,6 +61,46 @@ def resolve_site_dir(node_config: dict[str, object], study: StudyConfig) -> Path
             "or set demo.dir to a folder of site-N folders (`sarcofed demo make DIR`)"
         )
     return site_dir
+
+
+#: Node-config keys with which a site overrides the study's ``compute.device`` / ``compute.precision``
+#: (``--node-config 'device="cpu"'``): the site knows its hardware, so its choice wins.
+NODE_DEVICE = "device"
+NODE_PRECISION = "precision"
+
+
+def site_compute(
+    node_config: Mapping[str, object],
+    study: StudyConfig,
+    purpose: Purpose,
+    policy: SitePolicy | None = None,
+) -> Compute:
+    """Where this site runs the model: its node config's ``device`` / ``precision`` when set, else
+    the study's ``compute`` section (``auto`` by default), resolved on this machine
+    (``common.device.resolve_compute``; a device it does not have is a SarcofedError naming the
+    setting). Training under the ``policy``'s DP-SGD runs in fp32 whatever is asked
+    (``common.training.training_compute``), and this says so."""
+    from common.device import resolve_compute
+
+    def pick(key: str, study_value: str) -> tuple[str, str]:
+        if key in node_config:
+            return str(node_config[key]), f"the node config's {key!r}"
+        return study_value, f"compute.{key}"
+
+    device, device_setting = pick(NODE_DEVICE, study.compute.device)
+    precision, precision_setting = pick(NODE_PRECISION, study.compute.precision)
+    compute = resolve_compute(
+        device,
+        precision,
+        purpose=purpose,
+        device_setting=device_setting,
+        precision_setting=precision_setting,
+    )
+    if purpose == "training" and policy is not None and policy.dp_sgd.enabled:
+        from common.training import training_compute
+
+        return training_compute(compute, private=True)
+    return compute
 
 
 @dataclass(frozen=True)
@@ -147,6 +188,7 @@ def run_train(
     *,
     proximal_mu: float = 0.0,
     policy: SitePolicy | None = None,
+    compute: Compute | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Local training on the site's train patients, validation on its validation patients.
 
@@ -159,7 +201,9 @@ def run_train(
     protocol and trains on the adjusted targets (``common.label_conventions``); the reply says
     which adjustments it made, as shares of its labelled pixels (:func:`convention_metrics`).
     Returns new weights and aggregate metrics, among them the number of validation patients.
+    ``compute``: where and in what precision to train (``None``: fp32 on the CPU).
     """
+    from common.device import REFERENCE
     from common.dp_sgd import PrivateTraining
     from common.training import TrainConfig, train_local
 
@@ -185,6 +229,7 @@ def run_train(
         global_state=global_state,
         private=private,
         running_stats=policy.training.batchnorm_stats,
+        compute=compute or REFERENCE,
     )
     metrics: dict[str, float] = {
         keys.NUM_EXAMPLES: float(result.n_train),
@@ -241,13 +286,15 @@ def run_evaluate(
     role: Role = "external",
     profile: ErrorProfile | None = None,
     model_hash: str | None = None,
+    compute: Compute | None = None,
 ) -> Scored:
     """Score the study model on this site (its test patients when internal); aggregates only.
 
     ``model_hash`` (the payload's) is the hash of the weights this site received: the ClientApp
     computes it once from the weights it unpacked (``None``: computed here from ``model``),
     never the hash the coordinator claims. The patients scored stay at the site (the guard's
-    release ledger needs them).
+    release ledger needs them). ``compute``: where and in what precision the model runs
+    (``None``: fp32 where the model is); the payload says which.
     """
     from common.site_evaluation import evaluate_with_model
 
@@ -263,6 +310,7 @@ def run_evaluate(
         protocol=study.protocol,
         scope=evaluation_scope(site, role, study.train),
         profile=profile,
+        compute=compute,
     )
 
 
@@ -290,14 +338,17 @@ def run_local_training(
     test_fraction: float,
     seed: int,
     progress: bool = False,
+    compute: Compute | None = None,
 ) -> dict[str, float | int | str | None]:
     """Single-site training with the seed's recipe; writes ``out`` (model.pt).
 
     The site's test patients are held out; the model's metadata names this site and the
     split, so `site evaluate` on this site scores it as internal, on those patients only.
+    ``compute``: where and in what precision to train (``None``: fp32 on the CPU).
     """
     import torch
 
+    from common.device import REFERENCE
     from common.model import ModelSpec, build_model, save_model, weights_hash
     from common.model_meta import context_meta
     from common.training import TrainConfig, train_local
@@ -314,6 +365,7 @@ def run_local_training(
         loaded.val,
         TrainConfig(local_epochs=epochs, seed=seed),
         progress=progress,
+        compute=compute or REFERENCE,
     )
     inter, union = result.val_counts.get("muscle", (0, 0))
     meta: dict[str, str | int | float] = {"site": site.name, "epochs": epochs}
@@ -329,6 +381,7 @@ def run_local_training(
         "val_loss": result.val_loss_mean,
         "val_muscle_iou": (inter / union) if union else None,
         "weights_hash": weights_hash(result.state_dict),
+        "compute": (compute or REFERENCE).label(),
     }
 
 
@@ -345,6 +398,7 @@ __all__ = [
     "run_evaluate",
     "run_local_training",
     "run_train",
+    "site_compute",
     "site_role",
     "split_samples",
     "train_and_val_samples",

@@ -27,6 +27,7 @@ from protocols.cutoffs import CutoffSet
 from protocols.payloads import EvaluationPayload, Role
 
 if TYPE_CHECKING:  # torch loads only when a command runs a model
+    from common.device import Compute, Purpose
     from common.site_evaluation import Scored
 
 #: ``--cutoff-set``: one of the named sets, in any case (``Korean``); an unknown one is a usage
@@ -39,6 +40,59 @@ CutoffOption = Annotated[
         help=f"SMI cut-off set for sarcopenia calls: {CutoffSet.choices()} (any case).",
     ),
 ]
+
+
+class DeviceOption(StrEnum):
+    """``--device``: where the model runs (``common.device``)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class PrecisionOption(StrEnum):
+    """``--precision``: the forward pass's arithmetic (autocast; the weights stay fp32)."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+DeviceFlag = Annotated[
+    DeviceOption,
+    typer.Option(
+        "--device",
+        case_sensitive=False,
+        metavar="DEVICE",
+        help="Where the model runs: auto (a CUDA GPU, then Apple MPS, else the CPU), cpu, cuda or mps.",
+    ),
+]
+PrecisionFlag = Annotated[
+    PrecisionOption,
+    typer.Option(
+        "--precision",
+        case_sensitive=False,
+        metavar="PRECISION",
+        help="The forward pass's arithmetic: auto, fp32, bf16 or fp16 (fp16: CUDA only). auto: fp32 "
+        "for evaluate; for train bf16 where the GPU or CPU has it (fp16 on other GPUs), else fp32.",
+    ),
+]
+
+
+def _compute(device: DeviceOption, precision: PrecisionOption, purpose: Purpose) -> Compute:
+    """The ``--device`` / ``--precision`` request resolved on this machine (a SarcofedError naming
+    the option when the machine cannot run it)."""
+    from common.device import resolve_compute
+
+    return resolve_compute(
+        device.value,
+        precision.value,
+        purpose=purpose,
+        device_setting="--device",
+        precision_setting="--precision",
+    )
 
 
 class RoleOption(StrEnum):
@@ -105,6 +159,8 @@ def evaluate_cmd(
             "site.toml's contributed_models lists its hash.",
         ),
     ] = RoleOption.auto,
+    device: DeviceFlag = DeviceOption.auto,
+    precision: PrecisionFlag = PrecisionOption.auto,
 ) -> None:
     """Score the study model on this site's labelled slices and show what would be sent.
 
@@ -113,12 +169,14 @@ def evaluate_cmd(
     agreement, sarcopenia calls, the model-free label audit, label-definition findings with
     whose difference each is), after this site's policy.toml. The prediction is cut to the
     label protocol's HU ranges (the protocol the model was trained under, if its file says).
+    The payload says which device and precision ran the model (--device, --precision).
     """
     from common.model import load_model
     from common.model_meta import model_context
     from common.site_evaluation import evaluate_with_model
 
     try:
+        compute = _compute(device, precision, "inference")
         site = load_site(site_dir)
         loaded = load_model(model)
         context = model_context(loaded.meta)
@@ -139,6 +197,7 @@ def evaluate_cmd(
             protocol=context.protocol,
             scope=evaluation_scope(site, chosen, context.split),
             profile=context.profile,
+            compute=compute,
         )
         payload = preview_release(site_dir, scored)
     except SarcofedError as err:
@@ -185,13 +244,17 @@ def train_cmd(
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed for the split and the initial weights.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    device: DeviceFlag = DeviceOption.auto,
+    precision: PrecisionFlag = PrecisionOption.auto,
 ) -> None:
     """Train a single-site model on this site's data with the seed's recipe.
 
     0.5 Dice + 0.5 cross-entropy, RMSprop, lr 2e-4, batch 4; the split is by patient (`group`).
     This is a hospital's own model, and the centralised baseline for federated benchmarks.
+    It trains where --device says (auto: a GPU when there is one), in bf16 where the machine has it.
     """
     try:
+        compute = _compute(device, precision, "training")
         summary = run_local_training(
             load_site(site_dir),
             out,
@@ -202,6 +265,7 @@ def train_cmd(
             test_fraction=test_fraction,
             seed=seed,
             progress=not as_json,
+            compute=compute,
         )
     except SarcofedError as err:
         _fail(err)
@@ -216,7 +280,8 @@ def train_cmd(
             f"trained on {summary['n_train']} slices ({summary['n_val']} for validation, "
             f"{summary['n_test_held_out']} test rows held out) for {epochs} epochs: "
             f"train loss {fmt(summary['train_loss'], 4)}, val loss {fmt(summary['val_loss'], 4)}, "
-            f"val muscle IoU {fmt(summary['val_muscle_iou'], 3)}; model written to {escape(str(out))}"
+            f"val muscle IoU {fmt(summary['val_muscle_iou'], 3)} ({summary['compute']}); "
+            f"model written to {escape(str(out))}"
         )
 
 

@@ -49,6 +49,7 @@ from protocols.payloads import (
 from protocols.protocol import HuRanges, LabelProtocol
 
 if TYPE_CHECKING:  # torch is imported only when a model is run, never for scoring or pooling
+    from common.device import Compute
     from common.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -431,6 +432,7 @@ def evaluate_site(
     protocol: LabelProtocol | None = None,
     scope: Scope = EXTERNAL,
     on_slice: SliceHook | None = None,
+    compute: Compute | None = None,
 ) -> tuple[EvaluationPayload, list[SliceRecord]]:
     """Run the model on a site's usable slices and score it against the site's labels.
 
@@ -445,7 +447,9 @@ def evaluate_site(
     images. Unusable rows are counted by their ExclusionReason; a batch whose prediction
     fails is retried slice by slice, and a slice that still fails (or fails scoring) counts
     as ``evaluation_error``. ``on_slice(loaded_slice, protocol_applied_mask)`` is called for
-    every scored slice.
+    every scored slice. ``compute`` (``common.device``): where and in what precision the model
+    runs, which the payload's ``compute`` says (``None``: the model as it is, in fp32; the
+    payload does not say).
     """
     from common.inference import predict_masks  # torch: imported only when a model is run
     from common.model import load_model
@@ -456,11 +460,15 @@ def evaluate_site(
     protocol = protocol or LabelProtocol()
     hu_ranges = protocol.hu_ranges
     loaded = load_model(model) if isinstance(model, Path | str) else model
+    if compute is not None:
+        compute.prepare(loaded.model)
     run = _SiteRun(hu_ranges if harmonised else None, on_slice, apply=hu_ranges)
 
     def predict(batch: list[LoadedSlice]) -> None:
         try:
-            masks = predict_masks(loaded.model, loaded.spec, [s.ct.hu for s in batch], batch_size=batch_size)
+            masks = predict_masks(
+                loaded.model, loaded.spec, [s.ct.hu for s in batch], batch_size=batch_size, compute=compute
+            )
         except Exception as exc:
             if len(batch) == 1:
                 log.warning("manifest row %s: prediction failed (%s)", batch[0].index, exc)
@@ -498,7 +506,8 @@ def evaluate_site(
         harmonised=harmonised,
         scope=scope,
     )
-    return payload, run.records
+    used = compute.used if compute is not None else None
+    return payload.model_copy(update={"compute": used}), run.records
 
 
 def compare_site(

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from common.device import Compute, inference
 from common.model import ModelSpec
 from common.preprocess import logits_to_native, to_model_input
 
@@ -21,6 +22,7 @@ def predict_masks(
     *,
     batch_size: int = 4,
     progress: bool = False,
+    compute: Compute | None = None,
 ) -> list[np.ndarray]:
     """One uint8 canonical mask (0 background .. 3 visceral fat) per HU slice, at its native shape.
 
@@ -28,6 +30,10 @@ def predict_masks(
     under ``torch.inference_mode()`` in batches of ``batch_size``, and the logits are
     upsampled back to each slice's own shape before the argmax. The model's train/eval
     mode is restored afterwards.
+
+    ``compute`` (``common.device``): the model is moved to its device and memory format (in
+    place, and left there) and the forward pass runs under its autocast; the logits are
+    upsampled and argmax-ed in float32. ``None``: fp32 on the device the model is on.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -39,15 +45,17 @@ def predict_masks(
 
         bar = tqdm(total=total, desc="segment", unit="slice")
     was_training = model.training
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
+    if compute is None:
+        compute = Compute.of_model(model)
+    else:
+        compute.prepare(model)
     model.eval()
     try:
-        with torch.inference_mode():
+        with inference(compute):
             for start in range(0, total, batch_size):
                 chunk = hu_images[start : start + batch_size]
                 batch = torch.stack([to_model_input(hu, spec.image_size, spec.hu_window) for hu in chunk])
-                logits = model(batch.to(device))
+                logits = model(compute.batch(batch)).float()
                 if logits.shape[1] != spec.classes:
                     raise ValueError(f"model returned {logits.shape[1]} classes, spec says {spec.classes}")
                 masks += [logits_to_native(lg, np.shape(hu)) for lg, hu in zip(logits, chunk, strict=True)]

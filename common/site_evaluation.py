@@ -19,6 +19,7 @@ import torch
 
 from common.attribution import attribute_all
 from common.dataset import LoadedSlice, SiteDataset
+from common.device import Compute
 from common.discrepancy import DiscrepancyAccumulator, analyse_slice
 from common.discrepancy.impact import ImpactAccumulator
 from common.evaluation import EXTERNAL, Scope, SliceRecord, compare_site, evaluate_site, patients_of
@@ -102,8 +103,12 @@ def evaluate_with_model(
     protocol: LabelProtocol | None = None,
     scope: Scope = EXTERNAL,
     profile: ErrorProfile | None = None,
+    compute: Compute | None = None,
 ) -> Scored:
     """Score a model on a parsed site; ``model`` is a model.pt path, a LoadedModel or a module + spec.
+
+    ``compute`` (``common.device``): where and in what precision the model runs (``None``: fp32
+    on the device the model is on); the payload's ``compute`` says which.
 
     Findings carry an attribution from this site's own evidence: its label audit, and the
     model's error ``profile`` when one is known (the coordinator re-attributes with the
@@ -127,6 +132,7 @@ def evaluate_with_model(
         protocol=protocol,
         scope=scope,
         on_slice=hook,
+        compute=compute,
     )
     return Scored(hook.attach(payload, min_slices, profile=profile, attribute=True), tuple(records))
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from pydantic import Field
 
+from common.device import REFERENCE, Compute, inference
 from common.dp_sgd import PrivateTraining, train_private
 from common.loss import IGNORE_INDEX, SeedLoss
 from common.metrics import overlap_from_confusion
@@ -97,6 +98,8 @@ class LocalTrainResult:
     #: DP-SGD only: the epsilon this round spent at ``delta`` (Opacus's RDP accountant).
     epsilon: float | None = None
     delta: float | None = None
+    #: where and in what precision the round ran (DP-SGD: fp32 whatever was asked)
+    compute: Compute = REFERENCE
 
 
 def proximal_term(
@@ -144,12 +147,47 @@ def _check_samples(samples: Sequence[TrainSample], spec: ModelSpec, what: str) -
             )
 
 
-def _tensors(
-    samples: Sequence[TrainSample], idx: Sequence[int], spec: ModelSpec
+@dataclass(frozen=True)
+class ModelInputs:
+    """Every sample's model-size input and target, made once per call (not once per batch).
+
+    ``images``: N x 1 x S x S float32 (windowed, resized); ``labels``: N x S x S uint8 (canonical
+    classes, IGNORE_INDEX where ignored), widened to int64 per batch. Kept on the CPU.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def of(cls, samples: Sequence[TrainSample], spec: ModelSpec) -> ModelInputs:
+        size = spec.image_size
+        images = torch.empty((len(samples), 1, size, size), dtype=torch.float32)
+        labels = torch.empty((len(samples), size, size), dtype=torch.uint8)
+        for i, sample in enumerate(samples):
+            images[i] = to_model_input(sample.hu, size, spec.hu_window)
+            labels[i] = _target(sample, size)
+        return cls(images, labels)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, int64 labels) of the samples ``idx``, on the CPU."""
+        index = torch.as_tensor(list(idx), dtype=torch.long)
+        return self.images[index], self.labels[index].long()
+
+
+#: Makes the (images, int64 labels) of some sample indices, on the host.
+HostBatch = Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]]
+#: Turns one epoch's batches of indices into (images, labels) on the device, in order.
+EpochBatches = Callable[[list[list[int]]], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _on_device(
+    batch: tuple[torch.Tensor, torch.Tensor], compute: Compute
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.stack([to_model_input(samples[i].hu, spec.image_size, spec.hu_window) for i in idx])
-    labels = torch.stack([_target(samples[i], spec.image_size) for i in idx])
-    return images, labels
+    images, labels = batch
+    return compute.batch(images), labels.to(compute.torch_device, non_blocking=compute.device == "cuda")
 
 
 def _target(sample: TrainSample, size: int) -> torch.Tensor:
@@ -196,31 +234,38 @@ def _loss_fn(config: TrainConfig) -> SeedLoss:
 
 
 def evaluate_loss(
-    model: torch.nn.Module, spec: ModelSpec, samples: Sequence[TrainSample], config: TrainConfig
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    samples: Sequence[TrainSample],
+    config: TrainConfig,
+    *,
+    compute: Compute = REFERENCE,
 ) -> tuple[float, int, dict[str, tuple[int, int]]]:
     """(sum of per-slice losses, number of slices, pooled (intersection, union) per metric class).
 
-    The model runs in eval mode at ``spec.image_size``; its mode is restored afterwards.
-    Counts are at model resolution against the nearest-resized labels, over the pixels the
-    samples do not ignore.
+    The model runs in eval mode at ``spec.image_size`` on ``compute`` (moved there in place;
+    the loss in float32); its mode is restored afterwards. Counts are at model resolution
+    against the nearest-resized labels, over the pixels the samples do not ignore.
     """
     _check_samples(samples, spec, "evaluation")
     loss_fn = _loss_fn(config)
     confusion = np.zeros((_N_CANONICAL, _N_CANONICAL), dtype=np.int64)
     loss_sum = 0.0
+    inputs = ModelInputs.of(samples, spec)
+    compute.prepare(model)
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with inference(compute):
             for idx in _batches(list(range(len(samples))), config.batch_size):
-                images, labels = _tensors(samples, idx, spec)
-                logits = model(images)
+                images, labels = _on_device(inputs.batch(idx), compute)
+                logits = model(images).float()
                 for k in range(len(idx)):
                     loss_sum += float(loss_fn(logits[k : k + 1], labels[k : k + 1]))
                 pred = logits.argmax(dim=1).clamp_(max=_N_CANONICAL - 1)
                 kept = labels != IGNORE_INDEX
                 code = (pred * _N_CANONICAL + labels.clamp(max=_N_CANONICAL - 1))[kept]
-                confusion += np.bincount(code.numpy(), minlength=_N_CANONICAL**2).reshape(
+                confusion += np.bincount(code.cpu().numpy(), minlength=_N_CANONICAL**2).reshape(
                     _N_CANONICAL, _N_CANONICAL
                 )
     finally:
@@ -233,40 +278,55 @@ def evaluate_loss(
 def _train_epochs(
     model: torch.nn.Module,
     n_train: int,
-    batch: Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]],
+    batches: EpochBatches,
     optimiser: torch.optim.Optimizer,
     loss_fn: SeedLoss,
     config: TrainConfig,
     gen: torch.Generator,
     anchor: Mapping[str, torch.Tensor] | None,
     on_batch: Callable[[int], object] | None,
+    compute: Compute,
 ) -> tuple[list[float], float]:
-    """The recipe's epochs (shuffled by ``gen``): mean loss per epoch and the last epoch's sum."""
+    """The recipe's epochs (shuffled by ``gen``): mean loss per epoch and the last epoch's sum.
+
+    The forward pass runs under ``compute``'s autocast, the loss in float32; fp16 (CUDA) scales
+    the loss against gradient underflow (``torch.amp.GradScaler``).
+    """
+    scaler = torch.amp.GradScaler(compute.device, enabled=compute.precision == "fp16")
     epoch_losses: list[float] = []
     epoch_sum = 0.0
     for epoch in range(config.local_epochs):
-        order = torch.randperm(n_train, generator=gen).tolist()
+        order = _batches(torch.randperm(n_train, generator=gen).tolist(), config.batch_size)
         epoch_sum = 0.0
-        for idx in _batches(order, config.batch_size):
-            images, labels = batch(idx)
+        for idx, (images, labels) in zip(order, batches(order), strict=True):
             optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images), labels)
+            with compute.autocast():
+                logits = model(images)
+            loss = loss_fn(logits.float(), labels)
             total = loss + proximal_term(model, anchor, config.proximal_mu) if anchor is not None else loss
             if not torch.isfinite(total):
                 raise FloatingPointError(
                     f"training loss became {float(total)} in epoch {epoch + 1}; lower train.lr "
                     f"(now {config.lr}) or set max_grad_norm"
                 )
-            total.backward()
+            scaler.scale(total).backward()
             if config.max_grad_norm is not None:
+                scaler.unscale_(optimiser)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimiser.step()
+            scaler.step(optimiser)
+            scaler.update()
             epoch_sum += float(loss.detach()) * len(idx)
             if on_batch is not None:
                 on_batch(len(idx))
         epoch_losses.append(epoch_sum / n_train)
         log.info("epoch %d/%d: train loss %.4f", epoch + 1, config.local_epochs, epoch_losses[-1])
     return epoch_losses, epoch_sum
+
+
+def training_compute(compute: Compute, *, private: bool) -> Compute:
+    """What a round runs on when ``compute`` is asked for: DP-SGD is fp32 and contiguous memory
+    on the same device (see :func:`train_local`), anything else ``compute`` itself."""
+    return Compute(device=compute.device) if private else compute
 
 
 def train_local(
@@ -280,16 +340,27 @@ def train_local(
     progress: bool = False,
     private: PrivateTraining | None = None,
     running_stats: RunningStats = "local",
+    compute: Compute = REFERENCE,
 ) -> LocalTrainResult:
     """Train ``model`` in place for ``config.local_epochs`` epochs on ``train``; score ``val``.
 
-    Deterministic for ``config.seed`` (on CPU): ``torch.manual_seed`` is set and shuffling /
-    augmentation draw from their own seeded generator. A fresh optimiser is made each call
-    (optimiser state does not travel between rounds). With ``config.proximal_mu > 0`` the
-    FedProx term against ``global_state`` is added to the optimised loss. With ``private``
-    the round is DP-SGD (``common.dp_sgd``: Poisson batches and noise that no seed replays,
-    so not deterministic) and the result says the epsilon spent. ``running_stats`` is the
-    rule for the BatchNorm statistics left in the weights (``received`` needs ``global_state``).
+    Deterministic for ``config.seed`` (on CPU, for a given ``compute``): ``torch.manual_seed``
+    is set and shuffling / augmentation draw from their own seeded generator. A fresh
+    optimiser is made each call (optimiser state does not travel between rounds). With
+    ``config.proximal_mu > 0`` the FedProx term against ``global_state`` is added to the
+    optimised loss. With ``private`` the round is DP-SGD (``common.dp_sgd``: Poisson batches
+    and noise that no seed replays, so not deterministic) and the result says the epsilon
+    spent. ``running_stats`` is the rule for the BatchNorm statistics left in the weights
+    (``received`` needs ``global_state``).
+
+    ``compute`` (``common.device``): where the forward and backward passes run and in what
+    precision (autocast; the weights and the optimiser stay float32). DP-SGD runs in fp32 and
+    contiguous memory on ``compute``'s device: under bf16 autocast Opacus's per-slice
+    gradients come out in bf16 and its noise step cannot assign them to the float32 weights;
+    the result's ``compute`` says what ran. Each sample's model-size input is made once per
+    call; on CUDA the batches come through a ``torch.utils.data.DataLoader`` with pinned
+    memory. The returned ``state_dict`` is float32, contiguous, on the CPU, and so is ``model``
+    afterwards.
     """
     if not train:
         raise ValueError("train_local needs at least one training slice")
@@ -300,11 +371,14 @@ def train_local(
     _check_samples(train, spec, "training")
     _check_samples(val, spec, "validation")
     started = time.perf_counter()
+    compute = training_compute(compute, private=private is not None)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
+    inputs = ModelInputs.of(train, spec)
+    compute.prepare(model)
     anchor = None
     if config.proximal_mu > 0 and global_state is not None:
-        anchor = {name: t.detach().clone() for name, t in global_state.items()}
+        anchor = {name: t.detach().to(compute.torch_device, copy=True) for name, t in global_state.items()}
     loss_fn = _loss_fn(config)
     optimiser = _optimizer(model, config)
     model.train()
@@ -315,8 +389,8 @@ def train_local(
 
         bar = tqdm(total=config.local_epochs * len(train), desc="train", unit="slice")
 
-    def batch(idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = _tensors(train, idx, spec)
+    def host_batch(idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = inputs.batch(idx)
         return _augment(images, labels, gen) if config.augment else (images, labels)
 
     try:
@@ -324,7 +398,7 @@ def train_local(
             outcome = train_private(
                 model,
                 len(train),
-                batch,
+                lambda idx: _on_device(host_batch(idx), compute),
                 optimiser,
                 config,
                 private,
@@ -335,20 +409,34 @@ def train_local(
             spent = (outcome.epsilon, outcome.delta)
         else:
             epoch_losses, epoch_sum = _train_epochs(
-                model, len(train), batch, optimiser, loss_fn, config, gen, anchor, bar.update if bar else None
+                model,
+                len(train),
+                _loader(host_batch, compute),
+                optimiser,
+                loss_fn,
+                config,
+                gen,
+                anchor,
+                bar.update if bar else None,
+                compute,
             )
     finally:
         if bar is not None:
             bar.close()
-    in_order = (_tensors(train, idx, spec)[0] for idx in _batches(list(range(len(train))), config.batch_size))
-    apply_running_stats(model, running_stats, received=global_state, batches=in_order)
+    in_order = (
+        compute.batch(inputs.batch(idx)[0]) for idx in _batches(list(range(len(train))), config.batch_size)
+    )
+    with compute.autocast():
+        apply_running_stats(model, running_stats, received=global_state, batches=in_order)
     if val:
-        val_sum, n_val, counts = evaluate_loss(model, spec, val, config)
+        val_sum, n_val, counts = evaluate_loss(model, spec, val, config, compute=compute)
         val_mean: float | None = val_sum / n_val
     else:
         val_sum, n_val, val_mean = 0.0, 0, None
         counts = {name: (0, 0) for name in METRIC_CLASSES}
-    state = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+    model.to(device="cpu")
+    model.to(memory_format=torch.contiguous_format)
+    state = {name: t.detach().cpu().contiguous().clone() for name, t in model.state_dict().items()}
     return LocalTrainResult(
         state_dict=state,
         n_train=len(train),
@@ -363,4 +451,40 @@ def train_local(
         epoch_losses=epoch_losses,
         epsilon=spent[0] if spent else None,
         delta=spent[1] if spent else None,
+        compute=compute,
     )
+
+
+class _Batches(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """One epoch's batches as a Dataset: item ``k`` is the whole batch ``order[k]``, on the host."""
+
+    def __init__(self, make: HostBatch, order: list[list[int]]) -> None:
+        self.make, self.order = make, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.make(self.order[k])
+
+
+def _loader(make: HostBatch, compute: Compute) -> EpochBatches:
+    """How an epoch's batches reach the device, made in order by ``make`` (which draws the
+    augmentation from the seeded generator, so the order of the draws is the seed's).
+
+    CPU and MPS: in this process. CUDA: through a ``torch.utils.data.DataLoader`` with pinned
+    memory, so the host-to-GPU copy is asynchronous. No worker processes: the inputs are made
+    once per call (:class:`ModelInputs`), so a batch is an index into them (plus the optional
+    flip and shift), cheaper than handing it between processes, and the seeded generator's
+    draws stay in one process, in order.
+    """
+    if compute.device != "cuda":
+        return lambda order: (_on_device(make(idx), compute) for idx in order)
+
+    def epoch(order: list[list[int]]) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        loader = torch.utils.data.DataLoader(
+            _Batches(make, order), batch_size=None, shuffle=False, num_workers=0, pin_memory=True
+        )
+        return (_on_device(pair, compute) for pair in loader)
+
+    return epoch

@@ -13,6 +13,10 @@ CONFIG: Final = "config"  #: ConfigRecord: the round's instructions
 METRICS: Final = "metrics"  #: MetricRecord: training aggregates
 PAYLOAD: Final = "payload"  #: ConfigRecord holding PAYLOAD_JSON
 PAYLOAD_JSON: Final = "json"  #: str: an EvaluationPayload / SiteInfo serialised as JSON
+#: ConfigRecord of a training reply: what the site ran the model on (protocols.compute.ComputeUsed)
+COMPUTE: Final = "compute"
+COMPUTE_DEVICE: Final = "device"  #: key in COMPUTE: "cpu" | "cuda" | "mps"
+COMPUTE_PRECISION: Final = "precision"  #: key in COMPUTE: "fp32" | "bf16" | "fp16"
 
 # Instruction (ConfigRecord) keys sent by the server ----------------------------------
 TASK: Final = "task"  #: "identify" | "train" | "evaluate" | "compare"

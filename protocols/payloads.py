@@ -11,6 +11,7 @@ from typing import Final, Literal
 from pydantic import Field
 
 from protocols.base import Schema
+from protocols.compute import ComputeUsed
 from protocols.findings import Finding, KeyStats, LabelAudit
 from protocols.protocol import LabelProtocol
 
@@ -194,6 +195,9 @@ class EvaluationPayload(Schema):
     )
     discrepancy: DiscrepancySummary | None = None
     findings: list[Finding] = Field(default_factory=list)
+    compute: ComputeUsed | None = Field(
+        default=None, description="evaluate: the device and precision the site ran the model on"
+    )
     suppressed: list[str] = Field(
         default_factory=list, description="cells suppressed by the site's policy (never silently zeroed)"
     )

@@ -19,6 +19,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from protocols.compute import DeviceRequest, PrecisionRequest
 from protocols.cutoffs import CutoffSet
 from protocols.model import ModelSpec
 from protocols.protocol import LabelProtocol
@@ -137,6 +138,15 @@ class EvalSection(_Section):
     batch_size: int = Field(4, ge=1)
 
 
+class ComputeSection(_Section):
+    """Where sites run the model (``common.device``): ``auto`` = the best each site's machine has
+    (CUDA, then Apple MPS, else the CPU; bf16/fp16 autocast where the device has it). A site's
+    own choice (its node config's ``device`` / ``precision``) wins: the site knows its hardware."""
+
+    device: DeviceRequest = "auto"
+    precision: PrecisionRequest = "auto"
+
+
 class StudyConfig(_Section):
     study: StudySection = StudySection()
     #: the study model's spec; only its ``RUN_CONFIG_FIELDS`` are run-config keys.
@@ -146,6 +156,7 @@ class StudyConfig(_Section):
     dp: DpSection = DpSection()
     demo: DemoSection = DemoSection()
     eval: EvalSection = EvalSection()
+    compute: ComputeSection = ComputeSection()
     #: the label protocol the study follows (default: Alberta / Slice-O-Matic)
     protocol: LabelProtocol = LabelProtocol()
 

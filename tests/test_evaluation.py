@@ -280,7 +280,9 @@ def test_evaluate_site_streams_batches_and_isolates_failing_slices(
     root = make_site(tmp_path, n=5, size=32)
     calls: list[int] = []
 
-    def predict(model: object, spec: object, images: list[np.ndarray], *, batch_size: int = 4) -> list:
+    def predict(
+        model: object, spec: object, images: list[np.ndarray], *, batch_size: int = 4, compute: object = None
+    ) -> list:
         calls.append(len(images))
         assert len(images) <= batch_size
         if len(calls) in (1, 3):  # the first batch fails, then its second slice alone fails again

@@ -26,6 +26,7 @@ from report_builders import (
 
 from common.pooling import pool_payloads
 from protocols.classes import IOU_BINS, TISSUES
+from protocols.compute import ComputeUsed
 from protocols.payloads import AreaAgreement
 from protocols.report import RoundRecord, SiteResult, StudyReport
 from server.report import finished_report, summary_lines, with_pooled, write_report
@@ -771,3 +772,19 @@ def test_convention_aware_training_is_stated_per_site_from_its_last_reply() -> N
         "labelled pixels, 12 training slices); an adjustment on fewer slices than its min-slices was "
         "withheld.",
     ]
+
+
+def test_the_appendix_says_which_device_and_precision_each_site_ran_the_model_on() -> None:
+    """A site's payload names its compute (``protocols.compute``); the appendix shows it beside that
+    site's identifiers, and says nothing for a site whose payload does not (an older sarcofed)."""
+    report = study_report(with_training=False)
+    first, *others = report.sites
+    assert first.payload is not None and others
+    ran = first.payload.model_copy(update={"compute": ComputeUsed(device="cuda", precision="bf16")})
+    report = report.model_copy(update={"sites": [first.model_copy(update={"payload": ran}), *others]})
+    blocks = build_document(report)
+    md = render_markdown(blocks, {b.name: f"{b.name}.png" for b in blocks if isinstance(b, Image)})
+    appendix = md.split("## Appendix: engineering detail")[1]
+    lines = [line for line in appendix.splitlines() if "dataset fingerprint sha256:" in line]
+    assert any(line.startswith(f"- {first.site}: ") and line.endswith("; ran on cuda bf16") for line in lines)
+    assert sum("ran on" in line for line in lines) == 1

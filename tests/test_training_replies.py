@@ -66,6 +66,7 @@ def train(
     *,
     config: dict[str, object] | None = None,
     run_config: dict[str, object] | None = None,
+    node_config: dict[str, object] | None = None,
 ) -> Message:
     """One training instruction through the ClientApp's handler, as Flower delivers it."""
     packed, layout = pack_state(state)
@@ -79,7 +80,8 @@ def train(
         }
     )
     content = RecordDict({keys.ARRAYS: ArrayRecord({keys.PACKED: Array(packed)}), keys.CONFIG: record})
-    return handle("train", {"site-dir": str(site_dir)}, run_config=run_config, content=content)
+    node = {"site-dir": str(site_dir), **(node_config or {})}
+    return handle("train", node, run_config=run_config, content=content)
 
 
 def muscle_pixels_per_patient(site_dir: Path) -> dict[str, int]:
@@ -221,3 +223,17 @@ def test_weights_released_with_the_received_batchnorm_statistics_when_the_site_s
     weights = [n for n in state if n.endswith("conv1.weight")]
     assert any(not torch.equal(back[n], state[n]) for n in weights)  # it did train
     assert np.isfinite(reply.content.array_records[keys.ARRAYS][keys.PACKED].numpy()).all()
+
+
+def test_a_training_reply_says_what_it_ran_on_and_the_site_choice_wins(site: Path) -> None:
+    """The reply's ``compute`` record names the device and precision; the study asks for bf16, the
+    site's node config says fp32, and the site's choice is what it used (and what it says)."""
+    study = {"compute.device": "cpu", "compute.precision": "bf16"}
+    reply = train(
+        site, muscle_everywhere(), config=ATTACK, run_config=study, node_config={"precision": "fp32"}
+    )
+    metrics_of(reply)  # released
+    used = reply.content.config_records[keys.COMPUTE]
+    assert (used[keys.COMPUTE_DEVICE], used[keys.COMPUTE_PRECISION]) == ("cpu", "fp32")
+    refused = train(site, muscle_everywhere(), config=ATTACK, node_config={"device": "tpu"})
+    assert refused.has_error() and "node config's 'device'" in refused.error.reason

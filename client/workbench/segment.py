@@ -65,12 +65,15 @@ def threshold_presegment(hu: np.ndarray, spacing_mm: tuple[float, float]) -> np.
 
 
 def model_presegment(model_path: Path, images: list[np.ndarray]) -> list[np.ndarray]:
-    """Canonical masks from the study model at ``model_path`` (common.model format)."""
+    """Canonical masks from the study model at ``model_path`` (common.model format), run on this
+    machine's fastest inference path (``common.device``, ``auto``)."""
+    from common.device import resolve_compute
     from common.inference import predict_masks
     from common.model import load_model
 
     loaded = load_model(model_path)
-    return predict_masks(loaded.model, loaded.spec, images, batch_size=4)
+    compute = resolve_compute(purpose="inference")
+    return predict_masks(loaded.model, loaded.spec, images, batch_size=4, compute=compute)
 
 
 # ------------------------------------------------------------------ quantification

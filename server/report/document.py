@@ -113,7 +113,8 @@ def _study_section(report: StudyReport, n_usable: int) -> list[Block]:
 
 
 def _appendix(report: StudyReport) -> list[Block]:
-    """Engineering detail at the end: run, full model hash, node ids, fingerprints, round records."""
+    """Engineering detail at the end: run, full model hash, node ids, fingerprints, the device and
+    precision each site ran the model on, round records."""
     cut = get_cutoff_set(report.cutoff_set)
     spec = ", ".join(f"{k}={v}" for k, v in (report.model_spec or {}).items()) or "none (no model)"
     sites = sites_table(report).drop(columns=["verdict_code", "verdict"])
@@ -123,6 +124,7 @@ def _appendix(report: StudyReport) -> list[Block]:
         f"{s.site}: node {s.node_id if s.node_id is not None else '-'}"
         + (
             f"; dataset fingerprint {s.payload.dataset_fingerprint}; model hash {s.payload.model_hash or '-'}"
+            + (f"; ran on {s.payload.compute.label()}" if s.payload.compute is not None else "")
             if s.payload is not None
             else ""
         )
