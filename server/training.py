@@ -17,6 +17,7 @@ round's global weights and noises the mean, and it takes the round's replies all
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -327,6 +328,10 @@ def _fold_weights(total: WeightedSum, reply: Message) -> str | None:
         return f"the training reply's weights could not be averaged: {err}"
     finally:
         del content[keys.ARRAYS]  # the sum has them: the reply keeps its metrics only
+        # Flower's Array.__init__ leaves a reference cycle (a closure over its arguments, the
+        # data bytes among them): the reply's buffer outlives it until the collector runs.
+        # Collecting the young generations now keeps one reply's buffer alive, not many.
+        gc.collect(1)
     return None
 
 
