@@ -283,3 +283,22 @@ def test_validation_keeps_the_parsed_payloads_not_the_messages() -> None:
     assert all(r.payload == hospital_a() for r in results)
     gc.collect()
     assert len(handed_out) == 12 and all(ref() is None for ref in handed_out)  # no Message kept
+
+
+# --- memory: flat in sites ----------------------------------------------------------------------
+
+
+def test_the_streamed_rounds_peak_memory_does_not_grow_with_sites() -> None:
+    """bench/bench_coordinator_memory.py's round at tiny size: the collect-then-average path holds
+    every reply (its peak grows by about a reply per site), the streamed one about one reply."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_coordinator_memory import run_round
+
+    params = 100_000
+    reply = params * 4  # bytes of one site's float32 weights
+    stream = {n: run_round("stream", n, params)[0] for n in (3, 30)}
+    collect = {n: run_round("collect", n, params)[0] for n in (3, 30)}
+    assert stream[30] - stream[3] < reply, stream  # not even one more reply held at 30 sites
+    assert collect[30] - collect[3] > 20 * reply, collect  # the old path: ~ one reply per site
