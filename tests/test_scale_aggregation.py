@@ -302,3 +302,17 @@ def test_the_streamed_rounds_peak_memory_does_not_grow_with_sites() -> None:
     collect = {n: run_round("collect", n, params)[0] for n in (3, 30)}
     assert stream[30] - stream[3] < reply, stream  # not even one more reply held at 30 sites
     assert collect[30] - collect[3] > 20 * reply, collect  # the old path: ~ one reply per site
+
+
+def test_replies_are_handed_over_as_they_arrive_not_at_the_end_of_the_round() -> None:
+    from test_messaging import FakeClock, FakeGrid
+
+    from server.messaging import iter_replies
+
+    clock = FakeClock()
+    grid = FakeGrid(clock, {1: 0.0, 2: 5.0, 3: 5.0})
+    seen = []
+    for reply in iter_replies(grid, [1, 2, 3], timeout=60.0, pull_chunk=2, clock=clock, sleep=clock.sleep):
+        seen.append((reply.metadata.src_node_id, clock.now))
+    assert seen[0] == (1, 0.0)  # site 1's reply is handed over while sites 2 and 3 still work
+    assert sorted(n for n, _ in seen) == [1, 2, 3] and all(t >= 5.0 for _, t in seen[1:])
