@@ -1,9 +1,15 @@
-"""Sending one instruction to many sites and sorting the replies (thin Flower glue)."""
+"""Sending one instruction to many sites and sorting the replies (thin Flower glue).
+
+:func:`iter_replies` hands replies over one at a time as they arrive, so a caller that folds
+each one into an aggregate (training's weighted sum, validation's parsed payload) can drop it
+at once: the coordinator's memory then does not grow with the number of sites.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -24,6 +30,22 @@ class Replies:
     refused: dict[int, str] = field(default_factory=dict)
     timed_out: list[int] = field(default_factory=list)
 
+    def add(self, reply: Message) -> None:
+        """File one reply under ``ok``, ``refused`` or ``failed`` by its sender."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            if reply.error.code == keys.ERROR_REFUSED:
+                self.refused[node] = reply.error.reason or "refused, no reason given"
+            else:
+                self.failed[node] = reply.error.reason or "failed, no reason given"
+        else:
+            self.ok[node] = reply
+
+    def close(self, sent: Iterable[int]) -> None:
+        """Every node in ``sent`` that has not replied (in any way) timed out."""
+        answered = self.ok.keys() | self.failed.keys() | self.refused.keys()
+        self.timed_out = [n for n in sent if n not in answered]
+
     def problems(self, timeout: float) -> dict[int, str]:
         """Every node that did not deliver, with a plain reason."""
         out = dict(self.failed) | dict(self.refused)
@@ -41,15 +63,8 @@ def instruction(task: str, config: dict[str, object], arrays: ArrayRecord | None
 def sort_replies(sent: Iterable[int], replies: Iterable[Message]) -> Replies:
     out = Replies()
     for reply in replies:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            if reply.error.code == keys.ERROR_REFUSED:
-                out.refused[node] = reply.error.reason or "refused, no reason given"
-            else:
-                out.failed[node] = reply.error.reason or "failed, no reason given"
-        else:
-            out.ok[node] = reply
-    out.timed_out = [n for n in sent if n not in out.ok and n not in out.failed and n not in out.refused]
+        out.add(reply)
+    out.close(sent)
     return out
 
 
@@ -84,21 +99,49 @@ def send_and_receive(
     Pushes every message, then pulls replies until each message has one or ``timeout``
     seconds have passed; returns the replies received (late ones are simply absent).
     """
+    return list(iter_replies(grid, messages, timeout, clock=clock, sleep=sleep))
+
+
+def iter_replies(
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float,
+    *,
+    pull_chunk: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[Message]:
+    """Push every message, then yield each reply as it is pulled, until all have replied or
+    ``timeout`` seconds have passed (the poll of :func:`send_and_receive`).
+
+    ``pull_chunk``: ask the Grid for at most that many message ids per pull, so no more than
+    that many replies are held here at once (``None``: all pending ids in one pull). The
+    generator keeps no reference to a reply it has yielded. Nothing is pushed before the first
+    ``next()``: iterate it at once.
+    """
+    if pull_chunk is not None and pull_chunk < 1:
+        raise ValueError(f"pull_chunk must be >= 1 or None, got {pull_chunk}")
     pending = set(grid.push_messages(messages))
     deadline = clock() + timeout
-    replies: list[Message] = []
     waits = poll_intervals()
     while pending:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        ids = sorted(pending)
+        step = pull_chunk or len(ids)
+        got_any = False
+        for start in range(0, len(ids), step):
+            got = deque(grid.pull_messages(ids[start : start + step]))
+            got_any = got_any or bool(got)
+            while got:
+                reply = got.popleft()
+                pending.discard(reply.metadata.reply_to_message_id)
+                yield reply
+                del reply  # the caller holds it, or nobody does
         remaining = deadline - clock()
         if not pending or remaining <= 0:
             break
-        if got:
+        if got_any:
             waits = poll_intervals()
         sleep(min(next(waits), remaining))
-    return replies
 
 
 def broadcast(

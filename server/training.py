@@ -1,14 +1,23 @@
 """The federated training study: rounds of local training aggregated by a Flower strategy.
 
-Flower's own strategies do the maths (FedAvg / FedProx, optionally wrapped in Flower's
+Flower's own strategies configure each round (FedAvg / FedProx, optionally wrapped in Flower's
 central DP with server-side fixed clipping). sarcofed adds what a study needs around
 them: per-site round records (who replied, who failed and why), early stopping on the
 pooled validation loss, best-model checkpointing and resume. When no site releases a
 validation loss, there is nothing to stop on or choose by: the model is the last round's.
+
+Aggregation streams: each site's weights are added to a float64 weighted running sum
+(:class:`common.weighted_sum.WeightedSum`) as its reply arrives and dropped at once, so the
+coordinator holds one accumulator, not one model per site. The result is FedAvg's weighted
+mean (what FedAvg and FedProx's ``aggregate_train`` compute) up to float32 rounding.
+Central DP (``dp.enabled``) keeps Flower's wrapper and its collect-then-aggregate path:
+``DifferentialPrivacyServerSideFixedClipping.aggregate_train`` clips every reply against the
+round's global weights and noises the mean, and it takes the round's replies all at once.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,14 +39,19 @@ from flwr.serverapp.strategy import (
 
 from common.errors import SarcofedError
 from common.model import MODEL_FILE_NAME, build_model, pack_state, save_model, unpack_state, weights_hash
+from common.weighted_sum import WeightedSum
 from protocols import keys
 from protocols.classes import METRIC_CLASSES
 from protocols.report import RoundRecord
 from protocols.study import StudyConfig
 from server.checkpoint import EarlyStopping, TrainingState, load_checkpoint, save_checkpoint
-from server.messaging import Replies, send_and_receive, sort_replies
+from server.messaging import Replies, iter_replies, send_and_receive, sort_replies
 
 log = logging.getLogger(__name__)
+
+#: Training replies pulled per Grid request while streaming: at most this many sites' weights
+#: are in the coordinator's memory at once (besides the running sum).
+TRAIN_PULL_CHUNK = 1
 
 
 class _NodeSubset:
@@ -166,7 +180,12 @@ def run_training(
             )
         )
         sent = [m.metadata.dst_node_id for m in messages]
-        replies = sort_replies(sent, send_and_receive(grid, messages, study.study.round_timeout))
+        if study.dp.enabled:  # Flower's DP wrapper clips and noises all the replies at once
+            replies = sort_replies(sent, send_and_receive(grid, messages, study.study.round_timeout))
+            weighted: WeightedSum | None = None
+        else:
+            replies, weighted = receive_and_sum(grid, messages, study.study.round_timeout, arrays)
+        del messages  # the round's instructions share the global weights: nothing per site
         # who was asked, who answered and what they sent: the part every round record has
         exchange: dict[str, Any] = {
             "round": server_round,
@@ -191,7 +210,10 @@ def run_training(
                 f"{study.study.min_sites}; failures: {record.sites_failed}"
             )
         loss, iou = pooled_validation(replies)  # read every site's metrics before the strategy's view
-        new_arrays, _ = strategy.aggregate_train(server_round, _weights_only(replies.ok.values()))
+        if weighted is None:
+            new_arrays, _ = strategy.aggregate_train(server_round, _weights_only(replies.ok.values()))
+        else:
+            new_arrays = _mean_arrays(weighted)
         if new_arrays is None:
             raise SarcofedError(f"round {server_round}: the strategy could not aggregate the replies")
         arrays = new_arrays
@@ -267,6 +289,64 @@ def exclusion_note(excluded: Iterable[str], answered: Iterable[str]) -> str | No
             "(a misspelt name excludes nobody: site names are site.toml's `name`)"
         )
     return "; ".join(parts)
+
+
+def receive_and_sum(
+    grid: Grid, messages: list[Message], timeout: float, global_arrays: ArrayRecord
+) -> tuple[Replies, WeightedSum]:
+    """Pull the round's training replies one at a time, adding each site's weights (weighted by
+    its ``num-examples``) to a running sum and removing them from the reply at once.
+
+    The returned :class:`Replies` hold every ok reply's metrics only (no weights). A reply
+    whose weights do not fit the model sent (missing, other names or shapes) or without a
+    valid weight is filed as failed, with the reason, and left out of the sum.
+    """
+    replies, total = Replies(), WeightedSum.like(_numpy(global_arrays))
+    sent = [m.metadata.dst_node_id for m in messages]
+    for reply in iter_replies(grid, messages, timeout, pull_chunk=TRAIN_PULL_CHUNK):
+        if not reply.has_error():
+            problem = _fold_weights(total, reply)
+            if problem is not None:
+                replies.failed[reply.metadata.src_node_id] = problem
+                continue
+        replies.add(reply)
+    replies.close(sent)
+    return replies, total
+
+
+def _fold_weights(total: WeightedSum, reply: Message) -> str | None:
+    """Add the reply's weights to ``total`` and drop them from the reply; why not, if it can't be."""
+    content = reply.content
+    if keys.ARRAYS not in content.array_records:
+        return f"the training reply carried no weights (no '{keys.ARRAYS}' record)"
+    try:
+        weight = float(content.metric_records[keys.METRICS][keys.NUM_EXAMPLES])  # type: ignore[arg-type]
+        total.add(_numpy(content.array_records[keys.ARRAYS]), weight)
+    except KeyError:
+        return f"the training reply carried no '{keys.NUM_EXAMPLES}' metric to weight its weights by"
+    except (TypeError, ValueError) as err:
+        return f"the training reply's weights could not be averaged: {err}"
+    finally:
+        del content[keys.ARRAYS]  # the sum has them: the reply keeps its metrics only
+        # Flower's Array.__init__ leaves a reference cycle (a closure over its arguments, the
+        # data bytes among them): the reply's buffer outlives it until the collector runs.
+        # Collecting the young generations now keeps one reply's buffer alive, not many.
+        gc.collect(1)
+    return None
+
+
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def _mean_arrays(total: WeightedSum) -> ArrayRecord | None:
+    """The running sum's mean as the ArrayRecord the next round sends; None when nothing was summed."""
+    try:
+        mean = total.mean()
+    except ValueError as err:
+        log.warning("no weighted mean this round: %s", err)
+        return None
+    return ArrayRecord({name: Array(np.ascontiguousarray(x)) for name, x in mean.items()})
 
 
 def _weights_only(replies: Iterable[Message]) -> list[Message]:

@@ -2,7 +2,8 @@
 
 Flower's ``aggregate_evaluate`` would average sites away; here each reply is kept with
 its site, validated against the payload schema (:func:`parse_reply`), and failures keep
-their reason.
+their reason. Each reply is parsed as it arrives and only the parsed payload (aggregates, a
+few kB) is kept, never the Flower Message: memory per site is one small payload.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MessageType
+from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from pydantic import ValidationError
 
@@ -22,7 +23,7 @@ from protocols import keys
 from protocols.payloads import EvaluationPayload, Role
 from protocols.report import SiteResult, SiteStatus
 from protocols.study import StudyConfig
-from server.messaging import broadcast, instruction, send_each
+from server.messaging import Replies, broadcast, instruction, iter_replies
 
 if TYPE_CHECKING:  # torch and the model zoo load only when a model is sent (not for identify)
     import torch
@@ -137,19 +138,20 @@ def run_validation(
         n: instruction(task, config | ({keys.ROLE: role} if role else {}), arrays)
         for n, role in roles.items()
     }
-    replies = send_each(grid, contents, MessageType.EVALUATE, study.study.round_timeout)
+    replies, parsed = receive_payloads(grid, contents, chosen, study.study.round_timeout)
     results: list[SiteResult] = []
     for node, site in sorted(sites.items(), key=lambda kv: kv[1]):
         if node not in chosen:
             results.append(
                 SiteResult(site=site, node_id=node, status="not_selected", reason="not in study.sites")
             )
-        elif node in replies.ok:
-            try:
-                payload = parse_reply(replies.ok[node], site)
-            except SarcofedError as err:
+        elif node in parsed:
+            payload = parsed[node]
+            if isinstance(payload, SarcofedError):
                 results.append(
-                    SiteResult(site=site, node_id=node, status="failed", reason=str(err), role=roles[node])
+                    SiteResult(
+                        site=site, node_id=node, status="failed", reason=str(payload), role=roles[node]
+                    )
                 )
                 continue
             status: SiteStatus = "ok" if payload.n_used > 0 else "no_usable_slices"
@@ -191,6 +193,30 @@ def run_validation(
             )
         )
     return results
+
+
+def receive_payloads(
+    grid: Grid, contents: dict[int, RecordDict], sites: dict[int, str], timeout: float
+) -> tuple[Replies, dict[int, EvaluationPayload | SarcofedError]]:
+    """Send each node its content; parse every reply as it arrives and keep the payload (or why
+    it could not be read), dropping the Message. The :class:`Replies` hold the error replies
+    and the silent nodes; its ``ok`` stays empty (the payloads are the second value)."""
+    messages = [
+        Message(content=c, message_type=MessageType.EVALUATE, dst_node_id=n) for n, c in contents.items()
+    ]
+    replies = Replies()
+    parsed: dict[int, EvaluationPayload | SarcofedError] = {}
+    for reply in iter_replies(grid, messages, timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            replies.add(reply)
+            continue
+        try:
+            parsed[node] = parse_reply(reply, sites.get(node, f"node-{node}"))
+        except SarcofedError as err:
+            parsed[node] = err
+    replies.close(n for n in contents if n not in parsed)
+    return replies, parsed
 
 
 def _no_slice_reason(payload: EvaluationPayload) -> str:
