@@ -5,19 +5,16 @@ by pid afterwards."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_harness import free_port
+from flower_home import private_flower_home
 
 from protocols.report import StudyReport
 from server.demo_study import make_demo_sites
-from server.deploy import flwr_env
-from server.flwr_cli import flwr_run, local_superlink_pids, stop_processes
+from server.flwr_cli import flwr_run
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SITES = 30
@@ -27,26 +24,9 @@ ENCODER = "tu-mobilenetv3_small_050"
 
 
 @pytest.fixture
-def flower_home(tmp_path: Path):
-    """A private FLWR_HOME and free local-SuperLink ports; every SuperLink started is stopped by pid."""
-    home = tmp_path / "flwr-home"
-    env = flwr_env(
-        extra={
-            "FLWR_HOME": str(home),
-            "SARCOFED_HOME": str(tmp_path / "sarcofed-home"),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        }
-    )
-    yield env
-    stop_processes(local_superlink_pids(home))
-    deadline = time.monotonic() + 30.0
-    while (left := local_superlink_pids(home)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in left:  # SIGTERM was not enough: these are ours (started under this FLWR_HOME)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    assert not left, f"local SuperLink(s) {left} ignored SIGTERM for 30 s"
+def flower_home(tmp_path: Path) -> Iterator[dict[str, str]]:
+    with private_flower_home(tmp_path) as env:
+        yield env
 
 
 @pytest.mark.slow

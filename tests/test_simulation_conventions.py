@@ -13,12 +13,12 @@ is learnt alike. Measured values at PSOAS_MARGIN.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flower_home import private_flower_home
 
 from common.dataset import LoadedSlice, iter_slices, load_site
 from common.demo.hospitals import study_site_profile
@@ -29,8 +29,7 @@ from common.paths import simulated_site_dir
 from protocols import keys
 from protocols.report import StudyReport
 from server.demo_study import make_demo_sites
-from server.deploy import flwr_env
-from server.flwr_cli import flwr_run, local_superlink_pids, stop_processes
+from server.flwr_cli import flwr_run
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -58,27 +57,11 @@ CONFIG = {
 PSOAS_MARGIN = 0.08
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def flower_home(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A private FLWR_HOME on free local-SuperLink ports (never another test's SuperLink, which
-    would run this study with its own code); every SuperLink started is stopped by pid."""
-    home = tmp_path / "flwr-home"
-    env = flwr_env(
-        extra={
-            "FLWR_HOME": str(home),
-            "SARCOFED_HOME": str(tmp_path / "sarcofed-home"),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-        }
-    )
-    yield env
-    stop_processes(local_superlink_pids(home))
+    """Free ports, never another test's SuperLink (which would run this study with its own code)."""
+    with private_flower_home(tmp_path) as env:
+        yield env
 
 
 def _psoas_recall(site_dir: Path, model_path: Path) -> tuple[float, float]:

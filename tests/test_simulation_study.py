@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from flower_home import private_flower_home
 
 from common.dataset import load_site
 from common.demo.hospitals import study_site_profile
@@ -31,8 +33,7 @@ from protocols.payloads import ClassScores
 from protocols.report import StudyReport
 from protocols.study import StudyConfig, recipe_note
 from server.demo_study import make_demo_sites, simulation_study
-from server.deploy import flwr_env
-from server.flwr_cli import flwr_run, local_superlink_pids, stop_processes
+from server.flwr_cli import flwr_run
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -57,19 +58,9 @@ PSOAS_FINDING = ("muscle", "site_excludes", "psoas")
 
 
 @pytest.fixture
-def flower_home(tmp_path: Path):
-    """A private FLWR_HOME and local-SuperLink ports; every SuperLink started is stopped by pid."""
-    home = tmp_path / "flwr-home"
-    env = flwr_env(
-        extra={
-            "FLWR_HOME": str(home),
-            "SARCOFED_HOME": str(tmp_path / "sarcofed-home"),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39191",
-            "FLWR_LOCAL_CONTROL_API_PORT": "39193",
-        }
-    )
-    yield env
-    stop_processes(local_superlink_pids(home))
+def flower_home(tmp_path: Path) -> Iterator[dict[str, str]]:
+    with private_flower_home(tmp_path, http_port=39191, control_port=39193) as env:
+        yield env
 
 
 def _top_share(scores: ClassScores) -> float:
