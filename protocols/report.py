@@ -114,6 +114,9 @@ class RoundRecord(Schema):
         default_factory=dict, description="class -> validation IoU pooled over pixels across sites"
     )
     per_site: dict[str, dict[str, float]] = Field(default_factory=dict)
+    compute: dict[str, str] = Field(
+        default_factory=dict, description="site -> what its training ran on, e.g. 'cpu bf16' (when it said)"
+    )
     weights_hash: str | None = Field(None, description="hash of the aggregated weights this round produced")
     start_weights_hash: str | None = Field(None, description="hash of the weights sent to the sites")
     improved: bool | None = None

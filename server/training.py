@@ -199,6 +199,9 @@ def run_training(
                 sites[n]: {k: float(v) for k, v in r.content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
                 for n, r in replies.ok.items()
             },
+            "compute": {
+                sites[n]: label for n, r in replies.ok.items() if (label := compute_label(r)) is not None
+            },
         }
         if len(replies.ok) < study.study.min_sites:
             record = RoundRecord(**exchange, status="failed", seconds=time.monotonic() - started)
@@ -312,6 +315,27 @@ def receive_and_sum(
         replies.add(reply)
     replies.close(sent)
     return replies, total
+
+
+def compute_label(reply: Message) -> str | None:
+    """What a training reply says it ran on (``"cpu bf16"``); None when it says nothing readable."""
+    from pydantic import ValidationError
+
+    from protocols.compute import ComputeUsed
+
+    record = reply.content.config_records.get(keys.COMPUTE)
+    if record is None:
+        return None
+    try:
+        return ComputeUsed(
+            device=record.get(keys.COMPUTE_DEVICE),  # type: ignore[arg-type]
+            precision=record.get(keys.COMPUTE_PRECISION),  # type: ignore[arg-type]
+        ).label()
+    except ValidationError:
+        log.warning(
+            "a training reply's %r record is not a device and precision: %s", keys.COMPUTE, dict(record)
+        )
+        return None
 
 
 def _fold_weights(total: WeightedSum, reply: Message) -> str | None:

@@ -79,8 +79,8 @@ def test_checkpoint_of_an_earlier_version_still_resumes(tmp_path: Path) -> None:
     back = load_checkpoint(tmp_path)
     assert back.history == [RoundRecord.model_validate(ROUND_V01)]
     assert back.history[0].sites_failed == {"hospital-b": "timeout after 900 s"}
-    save_checkpoint(tmp_path, back)  # and it is written back in the same form
-    assert json.loads(torch.load(tmp_path / "checkpoint.pt")["history_json"]) == [ROUND_V01]
+    save_checkpoint(tmp_path, back)  # and written back with every value kept (fields added since: empty)
+    assert json.loads(torch.load(tmp_path / "checkpoint.pt")["history_json"]) == [ROUND_V01 | {"compute": {}}]
 
 
 def test_a_checkpoint_with_a_broken_history_names_the_file(tmp_path: Path) -> None:

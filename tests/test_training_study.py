@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from client.site_tasks import run_train
 from common.dataset import load_site
@@ -95,8 +95,14 @@ class FakeSites:
     Sites listed in ``failing`` reply with an error instead (as a site crash would).
     """
 
-    def __init__(self, metrics: dict[int, dict[str, float]], failing: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        metrics: dict[int, dict[str, float]],
+        failing: tuple[int, ...] = (),
+        compute: dict[int, tuple[str, str]] | None = None,
+    ) -> None:
         self.metrics, self.failing = metrics, failing
+        self.compute = compute or {}
         self.replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
@@ -118,6 +124,11 @@ class FakeSites:
                         keys.METRICS: MetricRecord(self.metrics[node]),
                     }
                 )
+                if node in self.compute:
+                    device, precision = self.compute[node]
+                    content[keys.COMPUTE] = ConfigRecord(
+                        {keys.COMPUTE_DEVICE: device, keys.COMPUTE_PRECISION: precision}
+                    )
                 reply = Message(content, reply_to=msg)
             self.replies[msg.metadata.message_id] = reply
         return [m.metadata.message_id for m in messages]
@@ -263,3 +274,24 @@ def test_exclusion_note_names_excluded_names_that_no_site_answered_to() -> None:
     assert "no site of that name answered: hosp-x " in absent
     only_absent = exclusion_note(["hosp-B"], ["hosp-a", "hosp-b"])
     assert only_absent is not None and "validated only): none of the sites that answered" in only_absent
+
+
+def test_the_round_record_and_the_report_say_what_each_site_trained_on(tmp_path: Path) -> None:
+    from protocols.report import StudyReport
+    from server.report.document import _appendix
+    from server.report.render import render_markdown
+    from server.training import run_training
+
+    study = StudyConfig.from_run_config(SMALL_STUDY | {"study.num-rounds": 1})
+    # site 2's record is not a device and precision: the study goes on, the record says nothing of it
+    grid = FakeSites(SITE_METRICS, compute={1: ("cpu", "bf16"), 2: ("gpu", "fp64")})
+    (record,) = run_training(grid, study, tmp_path, {1: "a", 2: "b"}).history  # type: ignore[arg-type]
+    assert record.compute == {"a": "cpu bf16"}
+    report_json = Path(__file__).parent / "data" / "report" / "evaluate_with_training.json"
+    report = StudyReport.model_validate_json(report_json.read_text(encoding="utf-8"))
+    site = report.sites[0].site
+    report = report.model_copy(
+        update={"training": [record.model_copy(update={"compute": {site: "cuda fp16"}})]}
+    )
+    text = render_markdown(_appendix(report), {"training_loss": "training_loss.svg"})
+    assert f"{site}: node" in text and "trained on cuda fp16" in text

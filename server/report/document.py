@@ -120,6 +120,7 @@ def _appendix(report: StudyReport) -> list[Block]:
     sites = sites_table(report).drop(columns=["verdict_code", "verdict"])
     for column in ("dataset_fingerprint", "model_hash"):
         sites[column] = [short_id(v) if isinstance(v, str) else v for v in sites[column]]
+    trained_on = {site: label for r in report.training for site, label in r.compute.items()}  # the last said
     identifiers = tuple(
         f"{s.site}: node {s.node_id if s.node_id is not None else '-'}"
         + (
@@ -128,6 +129,7 @@ def _appendix(report: StudyReport) -> list[Block]:
             if s.payload is not None
             else ""
         )
+        + (f"; trained on {trained_on[s.site]}" if s.site in trained_on else "")
         for s in report.sites
     )
     blocks: list[Block] = [
