@@ -3,8 +3,10 @@
 - ``generate_site_keys``: the SuperNode's EC P-384 key pair (OpenSSH format, as
   ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode register`` read
   them). The public key goes to the coordinator; the private key never leaves the site.
-- ``supernode_command``: the exact ``flower-supernode`` command for a site folder (TLS on,
-  node authentication, the site folder in ``--node-config``, its own runtime port).
+- ``supernode_command``: the exact SuperNode command for a site folder (TLS on, node
+  authentication, the site folder in ``--node-config``, its own runtime port). It runs
+  ``sarcofed-supernode``: Flower's ``flower-supernode`` with the same flags and one repair
+  (a stale reply can no longer hold back a live one; see ``client.supernode``).
 - ``supernode_env``: the environment it runs with (telemetry and dependency installation off).
 
 Keys default to ``<parent>/<site folder>.keys/`` beside the site folder, never inside it.
@@ -84,8 +86,12 @@ class JoinSpec:
     max_wait_time: float | None = None  #: give up reconnecting after this many seconds (None = never)
 
 
-def supernode_command(spec: JoinSpec, executable: str = "flower-supernode") -> list[str]:
-    """The ``flower-supernode`` argv for one site (TLS on, node authentication on)."""
+#: Flower's ``flower-supernode`` with sarcofed's repair of its push loop (``client.supernode``)
+SUPERNODE_EXECUTABLE = "sarcofed-supernode"
+
+
+def supernode_command(spec: JoinSpec, executable: str = SUPERNODE_EXECUTABLE) -> list[str]:
+    """The SuperNode argv for one site (TLS on, node authentication on)."""
     site = Path(spec.site_dir).expanduser().resolve()
     if '"' in str(site) or "\\" in str(site):
         raise ValueError(f"{site}: the site folder path may not contain quotes or backslashes (TOML value)")

@@ -227,7 +227,7 @@ def join(
     port: int = typer.Option(DEFAULT_RUNTIME_PORT, "--port", help="Local runtime port (one per SuperNode)."),
     run: bool = typer.Option(False, "--run", help="Start the SuperNode now instead of printing the command."),
 ) -> None:
-    """Print (or run) the exact flower-supernode command that joins this site to a study."""
+    """Print (or run) the exact SuperNode command that joins this site to a study."""
     private = key or site_keys(default_keys_dir(site_dir)).private_key
     for path, what in (
         (private, "private key (make it with `sarcofed site keys`)"),

@@ -232,7 +232,7 @@ def test_training_resumes_from_its_checkpoint_after_the_superlink_restarts(tmp_p
         assert all(p.popen.poll() is None for p in nodes), "a SuperNode gave up during the restart"
 
         resumed = dep.run(config | {"study.resume": True}, timeout=600)
-        assert resumed.ok, resumed
+        assert resumed.ok, (resumed, {p.name: p.text()[-4000:] for p in nodes})  # the SuperNodes' view
         finished = time.monotonic()
         rounds = read_rounds(run_dir / "rounds.jsonl")
         assert [r["round"] for r in rounds] == list(range(1, NUM_ROUNDS + 1)), rounds

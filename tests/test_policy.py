@@ -94,7 +94,7 @@ def test_site_policy_and_join_commands(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     line = out.stdout.strip()
     assert line.startswith(
-        "FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flower-supernode"
+        "FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 sarcofed-supernode"
     )
     for part in (
         "--superlink link.example:9092",
