@@ -332,7 +332,8 @@ def cache(
     $SARCOFED_HOME/cache/... when the site folder is not writable, or the folder that
     site.toml's cache_dir names (cache_dir = false turns it off). Entries are keyed by the
     files' content, so a changed file is always read again; they hold this site's pixel data,
-    stay on this machine and are never sent. Deleting them is always safe.
+    stay on this machine and are never sent. Deleting them is always safe. Past site.toml's
+    cache_max_mb (default 10240 MiB) the least recently used entries are deleted.
     """
     from common.dataset import load_site
 
@@ -348,6 +349,7 @@ def cache(
                 {
                     "enabled": site.cache is not None,
                     "cleared": clear,
+                    "max_bytes": site.config.cache_max_mb * 2**20,
                     "folders": [
                         {"folder": str(u.folder), "entries": u.entries, "bytes": u.bytes} for u in found
                     ],
@@ -362,7 +364,10 @@ def cache(
         typer.echo("No cached slices.")
     for usage in found:
         verb = "removed" if clear else "holds"
-        typer.echo(f"{usage.folder}: {verb} {usage.entries} entries ({usage.bytes / 2**20:.1f} MiB)")
+        typer.echo(
+            f"{usage.folder}: {verb} {usage.entries} entries ({usage.bytes / 2**20:.1f} MiB; "
+            f"cap {site.config.cache_max_mb} MiB, site.toml cache_max_mb)"
+        )
 
 
 def register(site_app: typer.Typer) -> None:

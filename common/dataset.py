@@ -300,7 +300,7 @@ def load_site(root: Path | str) -> SiteDataset:
         rows=rows,
         invalid_rows=invalid,
         lines=lines,
-        cache=open_site_cache(root, config.cache_dir),
+        cache=open_site_cache(root, config.cache_dir, max_bytes=config.cache_max_mb * 2**20),
     )
 
 

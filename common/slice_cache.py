@@ -22,6 +22,10 @@ re-reads and re-decodes every DICOM file and mask. ``common.dataset.load_slice``
   site.toml ``cache_dir`` moves it or, ``false`` / ``""``, turns it off). The entries hold
   the site's pixel data: they stay on the site's machine like the data itself, and no
   reply reads from them (replies are built from the decoded slices, as without a cache).
+- **Size**: at most ``max_bytes`` (site.toml ``cache_max_mb``). A hit marks its entry used
+  (its modification time); after writing, once at first and then every twentieth of the cap,
+  :func:`prune_cache` deletes the least recently used entries until the cache fits. Entries
+  of an older decoder are never hit again, so they are the first to go.
 - Only decodable slices are cached; a file that cannot be used is decoded (and refused
   with its reason) every time. Warnings the decoders log are logged on a miss only.
 
@@ -30,6 +34,7 @@ Pure: never imports flwr. Called by ``common.dataset``; ``sarcofed site cache`` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -46,6 +51,7 @@ import numpy as np
 
 from common.paths import sarcofed_home
 from common.site_file import MAX_FILE_BYTES
+from protocols.site import SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -213,19 +219,29 @@ def compact(array: np.ndarray) -> np.ndarray:
     return array
 
 
+#: The cap of a site.toml without ``cache_max_mb`` (its default there), in bytes.
+DEFAULT_MAX_BYTES: int = SiteConfig.model_fields["cache_max_mb"].default * 2**20
+#: Prune after writing this share of the cap since the last prune (and at the first write).
+PRUNE_EVERY = 0.05
+
+
 @dataclass
 class SliceCache:
     """A content-keyed store of decoded slices in the first writable folder of ``candidates``.
 
     The folder is chosen on first use (nothing is created until a slice is loaded).
     ``hits``, ``misses`` and ``corrupt`` (unreadable entries, decoded again and rewritten)
-    count this process's lookups, for benches and tests.
+    count this process's lookups, and ``evicted`` the entries its prunes deleted, for
+    benches and tests. ``max_bytes``: the most the folder's entries may hold.
     """
 
     candidates: tuple[Path, ...]
+    max_bytes: int = DEFAULT_MAX_BYTES
     hits: int = 0
     misses: int = 0
     corrupt: int = 0
+    evicted: int = 0
+    _unpruned: int | None = field(default=None, repr=False)  # bytes written since the last prune
     _folder: Path | None = field(default=None, repr=False)
     _resolved: bool = field(default=False, repr=False)
     _decoder: str | None = field(default=None, repr=False)
@@ -283,6 +299,8 @@ class SliceCache:
             self.corrupt += 1
             return None
         self.hits += 1
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used now: the last to be pruned
         return arrays
 
     def put(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
@@ -302,17 +320,30 @@ class SliceCache:
                 np.savez(handle, allow_pickle=False, **payload)  # an object array is refused
             os.replace(tmp, path)
             tmp = None
+            self._after_write(folder, path.stat().st_size)
         except (OSError, ValueError) as exc:
             log.warning("slice cache: cannot write %s (%s); continuing without it", path, exc)
         finally:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
 
+    def _after_write(self, folder: Path, size: int) -> None:
+        """Prune at the first write of this process, then every ``PRUNE_EVERY`` of the cap."""
+        if self._unpruned is not None:
+            self._unpruned += size
+            if self._unpruned < self.max_bytes * PRUNE_EVERY:
+                return
+        removed = prune_cache(folder, self.max_bytes)
+        self.evicted += removed.entries
+        self._unpruned = 0
 
-def open_site_cache(site_root: Path, setting: str | bool | None) -> SliceCache | None:
+
+def open_site_cache(
+    site_root: Path, setting: str | bool | None, max_bytes: int = DEFAULT_MAX_BYTES
+) -> SliceCache | None:
     """The cache for a site folder and its site.toml ``cache_dir`` value; ``None`` when disabled."""
     candidates = cache_folders(site_root, setting)
-    return SliceCache(candidates) if candidates else None
+    return SliceCache(candidates, max_bytes=max_bytes) if candidates else None
 
 
 @dataclass(frozen=True)
@@ -336,6 +367,40 @@ def cache_usage(folder: Path) -> CacheUsage:
             elif path.name.startswith(".tmp-"):
                 temporary += 1
     return CacheUsage(folder=folder, entries=entries, bytes=size, temporary=temporary)
+
+
+def _entries(folder: Path) -> list[tuple[float, int, Path]]:
+    """(last use, bytes, path) of every entry under ``folder``; entries gone meanwhile are skipped."""
+    found = []
+    for path in folder.glob("*/*.npz"):
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            found.append((info.st_mtime, info.st_size, path))
+    return found
+
+
+def prune_cache(folder: Path, max_bytes: int) -> CacheUsage:
+    """Delete the least recently used entries under ``folder`` until the rest hold at most
+    ``max_bytes``; return what was removed (nothing when the cache already fits)."""
+    entries = sorted(_entries(folder)) if folder.is_dir() else []
+    total = sum(size for _, size, _ in entries)
+    removed = freed = 0
+    for _, size, path in entries:
+        if total - freed <= max_bytes:
+            break
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+            freed += size
+    if removed:
+        log.info(
+            "slice cache: %s held %.1f MiB, over its %.1f MiB cap; removed the %d least recently used",
+            folder,
+            total / 2**20,
+            max_bytes / 2**20,
+            removed,
+        )
+    return CacheUsage(folder=folder, entries=removed, bytes=freed, temporary=0)
 
 
 def clear_cache(folder: Path) -> CacheUsage:
@@ -362,6 +427,7 @@ def clear_cache(folder: Path) -> CacheUsage:
 __all__ = [
     "CACHE_DIR_NAME",
     "CACHE_FORMAT_VERSION",
+    "DEFAULT_MAX_BYTES",
     "Arrays",
     "CacheUsage",
     "SliceCache",
@@ -374,5 +440,6 @@ __all__ = [
     "decoder_version",
     "entry_key",
     "open_site_cache",
+    "prune_cache",
     "site_fallback_folder",
 ]

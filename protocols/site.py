@@ -82,6 +82,10 @@ class SiteConfig(BaseModel):
     #: when the site folder is not writable); a folder (absolute, or relative to the site
     #: folder); ``false`` or ``""`` to decode every slice every time.
     cache_dir: str | bool | None = None
+    #: the most the slice cache may hold, in MiB; past it the least recently used entries
+    #: are deleted (an upgrade of sarcofed or a library makes every old entry unusable, so
+    #: without a cap they would pile up). The default holds ~20,000 512-px slices.
+    cache_max_mb: int = Field(default=10_240, ge=1)
 
     @field_validator("name")
     @classmethod

@@ -29,6 +29,7 @@ from common.slice_cache import (
     cache_usage,
     clear_cache,
     compact,
+    prune_cache,
     site_fallback_folder,
 )
 from protocols.classes import ExclusionReason
@@ -281,6 +282,58 @@ def test_unusable_file_is_refused_with_its_reason_not_cached(tmp_path: Path) -> 
     items, cache = _load_all(root)
     assert isinstance(items[0], SliceError) and items[0].reason is not ExclusionReason.empty_mask
     assert cache is not None and cache.hits == 0 and not _entries(root / CACHE_DIR_NAME)
+
+
+# ------------------------------------------------------------------ size cap
+def _noise(seed: int, size: int = 64) -> dict[str, np.ndarray]:
+    """Arrays that do not compress: each entry is ~size*size*4 bytes on disk."""
+    return {"hu": np.random.default_rng(seed).random((size, size), dtype=np.float32)}
+
+
+def test_prune_removes_the_least_recently_used_until_the_cache_fits(tmp_path: Path) -> None:
+    cache = SliceCache((tmp_path,), max_bytes=10**9)  # no pruning while filling
+    keys = [f"{i:02x}" + "0" * 62 for i in range(6)]
+    for i, key in enumerate(keys):
+        cache.put(key, _noise(i))
+        os.utime(tmp_path / key[:2] / f"{key}.npz", (1000 + i, 1000 + i))  # written in this order
+    entry_bytes = cache_usage(tmp_path).bytes // 6
+    assert cache.get(keys[0]) is not None  # the oldest is used again: now the most recent
+    removed = prune_cache(tmp_path, max_bytes=3 * entry_bytes + entry_bytes // 2)
+    assert removed.entries == 3 and removed.bytes >= 3 * entry_bytes - 100
+    left = {path.stem for path in _entries(tmp_path)}
+    assert left == {keys[0], keys[4], keys[5]}  # keys 1-3 were the least recently used
+    assert prune_cache(tmp_path, max_bytes=10**9).entries == 0  # a cache that fits loses nothing
+
+
+def test_a_capped_cache_never_holds_much_more_than_its_cap(tmp_path: Path) -> None:
+    probe = SliceCache((tmp_path / "probe",))
+    probe.put("ff" + "0" * 62, _noise(0))
+    entry_bytes = cache_usage(tmp_path / "probe").bytes
+    cap = 5 * entry_bytes
+    cache = SliceCache((tmp_path / "capped",), max_bytes=cap)
+    for i in range(40):
+        cache.put(f"{i:02x}" + "1" * 62, _noise(i))
+    held = cache_usage(tmp_path / "capped").bytes
+    # pruned at the first write and after each 5% of the cap: never over by more than that
+    assert held <= cap + max(entry_bytes, int(cap * 0.05)), (held, cap)
+    assert cache.evicted >= 40 - 6
+    assert cache.get(f"{39:02x}" + "1" * 62) is not None  # the newest entry is kept
+
+
+def test_site_toml_cache_max_mb_reaches_the_cache(tmp_path: Path) -> None:
+    from common.errors import SiteFolderError
+
+    root = make_site(tmp_path, n=1, size=32)
+    site = load_site(root)
+    assert site.cache is not None and site.cache.max_bytes == 10_240 * 2**20  # the default
+    original = (root / "site.toml").read_text(encoding="utf-8")
+    _set_cache_dir(root, "true\ncache_max_mb = 64")
+    site = load_site(root)
+    assert site.cache is not None and site.cache.max_bytes == 64 * 2**20
+    (root / "site.toml").write_text(original, encoding="utf-8")
+    _set_cache_dir(root, "true\ncache_max_mb = 0")
+    with pytest.raises(SiteFolderError, match="cache_max_mb"):
+        load_site(root)
 
 
 # ------------------------------------------------------------------ concurrent ClientApps
