@@ -505,7 +505,10 @@ def polar_maps_figure(maps: Mapping[str, PolarMap], keys: Sequence[str]) -> Draw
             n_angle, n_radius = values.shape
             theta = np.linspace(0.0, 2 * np.pi, n_angle + 1)
             radius = np.linspace(0.0, 1.0, n_radius + 1)
-            mesh = ax.pcolormesh(theta, radius, values.T, cmap=POLAR_CMAP, norm=norm, shading="flat")
+            # an image in the SVG, not a path per cell: the text stays text, the file stays small
+            mesh = ax.pcolormesh(
+                theta, radius, values.T, cmap=POLAR_CMAP, norm=norm, shading="flat", rasterized=True
+            )
             ax.set_title(f"{_wrap(site, 30)} (n={maps[site].n_slices})", fontsize=SMALL_PT, pad=10)
     fig.suptitle("R / L = image right / left; radius 0 = centre, 1 = body outline", fontsize=SMALL_PT)
     if mesh is not None:

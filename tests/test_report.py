@@ -788,3 +788,47 @@ def test_the_appendix_says_which_device_and_precision_each_site_ran_the_model_on
     lines = [line for line in appendix.splitlines() if "dataset fingerprint sha256:" in line]
     assert any(line.startswith(f"- {first.site}: ") and line.endswith("; ran on cuda bf16") for line in lines)
     assert sum("ran on" in line for line in lines) == 1
+
+
+def test_polar_maps_of_many_sites_show_the_most_discordant_and_say_so() -> None:
+    """Thirty sites once made a 400-inch figure (80 s to draw, 17 MB of HTML): past
+    POLAR_MAX_SITES the figure keeps the sites with the most discordant area per slice."""
+    from server.report.conventions import POLAR_MAX_SITES, conventions_section, discordant_per_slice
+
+    report = study_report()
+    base = next(s for s in report.sites if s.site == "hospital-b")
+    assert base.payload is not None and base.payload.discrepancy is not None
+    polar = base.payload.discrepancy.polar
+    assert polar is not None
+    extra = []
+    for k in range(POLAR_MAX_SITES + 3):  # k = 0 the faintest map, the last the strongest
+        scaled = polar.model_copy(
+            update={
+                "maps": {
+                    key: [[v * (k + 1) for v in row] for row in grid] for key, grid in polar.maps.items()
+                }
+            }
+        )
+        discrepancy = base.payload.discrepancy.model_copy(update={"polar": scaled})
+        name = f"extra-site-{k:02d}"
+        payload = base.payload.model_copy(update={"site": name, "discrepancy": discrepancy})
+        extra.append(base.model_copy(update={"site": name, "node_id": 200 + k, "payload": payload}))
+    crowded = report.model_copy(update={"sites": [*report.sites, *extra]})
+    images = [b for b in conventions_section(crowded) if isinstance(b, Image) and b.name == "polar_maps"]
+    assert len(images) == 1
+    svg = images[0].png.svg  # type: ignore[attr-defined]
+    with_maps = [
+        s for s in crowded.sites if s.payload and s.payload.discrepancy and s.payload.discrepancy.polar
+    ]
+    ranked = sorted(with_maps, key=lambda s: -discordant_per_slice(s.payload.discrepancy.polar))  # type: ignore[union-attr,arg-type]
+    assert [s.site for s in ranked[:POLAR_MAX_SITES]] == [f"extra-site-{k:02d}" for k in range(8, 2, -1)]
+    for site in ranked[:POLAR_MAX_SITES]:
+        assert f"{site.site} (n=" in svg
+    for site in ranked[POLAR_MAX_SITES:]:
+        assert f"{site.site} (n=" not in svg
+    assert (
+        f"the {POLAR_MAX_SITES} of {len(with_maps)} sites with the most discordant area" in images[0].caption
+    )
+    # a study with few sites shows every one, with no such note
+    few = [b for b in conventions_section(report) if isinstance(b, Image) and b.name == "polar_maps"]
+    assert "Shown:" not in few[0].caption

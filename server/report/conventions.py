@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from common.pooling import usable_sites
 from protocols.classes import TISSUES
-from protocols.payloads import ClassScores
+from protocols.payloads import ClassScores, PolarMap
 from protocols.report import StudyReport
 from server import figures
 from server.report.blocks import Block, Bullets, Heading, Image, Table, Text
@@ -158,6 +158,17 @@ def _audit_blocks(report: StudyReport) -> list[Block]:
     return blocks
 
 
+#: The most sites the polar-map figure shows (a band of panels per class and direction, three
+#: sites to a row): thirty sites made a figure 400 inches tall that took 80 s to draw.
+POLAR_MAX_SITES = 6
+
+
+def discordant_per_slice(polar: PolarMap) -> float:
+    """A site's discordant area in all its maps, cm² per slice (what ranks sites for the figure)."""
+    total = sum(value for grid in polar.maps.values() for row in grid for value in row)
+    return total / max(polar.n_slices, 1)
+
+
 def _polar_blocks(report: StudyReport) -> list[Block]:
     polar = {
         s.site: s.payload.discrepancy.polar
@@ -170,15 +181,20 @@ def _polar_blocks(report: StudyReport) -> list[Block]:
         {k for m in polar.values() for k in m.maps},
         key=lambda k: (TISSUES.index(k.split(":")[0]) if k.split(":")[0] in TISSUES else 9, k),
     )
-    return [
-        Image(
-            "polar_maps",
-            figures.polar_maps_figure(polar, keys),
-            "Where the site's labels and the test disagree: discordant cm² per slice by angle and "
-            "normalised radius (0 centre, 1 outline), each site divided by its own slice count; angles "
-            "as the sites' discrepancy analysis defines them.",
+    caption = (
+        "Where the site's labels and the test disagree: discordant cm² per slice by angle and "
+        "normalised radius (0 centre, 1 outline), each site divided by its own slice count; angles "
+        "as the sites' discrepancy analysis defines them."
+    )
+    if len(polar) > POLAR_MAX_SITES:
+        ranked = sorted(polar, key=lambda site: (-discordant_per_slice(polar[site]), site))
+        shown = set(ranked[:POLAR_MAX_SITES])
+        caption += (
+            f" Shown: the {POLAR_MAX_SITES} of {len(polar)} sites with the most discordant area per slice; "
+            "every site's maps are in report.json (payload.discrepancy.polar)."
         )
-    ]
+        polar = {site: m for site, m in polar.items() if site in shown}  # the report's site order
+    return [Image("polar_maps", figures.polar_maps_figure(polar, keys), caption)]
 
 
 def _harmonised_blocks(report: StudyReport) -> list[Block]:
