@@ -134,6 +134,8 @@ def withhold_conventions(
         if int(out.get(slices_key, 0)) < policy.min_slices:
             out.pop(share_key, None)
             out.pop(slices_key, None)
+            # a declaration left without its share would read as "declared, not confirmed"
+            out.pop(keys.convention_declared_key(name), None)
             withheld.append(name)
     if withheld:
         out[keys.CONVENTION_WITHHELD] = 1.0

@@ -10,7 +10,7 @@ Nothing here makes data: in simulation the demo hospitals must exist already
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -213,9 +213,15 @@ def run_train(
     if study.train.convention_aware:
         from common.label_conventions import plan_conventions
 
-        plan = plan_conventions(train_samples, val_samples, study.protocol, min_slices=policy.min_slices)
+        plan = plan_conventions(
+            train_samples,
+            val_samples,
+            study.protocol,
+            min_slices=policy.min_slices,
+            declared=site.config.label_conventions,
+        )
         train_samples, val_samples = plan.train, plan.val
-        convention = convention_metrics(plan.tally.shares(), plan.tally.slices)
+        convention = convention_metrics(plan.tally.shares(), plan.tally.slices, plan.declared)
     config = TrainConfig.from_study(study.train, proximal_mu=proximal_mu)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dp = policy.dp_sgd
@@ -251,14 +257,18 @@ def run_train(
     return result.state_dict, metrics | convention
 
 
-def convention_metrics(shares: dict[str, float], slices: dict[str, int]) -> dict[str, float]:
-    """The training reply's account of convention-aware training: ``convention-aware`` 1.0, and per
+def convention_metrics(
+    shares: dict[str, float], slices: dict[str, int], declared: Iterable[str] = ()
+) -> dict[str, float]:
+    """The training reply's account of convention-aware training: ``convention-aware`` 1.0; per
     adjustment made its share of the labelled training pixels and its number of training slices
-    (the guard withholds an adjustment applied on fewer slices than the site's min-slices)."""
+    (the guard withholds an adjustment applied on fewer slices than the site's min-slices); and
+    1.0 for each convention the site declares in site.toml, applied or not."""
     out = {keys.CONVENTION_AWARE: 1.0}
     for name, share in shares.items():
         share_key, slices_key = keys.convention_keys(name)
         out[share_key], out[slices_key] = float(share), float(slices.get(name, 0))
+    out |= {keys.convention_declared_key(name): 1.0 for name in declared}
     return out
 
 

@@ -70,15 +70,32 @@ _ADJUSTMENT_OF: Final[dict[Key, str]] = {
 }
 
 
-def adjustments_for(audit: LabelAudit) -> tuple[str, ...]:
-    """The adjustments a site's audit asks for: one per kind of systematic deviation, in
+def adjustments_for(audit: LabelAudit, declared: Iterable[str] = ()) -> tuple[str, ...]:
+    """The adjustments a site's audit asks for: one per kind of systematic deviation, plus each
+    ``declared`` one (site.toml ``label_conventions``) the audit confirms (:func:`confirms`), in
     :data:`~protocols.keys.CONVENTION_ADJUSTMENTS` order (empty for protocol-following labels)."""
     wanted = {
         _ADJUSTMENT_OF[key]
         for check in audit.checks
         if check.systematic and (key := Key(check.tissue, check.direction, check.region)) in _ADJUSTMENT_OF
     }
+    wanted |= {name for name in declared if confirms(audit, name)}
     return tuple(a for a in CONVENTION_ADJUSTMENTS if a in wanted)
+
+
+def confirms(audit: LabelAudit, adjustment: str) -> bool:
+    """Whether the audit confirms a convention the site declares: one of its checks that asks for
+    this adjustment saw the deviation on some slices and does not say the labels follow the
+    protocol there (``conforms``: the share of slices showing it is clearly below one half).
+
+    Weaker than ``systematic`` (the share clearly above one half), which a site with few slices
+    cannot reach: a declaration the data bears out is enough. No check (the audit could not
+    look, or had too few slices to decide anything) confirms nothing."""
+    return any(
+        check.n_present > 0 and not check.conforms
+        for check in audit.checks
+        if _ADJUSTMENT_OF.get(Key(check.tissue, check.direction, check.region)) == adjustment
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -243,6 +260,13 @@ class ConventionPlan:
     train: list[TrainSample]
     val: list[TrainSample]
     tally: ConventionTally
+    #: what the site declares (site.toml ``label_conventions``), applied or not
+    declared: tuple[str, ...] = ()
+
+    @property
+    def unconfirmed(self) -> tuple[str, ...]:
+        """Declared conventions the audit did not confirm (not applied)."""
+        return tuple(name for name in self.declared if name not in self.adjustments)
 
 
 def _frame(sample: TrainSample, spacing: tuple[float, float]) -> BodyFrame | None:
@@ -267,11 +291,14 @@ def plan_conventions(
     protocol: LabelProtocol = ALBERTA,
     *,
     min_slices: int = 5,
+    declared: Sequence[str] = (),
 ) -> ConventionPlan:
     """Audit the training slices against ``protocol``, then adjust train and validation samples.
 
     The audit runs on the training slices only (``min_slices``: below it the audit decides
     nothing and the samples are left as they are). Each body frame is built once per slice.
+    ``declared``: the conventions the site declares (site.toml ``label_conventions``), applied
+    where the audit confirms them (:func:`adjustments_for`).
     """
     frames = [_frame(s, _spacing(s, "training", i)) for i, s in enumerate(train)]
     audit_sums = LabelAuditAccumulator(protocol=protocol)
@@ -280,7 +307,16 @@ def plan_conventions(
             audit_slice(sample.hu, _spacing(sample, "training", i), sample.label, protocol, frame=frame)
         )
     audit = audit_sums.finalise(min_slices=min_slices)
-    adjustments = adjustments_for(audit)
+    adjustments = adjustments_for(audit, declared)
+    for name in declared:
+        if name not in adjustments:
+            log.warning(
+                "convention-aware training: site.toml declares label convention %r, but the label "
+                "audit of %d training slice(s) does not confirm it (no slice shows it, or the labels "
+                "follow the protocol there): not applied",
+                name,
+                audit.n_slices,
+            )
     tally = ConventionTally()
     adjusted_train = []
     for i, (sample, frame) in enumerate(zip(train, frames, strict=True)):
@@ -301,7 +337,7 @@ def plan_conventions(
             ", ".join(adjustments),
             {k: round(v, 4) for k, v in tally.shares().items()},
         )
-    return ConventionPlan(audit, adjustments, adjusted_train, adjusted_val, tally)
+    return ConventionPlan(audit, adjustments, adjusted_train, adjusted_val, tally, tuple(declared))
 
 
 __all__ = [
@@ -311,5 +347,6 @@ __all__ = [
     "SliceTargets",
     "adjust_slice",
     "adjustments_for",
+    "confirms",
     "plan_conventions",
 ]

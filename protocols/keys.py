@@ -69,6 +69,13 @@ def convention_keys(adjustment: str) -> tuple[str, str]:
     return f"convention-{adjustment}-share", f"convention-{adjustment}-slices"
 
 
+def convention_declared_key(adjustment: str) -> str:
+    """1.0 in a convention-aware training reply when the site declares this convention in its
+    site.toml (``label_conventions``), whether or not its audit confirmed it; e.g.
+    ``"convention-psoas-declared"``. The adjustment's share keys say whether it was applied."""
+    return f"convention-{adjustment}-declared"
+
+
 def val_overlap_keys(cls: str) -> tuple[str, str]:
     """(intersection, union) keys of a metric class's validation pixel counts, e.g.
     ``("val-muscle-intersection", "val-muscle-union")``; ``cls`` is one of METRIC_CLASSES."""
@@ -92,6 +99,7 @@ TRAIN_METRIC_KEYS: Final[tuple[str, ...]] = (
     CONVENTION_AWARE,
     CONVENTION_WITHHELD,
     *(key for adjustment in CONVENTION_ADJUSTMENTS for key in convention_keys(adjustment)),
+    *(convention_declared_key(adjustment) for adjustment in CONVENTION_ADJUSTMENTS),
 )
 
 #: The keys of a training reply that describe the validation split's slices: what a site

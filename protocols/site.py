@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocols.keys import CONVENTION_ADJUSTMENTS
+
 MANIFEST_REQUIRED: tuple[str, ...] = ("image", "label")
 MANIFEST_OPTIONAL: tuple[str, ...] = ("reference", "group", "height_m", "sex")
 #: Largest mask value a site may use (masks are at most 16-bit images).
@@ -86,6 +88,11 @@ class SiteConfig(BaseModel):
     #: are deleted (an upgrade of sarcofed or a library makes every old entry unusable, so
     #: without a cap they would pile up). The default holds ~20,000 512-px slices.
     cache_max_mb: int = Field(default=10_240, ge=1)
+    #: labelling conventions this site knows it follows (``protocols.keys.CONVENTION_ADJUSTMENTS``:
+    #: e.g. ``["psoas"]`` for a site that leaves psoas out). Convention-aware training applies
+    #: a declared one when the site's own label audit confirms it, even where the audit alone
+    #: would not call it systematic (few slices); one the audit contradicts is not applied.
+    label_conventions: tuple[str, ...] = ()
 
     @field_validator("name")
     @classmethod
@@ -109,6 +116,19 @@ class SiteConfig(BaseModel):
                 "hex digits, as `sarcofed site evaluate` and the study report print it)"
             )
         return tuple(v.lower() for v in value)
+
+    @field_validator("label_conventions")
+    @classmethod
+    def _known_conventions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [v for v in value if v not in CONVENTION_ADJUSTMENTS]
+        if unknown:
+            raise ValueError(
+                f"label_conventions holds {unknown}; each must be one of {list(CONVENTION_ADJUSTMENTS)} "
+                "(psoas: psoas left out or added; paraspinal: likewise; boundary: contours drawn inside "
+                "the tissue edge; hu_range: tissue outside the protocol's HU ranges labelled, e.g. IMAT "
+                "in muscle; imat_holes: intramuscular fat left out where the protocol counts it)"
+            )
+        return tuple(dict.fromkeys(value))
 
     def contributed_to(self, model_hash: str | None) -> bool:
         """Whether this site declares that its data trained the model with ``model_hash``."""

@@ -403,3 +403,12 @@ def test_convention_aware_shares_leave_only_over_min_slices_training_slices(site
     assert band_share not in sent[-1].payload["metrics"]
     # at min-slices exactly, it leaves
     assert g.release_weights(9, "c" * 64, {**metrics, band_slices: 5.0})[band_share] == 0.01
+    # a declared adjustment withheld loses its declaration too (else it reads "declared, not confirmed")
+    declared = {
+        **metrics,
+        keys.convention_declared_key("boundary"): 1.0,
+        keys.convention_declared_key("psoas"): 1.0,
+    }
+    released = g.release_weights(9, "c" * 64, declared)
+    assert keys.convention_declared_key("boundary") not in released
+    assert released[keys.convention_declared_key("psoas")] == 1.0

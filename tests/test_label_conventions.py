@@ -131,3 +131,44 @@ def test_too_few_slices_decide_nothing_and_a_missing_spacing_is_named() -> None:
     samples[1].spacing_mm = None
     with pytest.raises(ValueError, match=r"training sample 1 .*pixel spacing"):
         plan_conventions(samples, [])
+
+
+def test_a_declared_convention_is_applied_where_the_audit_confirms_it_and_only_there() -> None:
+    """site.toml label_conventions: a site whose psoas is left out on half its slices (say two
+    readers) is not systematic by its audit alone; declared, the audit confirms it (some slices
+    show it, and the labels do not clearly follow the protocol), so the psoas region is ignored.
+    A site whose labels plainly include psoas declares it in vain: the audit contradicts it."""
+    from common.label_conventions import confirms
+
+    mixed_slices, mixed = _samples("psoas left out", n=4)
+    _, ref = _samples("reference-like", n=4)
+    samples = [*mixed, *ref]
+    plain = plan_conventions(samples, [])
+    assert "psoas" not in plain.adjustments  # the audit alone: not systematic
+    assert confirms(plain.audit, "psoas")
+    declared = plan_conventions(samples, [], declared=("psoas",))
+    assert "psoas" in declared.adjustments and declared.unconfirmed == ()
+    psoas = [(s.structures == Structure.psoas) & (s.reference == 1) for s in mixed_slices]
+    ignored = sum(int(np.count_nonzero(p & a.ignore)) for p, a in zip(psoas, declared.train[:4], strict=True))
+    assert ignored >= 0.99 * sum(
+        int(p.sum()) for p in psoas
+    )  # the slices that left it out teach nothing there
+
+    _, reference = _samples("reference-like", n=8)
+    contradicted = plan_conventions(reference, [], declared=("psoas", "boundary"))
+    assert contradicted.adjustments == () and contradicted.unconfirmed == ("psoas", "boundary")
+    assert not confirms(contradicted.audit, "psoas")
+    assert all(not a.ignore.any() for a in contradicted.train)
+
+
+def test_site_toml_label_conventions_are_checked_by_name() -> None:
+    from pydantic import ValidationError
+
+    from protocols.site import SiteConfig
+
+    labels = {"muscle": [1], "subcutaneous_fat": [2], "visceral_fat": [3]}
+    assert SiteConfig(name="h", labels=labels, label_conventions=["psoas", "psoas"]).label_conventions == (
+        "psoas",
+    )
+    with pytest.raises(ValidationError, match=r"label_conventions holds \['no-psoas'\].*one of"):
+        SiteConfig(name="h", labels=labels, label_conventions=["no-psoas"])

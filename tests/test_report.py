@@ -774,6 +774,27 @@ def test_convention_aware_training_is_stated_per_site_from_its_last_reply() -> N
     ]
 
 
+def test_a_declared_convention_is_stated_as_declared_and_one_not_confirmed_as_not_applied() -> None:
+    from protocols import keys
+    from server.report.sentences import training_release_notes
+
+    share, slices = keys.convention_keys("psoas")
+    metrics = {
+        keys.CONVENTION_AWARE: 1.0,
+        share: 0.12,
+        slices: 8.0,
+        keys.convention_declared_key("psoas"): 1.0,
+        keys.convention_declared_key("boundary"): 1.0,
+    }
+    rounds = [RoundRecord(round=1, per_site={"site-d": metrics})]
+    notes = training_release_notes(study_report().model_copy(update={"training": rounds}))
+    assert notes == [
+        "site-d: trained convention-aware (train.convention-aware): psoas region ignored (12.0% of its "
+        "labelled pixels, 8 training slices, declared in its site.toml); its site.toml declares boundary, "
+        "which its label audit did not confirm: not applied."
+    ]
+
+
 def test_the_appendix_says_which_device_and_precision_each_site_ran_the_model_on() -> None:
     """A site's payload names its compute (``protocols.compute``); the appendix shows it beside that
     site's identifiers, and says nothing for a site whose payload does not (an older sarcofed)."""

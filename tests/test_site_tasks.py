@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,12 @@ def test_convention_aware_training_reports_its_adjustments_as_shares_and_plain_t
     assert not {k for k in metrics if k.startswith("convention-")} - set(keys.TRAIN_METRIC_KEYS)
     _, plain = site_tasks.run_train(site, build_model(spec), spec, StudyConfig.from_run_config(base))
     assert not [k for k in plain if k.startswith("convention")]
+    # site.toml declares the psoas convention (confirmed: applied, and said) and a boundary one
+    # its audit contradicts (said, not applied)
+    declared = replace(
+        site, config=site.config.model_copy(update={"label_conventions": ("psoas", "boundary")})
+    )
+    _, told = site_tasks.run_train(declared, build_model(spec), spec, aware)
+    assert told[keys.convention_declared_key("psoas")] == 1.0 and told[share_key] == metrics[share_key]
+    assert told[keys.convention_declared_key("boundary")] == 1.0
+    assert keys.convention_keys("boundary")[0] not in told

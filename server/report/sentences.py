@@ -85,19 +85,29 @@ _ADJUSTMENT_WORDS = {
 
 def convention_note(site: str, metrics: dict[str, float]) -> str:
     """One site's convention-aware training in words, from its (last) training reply."""
-    parts = []
+    parts, unconfirmed = [], []
     for name in keys.CONVENTION_ADJUSTMENTS:
         share_key, slices_key = keys.convention_keys(name)
+        declared = bool(metrics.get(keys.convention_declared_key(name)))
         if share_key in metrics:
             parts.append(
                 f"{_ADJUSTMENT_WORDS[name]} ({metrics[share_key]:.1%} of its labelled pixels, "
-                f"{int(metrics.get(slices_key, 0))} training slices)"
+                f"{int(metrics.get(slices_key, 0))} training slices"
+                + (", declared in its site.toml" if declared else "")
+                + ")"
             )
+        elif declared:
+            unconfirmed.append(name)
     what = (
         "; ".join(parts)
         if parts
         else "no adjustment: its labels follow the protocol as far as its audit can tell"
     )
+    if unconfirmed:
+        what += (
+            f"; its site.toml declares {', '.join(unconfirmed)}, which its label audit did not confirm: "
+            "not applied"
+        )
     if metrics.get(keys.CONVENTION_WITHHELD):
         what += "; an adjustment on fewer slices than its min-slices was withheld"
     return f"{site}: trained convention-aware (train.convention-aware): {what}."
