@@ -92,12 +92,12 @@ class LazySites:
 
 def run_round(path: str, n_sites: int, params: int) -> tuple[float, np.ndarray]:
     """Peak bytes above the start of the round, and the aggregated weights."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
     from protocols import keys
     from protocols.study import StudyConfig
     from server.messaging import send_and_receive, sort_replies
-    from server.training import _mean_arrays, _weights_only, make_strategy, receive_and_sum
+    from server.training import _mean_arrays, make_strategy, receive_and_sum
 
     study = StudyConfig()
     strategy = make_strategy(study, n_sites)
@@ -111,7 +111,10 @@ def run_round(path: str, n_sites: int, params: int) -> tuple[float, np.ndarray]:
     if path == "collect":
         replies = sort_replies(sent, send_and_receive(grid, messages, 60.0))  # type: ignore[arg-type]
         del messages
-        arrays, _ = strategy.aggregate_train(1, _weights_only(replies.ok.values()))
+        for reply in replies.ok.values():  # the strategy needs the weighting key only
+            weight = reply.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES]
+            reply.content.metric_records[keys.METRICS] = MetricRecord({keys.NUM_EXAMPLES: weight})
+        arrays, _ = strategy.aggregate_train(1, list(replies.ok.values()))
     else:
         replies, total = receive_and_sum(grid, messages, 60.0, start)  # type: ignore[arg-type]
         del messages

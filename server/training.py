@@ -10,9 +10,10 @@ Aggregation streams: each site's weights are added to a float64 weighted running
 (:class:`common.weighted_sum.WeightedSum`) as its reply arrives and dropped at once, so the
 coordinator holds one accumulator, not one model per site. The result is FedAvg's weighted
 mean (what FedAvg and FedProx's ``aggregate_train`` compute) up to float32 rounding.
-Central DP (``dp.enabled``) keeps Flower's wrapper and its collect-then-aggregate path:
-``DifferentialPrivacyServerSideFixedClipping.aggregate_train`` clips every reply against the
-round's global weights and noises the mean, and it takes the round's replies all at once.
+Central DP (``dp.enabled``) streams too (:class:`server.central_dp.ClippedMean`, Flower's
+clipping and noise primitives): each reply's update is clipped as it arrives, every site
+weighs the same, and the noise is sized by the replies averaged (see that module for why
+this differs from Flower's wrapper).
 """
 
 from __future__ import annotations
@@ -23,19 +24,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
-    FedAvg,
-    FedProx,
-    Strategy,
-)
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from common.errors import SarcofedError
 from common.model import MODEL_FILE_NAME, build_model, pack_state, save_model, unpack_state, weights_hash
@@ -44,8 +40,9 @@ from protocols import keys
 from protocols.classes import METRIC_CLASSES
 from protocols.report import RoundRecord
 from protocols.study import StudyConfig
+from server.central_dp import ClippedMean
 from server.checkpoint import EarlyStopping, TrainingState, load_checkpoint, save_checkpoint
-from server.messaging import Replies, iter_replies, send_and_receive, sort_replies
+from server.messaging import Replies, iter_replies
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +65,8 @@ class _NodeSubset:
 
 
 def make_strategy(study: StudyConfig, n_sites: int) -> Strategy:
-    """Flower's FedAvg or FedProx, wrapped in Flower's central DP when asked."""
+    """Flower's FedAvg or FedProx: it configures each round (and aggregates in the tests that
+    compare against it); central DP is applied to the streamed sum (``server.central_dp``)."""
     common_args: dict[str, Any] = {
         "fraction_train": 1.0,
         "fraction_evaluate": 0.0,
@@ -78,16 +76,9 @@ def make_strategy(study: StudyConfig, n_sites: int) -> Strategy:
         "arrayrecord_key": keys.ARRAYS,
         "configrecord_key": keys.CONFIG,
     }
-    base: Strategy
     if study.strategy.name == "fedprox":
-        base = FedProx(proximal_mu=study.strategy.proximal_mu, **common_args)
-    else:
-        base = FedAvg(**common_args)
-    if study.dp.enabled:
-        return DifferentialPrivacyServerSideFixedClipping(
-            base, study.dp.noise_multiplier, study.dp.clipping_norm, n_sites
-        )
-    return base
+        return FedProx(proximal_mu=study.strategy.proximal_mu, **common_args)
+    return FedAvg(**common_args)
 
 
 def pooled_validation(replies: Replies) -> tuple[float | None, dict[str, float | None]]:
@@ -180,11 +171,12 @@ def run_training(
             )
         )
         sent = [m.metadata.dst_node_id for m in messages]
-        if study.dp.enabled:  # Flower's DP wrapper clips and noises all the replies at once
-            replies = sort_replies(sent, send_and_receive(grid, messages, study.study.round_timeout))
-            weighted: WeightedSum | None = None
+        total: WeightedSum | ClippedMean
+        if study.dp.enabled:
+            total = ClippedMean(_numpy(arrays), study.dp.clipping_norm)
+            replies, _ = receive_and_sum(grid, messages, study.study.round_timeout, arrays, total=total)
         else:
-            replies, weighted = receive_and_sum(grid, messages, study.study.round_timeout, arrays)
+            replies, total = receive_and_sum(grid, messages, study.study.round_timeout, arrays)
         del messages  # the round's instructions share the global weights: nothing per site
         # who was asked, who answered and what they sent: the part every round record has
         exchange: dict[str, Any] = {
@@ -212,11 +204,8 @@ def run_training(
                 f"round {server_round}: only {len(replies.ok)} site(s) replied, study.min-sites = "
                 f"{study.study.min_sites}; failures: {record.sites_failed}"
             )
-        loss, iou = pooled_validation(replies)  # read every site's metrics before the strategy's view
-        if weighted is None:
-            new_arrays, _ = strategy.aggregate_train(server_round, _weights_only(replies.ok.values()))
-        else:
-            new_arrays = _mean_arrays(weighted)
+        loss, iou = pooled_validation(replies)
+        new_arrays = _mean_arrays(total, study.dp.noise_multiplier)
         if new_arrays is None:
             raise SarcofedError(f"round {server_round}: the strategy could not aggregate the replies")
         arrays = new_arrays
@@ -294,27 +283,38 @@ def exclusion_note(excluded: Iterable[str], answered: Iterable[str]) -> str | No
     return "; ".join(parts)
 
 
+_S = TypeVar("_S", WeightedSum, ClippedMean)
+
+
 def receive_and_sum(
-    grid: Grid, messages: list[Message], timeout: float, global_arrays: ArrayRecord
-) -> tuple[Replies, WeightedSum]:
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    global_arrays: ArrayRecord,
+    *,
+    total: _S | None = None,
+) -> tuple[Replies, _S | WeightedSum]:
     """Pull the round's training replies one at a time, adding each site's weights (weighted by
     its ``num-examples``) to a running sum and removing them from the reply at once.
 
-    The returned :class:`Replies` hold every ok reply's metrics only (no weights). A reply
-    whose weights do not fit the model sent (missing, other names or shapes) or without a
-    valid weight is filed as failed, with the reason, and left out of the sum.
+    ``total``: the sum to add to (default FedAvg's :class:`WeightedSum` over ``global_arrays``;
+    central DP passes a :class:`~server.central_dp.ClippedMean`). The returned :class:`Replies`
+    hold every ok reply's metrics only (no weights). A reply whose weights do not fit the
+    model sent (missing, other names or shapes) or without a valid weight is filed as
+    failed, with the reason, and left out of the sum.
     """
-    replies, total = Replies(), WeightedSum.like(_numpy(global_arrays))
+    replies = Replies()
+    into: _S | WeightedSum = WeightedSum.like(_numpy(global_arrays)) if total is None else total
     sent = [m.metadata.dst_node_id for m in messages]
     for reply in iter_replies(grid, messages, timeout, pull_chunk=TRAIN_PULL_CHUNK):
         if not reply.has_error():
-            problem = _fold_weights(total, reply)
+            problem = _fold_weights(into, reply)
             if problem is not None:
                 replies.failed[reply.metadata.src_node_id] = problem
                 continue
         replies.add(reply)
     replies.close(sent)
-    return replies, total
+    return replies, into
 
 
 def compute_label(reply: Message) -> str | None:
@@ -338,7 +338,7 @@ def compute_label(reply: Message) -> str | None:
         return None
 
 
-def _fold_weights(total: WeightedSum, reply: Message) -> str | None:
+def _fold_weights(total: WeightedSum | ClippedMean, reply: Message) -> str | None:
     """Add the reply's weights to ``total`` and drop them from the reply; why not, if it can't be."""
     content = reply.content
     if keys.ARRAYS not in content.array_records:
@@ -363,30 +363,25 @@ def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def _mean_arrays(total: WeightedSum) -> ArrayRecord | None:
-    """The running sum's mean as the ArrayRecord the next round sends; None when nothing was summed."""
+def _mean_arrays(total: WeightedSum | ClippedMean, noise_multiplier: float = 0.0) -> ArrayRecord | None:
+    """The running sum's mean (central DP: noised) as the ArrayRecord the next round sends;
+    None when nothing was summed."""
     try:
-        mean = total.mean()
+        if isinstance(total, ClippedMean):
+            mean, stdv = total.noised_mean(noise_multiplier)
+            flwr_log(
+                logging.INFO,
+                "central DP: %d update(s) clipped to L2 norm %g, mean noised with stdev %.6g",
+                total.count,
+                total.clipping_norm,
+                stdv,
+            )
+        else:
+            mean = total.mean()
     except ValueError as err:
         log.warning("no weighted mean this round: %s", err)
         return None
     return ArrayRecord({name: Array(np.ascontiguousarray(x)) for name, x in mean.items()})
-
-
-def _weights_only(replies: Iterable[Message]) -> list[Message]:
-    """The replies as Flower's strategy needs them: the weights and the weighting key only.
-
-    Sites send different metric keys (one withheld its validation metrics, another reports a
-    DP-SGD epsilon), and Flower's strategies refuse MetricRecords whose keys differ. The study
-    reads the sites' metrics itself (``pooled_validation``, the round record) before this;
-    the strategy only weights by ``num-examples`` and averages the weights.
-    """
-    out = []
-    for reply in replies:
-        weight = reply.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES]
-        reply.content.metric_records[keys.METRICS] = MetricRecord({keys.NUM_EXAMPLES: weight})
-        out.append(reply)
-    return out
 
 
 def contributing_sites(history: Sequence[RoundRecord], up_to_round: int) -> set[str]:

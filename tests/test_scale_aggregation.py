@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from common.model import pack_state, unpack_state
 from common.weighted_sum import CHUNK_ELEMENTS, WeightedSum, weighted_mean
 from protocols import keys
 from protocols.study import StudyConfig
+from server.central_dp import ClippedMean
 from server.training import make_strategy, receive_and_sum, run_training
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -233,9 +235,9 @@ def test_a_training_round_streams_to_the_fedavg_of_the_sites_weights(tmp_path: P
     assert unpack_state(got, layout).keys() == outcome.state_dict.keys()
 
 
-def test_central_dp_keeps_flowers_wrapper_and_its_clipping(tmp_path: Path) -> None:
-    """dp.enabled goes through DifferentialPrivacyServerSideFixedClipping: with no noise, each
-    site's update (+1 or +2 on every weight, norm sqrt(n) or 2 sqrt(n)) is clipped to 1."""
+def test_central_dp_clips_each_update_in_a_training_round(tmp_path: Path) -> None:
+    """dp.enabled: with no noise, each site's update (+1 or +2 on every weight, norm sqrt(n) or
+    2 sqrt(n)) is clipped to 1 before the mean."""
     import torch
 
     from common.model import build_model
@@ -247,6 +249,80 @@ def test_central_dp_keeps_flowers_wrapper_and_its_clipping(tmp_path: Path) -> No
     got, _ = pack_state(outcome.state_dict)
     step = float(np.linalg.norm((got - start).astype(np.float64)))
     assert step == pytest.approx(1.0, rel=1e-4)  # both clipped to norm 1, same direction: mean norm 1
+
+
+def _dp_round(
+    weights: dict[int, float], start: np.ndarray, noise: float, clip: float, silent: int | None = None
+) -> tuple[np.ndarray, ClippedMean, list[Message]]:
+    study = StudyConfig.from_run_config({"dp.enabled": True})
+    grid = TrainingSites(weights)
+    messages = _train_messages(study, grid, start)
+    source: Any = grid
+    if silent is not None:
+        source = _Silencing(grid, next(m for m in messages if m.metadata.dst_node_id == silent))
+    total = ClippedMean({keys.PACKED: start}, clip)
+    receive_and_sum(
+        source, messages, 0.0 if silent else 10.0, ArrayRecord({keys.PACKED: Array(start)}), total=total
+    )
+    mean, _ = total.noised_mean(noise)
+    return mean[keys.PACKED], total, grid.handed_out
+
+
+def test_central_dp_is_flowers_wrapper_draw_for_draw_when_every_site_replies_with_equal_weights() -> None:
+    from flwr.app import ConfigRecord
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+
+    from server.training import _NodeSubset
+
+    start = np.random.default_rng(3).normal(size=500).astype(np.float32)
+    weights = {1: 4.0, 2: 4.0, 3: 4.0}
+    grid = TrainingSites(weights)
+    base = FedAvg(
+        weighted_by_key=keys.NUM_EXAMPLES, arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG
+    )
+    wrapper = DifferentialPrivacyServerSideFixedClipping(base, 0.8, 2.0, 3)
+    nodes = _NodeSubset(grid, sorted(weights))  # type: ignore[arg-type]
+    sent = list(wrapper.configure_train(1, ArrayRecord({keys.PACKED: Array(start)}), ConfigRecord({}), nodes))  # type: ignore[arg-type]
+    grid.push_messages(sent)
+    replies = grid.pull_messages(list(grid.waiting))
+    for r in replies:
+        r.content.metric_records[keys.METRICS] = MetricRecord({keys.NUM_EXAMPLES: 4.0})
+    np.random.seed(11)
+    theirs, _ = wrapper.aggregate_train(1, replies)
+    assert theirs is not None
+    np.random.seed(11)
+    ours, total, handed_out = _dp_round(weights, start, noise=0.8, clip=2.0)
+    np.testing.assert_allclose(ours, theirs[keys.PACKED].numpy(), rtol=1e-5, atol=1e-5)
+    assert total.count == 3
+    assert all(keys.ARRAYS not in r.content.array_records for r in handed_out)  # streamed: dropped once added
+
+
+def test_central_dp_weighs_every_site_the_same_whatever_its_training_slices() -> None:
+    """Under FedAvg's weights a site with 99 of 100 slices would move the mean by ~0.99 x the
+    clipping norm, while the noise is sized for clipping norm / n: each site weighs 1/n."""
+    start = np.zeros(4, np.float32)
+    total = ClippedMean({keys.PACKED: start}, 1.0)
+    total.add({keys.PACKED: np.array([3.0, 0, 0, 0], np.float32)}, 1.0)  # clipped to (1, 0, 0, 0)
+    total.add({keys.PACKED: np.array([0, 0.5, 0, 0], np.float32)}, 99.0)  # within the norm: kept
+    mean, stdv = total.noised_mean(0.0)
+    np.testing.assert_allclose(mean[keys.PACKED], [0.5, 0.25, 0.0, 0.0], rtol=1e-6)  # not (0.01, 0.495, ..)
+    assert stdv == 0.0 and total.count == 2
+    with pytest.raises(ValueError, match=r"shape \(3,\), expected \(4,\)"):
+        total.add({keys.PACKED: np.zeros(3, np.float32)}, 1.0)
+    assert total.count == 2
+
+
+def test_central_dp_noise_is_sized_by_the_replies_averaged() -> None:
+    """Three sites asked, one silent: the mean of two moves by clip / 2 per site, so the noise's
+    standard deviation is noise_multiplier x clip / 2 (Flower's wrapper divides by the 3 asked)."""
+    start = np.zeros(200_000, np.float32)
+    np.random.seed(5)
+    got, total, _ = _dp_round({1: 1.0, 2: 1.0, 3: 1.0}, start, noise=1.0, clip=1.0, silent=3)
+    assert total.count == 2
+    clipped = (1.0 + 2.0) / np.linalg.norm(np.ones(200_000)) / 2  # the mean of the two clipped updates
+    noise = got.astype(np.float64) - clipped
+    assert float(np.std(noise)) == pytest.approx(1.0 / 2, rel=0.01)
+    assert abs(float(np.mean(noise))) < 0.01
 
 
 # --- validation keeps parsed payloads only ------------------------------------------------------

@@ -1,0 +1,84 @@
+"""Central DP on training replies (server-side fixed clipping), one reply at a time.
+
+What Flower's ``DifferentialPrivacyServerSideFixedClipping`` does, with Flower's own
+primitives (``flwr.supercore.differential_privacy``: ``compute_clip_model_update``,
+``compute_stdv``, ``add_gaussian_noise_inplace``), but streamed like the plain FedAvg path
+(:class:`common.weighted_sum.WeightedSum`): each site's update (its weights minus the round's
+global weights) is clipped to ``clipping_norm`` in L2 over all arrays and added to a running
+sum as its reply arrives, so the coordinator never holds more than one site's weights. Then
+the mean, plus Gaussian noise of standard deviation ``noise_multiplier x clipping_norm / n``.
+
+Two choices differ from Flower's wrapper (used without its accountant), both so that the
+noise covers what one site can change:
+
+- **Each site weighs 1/n**, whatever its ``num-examples``. Under FedAvg's weights a site
+  with a share ``w_i / W`` above ``1/n`` moves the mean by up to ``clipping_norm x w_i / W``,
+  more than the ``clipping_norm / n`` the noise is sized for (Flower's accountant refuses
+  unequal weights for this reason; without it, the wrapper lets them through).
+- **n is the number of replies averaged**, not the number of sites asked: when a site does
+  not reply, the mean of the others moves by ``clipping_norm / n_replied`` per site, and
+  the noise follows it (the wrapper divides by the sites asked and only logs a warning).
+
+With every site replying and equal weights, the result is the wrapper's, draw for draw
+(``tests/test_scale_aggregation.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+from flwr.supercore.differential_privacy import (
+    add_gaussian_noise_inplace,
+    compute_clip_model_update,
+    compute_stdv,
+)
+
+from common.weighted_sum import WeightedSum
+
+Arrays = Mapping[str, npt.NDArray[np.floating]]
+
+
+class ClippedMean:
+    """Running sum of clipped updates around ``global_arrays``; :meth:`noised_mean` at the end."""
+
+    def __init__(self, global_arrays: Arrays, clipping_norm: float) -> None:
+        if not clipping_norm > 0:
+            raise ValueError(f"clipping_norm must be > 0, got {clipping_norm!r}")
+        self.clipping_norm = float(clipping_norm)
+        self._names = list(global_arrays)
+        self._global = [np.asarray(global_arrays[name]) for name in self._names]
+        self._sum = WeightedSum.like(global_arrays)
+
+    @property
+    def count(self) -> int:
+        """Replies added so far."""
+        return self._sum.count
+
+    def add(self, arrays: Arrays, weight: float) -> None:
+        """Add one site's weights, clipped around the global weights. ``weight`` (its
+        ``num-examples``) is checked like FedAvg's but not used: every site weighs the same.
+        A reply whose arrays differ from the global ones raises ValueError and is not added."""
+        if set(arrays) != set(self._names):
+            raise ValueError(f"arrays {sorted(arrays)} differ from the expected {sorted(self._names)}")
+        for name, ref in zip(self._names, self._global, strict=True):
+            if np.shape(arrays[name]) != ref.shape:
+                raise ValueError(f"array {name!r} has shape {np.shape(arrays[name])}, expected {ref.shape}")
+        if not np.isfinite(float(weight)) or float(weight) < 0:
+            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        clipped = [np.array(arrays[name], copy=True) for name in self._names]
+        compute_clip_model_update(clipped, self._global, self.clipping_norm)
+        self._sum.add(dict(zip(self._names, clipped, strict=True)), 1.0)
+
+    def noised_mean(self, noise_multiplier: float) -> tuple[dict[str, npt.NDArray[np.floating]], float]:
+        """The mean of the clipped weights plus Gaussian noise (numpy's global generator, as
+        Flower's), and the noise's standard deviation. ValueError when nothing was added."""
+        mean = self._sum.mean()
+        arrays = [mean[name] for name in self._names]
+        stdv = compute_stdv(noise_multiplier, self.clipping_norm, self._sum.count)
+        add_gaussian_noise_inplace(arrays, stdv)
+        return dict(zip(self._names, arrays, strict=True)), stdv
+
+
+__all__ = ["ClippedMean"]
