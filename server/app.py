@@ -205,7 +205,8 @@ def _run_study(
         if study.dp.enabled:
             notes.append(
                 f"central DP (server-side fixed clipping): noise multiplier {study.dp.noise_multiplier}, "
-                f"clipping norm {study.dp.clipping_norm}"
+                f"clipping norm {study.dp.clipping_norm}; every site's update weighs the same, and each "
+                "round's noise is sized by the updates it averaged"
             )
         loaded = load_model(outcome.model_path)
         spec, state_dict, model_hash = loaded.spec, loaded.model.state_dict(), loaded.weights_hash
