@@ -142,3 +142,20 @@ def test_bench_conventions_fedavg_weights_by_training_slices_and_rounds_integer_
     out = fedavg([a, b], [1, 3])
     assert torch.allclose(out["w"], torch.tensor([3.0, 1.0]))
     assert out["n"].dtype == torch.int64 and int(out["n"]) == 3  # 0.25 * 1 + 0.75 * 4 = 3.25 -> 3
+
+
+def test_bench_gpu_runs_an_epoch_and_inference_on_any_device(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench_gpu.py is for a machine with a CUDA GPU (issue 16); its smoke form runs anywhere, so
+    the one device call a session may get does not fail on a typo."""
+    import numpy as np
+    from bench_gpu import main, synthetic_slices
+
+    slices = synthetic_slices(3, 48)
+    assert all(set(np.unique(s.label)) == {0, 1, 2, 3} for s in slices)
+    assert slices[0].hu.shape == (48, 48) and not np.array_equal(slices[0].label, slices[1].label)
+    assert main(["--device", "cpu", "--slices", "4", "--size", "64", "--encoder", "resnet18", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    phases = {p["what"]: p for p in out["phases"]}
+    assert set(phases) == {"training, 1 epoch", "inference"}
+    assert all(p["slices"] == 4 and p["slices_per_s"] > 0 for p in phases.values())
+    assert phases["inference"]["compute"].startswith("cpu fp32")  # inference stays fp32 on auto
