@@ -3,7 +3,10 @@
 Demo hospitals (``common.demo.hospitals``), each its own patients (own seed):
 two that label by the reference (Alberta) convention, and three that do not: psoas left
 out, IMAT included in muscle, contours drawn 2 px tight. A sixth, reference-convention
-hospital with patients of its own is held out and scores every arm.
+hospital with patients of its own is held out and scores every arm. ``--held-out scanner``
+(the default) gives it a scanner no training hospital has (:data:`HELD_OUT_SCANNER`), so no
+arm has seen its images; ``--held-out reference-like`` uses the first reference hospital's
+scanner, which only favours the arm that trains on that hospital alone.
 
 Three arms, one run, same recipe, same initial weights, same rounds x local epochs:
 
@@ -36,7 +39,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import print_table, set_threads
 
-from common.demo.hospitals import SITE_PROFILES, DemoSlice, SiteProfile, demo_slices
+from common.demo.hospitals import SITE_PROFILES, DemoSlice, ScannerProfile, SiteProfile, demo_slices
 from common.demo.structures import Structure
 from common.evaluation import harmonise
 from common.label_conventions import plan_conventions
@@ -54,6 +57,11 @@ from common.preprocess import logits_to_native, to_model_input
 from common.training import TrainConfig, TrainSample, train_local
 from protocols.protocol import ALBERTA
 
+#: The held-out hospital's own scanner: between the training hospitals' kernels and noise,
+#: equal to none of them.
+HELD_OUT_SCANNER = ScannerProfile(
+    fov_mm=(370, 430), noise_sd=18, blur_mm=1.0, signed=True, intercept=-1024, summary="held-out scanner"
+)
 REFERENCE_KEYS = ("reference-like", "reference-like, noisy scanner")
 OTHER_KEYS = ("psoas left out", "IMAT included in muscle", "contours drawn 2 px tight")
 ARMS = ("reference only", "plain, all", "convention-aware, all")
@@ -149,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-size", type=int, default=96)
     parser.add_argument("--slices", type=int, default=12, help="per hospital")
     parser.add_argument("--held-out-slices", type=int, default=24)
+    parser.add_argument(
+        "--held-out",
+        choices=("scanner", "reference-like"),
+        default="scanner",
+        help="the held-out hospital's scanner: its own (default) or the first reference hospital's",
+    )
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--local-epochs", type=int, default=3)
     parser.add_argument("--encoder", default="resnet18")
@@ -171,9 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = plan_conventions(site.samples, [], ALBERTA)
         plans[site.name] = (plan.adjustments, {k: round(v, 3) for k, v in plan.tally.shares().items()})
         aware.append(Site(site.name, plan.train))
-    held_out = list(
-        demo_slices(_profile("reference-like"), slices=args.held_out_slices, size=args.size, seed=999)
-    )
+    held_profile = _profile("reference-like")
+    if args.held_out == "scanner":
+        held_profile = replace(held_profile, scanner=HELD_OUT_SCANNER)
+    held_out = list(demo_slices(held_profile, slices=args.held_out_slices, size=args.size, seed=999))
     spec = ModelSpec(encoder=args.encoder, image_size=args.model_size)
     config = TrainConfig(local_epochs=args.local_epochs, lr=1e-3, optimizer="adam", seed=args.seed)
     torch.manual_seed(args.seed)
