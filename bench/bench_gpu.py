@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,18 +114,19 @@ class Phase:
     peak_memory_gib: float | None
 
 
-def _sync(compute: Compute) -> None:
-    if compute.device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_memory(compute: Compute) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if compute.device == "cuda" else None
-
-
-def _reset_peak(compute: Compute) -> None:
+def timed(what: str, compute: Compute, n: int, run: Callable[[], object]) -> Phase:
+    """Run ``run()`` once on ``n`` slices, timed to the device's last kernel, GPU sampled."""
     if compute.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    with GpuSampler() as gpu:
+        start = time.perf_counter()
+        run()
+        if compute.device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    mean, peak = gpu.summary()
+    memory = torch.cuda.max_memory_allocated() / 2**30 if compute.device == "cuda" else None
+    return Phase(what, compute.label(), n, seconds, n / seconds, mean, peak, memory)
 
 
 def train_epoch(
@@ -133,22 +134,11 @@ def train_epoch(
 ) -> Phase:
     """One local epoch of the seed's recipe (``train_local``), timed end to end."""
     config = TrainConfig.from_study(TrainSection(), local_epochs=1)
-    _reset_peak(compute)
-    with GpuSampler() as gpu:
-        start = time.perf_counter()
-        train_local(model, spec, samples, [], config, compute=compute)
-        _sync(compute)
-        seconds = time.perf_counter() - start
-    mean, peak = gpu.summary()
-    return Phase(
+    return timed(
         "training, 1 epoch",
-        compute.label(),
+        compute,
         len(samples),
-        seconds,
-        len(samples) / seconds,
-        mean,
-        peak,
-        _peak_memory(compute),
+        lambda: train_local(model, spec, samples, [], config, compute=compute),
     )
 
 
@@ -159,27 +149,15 @@ def predict(
     evaluation prepares it), timed with the transfers and the argmax."""
     net = compute.prepare(model.eval())
     inputs = [to_model_input(s.hu, spec.image_size, spec.hu_window) for s in samples]
-    classes = []
-    _reset_peak(compute)
-    with GpuSampler() as gpu:
-        start = time.perf_counter()
+    classes: list[torch.Tensor] = []
+
+    def run() -> None:
         with inference(compute):
             for k in range(0, len(inputs), batch):
                 images = compute.batch(torch.stack(inputs[k : k + batch]))
                 classes.append(net(images).argmax(1).to("cpu", torch.uint8))
-        _sync(compute)
-        seconds = time.perf_counter() - start
-    mean, peak = gpu.summary()
-    phase = Phase(
-        "inference",
-        compute.label(),
-        len(samples),
-        seconds,
-        len(samples) / seconds,
-        mean,
-        peak,
-        _peak_memory(compute),
-    )
+
+    phase = timed("inference", compute, len(samples), run)
     return phase, torch.cat(classes).numpy()
 
 
