@@ -240,6 +240,17 @@ def render_check(report: SiteCheckReport, console: Console) -> None:
         console.print(escape("(Label audit skipped: it needs a [labels] mapping that fits the data.)"))
     elif report.label_audit is not None and report.label_audit.checks:
         render_label_audit(report.label_audit, console)
+    for name, confirmed in report.declared_conventions.items():
+        console.print(
+            f"site.toml declares the label convention {name!r}: "
+            + (
+                "the audit confirms it; convention-aware training applies it."
+                if confirmed
+                else "the audit does not confirm it (no slice shows it, or your labels follow the "
+                "protocol there); convention-aware training will not apply it."
+            ),
+            highlight=False,
+        )
 
     if report.excluded:
         reasons = Table(title="Excluded rows by reason")

@@ -36,6 +36,7 @@ from common.dataset import (
 from common.discrepancy.frame import BodyFrame, body_frame
 from common.errors import SliceError
 from common.label_audit import LabelAuditAccumulator, audit_slice
+from common.label_conventions import confirms
 from common.label_guess import MappingVerdict, mapping_verdict, propose_mapping
 from common.mask_values import LabelValueAccumulator, ValueStats
 from protocols.classes import TISSUES, ExclusionReason
@@ -103,6 +104,11 @@ class SiteCheckReport(_Model):
     mapping: MappingVerdict | None = Field(
         default=None,
         description="site.toml [labels] against what the data look like, with the mapping that fits",
+    )
+    declared_conventions: dict[str, bool] = Field(
+        default_factory=dict,
+        description="site.toml label_conventions -> whether this label audit confirms it "
+        "(convention-aware training applies only confirmed ones, auditing its training slices)",
     )
 
     @property
@@ -275,8 +281,10 @@ def check_site(
     verdict = (
         mapping_verdict(site.config.labels, propose_mapping(value_stats, protocol)) if value_stats else None
     )
+    label_audit = audit.finalise(min_slices=1)
     return SiteCheckReport(
         site=site.name,
+        declared_conventions={name: confirms(label_audit, name) for name in site.config.label_conventions},
         fingerprint=dataset_fingerprint(site),
         n_listed=total,
         n_usable=n_usable,
@@ -287,7 +295,7 @@ def check_site(
         classes=acc.classes(),
         pixel_spacing=spacing,
         image_sizes=sorted(acc.sizes),
-        label_audit=audit.finalise(min_slices=1),
+        label_audit=label_audit,
         n_groups=len(acc.groups),
         n_heights_known=acc.heights,
         n_sex_known=acc.sexes,

@@ -206,3 +206,22 @@ def test_check_shows_the_sites_label_conventions_without_any_model(tmp_path: Pat
     render_check(psoas, console)
     text = console.export_text()
     assert "alberta protocol" in text and "a convention of this site" in text
+
+
+def test_check_says_whether_the_audit_confirms_each_declared_convention(tmp_path: Path) -> None:
+    """site.toml label_conventions: `site check` tells the hospital, before any study, which of
+    its declarations convention-aware training will apply."""
+    from common.demo.hospitals import make_site as make_demo_site
+    from common.demo.hospitals import site_profile
+
+    root = make_demo_site(tmp_path / "b", site_profile(1), slices=6, size=128, seed=1)  # psoas left out
+    toml = root / "site.toml"
+    lines = toml.read_text(encoding="utf-8").splitlines()
+    toml.write_text("\n".join([lines[0], 'label_conventions = ["psoas", "boundary"]', *lines[1:]]) + "\n")
+    report = check_site(load_site(root))
+    assert report.declared_conventions == {"psoas": True, "boundary": False}
+    console = Console(record=True, width=200)
+    render_check(report, console)
+    text = console.export_text()
+    assert "declares the label convention 'psoas': the audit confirms it" in text
+    assert "declares the label convention 'boundary': the audit does not confirm it" in text
