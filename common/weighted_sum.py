@@ -59,6 +59,8 @@ class WeightedSum:
                 raise ValueError(f"array {name!r} has shape {x.shape}, expected {self._sums[name].shape}")
             if not np.issubdtype(x.dtype, np.floating):
                 raise ValueError(f"array {name!r} has dtype {x.dtype}, expected floating point")
+            if not np.isfinite(x).all():  # one diverged site would make the whole mean NaN
+                raise ValueError(f"array {name!r} holds non-finite values (NaN or infinity)")
         for name, x in xs.items():
             _add_scaled(self._sums[name].reshape(-1), x.reshape(-1), weight)
         self.total_weight += weight

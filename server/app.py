@@ -35,6 +35,7 @@ from common.errors import SarcofedError
 from protocols.findings import ErrorProfile
 from protocols.report import RoundRecord, SiteResult, StudyReport
 from protocols.study import StudyConfig, recipe_note
+from server.central_dp import central_dp_note
 from server.validation import identify_sites, run_validation
 
 if TYPE_CHECKING:
@@ -203,11 +204,7 @@ def _run_study(
         if (excluded := exclusion_note(study.study.exclude_from_training, sites.values())) is not None:
             notes.append(excluded)
         if study.dp.enabled:
-            notes.append(
-                f"central DP (server-side fixed clipping): noise multiplier {study.dp.noise_multiplier}, "
-                f"clipping norm {study.dp.clipping_norm}; every site's update weighs the same, and each "
-                "round's noise is sized by the updates it averaged"
-            )
+            notes.append(central_dp_note(study.dp.noise_multiplier, study.dp.clipping_norm))
         loaded = load_model(outcome.model_path)
         spec, state_dict, model_hash = loaded.spec, loaded.model.state_dict(), loaded.weights_hash
         from server.training import contributing_sites

@@ -33,6 +33,7 @@ from flwr.supercore.differential_privacy import (
     add_gaussian_noise_inplace,
     compute_clip_model_update,
     compute_stdv,
+    get_norm,
 )
 
 from common.weighted_sum import WeightedSum
@@ -68,7 +69,12 @@ class ClippedMean:
         if not np.isfinite(float(weight)) or float(weight) < 0:
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         clipped = [np.array(arrays[name], copy=True) for name in self._names]
-        compute_clip_model_update(clipped, self._global, self.clipping_norm)
+        for name, x in zip(self._names, clipped, strict=True):
+            if not np.isfinite(x).all():  # a NaN norm would leave the update unclipped
+                raise ValueError(f"array {name!r} holds non-finite values (NaN or infinity)")
+        update = [x - g for x, g in zip(clipped, self._global, strict=True)]
+        if get_norm(update) > 0:  # Flower's clip divides by the norm; no update has nothing to clip
+            compute_clip_model_update(clipped, self._global, self.clipping_norm)
         self._sum.add(dict(zip(self._names, clipped, strict=True)), 1.0)
 
     def noised_mean(self, noise_multiplier: float) -> tuple[dict[str, npt.NDArray[np.floating]], float]:
@@ -81,4 +87,20 @@ class ClippedMean:
         return dict(zip(self._names, arrays, strict=True)), stdv
 
 
-__all__ = ["ClippedMean"]
+def central_dp_note(noise_multiplier: float, clipping_norm: float) -> str:
+    """The report's note on a study trained with central DP (and a plain warning when the
+    noise multiplier is 0: clipping alone gives no differential-privacy guarantee)."""
+    note = (
+        f"central DP (server-side fixed clipping): noise multiplier {noise_multiplier}, clipping norm "
+        f"{clipping_norm}; every site's update weighs the same, and each round's noise is sized by "
+        "the updates it averaged"
+    )
+    if noise_multiplier == 0:
+        note += (
+            "; noise multiplier 0: no noise was added, the updates were only clipped, which gives "
+            "no differential-privacy guarantee"
+        )
+    return note
+
+
+__all__ = ["ClippedMean", "central_dp_note"]

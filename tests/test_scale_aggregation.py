@@ -392,3 +392,36 @@ def test_replies_are_handed_over_as_they_arrive_not_at_the_end_of_the_round() ->
         seen.append((reply.metadata.src_node_id, clock.now))
     assert seen[0] == (1, 0.0)  # site 1's reply is handed over while sites 2 and 3 still work
     assert sorted(n for n, _ in seen) == [1, 2, 3] and all(t >= 5.0 for _, t in seen[1:])
+
+
+def test_central_dp_refuses_non_finite_weights_and_takes_an_unchanged_model() -> None:
+    """A NaN makes the update's norm NaN, and min(1, clip / NaN) is 1: unrefused, the update
+    would pass unclipped (and make the model NaN). No update at all has norm 0, which Flower's
+    clip divides by: it must count as a zero update, not crash the round."""
+    start = np.zeros(4, np.float32)
+    total = ClippedMean({keys.PACKED: start}, 1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        total.add({keys.PACKED: np.array([1000.0, 1000.0, 1000.0, np.nan], np.float32)}, 1.0)
+    assert total.count == 0
+    total.add({keys.PACKED: start.copy()}, 1.0)  # trained nothing: its weights are the global ones
+    total.add({keys.PACKED: np.array([0.0, 0.0, 0.0, 4.0], np.float32)}, 1.0)  # clipped to (0, 0, 0, 1)
+    mean, _ = total.noised_mean(0.0)
+    np.testing.assert_allclose(mean[keys.PACKED], [0.0, 0.0, 0.0, 0.5])
+    with pytest.raises(ValueError, match="non-finite"):  # FedAvg's sum refuses it too
+        WeightedSum.like({"w": start}).add({"w": np.array([np.inf, 0, 0, 0], np.float32)}, 1.0)
+
+
+def test_a_site_sending_back_the_global_weights_is_averaged_under_central_dp() -> None:
+    start = np.zeros(10, np.float32)
+    got, total, _ = _dp_round({0: 1.0, 1: 1.0}, start, noise=0.0, clip=1.0)  # node 0 sends start + 0
+    assert total.count == 2
+    np.testing.assert_allclose(got, np.full(10, 1.0 / np.sqrt(10) / 2), rtol=1e-6)
+
+
+def test_the_report_says_when_central_dp_added_no_noise() -> None:
+    from server.central_dp import central_dp_note
+
+    assert "no differential-privacy guarantee" in central_dp_note(0.0, 1.0)
+    assert "guarantee" not in central_dp_note(0.5, 1.0) and "noise multiplier 0.5" in central_dp_note(
+        0.5, 1.0
+    )

@@ -177,10 +177,6 @@ def _polar_blocks(report: StudyReport) -> list[Block]:
     }
     if not polar:
         return []
-    keys = sorted(
-        {k for m in polar.values() for k in m.maps},
-        key=lambda k: (TISSUES.index(k.split(":")[0]) if k.split(":")[0] in TISSUES else 9, k),
-    )
     caption = (
         "Where the site's labels and the test disagree: discordant cm² per slice by angle and "
         "normalised radius (0 centre, 1 outline), each site divided by its own slice count; angles "
@@ -194,6 +190,10 @@ def _polar_blocks(report: StudyReport) -> list[Block]:
             "every site's maps are in report.json (payload.discrepancy.polar)."
         )
         polar = {site: m for site, m in polar.items() if site in shown}  # the report's site order
+    keys = sorted(  # the maps of the sites shown: no empty band for a site left out
+        {k for m in polar.values() for k in m.maps},
+        key=lambda k: (TISSUES.index(k.split(":")[0]) if k.split(":")[0] in TISSUES else 9, k),
+    )
     return [Image("polar_maps", figures.polar_maps_figure(polar, keys), caption)]
 
 
