@@ -210,6 +210,8 @@ def run_training(
             raise SarcofedError(f"round {server_round}: the strategy could not aggregate the replies")
         arrays = new_arrays
         state.state_dict = unpack_state(arrays[keys.PACKED].numpy(), layout)
+        if study.dp.enabled and non_negative_variances(state.state_dict):
+            arrays = _to_arrays(state.state_dict)  # what the next round sends is what is kept
         improved = state.stopping.update(server_round, loss)
         start_hash = weights_hash(state.state_dict)  # what this round made is what the next one sends
         record = RoundRecord(
@@ -391,6 +393,22 @@ def contributing_sites(history: Sequence[RoundRecord], up_to_round: int) -> set[
     patients only. A site that trained only after that round did not shape those weights.
     """
     return {s for r in history if r.status == "ok" and r.round <= up_to_round for s in r.sites_replied}
+
+
+def non_negative_variances(state_dict: dict[str, torch.Tensor]) -> int:
+    """Set BatchNorm running variances below 0 to 0, in place; return how many entries were.
+
+    Central DP noises every value a site sends, BatchNorm statistics included (they are
+    computed from the site's slices, so the noise must cover them): a running variance near 0
+    then often turns negative, and a negative variance makes every output of the layer NaN.
+    Clamping after the noise is post-processing: the DP guarantee is unchanged."""
+    clamped = 0
+    for name, tensor in state_dict.items():
+        if name.endswith("running_var") and tensor.is_floating_point():
+            negative = tensor < 0
+            clamped += int(negative.sum())
+            tensor[negative] = 0.0
+    return clamped
 
 
 def _to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -425,3 +425,24 @@ def test_the_report_says_when_central_dp_added_no_noise() -> None:
     assert "guarantee" not in central_dp_note(0.5, 1.0) and "noise multiplier 0.5" in central_dp_note(
         0.5, 1.0
     )
+
+
+def test_central_dp_noise_never_leaves_a_negative_batchnorm_variance(tmp_path: Path) -> None:
+    """Noise on running variances near 0 makes some negative, and a negative variance makes the
+    layer's every output NaN: the kept weights clamp them at 0 (post-processing, DP unchanged)."""
+    import torch
+
+    from server.training import non_negative_variances
+
+    study = _tiny_study(**{"dp.enabled": True, "dp.noise-multiplier": 4.0, "dp.clipping-norm": 1.0})
+    outcome = run_training(TrainingSites({1: 1.0, 2: 1.0}), study, tmp_path, {1: "a", 2: "b"})  # type: ignore[arg-type]
+    variances = [t for n, t in outcome.state_dict.items() if n.endswith("running_var")]
+    assert variances and all(bool((t >= 0).all()) for t in variances)  # noise sd 2: many went below 0
+
+    layer = torch.nn.BatchNorm2d(2).eval()
+    layer.running_var.copy_(torch.tensor([-0.3, 0.5]))
+    with torch.inference_mode():
+        assert bool(torch.isnan(layer(torch.ones(1, 2, 2, 2))).any())
+    assert non_negative_variances({"bn.running_var": layer.running_var, "bn.weight": layer.weight}) == 1
+    with torch.inference_mode():
+        assert bool(torch.isfinite(layer(torch.ones(1, 2, 2, 2))).all())
