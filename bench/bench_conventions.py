@@ -8,13 +8,20 @@ hospital with patients of its own is held out and scores every arm. ``--held-out
 arm has seen its images; ``--held-out reference-like`` uses the first reference hospital's
 scanner, which only favours the arm that trains on that hospital alone.
 
-Three arms, one run, same recipe, same initial weights, same rounds x local epochs:
+Four arms, one run, same recipe, same initial weights, same rounds x local epochs:
 
 - (a) ``reference only``: FedAvg over the two reference hospitals;
 - (b) ``plain, all``: FedAvg over all five with the seed's loss on their own labels;
 - (c) ``convention-aware, all``: FedAvg over all five, each site training on the targets
   its own audit gives (``common.label_conventions.plan_conventions``: the same function
-  ``client.site_tasks.run_train`` calls with ``train.convention-aware``).
+  ``client.site_tasks.run_train`` calls with ``train.convention-aware``), weighted by
+  training slices (sarcofed before 2026-12-03);
+- (d) ``convention-aware, weighted``: (c) with each site weighted as the coordinator weighs
+  a convention-aware reply now (``server.training.training_weight`` on the reply's metrics
+  from ``client.site_tasks.convention_metrics``): slices x the share of labelled pixels that
+  still teach.
+
+``--arms acd`` runs only those arms.
 
 The federation runs in-process (``common.training.train_local`` per site, FedAvg of the state
 dicts weighted by training slices, as Flower's FedAvg does): Flower per arm would triple the
@@ -39,7 +46,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import print_table, set_threads
 
+from client.site_tasks import convention_metrics
 from common.demo.hospitals import SITE_PROFILES, DemoSlice, ScannerProfile, SiteProfile, demo_slices
 from common.demo.structures import Structure
 from common.evaluation import harmonise
@@ -55,7 +63,9 @@ from common.label_conventions import plan_conventions
 from common.model import ModelSpec, build_model
 from common.preprocess import logits_to_native, to_model_input
 from common.training import TrainConfig, TrainSample, train_local
+from protocols import keys
 from protocols.protocol import ALBERTA
+from server.training import training_weight
 
 #: The held-out hospital's own scanner: between the training hospitals' kernels and noise,
 #: equal to none of them.
@@ -64,7 +74,7 @@ HELD_OUT_SCANNER = ScannerProfile(
 )
 REFERENCE_KEYS = ("reference-like", "reference-like, noisy scanner")
 OTHER_KEYS = ("psoas left out", "IMAT included in muscle", "contours drawn 2 px tight")
-ARMS = ("reference only", "plain, all", "convention-aware, all")
+ARMS = ("reference only", "plain, all", "convention-aware, all", "convention-aware, weighted")
 
 
 def _profile(key: str) -> SiteProfile:
@@ -75,6 +85,8 @@ def _profile(key: str) -> SiteProfile:
 class Site:
     name: str
     samples: list[TrainSample]
+    #: what the site's training reply says besides num-examples (the weight's other inputs)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def _samples(slices: Sequence[DemoSlice]) -> list[TrainSample]:
@@ -84,7 +96,7 @@ def _samples(slices: Sequence[DemoSlice]) -> list[TrainSample]:
     ]
 
 
-def fedavg(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[int]) -> dict[str, torch.Tensor]:
+def fedavg(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """Weighted mean of state dicts (integer buffers rounded back), as Flower's FedAvg."""
     total = float(sum(weights))
     out = {}
@@ -107,7 +119,7 @@ def federate(
                 local, spec, site.samples, [], config.model_copy(update={"seed": config.seed + r})
             )
             states.append(result.state_dict)
-            weights.append(result.n_train)
+            weights.append(training_weight({keys.NUM_EXAMPLES: float(result.n_train), **site.metrics}))
         model.load_state_dict(fedavg(states, weights))
     return model
 
@@ -168,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arms", default="abcd", help="which arms to run, by letter (default all four)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -180,11 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference = [Site(k, _samples(hospital(k, i))) for i, k in enumerate(REFERENCE_KEYS)]
     others_raw = [(k, _samples(hospital(k, 10 + i))) for i, k in enumerate(OTHER_KEYS)]
     plain = [Site(k, s) for k, s in others_raw]
-    aware, plans = [], {}
+    aware, weighted, plans = [], [], {}
     for site in [*reference, *plain]:
         plan = plan_conventions(site.samples, [], ALBERTA)
         plans[site.name] = (plan.adjustments, {k: round(v, 3) for k, v in plan.tally.shares().items()})
         aware.append(Site(site.name, plan.train))
+        reply = convention_metrics(plan.tally.shares(), plan.tally.slices)
+        weighted.append(Site(site.name, plan.train, reply))
     held_profile = _profile("reference-like")
     if args.held_out == "scanner":
         held_profile = replace(held_profile, scanner=HELD_OUT_SCANNER)
@@ -193,7 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = TrainConfig(local_epochs=args.local_epochs, lr=1e-3, optimizer="adam", seed=args.seed)
     torch.manual_seed(args.seed)
     init = {k: v.clone() for k, v in build_model(spec).state_dict().items()}
-    arms = {"reference only": reference, "plain, all": [*reference, *plain], "convention-aware, all": aware}
+    every = dict(zip(ARMS, (reference, [*reference, *plain], aware, weighted), strict=True))
+    arms = {
+        name: sites
+        for letter, (name, sites) in zip("abcd", every.items(), strict=True)
+        if letter in args.arms
+    }
     results: dict[str, Scores] = {}
     seconds: dict[str, float] = {}
     for name, sites in arms.items():

@@ -60,6 +60,10 @@ CONVENTION_WITHHELD: Final = "convention-withheld"
 #: The adjustments convention-aware training may make to a site's targets (common.label_conventions):
 #: relabelled by the protocol's HU ranges, IMAT holes filled, a tight-contour band, a muscle group.
 CONVENTION_ADJUSTMENTS: Final[tuple[str, ...]] = ("hu_range", "imat_holes", "boundary", "psoas", "paraspinal")
+#: The adjustments that ignore pixels (the others relabel them): their shares are labelled pixels
+#: that teach nothing, so a convention-aware site's FedAvg weight shrinks by them
+#: (``server.training.training_weight``).
+CONVENTION_IGNORES: Final[tuple[str, ...]] = ("boundary", "psoas", "paraspinal")
 
 
 def convention_keys(adjustment: str) -> tuple[str, str]:

@@ -769,8 +769,9 @@ def test_convention_aware_training_is_stated_per_site_from_its_last_reply() -> N
         "site-a: trained convention-aware (train.convention-aware): no adjustment: its labels follow the "
         "protocol as far as its audit can tell.",
         "site-b: trained convention-aware (train.convention-aware): psoas region ignored (17.1% of its "
-        "labelled pixels, 12 training slices); an adjustment on fewer slices than its min-slices was "
-        "withheld.",
+        "labelled pixels, 12 training slices); in the federated mean it weighs 83% of its training "
+        "slices (the share of its labelled pixels that still teach); an adjustment on fewer slices "
+        "than its min-slices was withheld.",
     ]
 
 
@@ -790,8 +791,9 @@ def test_a_declared_convention_is_stated_as_declared_and_one_not_confirmed_as_no
     notes = training_release_notes(study_report().model_copy(update={"training": rounds}))
     assert notes == [
         "site-d: trained convention-aware (train.convention-aware): psoas region ignored (12.0% of its "
-        "labelled pixels, 8 training slices, declared in its site.toml); its site.toml declares boundary, "
-        "which its label audit did not confirm: not applied."
+        "labelled pixels, 8 training slices, declared in its site.toml); in the federated mean it weighs "
+        "88% of its training slices (the share of its labelled pixels that still teach); its site.toml "
+        "declares boundary, which its label audit did not confirm: not applied."
     ]
 
 

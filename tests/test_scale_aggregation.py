@@ -90,9 +90,14 @@ class TrainingSites:
     Every reply handed out is remembered, and each pull's size is logged."""
 
     def __init__(
-        self, weights: dict[int, float], broken: tuple[int, ...] = (), failing: tuple[int, ...] = ()
+        self,
+        weights: dict[int, float],
+        broken: tuple[int, ...] = (),
+        failing: tuple[int, ...] = (),
+        metrics: dict[int, dict[str, float]] | None = None,
     ) -> None:
         self.weights, self.broken, self.failing = weights, broken, failing
+        self.metrics = metrics or {}
         self.waiting: dict[str, Message] = {}
         self.handed_out: list[Message] = []
         self.pull_sizes: list[int] = []
@@ -115,7 +120,13 @@ class TrainingSites:
             content = RecordDict(
                 {
                     keys.ARRAYS: ArrayRecord({keys.PACKED: Array(packed.astype(np.float32))}),
-                    keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: self.weights[node], keys.SECONDS: 1.0}),
+                    keys.METRICS: MetricRecord(
+                        {
+                            keys.NUM_EXAMPLES: self.weights[node],
+                            keys.SECONDS: 1.0,
+                            **self.metrics.get(node, {}),
+                        }
+                    ),
                 }
             )
             self.waiting[msg.metadata.message_id] = Message(content, reply_to=msg)
@@ -446,3 +457,30 @@ def test_central_dp_noise_never_leaves_a_negative_batchnorm_variance(tmp_path: P
     assert non_negative_variances({"bn.running_var": layer.running_var, "bn.weight": layer.weight}) == 1
     with torch.inference_mode():
         assert bool(torch.isfinite(layer(torch.ones(1, 2, 2, 2))).all())
+
+
+def test_a_convention_aware_site_weighs_by_the_share_of_its_labels_that_teach() -> None:
+    """FedAvg weighs a site by how much its loss says: a site that ignores 40% of its labelled
+    pixels (psoas region, contour band) weighs 60% of its slices; a relabelling adjustment
+    (hu_range) takes nothing away, nor does a plain site's reply."""
+    from server.training import training_weight
+
+    psoas_share, _ = keys.convention_keys("psoas")
+    band_share, _ = keys.convention_keys("boundary")
+    relabel_share, _ = keys.convention_keys("hu_range")
+    aware = {keys.NUM_EXAMPLES: 10.0, keys.CONVENTION_AWARE: 1.0}
+    assert training_weight(aware) == 10.0  # nothing adjusted
+    assert training_weight({**aware, psoas_share: 0.25, band_share: 0.15}) == pytest.approx(6.0)
+    assert training_weight({**aware, relabel_share: 0.3}) == 10.0
+    assert training_weight({**aware, band_share: 1.4}) == 0.0  # never negative
+    assert training_weight({keys.NUM_EXAMPLES: 10.0, psoas_share: 0.5}) == 10.0  # not convention-aware
+
+    start = np.zeros(10, np.float32)
+    study = StudyConfig()
+    metrics = {1: {keys.CONVENTION_AWARE: 1.0}, 2: {keys.CONVENTION_AWARE: 1.0, psoas_share: 0.5}}
+    grid = TrainingSites({1: 4.0, 2: 4.0}, metrics=metrics)
+    _, total = receive_and_sum(
+        grid, _train_messages(study, grid, start), 10.0, ArrayRecord({keys.PACKED: Array(start)})
+    )  # type: ignore[arg-type]
+    # site 1 sends +1 weighing 4, site 2 sends +2 weighing 4 x 0.5 = 2: (4 + 4) / 6
+    np.testing.assert_allclose(total.mean()[keys.PACKED], np.full(10, 8.0 / 6.0), rtol=1e-6)
