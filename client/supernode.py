@@ -52,9 +52,15 @@ def install() -> bool:
 
     pull = getattr(loop, "_pull_and_store_message", None)
     push = getattr(loop, "_push_messages", None)
-    if pull is None or push is None or getattr(push, "_sarcofed", False):
-        if pull is None or push is None:
-            log.warning("this Flower SuperNode has no _pull_and_store_message/_push_messages: not patched")
+    if pull is None or push is None:
+        log.warning(
+            "sarcofed-supernode: the installed Flower (%s) lacks the SuperNode internals this repair "
+            "was written for (Flower 1.42); running Flower's SuperNode as it is. After a coordinator "
+            "restart this site may then look silent to a study: restart the SuperNode if it does.",
+            _flower_version(),
+        )
+        return False
+    if getattr(push, "_sarcofed", False):  # installed already
         return False
     last_run: dict[str, int | None] = {"run_id": None}
 
@@ -74,6 +80,15 @@ def install() -> bool:
     setattr(loop, "_pull_and_store_message", pull_noting_run)  # noqa: B010 (Flower's private names)
     setattr(loop, "_push_messages", push_for_last_run)  # noqa: B010
     return True
+
+
+def _flower_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"flwr {version('flwr')}"
+    except PackageNotFoundError:
+        return "flwr, version unknown"
 
 
 def main() -> None:

@@ -40,27 +40,39 @@ class WeightedSum:
             total._dtypes[name] = np.asarray(x).dtype
         return total
 
-    def add(self, arrays: Mapping[str, npt.NDArray[np.floating]], weight: float) -> None:
-        """Add one reply's arrays with ``weight`` (e.g. its training slices); the caller may
-        free ``arrays`` afterwards. The first reply (or :meth:`like`) fixes the names and
-        shapes; a reply that differs raises ValueError naming the array and both shapes, and
-        leaves the sum as it was."""
+    def check(
+        self, arrays: Mapping[str, npt.NDArray[np.floating]], weight: float
+    ) -> tuple[dict[str, npt.NDArray[np.floating]], float]:
+        """The arrays and weight :meth:`add` would take, or ValueError saying what does not fit:
+        a weight that is not a finite number >= 0; other names or shapes than the sum's (once it
+        has any); an array that is not floating point or holds NaN or infinity (one diverged
+        site would make the whole mean NaN). Changes nothing."""
         weight = float(weight)
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         xs = {name: np.asarray(x) for name, x in arrays.items()}
+        if self._sums:
+            if set(xs) != set(self._sums):
+                raise ValueError(f"arrays {sorted(xs)} differ from the expected {sorted(self._sums)}")
+            for name, x in xs.items():
+                if x.shape != self._sums[name].shape:
+                    raise ValueError(f"array {name!r} has shape {x.shape}, expected {self._sums[name].shape}")
+        for name, x in xs.items():
+            if not np.issubdtype(x.dtype, np.floating):
+                raise ValueError(f"array {name!r} has dtype {x.dtype}, expected floating point")
+            if not np.isfinite(x).all():
+                raise ValueError(f"array {name!r} holds non-finite values (NaN or infinity)")
+        return xs, weight
+
+    def add(self, arrays: Mapping[str, npt.NDArray[np.floating]], weight: float) -> None:
+        """Add one reply's arrays with ``weight`` (e.g. its training slices); the caller may
+        free ``arrays`` afterwards. The first reply (or :meth:`like`) fixes the names and
+        shapes; a reply that does not fit (:meth:`check`) raises ValueError and leaves the sum
+        as it was."""
+        xs, weight = self.check(arrays, weight)
         if not self._sums:
             self._sums = {n: np.zeros(x.shape, dtype=np.float64) for n, x in xs.items()}
             self._dtypes = {n: x.dtype for n, x in xs.items()}
-        if set(xs) != set(self._sums):
-            raise ValueError(f"arrays {sorted(xs)} differ from the expected {sorted(self._sums)}")
-        for name, x in xs.items():
-            if x.shape != self._sums[name].shape:
-                raise ValueError(f"array {name!r} has shape {x.shape}, expected {self._sums[name].shape}")
-            if not np.issubdtype(x.dtype, np.floating):
-                raise ValueError(f"array {name!r} has dtype {x.dtype}, expected floating point")
-            if not np.isfinite(x).all():  # one diverged site would make the whole mean NaN
-                raise ValueError(f"array {name!r} holds non-finite values (NaN or infinity)")
         for name, x in xs.items():
             _add_scaled(self._sums[name].reshape(-1), x.reshape(-1), weight)
         self.total_weight += weight

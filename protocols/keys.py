@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 from protocols.classes import METRIC_CLASSES
@@ -71,6 +72,14 @@ def convention_keys(adjustment: str) -> tuple[str, str]:
     the site's labelled training pixels (pooled over slices), and on how many training slices it
     applied; e.g. ``("convention-psoas-share", "convention-psoas-slices")``."""
     return f"convention-{adjustment}-share", f"convention-{adjustment}-slices"
+
+
+def convention_taught_share(metrics: Mapping[str, float]) -> float:
+    """The share of a convention-aware site's labelled training pixels that still teach: 1 minus
+    the shares of its ignore-type adjustments (:data:`CONVENTION_IGNORES`) in its training reply's
+    ``metrics``, at least 0; 1.0 when it reports none (or withheld them)."""
+    ignored = sum(float(metrics.get(convention_keys(name)[0], 0.0)) for name in CONVENTION_IGNORES)
+    return max(0.0, 1.0 - ignored)
 
 
 def convention_declared_key(adjustment: str) -> str:

@@ -61,17 +61,10 @@ class ClippedMean:
         """Add one site's weights, clipped around the global weights. ``weight`` (its
         ``num-examples``) is checked like FedAvg's but not used: every site weighs the same.
         A reply whose arrays differ from the global ones raises ValueError and is not added."""
-        if set(arrays) != set(self._names):
-            raise ValueError(f"arrays {sorted(arrays)} differ from the expected {sorted(self._names)}")
-        for name, ref in zip(self._names, self._global, strict=True):
-            if np.shape(arrays[name]) != ref.shape:
-                raise ValueError(f"array {name!r} has shape {np.shape(arrays[name])}, expected {ref.shape}")
-        if not np.isfinite(float(weight)) or float(weight) < 0:
-            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
-        clipped = [np.array(arrays[name], copy=True) for name in self._names]
-        for name, x in zip(self._names, clipped, strict=True):
-            if not np.isfinite(x).all():  # a NaN norm would leave the update unclipped
-                raise ValueError(f"array {name!r} holds non-finite values (NaN or infinity)")
+        # FedAvg's checks first: names, shapes, weight, and no NaN (a NaN norm would leave the
+        # update unclipped: min(1, clip / NaN) is 1)
+        xs, _ = self._sum.check(arrays, weight)
+        clipped = [np.array(xs[name], copy=True) for name in self._names]
         update = [x - g for x, g in zip(clipped, self._global, strict=True)]
         if get_norm(update) > 0:  # Flower's clip divides by the norm; no update has nothing to clip
             compute_clip_model_update(clipped, self._global, self.clipping_norm)

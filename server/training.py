@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,12 +171,12 @@ def run_training(
             )
         )
         sent = [m.metadata.dst_node_id for m in messages]
-        total: WeightedSum | ClippedMean
-        if study.dp.enabled:
-            total = ClippedMean(_numpy(arrays), study.dp.clipping_norm)
-            replies, _ = receive_and_sum(grid, messages, study.study.round_timeout, arrays, total=total)
-        else:
-            replies, total = receive_and_sum(grid, messages, study.study.round_timeout, arrays)
+        total: WeightedSum | ClippedMean = (
+            ClippedMean(_numpy(arrays), study.dp.clipping_norm)
+            if study.dp.enabled
+            else WeightedSum.like(_numpy(arrays))
+        )
+        replies, _ = receive_and_sum(grid, messages, study.study.round_timeout, arrays, total=total)
         del messages  # the round's instructions share the global weights: nothing per site
         # who was asked, who answered and what they sent: the part every round record has
         exchange: dict[str, Any] = {
@@ -207,7 +207,10 @@ def run_training(
         loss, iou = pooled_validation(replies)
         new_arrays = _mean_arrays(total, study.dp.noise_multiplier)
         if new_arrays is None:
-            raise SarcofedError(f"round {server_round}: the strategy could not aggregate the replies")
+            raise SarcofedError(
+                f"round {server_round}: no site's weights could be averaged (every reply was refused, "
+                f"or all weighed 0); rounds.jsonl lists each site's reason under sites_failed"
+            )
         arrays = new_arrays
         state.state_dict = unpack_state(arrays[keys.PACKED].numpy(), layout)
         if study.dp.enabled and non_negative_variances(state.state_dict):
@@ -285,17 +288,14 @@ def exclusion_note(excluded: Iterable[str], answered: Iterable[str]) -> str | No
     return "; ".join(parts)
 
 
-_S = TypeVar("_S", WeightedSum, ClippedMean)
-
-
 def receive_and_sum(
     grid: Grid,
     messages: list[Message],
     timeout: float,
     global_arrays: ArrayRecord,
     *,
-    total: _S | None = None,
-) -> tuple[Replies, _S | WeightedSum]:
+    total: WeightedSum | ClippedMean | None = None,
+) -> tuple[Replies, WeightedSum | ClippedMean]:
     """Pull the round's training replies one at a time, adding each site's weights (weighted by
     its ``num-examples``) to a running sum and removing them from the reply at once.
 
@@ -306,7 +306,7 @@ def receive_and_sum(
     failed, with the reason, and left out of the sum.
     """
     replies = Replies()
-    into: _S | WeightedSum = WeightedSum.like(_numpy(global_arrays)) if total is None else total
+    into = WeightedSum.like(_numpy(global_arrays)) if total is None else total
     sent = [m.metadata.dst_node_id for m in messages]
     for reply in iter_replies(grid, messages, timeout, pull_chunk=TRAIN_PULL_CHUNK):
         if not reply.has_error():
@@ -354,8 +354,7 @@ def training_weight(metrics: Mapping[str, float]) -> float:
     weight = float(metrics[keys.NUM_EXAMPLES])
     if not metrics.get(keys.CONVENTION_AWARE):
         return weight
-    ignored = sum(float(metrics.get(keys.convention_keys(name)[0], 0.0)) for name in keys.CONVENTION_IGNORES)
-    return weight * max(0.0, 1.0 - ignored)
+    return weight * keys.convention_taught_share(metrics)
 
 
 def _fold_weights(total: WeightedSum | ClippedMean, reply: Message) -> str | None:

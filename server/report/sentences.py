@@ -103,10 +103,9 @@ def convention_note(site: str, metrics: dict[str, float]) -> str:
         if parts
         else "no adjustment: its labels follow the protocol as far as its audit can tell"
     )
-    ignored = sum(metrics.get(keys.convention_keys(name)[0], 0.0) for name in keys.CONVENTION_IGNORES)
-    if ignored > 0:
+    if (taught := keys.convention_taught_share(metrics)) < 1.0:
         what += (
-            f"; in the federated mean it weighs {max(0.0, 1.0 - ignored):.0%} of its training slices "
+            f"; in the federated mean it weighs {taught:.0%} of its training slices "
             "(the share of its labelled pixels that still teach)"
         )
     if unconfirmed:
