@@ -273,6 +273,11 @@ def policy_show(
     else:
         source = policy_path(site_dir) if policy_path(site_dir).exists() else "defaults (no policy.toml)"
         typer.echo(f"# in force: {source}\n{policy.to_toml()}")
+        if policy.weights_dp.enabled:  # what the coordinator, who sees each update, can learn
+            from common.dp_accounting import protection_summary
+
+            summary = protection_summary(policy.weights_dp.noise_multiplier, 1)
+            typer.echo(f"# [weights-dp], each training reply: {summary}")
 
 
 @policy_app.command("init")

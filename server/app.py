@@ -204,7 +204,8 @@ def _run_study(
         if (excluded := exclusion_note(study.study.exclude_from_training, sites.values())) is not None:
             notes.append(excluded)
         if study.dp.enabled:
-            notes.append(central_dp_note(study.dp.noise_multiplier, study.dp.clipping_norm))
+            aggregated = sum(1 for r in history if r.status == "ok")
+            notes.append(central_dp_note(study.dp.noise_multiplier, study.dp.clipping_norm, aggregated))
         loaded = load_model(outcome.model_path)
         spec, state_dict, model_hash = loaded.spec, loaded.model.state_dict(), loaded.weights_hash
         from server.training import contributing_sites

@@ -36,6 +36,7 @@ from flwr.supercore.differential_privacy import (
     get_norm,
 )
 
+from common.dp_accounting import protection_summary
 from common.weighted_sum import WeightedSum
 
 Arrays = Mapping[str, npt.NDArray[np.floating]]
@@ -80,20 +81,16 @@ class ClippedMean:
         return dict(zip(self._names, arrays, strict=True)), stdv
 
 
-def central_dp_note(noise_multiplier: float, clipping_norm: float) -> str:
-    """The report's note on a study trained with central DP (and a plain warning when the
-    noise multiplier is 0: clipping alone gives no differential-privacy guarantee)."""
-    note = (
+def central_dp_note(noise_multiplier: float, clipping_norm: float, rounds: int) -> str:
+    """The report's note on a study trained with central DP over ``rounds`` aggregated rounds:
+    the settings, and what they protect (``common.dp_accounting``: epsilon, and the best
+    accuracy of an observer of the published models telling whether a patient was in a site's
+    data, with a plain warning when that is weak or when no noise was added)."""
+    return (
         f"central DP (server-side fixed clipping): noise multiplier {noise_multiplier}, clipping norm "
         f"{clipping_norm}; every site's update weighs the same, and each round's noise is sized by "
-        "the updates it averaged"
+        f"the updates it averaged; {protection_summary(noise_multiplier, rounds)}"
     )
-    if noise_multiplier == 0:
-        note += (
-            "; noise multiplier 0: no noise was added, the updates were only clipped, which gives "
-            "no differential-privacy guarantee"
-        )
-    return note
 
 
 __all__ = ["ClippedMean", "central_dp_note"]

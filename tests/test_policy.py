@@ -81,7 +81,15 @@ def test_site_policy_and_join_commands(tmp_path: Path) -> None:
     assert run(app, ["policy", "allow", str(site), HASH]).exit_code == 0
     assert load_policy(site).allowed_apps == (current_app_hash(), HASH)
     assert run(app, ["policy", "hash"]).stdout.strip() == current_app_hash()
-    assert "min-slices = 5" in run(app, ["policy", "show", str(site)]).stdout
+    shown = run(app, ["policy", "show", str(site)]).stdout
+    assert "min-slices = 5" in shown and "[weights-dp], each training reply" not in shown  # off: no line
+    policy_file = site / "policy.toml"
+    text = policy_file.read_text(encoding="utf-8")
+    policy_file.write_text(
+        text.replace("[weights-dp]\nenabled = false", "[weights-dp]\nenabled = true"), "utf-8"
+    )
+    # the default multiplier (0.1) lets the coordinator, who sees the update, tell a patient's presence
+    assert "weak protection" in run(app, ["policy", "show", str(site)]).stdout
 
     assert run(app, ["keys", str(site)]).exit_code == 0
     keys_dir = tmp_path / "hospital-b.keys"

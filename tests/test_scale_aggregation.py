@@ -432,10 +432,9 @@ def test_a_site_sending_back_the_global_weights_is_averaged_under_central_dp() -
 def test_the_report_says_when_central_dp_added_no_noise() -> None:
     from server.central_dp import central_dp_note
 
-    assert "no differential-privacy guarantee" in central_dp_note(0.0, 1.0)
-    assert "guarantee" not in central_dp_note(0.5, 1.0) and "noise multiplier 0.5" in central_dp_note(
-        0.5, 1.0
-    )
+    assert "no differential-privacy guarantee" in central_dp_note(0.0, 1.0, 5)
+    strong = central_dp_note(8.0, 1.0, 1)
+    assert "guarantee" not in strong and "noise multiplier 8.0" in strong and "weak" not in strong
 
 
 def test_central_dp_noise_never_leaves_a_negative_batchnorm_variance(tmp_path: Path) -> None:
