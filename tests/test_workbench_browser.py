@@ -537,6 +537,27 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         page.locator("#nv-panel").screenshot(path=str(ARTIFACTS / "34-niivue-vertebrae.png"))
         k = clicked
 
+        # the range's guides are dragged on NiiVue's sagittal image too: the start guide dropped on
+        # its "L1" lands the selection's start in L1, where the canvas coronal view shows L1
+        guide = page.locator("#nv-overlay .guide.start[data-plane='2']").bounding_box()
+        l1 = page.locator("#nv-overlay .vertebra[data-plane='2']", has_text="L1").bounding_box()
+        page.mouse.move(guide["x"] + guide["width"] / 2, guide["y"] + guide["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(guide["x"] + guide["width"] / 2, l1["y"] + l1["height"] / 2, steps=6)
+        page.mouse.up()
+        on_canvas = page.locator("#coronal-wrap .guide.start").bounding_box()
+        l1_canvas = page.locator("#coronal-wrap .vertebra", has_text="L1").bounding_box()
+        y = on_canvas["y"] + on_canvas["height"] / 2
+        assert l1_canvas["y"] <= y <= l1_canvas["y"] + l1_canvas["height"], (y, l1_canvas)
+        moved_guide = page.locator("#nv-overlay .guide.start[data-plane='2']").bounding_box()
+        y = moved_guide["y"] + moved_guide["height"] / 2
+        assert l1["y"] <= y <= l1["y"] + l1["height"], (y, l1)
+        assert _axial_slice(page) != clicked  # the axial view follows the dragged guide
+        page.locator("#nv-panel").screenshot(path=str(ARTIFACTS / "35-niivue-guide-dragged.png"))
+        page.click("button[data-preset=abdomen]")  # (the guide drag set no window: nothing to redraw)
+        page.mouse.click(label["x"] + label["width"] / 2, label["y"] + label["height"] / 2)  # back to L3
+        k = _axial_slice(page)
+
         # NiiVue's controls drive the workbench: its wheel over the axial image moves the
         # workbench's slice (and its readout follows), a right-drag on it is the window/level
         tile = [float(x) for x in page.get_attribute("#nv-panel", "data-axial-tile").split(",")]
@@ -552,15 +573,21 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         assert abs(moved - k) == 2, (k, moved)
         assert _nv_readout(page)[1] == moved
         image_before = page.locator("#nv-canvas").screenshot()
+        refreshes = int(page.get_attribute("#nv-panel", "data-window-refreshes"))
         page.mouse.move(*centre)
         page.mouse.down(button="right")
         page.mouse.move(centre[0] + 50, centre[1] + 20, steps=5)
         page.mouse.up(button="right")
         assert page.inner_text("#wl") == "W 600 L 80 HU"
+        # NiiVue redraws its volume once for the whole drag (each redraw is seconds on a software
+        # GL), with the window the drag ended on
+        page.wait_for_selector("#nv-panel[data-window='600,80']")
+        assert int(page.get_attribute("#nv-panel", "data-window-refreshes")) == refreshes + 1
         assert page.locator("#nv-canvas").screenshot() != image_before
         assert _axial_slice(page) == moved  # a window drag moves no slice
         page.click("button[data-preset=abdomen]")
         assert page.inner_text("#wl") == "W 400 L 40 HU"
+        page.wait_for_selector("#nv-panel[data-window='400,40']")
 
         # segment: the drawing layer holds every session slice's labels
         page.click("#segment")
@@ -612,6 +639,21 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
                 box["y"] + tile[1] + (row + 0.5) / rows * tile[3],
             )
 
+        # the brush outline follows the pointer on NiiVue's tile, at the brush's size in pixels
+        outline = page.locator("#nv-brush-outline")
+        for size in (4, 1):
+            page.fill("#brush-size", str(size))
+            page.mouse.move(*on_tile(r - 20, c0))
+            page.mouse.move(*on_tile(r, c0))
+            assert outline.is_visible() and "c1" in (outline.get_attribute("class") or "")
+            drawn = outline.bounding_box()
+            # its content box is the brush (the 1 px border is drawn outside it)
+            assert abs(drawn["width"] - 2 - 2 * size * tile[2] / cols) < 1.0, (size, drawn, tile)
+            x, y = on_tile(r, c0)
+            assert abs(drawn["x"] + drawn["width"] / 2 - x) < 1.5, (drawn, x)
+            assert abs(drawn["y"] + drawn["height"] / 2 - y) < 1.5, (drawn, y)
+        page.mouse.move(box["x"] - 20, box["y"] - 20)
+        assert not outline.is_visible()
         before = labels[0]
         page.mouse.move(*on_tile(r, c0))
         page.mouse.down()
@@ -632,4 +674,50 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         page.keyboard.press("Control+z")
         page.wait_for_timeout(400)
         assert np.array_equal(_labels(url, sid, 0, (rows, cols)), before)
+    assert not errors, errors
+
+
+def test_niivue_is_shown_where_webgl2_runs_on_a_gpu_and_not_on_a_software_gl(
+    server: tuple[str, object, Path],
+) -> None:
+    """The viewer choice (static/viewer_choice.js): NiiVue where WebGL2 has a GPU behind it, the
+    canvas views alone on a software GL (where a NiiVue window change takes seconds), and
+    ``?viewer=`` decides when given. This machine's headless chromium draws WebGL2 in software."""
+    url, _, _ = server
+    errors: list[str] = []
+    with _page(errors) as page:  # type: ignore[var-annotated]
+        page.goto(url)
+        page.wait_for_selector("#select-view[data-loaded]")
+        choose = """([param, renderer]) => import('/static/viewer_choice.js')
+            .then((m) => m.chooseViewer(param, renderer).viewer)"""
+        cases = {
+            (None, "ANGLE (NVIDIA, NVIDIA GeForce RTX 3060 Direct3D11 vs_5_0 ps_5_0, D3D11)"): "niivue",
+            (None, "Apple M2"): "niivue",
+            (None, "Mesa Intel(R) UHD Graphics 620 (KBL GT2)"): "niivue",
+            (
+                None,
+                "ANGLE (Google, Vulkan 1.3.0 (SwiftShader Device (Subzero)), SwiftShader driver)",
+            ): "canvas",
+            (None, "llvmpipe (LLVM 15.0.6, 256 bits)"): "canvas",
+            (
+                None,
+                "ANGLE (Microsoft, Microsoft Basic Render Driver Direct3D11 vs_5_0 ps_5_0, D3D11)",
+            ): "canvas",
+            (None, None): "canvas",
+            ("niivue", "llvmpipe (LLVM 15.0.6, 256 bits)"): "niivue",
+            ("canvas", "Apple M2"): "canvas",
+        }
+        for (param, renderer), viewer in cases.items():
+            assert page.evaluate(choose, [param, renderer]) == viewer, (param, renderer)
+
+        # here: a software GL, so the canvas views alone, saying why, and NiiVue never loaded
+        assert page.get_attribute("body", "data-viewer") == "canvas"
+        reason = page.get_attribute("body", "data-viewer-reason") or ""
+        assert "software" in reason or "no WebGL2" in reason, reason
+        assert page.locator("#nv-panel").is_hidden()
+        loaded = page.evaluate("() => performance.getEntriesByType('resource').map((e) => e.name)")
+        assert not any("niivue" in name for name in loaded), loaded
+        page.goto(f"{url}?viewer=canvas")
+        page.wait_for_selector("#select-view[data-loaded]")
+        assert page.get_attribute("body", "data-viewer") == "canvas"
     assert not errors, errors

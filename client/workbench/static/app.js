@@ -8,13 +8,18 @@
 // Keys: Up/Down or PageUp/PageDown = slice (1 / 5), +/- zoom, 0 reset view,
 // Ctrl+Z undo, Ctrl+Shift+Z or Ctrl+Y redo, B brush, E eraser, 1-3 class, [ ] brush size.
 import { greyImage, hoveredViewport, makeViewport, setLetters, stageFraction } from "./viewport.js";
+import { chooseViewer, webgl2Renderer } from "./viewer_choice.js";
 
 const $ = (id) => document.getElementById(id);
 const COLOURS = { 1: [230, 60, 60], 2: [245, 200, 40], 3: [40, 190, 170] };
 const CLASS_NAMES = { 1: "Muscle", 2: "SAT", 3: "VAT" };
 const PAGE = 5;
-// `?viewer=niivue`: also show the series in NiiVue (nvview.js, loaded only then).
-const NIIVUE = new URLSearchParams(window.location.search).get("viewer") === "niivue";
+// NiiVue (nvview.js, loaded only then) under the canvas views where the browser has WebGL2 on a
+// GPU, or when asked for with `?viewer=niivue` (viewer_choice.js; `?viewer=canvas`: never).
+const VIEWER = chooseViewer(new URLSearchParams(window.location.search).get("viewer"), webgl2Renderer());
+const NIIVUE = VIEWER.viewer === "niivue";
+document.body.dataset.viewer = VIEWER.viewer;
+document.body.dataset.viewerReason = VIEWER.reason;
 
 const S = {
   info: null, key: null, meta: null, vol: null, mode: "range",
@@ -41,8 +46,21 @@ function status(text, isError) {
 const labelling = () => !$("label-view").hidden && S.session !== null;
 
 // ------------------------------------------------------------------ window / level
+// A window change redraws NiiVue's whole volume (seconds on a software GL): while the window
+// changes (a drag, keys), NiiVue waits, and takes the latest window once it has settled.
+const NV_WINDOW_SETTLE_MS = 250;
+let nvWindowTimer = null;
+function nvWindowLater() {
+  clearTimeout(nvWindowTimer);
+  nvWindowTimer = setTimeout(() => {
+    if (!S.nv) return;
+    const panel = $("nv-panel");
+    if (S.nv.setWindow(S.wl)) panel.dataset.windowRefreshes = String(Number(panel.dataset.windowRefreshes || 0) + 1);
+    panel.dataset.window = `${Math.round(S.wl.width)},${Math.round(S.wl.level)}`;
+  }, NV_WINDOW_SETTLE_MS);
+}
 function showWindow() {
-  if (S.nv) S.nv.setWindow(S.wl);
+  if (S.nv) nvWindowLater();
   $("wl").textContent = `W ${Math.round(S.wl.width)} L ${Math.round(S.wl.level)} HU`;
   for (const b of document.querySelectorAll(".preset")) {
     const p = S.info && S.info.presets[b.dataset.preset];
@@ -138,7 +156,9 @@ function ensureGuides(wrap) {
     g.dataset.which = which;
     g.innerHTML = `<span>${which}</span>`;
     stage.appendChild(g);
-    g.addEventListener("pointerdown", (ev) => { if (ev.button === 0 && !ev.shiftKey) startDrag(ev, wrap, which); });
+    g.addEventListener("pointerdown", (ev) => {
+      if (ev.button === 0 && !ev.shiftKey) startDrag(ev, (y) => sliceAt(wrap, y), which, ev.currentTarget);
+    });
   }
   const band = document.createElement("div"); band.className = "band"; stage.appendChild(band);
   const cur = document.createElement("div"); cur.className = "cursor"; stage.appendChild(cur);
@@ -151,12 +171,13 @@ function sliceAt(wrap, clientY) {
   const rect = wrap.querySelector(".stage").getBoundingClientRect();
   return clamp(Math.floor(((clientY - rect.top) / rect.height) * nz()));
 }
-function startDrag(ev, wrap, which) {
+// Drag a range guide: `sliceOf(clientY)` is the slice under the pointer; `target` keeps the
+// pointer (an element the redraws during the drag do not replace).
+function startDrag(ev, sliceOf, which, target) {
   ev.preventDefault(); ev.stopPropagation();
-  const target = ev.currentTarget;
   target.setPointerCapture(ev.pointerId);
   const move = (e) => {
-    const k = sliceAt(wrap, e.clientY);
+    const k = sliceOf(e.clientY);
     if (which === "start") S.start = k; else S.end = k;
     if (S.mode === "slice") S.end = S.start;
     S.cursor = k;
@@ -256,7 +277,9 @@ async function startNiivue() {
   $("nv-version").textContent = NIIVUE_VERSION;
   panel.dataset.niivue = NIIVUE_VERSION;
   panel.dataset.gl = S.nv.gl2 ? "webgl2" : "none";
-  S.nv.setWindow(S.wl);
+  S.nv.setWindow(S.wl); // the window NiiVue loaded with (in the header): no refresh
+  panel.dataset.window = `${Math.round(S.wl.width)},${Math.round(S.wl.level)}`;
+  panel.dataset.windowRefreshes = "0";
   nvCursor(S.cursor);
   syncLabels();
 }
@@ -291,6 +314,27 @@ function drawNvOverlay() {
       layer.appendChild(el);
     }
     layer.appendChild(box("band", rect, S.nv.sliceSpan(S.start, S.end)));
+    // the range's guides, dragged as on the canvas views (slice mode: one guide, "slice")
+    for (const which of S.mode === "slice" ? ["start"] : ["start", "end"]) {
+      const k = which === "start" ? S.start : S.end, span = S.nv.sliceSpan(k, k);
+      const g = document.createElement("div");
+      g.className = `guide ${which}`;
+      g.dataset.which = which; g.dataset.plane = String(plane);
+      g.style.left = `${rect[0]}px`; g.style.width = `${rect[2]}px`; g.style.right = "auto";
+      g.style.top = `${rect[1] + ((span[0] + span[1]) / 2) * rect[3]}px`;
+      const t = document.createElement("span");
+      t.textContent = S.mode === "slice" ? "slice" : which;
+      g.appendChild(t);
+      g.addEventListener("pointerdown", (ev) => {
+        if (ev.button !== 0 || ev.shiftKey) return;
+        const sliceOf = (y) => {
+          const now = S.nv.planeRect(plane);
+          return S.nv.sliceAtFraction((y - layer.getBoundingClientRect().top - now[1]) / now[3]);
+        };
+        startDrag(ev, sliceOf, which, layer.parentElement); // the overlay is redrawn while dragging
+      });
+      layer.appendChild(g);
+    }
   }
 }
 // Mirror the session's labels into NiiVue's drawing layer (all slices, or one position).
@@ -484,6 +528,19 @@ function sizeOutline() {
   o.style.height = `${((2 * r) / s.rows) * 100}%`;
   o.className = `brush-outline c${currentClass()}${currentTool() === "eraser" ? " eraser" : ""}`;
 }
+// The brush outline on NiiVue's axial tile while labelling: the brush's size in image pixels at
+// the tile's scale, the class's colour, dashed for the eraser.
+function moveNvOutline(ev) {
+  const o = $("nv-brush-outline"), p = nvPoint(ev), tile = p && S.nv.axialTile();
+  if (!tile) { o.hidden = true; return; }
+  const box = o.parentElement.getBoundingClientRect(), s = cur(), r = Number($("brush-size").value);
+  o.className = `brush-outline c${currentClass()}${currentTool() === "eraser" ? " eraser" : ""}`;
+  o.style.width = `${(2 * r * tile[2]) / s.cols}px`;
+  o.style.height = `${(2 * r * tile[3]) / s.rows}px`;
+  o.style.left = `${ev.clientX - box.left}px`;
+  o.style.top = `${ev.clientY - box.top}px`;
+  o.hidden = false;
+}
 function moveOutline(ev) {
   const [x, y] = canvasPoint(ev), s = cur(), o = $("brush-outline");
   o.style.left = `${(x / s.cols) * 100}%`;
@@ -551,7 +608,8 @@ function setupPainting() {
   // while labelling, a left-drag on NiiVue's axial tile paints with the same rules (capture
   // phase on its frame: NiiVue never sees the stroke)
   const nvBox = document.querySelector("#nv-panel .nv-box");
-  attachBrush(nvBox, nvPoint, { capture: true });
+  attachBrush(nvBox, nvPoint, { capture: true, onMove: moveNvOutline });
+  nvBox.addEventListener("pointerleave", () => { $("nv-brush-outline").hidden = true; });
   // right-drag on NiiVue: the workbench's window/level (one model for every view)
   nvBox.addEventListener("pointerdown", (ev) => {
     if (!S.nv || ev.button !== 2) return;

@@ -1,6 +1,6 @@
 // NiiVue (WebGL2) multiplanar view of the loaded series with the session's mask as its drawing
-// layer. A prototype behind the `?viewer=niivue` flag (docs/WORKBENCH.md): the canvas viewer in
-// viewport.js stays the default until every control the tests drive runs on NiiVue.
+// layer, linked to the canvas views (viewport.js), which stay on the page and carry every control.
+// Shown where WebGL2 runs on a GPU, or with `?viewer=niivue` (viewer_choice.js, docs/WORKBENCH.md).
 //
 // The volume goes to NiiVue as a NIfTI-1 built here from the int16 HU the server already sends,
 // stored in RAS voxel order with a diagonal affine so that NiiVue never reorients it: voxel
@@ -96,13 +96,14 @@ export async function createNiivueView(canvas, meta, hu, wl, onLocation) {
   const view = {
     nv, flips, programmatic: false,
     gl2: nv.gl instanceof WebGL2RenderingContext,
-    /** Show the window {width, level} in HU. */
+    /** Show the window {width, level} in HU; true when NiiVue had to redraw its volume. */
     setWindow(wl) {
       const vol = nv.volumes[0], lo = wl.level - wl.width / 2, hi = wl.level + wl.width / 2;
-      if (vol.cal_min === lo && vol.cal_max === hi) return; // a full-volume pass: only on a change
+      if (vol.cal_min === lo && vol.cal_max === hi) return false; // a full-volume pass: only on a change
       vol.cal_min = lo; vol.cal_max = hi;
       nv.refreshLayers(vol, 0);
       nv.drawScene();
+      return true;
     },
     /** Put the crosshair on the workbench's (k, row, col). */
     setCursor(k, row, col) {
@@ -148,6 +149,11 @@ export async function createNiivueView(canvas, meta, hu, wl, onLocation) {
       const scale = canvas.clientWidth / canvas.width;
       const left = Math.min(a.pos[0], b.pos[0]), top = Math.min(a.pos[1], b.pos[1]);
       return [left, top, Math.abs(b.pos[0] - a.pos[0]), Math.abs(b.pos[1] - a.pos[1])].map((x) => x * scale);
+    },
+    /** The slice at fraction `frac` (0 top .. 1 bottom) of a coronal/sagittal image's height. */
+    sliceAtFraction(frac) {
+      const k = Math.floor((flips.flipZ ? frac : 1 - frac) * nz);
+      return Math.min(nz - 1, Math.max(0, k));
     },
     /** Fractions (0 top .. 1 bottom) of a coronal/sagittal image's height spanned by slices k0..k1. */
     sliceSpan(k0, k1) {
