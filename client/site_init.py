@@ -22,12 +22,9 @@ the next command. An existing ``site.toml`` or ``manifest.csv`` is replaced only
 from __future__ import annotations
 
 import csv
-import hashlib
-import hmac
 import json
 import logging
 import os
-import secrets
 import shlex
 from collections import Counter
 from collections.abc import Callable
@@ -39,6 +36,7 @@ import pydicom
 from pydantic import BaseModel, ConfigDict, Field
 
 from client.export_scan import ExportScan, Pair, scan_export
+from client.patient_groups import SECRET_FILE, new_secret, patient_group, read_secret, write_secret
 from common.dataset import MANIFEST_CSV, SITE_TOML
 from common.dicom_io import read_ct_slice
 from common.errors import SarcofedError, SliceError
@@ -51,7 +49,6 @@ from protocols.protocol import ALBERTA, LabelProtocol
 
 log = logging.getLogger(__name__)
 
-SECRET_FILE: Final = ".group-secret"
 #: A series needs this many slices before an L3 range is suggested (vertebrae are counted).
 MIN_SERIES_FOR_L3: Final = 8
 MANIFEST_COLUMNS: Final = ("image", "label", "group", "height_m", "sex")
@@ -108,30 +105,6 @@ def _relative(path: Path, root: Path) -> str:
         return Path(os.path.relpath(path, root)).as_posix()
     except ValueError:
         return str(path)
-
-
-def _secret(site_dir: Path) -> bytes:
-    path = site_dir / SECRET_FILE
-    if path.is_file():
-        text = path.read_text(encoding="ascii").strip()
-        if len(text) >= 32:
-            return text.encode("ascii")
-    return secrets.token_hex(32).encode("ascii")
-
-
-def _write_secret(site_dir: Path, secret: bytes) -> None:
-    path = site_dir / SECRET_FILE
-    if path.is_file() and path.read_bytes().strip() == secret:
-        return
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secret + b"\n")
-    os.chmod(path, 0o600)
-
-
-def patient_group(secret: bytes, patient_id: str) -> str:
-    """The manifest ``group`` of a patient: an HMAC of the PatientID under the site's secret."""
-    return "p-" + hmac.new(secret, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
 
 def _patient_id(path: Path) -> str:
@@ -236,7 +209,7 @@ def _read_pair(
     return {
         "image": _relative(image, source),
         "label": _relative(pair.mask, source),
-        "group": patient_group(secret, patient) if patient else "",
+        "group": patient_group(secret, patient),
         "height_m": f"{ct.height_m:.2f}" if ct.height_m is not None else "",
         "sex": ct.sex or "",
     }, ""
@@ -270,7 +243,7 @@ def init_site(
     source = Path(os.path.abspath(source))
     site_dir = Path(os.path.abspath(site_dir))
     scan: ExportScan = scan_export(source, skip=site_dir)
-    secret = _secret(site_dir)
+    secret = read_secret(site_dir) or new_secret()
     acc = LabelValueAccumulator(protocol)
     rows: list[dict[str, str]] = []
     problems = [
@@ -297,7 +270,7 @@ def init_site(
             site_toml(site_name, source, proposal, len(rows), site_dir), encoding="utf-8"
         )
         _write_manifest(site_dir / MANIFEST_CSV, rows)
-        _write_secret(site_dir, secret)
+        write_secret(site_dir, secret)
         written = [SITE_TOML, MANIFEST_CSV, SECRET_FILE]
     return InitReport(
         source=str(source),

@@ -12,6 +12,9 @@ to be trusted:
   the file's bytes when it has none). No DICOM text ever becomes part of a path.
 - Every path written is resolved, symbolic links included, and must stay inside the site
   folder (:func:`client.workbench.state.resolve_inside`); otherwise ``OutsideFolderError``.
+- The manifest ``group`` is the patient's, as ``sarcofed site init`` makes it
+  (:mod:`client.patient_groups`: an HMAC of the PatientID under the site's secret), so a
+  patient's slices stay in one group whichever way they reached the site.
 - The whole save holds the site's lock file (:data:`LOCK_NAME`, ``filelock``), so saves from
   two processes never interleave; ``manifest.csv`` is re-read inside the lock, and it,
   ``site.toml``, each image and each mask are written to a temporary file and moved into
@@ -41,6 +44,7 @@ import numpy as np
 import pydicom
 from filelock import FileLock, Timeout
 
+from client.patient_groups import patient_group, site_secret
 from common.masks import MASK_SUFFIXES, mask_suffix, write_mask
 from protocols.site import SiteConfig
 
@@ -151,11 +155,6 @@ def _mask_suffix(rows: list[dict[str, str]], wanted: str) -> str:
     return max(set(known), key=known.count) if known else ".png"
 
 
-def _group_key(ds: pydicom.Dataset) -> str:
-    ident = f"{ds.get('PatientID', '')}|{ds.get('PatientName', '')}|{ds.get('StudyInstanceUID', '')}"
-    return "wb-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
-
-
 class _Plan(NamedTuple):
     """Where one slice goes (paths relative to the site folder) and its patient group."""
 
@@ -164,10 +163,11 @@ class _Plan(NamedTuple):
     group: str
 
 
-def _plan(site_dir: Path, item: SliceLabels, suffix: str) -> _Plan:
+def _plan(site_dir: Path, item: SliceLabels, suffix: str, secret: bytes) -> _Plan:
     ds = pydicom.dcmread(item.file, stop_before_pixels=True)
     stem = slice_stem(item.file, str(ds.get("SOPInstanceUID", "") or ""))
-    plan = _Plan(f"images/{stem}.dcm", f"labels/{stem}{suffix}", _group_key(ds))
+    group = patient_group(secret, str(ds.get("PatientID", "") or ""))  # as `site init` groups
+    plan = _Plan(f"images/{stem}.dcm", f"labels/{stem}{suffix}", group)
     for relative in (plan.image, plan.label):
         resolve_inside(site_dir, relative, what=_SITE)
     return plan
@@ -213,7 +213,8 @@ def _save_locked(
     header, rows, delimiter = read_manifest(manifest)
     suffix = _mask_suffix(rows, mask_format)
     header += [c for c in MANIFEST_COLUMNS if c not in header]
-    planned = [_plan(site_dir, item, suffix) for item in session.slices]  # all checked before writing
+    secret = site_secret(site_dir)
+    planned = [_plan(site_dir, item, suffix, secret) for item in session.slices]  # all checked before writing
     written: list[str] = []
     for item, plan in zip(session.slices, planned, strict=True):
         image_path = _target(site_dir, plan.image)
