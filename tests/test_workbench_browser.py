@@ -674,6 +674,51 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         page.keyboard.press("Control+z")
         page.wait_for_timeout(400)
         assert np.array_equal(_labels(url, sid, 0, (rows, cols)), before)
+
+        # zoom on NiiVue (Ctrl+wheel, about its crosshair): the header's HU readout and the brush
+        # follow it. Independent of NiiVue's mapping: the crosshair's voxel stays put on the
+        # screen, and 20 screen px from it is 20 / (scale x zoom) image pixels
+        _, k_nv, row0, col0 = _nv_readout(page)
+        x0, y0 = on_tile(row0, col0)
+
+        def readout_at(x: float, y: float) -> tuple[int, int, int, int]:
+            page.mouse.move(x, y)
+            value, rest = page.inner_text("#hu").split(" HU at slice ")
+            k_at, row_at, col_at = (int(part.split()[-1]) for part in rest.split(","))
+            return int(float(value)), k_at, row_at, col_at
+
+        assert readout_at(x0, y0)[1:] == (k_nv, row0, col0)
+        page.mouse.move(x0, y0)
+        page.keyboard.down("Control")
+        page.mouse.wheel(0, -100)
+        page.mouse.wheel(0, -100)
+        page.keyboard.up("Control")
+        page.wait_for_selector("#nv-panel[data-zoom='1.563']")
+        assert page.inner_text("#nv-zoom") == "1.6x"
+        page.locator("#nv-canvas").screenshot(path=str(ARTIFACTS / "36-niivue-zoomed.png"))
+        zoom, scale = 1.5625, tile[2] / cols
+        assert readout_at(x0, y0)[1:] == (k_nv, row0, col0)
+        value, k_at, row_at, col_at = readout_at(x0 + 20, y0 + 10)
+        assert k_at == k_nv and abs(col_at - (col0 + 20 / (scale * zoom))) <= 1, (col_at, col0)
+        assert abs(row_at - (row0 + 10 / (scale * zoom))) <= 1, (row_at, row0)
+        assert value == round(float(hu[k_at, row_at, col_at]))
+        # a one-pixel free-hand dab there paints that pixel
+        for box_id in ("hu-limit", "overwrite"):  # clicked in the page: no scrolling, NiiVue stays put
+            page.locator(f"#{box_id}").evaluate("(el) => el.click()")
+        assert not page.is_checked("#hu-limit") and page.is_checked("#overwrite")
+        page.mouse.move(x0 + 20, y0 + 10)
+        page.mouse.down()
+        page.mouse.up()
+        page.wait_for_timeout(400)
+        dabbed = _labels(url, sid, 0, (rows, cols))
+        changed = np.argwhere(dabbed != before)
+        assert dabbed[row_at, col_at] == 1, changed
+        assert changed.size and np.all(np.abs(changed - [row_at, col_at]) <= 1), changed
+        page.keyboard.press("Control+z")
+        page.wait_for_timeout(400)
+        assert np.array_equal(_labels(url, sid, 0, (rows, cols)), before)
+        page.keyboard.press("0")  # the pointer is on NiiVue: its zoom resets
+        page.wait_for_selector("#nv-panel[data-zoom='1.000']")
     assert not errors, errors
 
 

@@ -26,7 +26,7 @@ const S = {
   wl: { width: 400, level: 40 },
   start: 0, end: 0, cursor: 0, row: 0, col: 0,
   session: null, pos: 0, labels: [], hu: [], undo: [], redo: [], painting: false, dirty: false,
-  nv: null,
+  nv: null, nvHovered: false,
 };
 
 async function api(path, options) {
@@ -528,6 +528,13 @@ function sizeOutline() {
   o.style.height = `${((2 * r) / s.rows) * 100}%`;
   o.className = `brush-outline c${currentClass()}${currentTool() === "eraser" ? " eraser" : ""}`;
 }
+// NiiVue's 2-D zoom (Ctrl+wheel or +/- with the pointer on it; 0 resets), shown in #nv-zoom.
+function nvZoom(factor) {
+  if (factor === null) S.nv.resetZoom(); else S.nv.zoomBy(factor);
+  const z = S.nv.zoom();
+  $("nv-zoom").textContent = z === 1 ? "" : `${z.toFixed(1)}x`;
+  $("nv-panel").dataset.zoom = z.toFixed(3);
+}
 // The brush outline on NiiVue's axial tile while labelling: the brush's size in image pixels at
 // the tile's scale, the class's colour, dashed for the eraser.
 function moveNvOutline(ev) {
@@ -609,7 +616,15 @@ function setupPainting() {
   // phase on its frame: NiiVue never sees the stroke)
   const nvBox = document.querySelector("#nv-panel .nv-box");
   attachBrush(nvBox, nvPoint, { capture: true, onMove: moveNvOutline });
-  nvBox.addEventListener("pointerleave", () => { $("nv-brush-outline").hidden = true; });
+  nvBox.addEventListener("pointerleave", () => { $("nv-brush-outline").hidden = true; S.nvHovered = false; });
+  nvBox.addEventListener("pointerenter", () => { S.nvHovered = true; });
+  // the HU under the pointer on any NiiVue tile, as on the canvas views
+  nvBox.addEventListener("pointermove", (ev) => {
+    const at = S.nv && S.vol ? S.nv.voxelAt(ev.clientX, ev.clientY) : null;
+    if (!at) return;
+    const [, ny, nx] = S.meta.shape;
+    showHU(S.vol[(at.k * ny + at.row) * nx + at.col], `slice ${at.k}, row ${at.row}, col ${at.col}`);
+  });
   // right-drag on NiiVue: the workbench's window/level (one model for every view)
   nvBox.addEventListener("pointerdown", (ev) => {
     if (!S.nv || ev.button !== 2) return;
@@ -628,8 +643,14 @@ function setupPainting() {
     nvBox.addEventListener("pointerup", up, true);
   }, true);
   nvBox.addEventListener("contextmenu", (ev) => ev.preventDefault());
-  // while labelling, NiiVue's wheel pages through the session's slices, as the canvas view does
+  // Ctrl+wheel zooms NiiVue's 2-D views (about its crosshair); while labelling, its wheel pages
+  // through the session's slices, as the canvas view does
   nvBox.addEventListener("wheel", (ev) => {
+    if (S.nv && (ev.ctrlKey || ev.metaKey) && ev.deltaY) {
+      ev.preventDefault(); ev.stopPropagation();
+      nvZoom(ev.deltaY < 0 ? 1.25 : 0.8);
+      return;
+    }
     if (!S.nv || !labelling() || ev.ctrlKey || !ev.deltaY) return;
     ev.preventDefault(); ev.stopPropagation();
     guard(showSlice)(S.pos + (ev.deltaY > 0 ? 1 : -1));
@@ -709,9 +730,10 @@ function onKey(ev) {
     else if (S.meta) setCursor(S.cursor + step);
     return;
   }
-  if (k === "+" || k === "=") { view.zoomBy(1.25); ev.preventDefault(); return; }
-  if (k === "-") { view.zoomBy(0.8); ev.preventDefault(); return; }
-  if (k === "0") { view.reset(); return; }
+  const zoom = S.nv && S.nvHovered ? (f) => nvZoom(f) : (f) => (f === null ? view.reset() : view.zoomBy(f));
+  if (k === "+" || k === "=") { zoom(1.25); ev.preventDefault(); return; }
+  if (k === "-") { zoom(0.8); ev.preventDefault(); return; }
+  if (k === "0") { zoom(null); return; }
   if (!labelling()) return;
   const pick = (sel) => { const el = document.querySelector(sel); el.checked = true; sizeOutline(); };
   if (k === "b" || k === "B") pick("input[name=tool][value=brush]");

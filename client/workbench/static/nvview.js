@@ -174,6 +174,32 @@ export async function createNiivueView(canvas, meta, hu, wl, onLocation) {
       const fi = frac[0] * nx, fj = frac[1] * ny; // voxel-centre coordinates, as +0.5 pixels
       return [flips.flipCol ? nx - fi : fi, flips.flipRow ? ny - fj : fj];
     },
+    /**
+     * The workbench's (k, row, col) of the voxel under a client point on any of NiiVue's 2-D
+     * tiles (its zoom and pan followed), or null off the images.
+     */
+    voxelAt(clientX, clientY) {
+      const rect = canvas.getBoundingClientRect(), scale = canvas.width / rect.width;
+      const frac = nv.canvasPos2frac([(clientX - rect.left) * scale, (clientY - rect.top) * scale]);
+      if (!frac.every((f) => f >= 0 && f <= 1)) return null;
+      const i = Math.min(nx - 1, Math.floor(frac[0] * nx)), j = Math.min(ny - 1, Math.floor(frac[1] * ny));
+      const kz = Math.min(nz - 1, Math.floor(frac[2] * nz));
+      return {
+        k: flips.flipZ ? nz - 1 - kz : kz,
+        row: flips.flipRow ? ny - 1 - j : j,
+        col: flips.flipCol ? nx - 1 - i : i,
+      };
+    },
+    /** NiiVue's 2-D zoom (1 = whole image). */
+    zoom() { return nv.scene.pan2Dxyzmm[3]; },
+    /** Zoom the 2-D views by `factor`, 1x to 8x, about the crosshair (NiiVue's own rule: the
+     * voxel under the crosshair stays where it is on the screen). */
+    zoomBy(factor) {
+      const pan = nv.scene.pan2Dxyzmm, zoom = Math.min(8, Math.max(1, pan[3] * factor));
+      const change = pan[3] - zoom, mm = nv.frac2mm(nv.scene.crosshairPos);
+      nv.setPan2Dxyzmm(zoom === 1 ? [0, 0, 0, 1] : [0, 1, 2].map((a) => pan[a] + change * mm[a]).concat(zoom));
+    },
+    resetZoom() { nv.setPan2Dxyzmm([0, 0, 0, 1]); },
     /** "multiplanar" (selecting) or "axial" (labelling: one large tile to paint on). */
     setLayout(layout) {
       nv.setSliceType(layout === "axial" ? SLICE_TYPE.AXIAL : SLICE_TYPE.MULTIPLANAR);
