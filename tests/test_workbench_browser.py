@@ -717,8 +717,27 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         page.keyboard.press("Control+z")
         page.wait_for_timeout(400)
         assert np.array_equal(_labels(url, sid, 0, (rows, cols)), before)
-        page.keyboard.press("0")  # the pointer is on NiiVue: its zoom resets
+        # Shift+drag pans: the voxel under the pointer at the start follows the pointer
+        col_far = readout_at(x0 + 30, y0 + 12)[3]
+        assert abs(col_far - col0) >= 3, (col_far, col0)  # before the pan, another voxel is there
+        page.mouse.move(x0, y0)
+        page.keyboard.down("Shift")
+        page.mouse.down()
+        page.mouse.move(x0 + 30, y0 + 12, steps=5)
+        page.mouse.up()
+        page.keyboard.up("Shift")
+        _, k_at, row_at, col_at = readout_at(x0 + 30, y0 + 12)
+        assert k_at == k_nv and abs(row_at - row0) <= 1 and abs(col_at - col0) <= 1, (
+            row_at,
+            col_at,
+            row0,
+            col0,
+        )
+        assert np.array_equal(_labels(url, sid, 0, (rows, cols)), before)  # a pan paints nothing
+        page.locator("#nv-canvas").screenshot(path=str(ARTIFACTS / "37-niivue-panned.png"))
+        page.keyboard.press("0")  # the pointer is on NiiVue: its zoom and pan reset
         page.wait_for_selector("#nv-panel[data-zoom='1.000']")
+        assert readout_at(x0, y0)[1:] == (k_nv, row0, col0)
     assert not errors, errors
 
 

@@ -625,6 +625,17 @@ function setupPainting() {
     const [, ny, nx] = S.meta.shape;
     showHU(S.vol[(at.k * ny + at.row) * nx + at.col], `slice ${at.k}, row ${at.row}, col ${at.col}`);
   });
+  // Shift+drag or middle-drag on NiiVue: pan its 2-D views (as on the canvas views)
+  nvBox.addEventListener("pointerdown", (ev) => {
+    if (!S.nv || !(ev.button === 1 || (ev.button === 0 && ev.shiftKey))) return;
+    ev.preventDefault(); ev.stopPropagation();
+    nvBox.setPointerCapture(ev.pointerId);
+    const pan = S.nv.panFrom(ev.clientX, ev.clientY);
+    const move = (e) => { e.stopPropagation(); pan(e.clientX, e.clientY); };
+    const up = () => { nvBox.removeEventListener("pointermove", move, true); nvBox.removeEventListener("pointerup", up, true); };
+    nvBox.addEventListener("pointermove", move, true);
+    nvBox.addEventListener("pointerup", up, true);
+  }, true);
   // right-drag on NiiVue: the workbench's window/level (one model for every view)
   nvBox.addEventListener("pointerdown", (ev) => {
     if (!S.nv || ev.button !== 2) return;

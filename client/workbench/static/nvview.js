@@ -200,6 +200,20 @@ export async function createNiivueView(canvas, meta, hu, wl, onLocation) {
       nv.setPan2Dxyzmm(zoom === 1 ? [0, 0, 0, 1] : [0, 1, 2].map((a) => pan[a] + change * mm[a]).concat(zoom));
     },
     resetZoom() { nv.setPan2Dxyzmm([0, 0, 0, 1]); },
+    /**
+     * Start panning at a client point: returns `(clientX, clientY) => void` that moves the 2-D
+     * views so that the point under the pointer at the start follows it (NiiVue's own pan rule).
+     */
+    panFrom(clientX, clientY) {
+      const rect = canvas.getBoundingClientRect(), scale = canvas.width / rect.width;
+      const at = nv.scene.pan2Dxyzmm.slice(), x0 = (clientX - rect.left) * scale, y0 = (clientY - rect.top) * scale;
+      return (x, y) => {
+        const end = nv.screenXY2mm((x - rect.left) * scale, (y - rect.top) * scale);
+        const start = nv.screenXY2mm(x0, y0, end[3]);
+        if (![...end.slice(0, 3), ...start.slice(0, 3)].every(Number.isFinite)) return;
+        nv.setPan2Dxyzmm([0, 1, 2].map((a) => at[a] + at[3] * (end[a] - start[a])).concat(at[3]));
+      };
+    },
     /** "multiplanar" (selecting) or "axial" (labelling: one large tile to paint on). */
     setLayout(layout) {
       nv.setSliceType(layout === "axial" ? SLICE_TYPE.AXIAL : SLICE_TYPE.MULTIPLANAR);
