@@ -639,6 +639,31 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
                 box["y"] + tile[1] + (row + 0.5) / rows * tile[3],
             )
 
+        # the overlay's controls reach NiiVue's drawing layer: a SAT pixel is drawn SAT-coloured,
+        # and grey once SAT is hidden (opacity 100% to see it plainly)
+        from scipy.ndimage import binary_erosion
+
+        inner = np.argwhere(binary_erosion(labels[0] == 2))  # SAT is thin at this size
+        sat_r, sat_c = (int(v) for v in inner[len(inner) // 2])
+
+        def colour_at(row: int, col: int) -> np.ndarray:
+            shot = np.asarray(Image.open(io.BytesIO(page.locator("#nv-canvas").screenshot())).convert("RGB"))
+            x, y = on_tile(row, col)
+            return shot[int(y - box["y"]), int(x - box["x"])].astype(int)
+
+        set_opacity = "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }"  # no scrolling
+        page.locator("#opacity").evaluate(set_opacity, "100")
+        page.wait_for_selector("#nv-panel[data-overlay='1.00:123']")
+        shown = colour_at(sat_r, sat_c)
+        assert shown[0] > shown[2] + 60 and shown[1] > shown[2] + 60, shown  # SAT yellow
+        page.locator(".visible[value='2']").evaluate("(el) => el.click()")
+        page.wait_for_selector("#nv-panel[data-overlay='1.00:13']")
+        hidden = colour_at(sat_r, sat_c)
+        assert abs(hidden[0] - hidden[2]) < 12 and abs(hidden[1] - hidden[2]) < 12, hidden  # the CT, grey
+        page.locator(".visible[value='2']").evaluate("(el) => el.click()")
+        page.locator("#opacity").evaluate(set_opacity, "50")
+        page.wait_for_selector("#nv-panel[data-overlay='0.50:123']")
+
         # the brush outline follows the pointer on NiiVue's tile, at the brush's size in pixels
         outline = page.locator("#nv-brush-outline")
         for size in (4, 1):

@@ -490,6 +490,14 @@ function drawOverlay() {
   }
   ctx.putImageData(data, 0, 0);
   ovCanvas().style.opacity = Number($("opacity").value) / 100;
+  nvOverlay(visible);
+}
+// NiiVue's drawing layer follows the overlay controls (opacity, visible classes).
+function nvOverlay(visible) {
+  if (!S.nv) return;
+  const opacity = Number($("opacity").value) / 100;
+  S.nv.setOverlay(opacity, visible);
+  $("nv-panel").dataset.overlay = `${opacity.toFixed(2)}:${[...visible].sort().join("")}`;
 }
 
 function canvasPoint(ev) {

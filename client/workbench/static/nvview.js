@@ -218,6 +218,15 @@ export async function createNiivueView(canvas, meta, hu, wl, onLocation) {
     setLayout(layout) {
       nv.setSliceType(layout === "axial" ? SLICE_TYPE.AXIAL : SLICE_TYPE.MULTIPLANAR);
     },
+    /** The labels' opacity (0..1) and which classes (a Set of 1-3) show, as the canvas overlay's
+     * controls say: the drawing colormap's alphas, re-uploaded (no volume redraw). */
+    setOverlay(opacity, visible) {
+      const lut = nv.drawLut.lut;
+      for (const c of [1, 2, 3]) lut[4 * c + 3] = visible.has(c) ? DRAW_COLORMAP.A[c] : 0;
+      nv.drawOpacity = opacity;
+      nv.refreshColormaps();
+      nv.drawScene();
+    },
     /** Empty the drawing layer (a new session). */
     clearLabels() { nv.drawBitmap.fill(0); nv.refreshDrawing(true); },
     /** Voxels per class 1-3 in the drawing layer. */
