@@ -230,7 +230,8 @@ def _point(page, selector: str, row: float, col: float, rows: int, cols: int) ->
 
 
 def _axial_slice(page) -> int:  # type: ignore[no-untyped-def]
-    return int(page.inner_text("#axial-index").split()[1])
+    # text_content: with NiiVue as the viewer the canvas views (and this heading) are hidden
+    return int((page.text_content("#axial-index") or "").split()[1])
 
 
 def test_viewer_controls_wheel_keys_window_zoom_hu(server: tuple[str, object, Path]) -> None:
@@ -475,13 +476,16 @@ def _assert_axial_tile_matches(page, shot: np.ndarray, image: np.ndarray) -> Non
     # (left-right mirroring is not tested: the phantom is left-right symmetric)
 
 
-def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object, Path]) -> None:
-    """`?viewer=niivue`: the vendored NiiVue draws the series on a WebGL2 canvas, its crosshair
-    follows the workbench's slice at the right voxel (the HU it reads is the volume's), and the
-    session's labels, HU-limited strokes included, are its drawing layer."""
+def test_niivue_as_the_viewer_from_selection_to_save(server: tuple[str, object, Path]) -> None:
+    """`?viewer=niivue` (what a browser with WebGL2 on a GPU gets): the vendored NiiVue is the
+    viewer, the canvas views are hidden, and the whole flow runs on NiiVue alone: it draws the
+    series the right way round, its crosshair follows the slice at the right voxel, the
+    vertebrae and the range's guides are on its coronal and sagittal images, window/level, zoom,
+    pan and the HU readout work on it, the session's labels are its drawing layer, HU-limited
+    strokes painted on it follow the brush rules and undo, and the labels save into the site."""
     from PIL import Image
 
-    url, demo, _ = server
+    url, demo, site = server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     hu = _volume(demo)
     _, rows, cols = hu.shape
@@ -496,6 +500,9 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         loaded = page.evaluate("() => performance.getEntriesByType('resource').map((e) => e.name)")
         assert f"{url}static/vendor/niivue/niivue.js" in loaded, loaded
         assert all(name.startswith(url) for name in loaded), loaded
+        # NiiVue is the viewer: the canvas views are hidden, NiiVue's panel is on top
+        assert page.locator("#axial-canvas").is_hidden() and page.locator("#coronal-canvas").is_hidden()
+        assert page.evaluate("() => document.querySelector('main').firstElementChild.id") == "nv-panel"
 
         # the canvas is drawn: a CT, not a blank or uniform frame
         shot = np.asarray(Image.open(io.BytesIO(page.locator("#nv-canvas").screenshot())).convert("RGB"))
@@ -505,12 +512,11 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         # ... shown the right way round: NiiVue's axial tile matches the slice (radiological: row 0
         # anterior at the top, col 0 the patient's right at the left) better than any mirror of it
 
-        # NiiVue's crosshair follows the workbench's wheel: same slice, and the HU it reads there
-        # is the volume's (a flipped axis would read another voxel)
+        # NiiVue's crosshair follows the workbench's slice (Down arrow x3): same slice, and the
+        # HU it reads there is the volume's (a flipped axis would read another voxel)
         first = _axial_slice(page)
-        page.mouse.move(*_point(page, "#axial-canvas", rows / 2, cols / 2, rows, cols))
         for _ in range(3):
-            page.mouse.wheel(0, 100)
+            page.keyboard.press("ArrowDown")
         page.wait_for_function(
             f"() => document.getElementById('nv-hu').textContent.includes('slice {first + 3},')"
         )
@@ -537,18 +543,19 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         page.locator("#nv-panel").screenshot(path=str(ARTIFACTS / "34-niivue-vertebrae.png"))
         k = clicked
 
-        # the range's guides are dragged on NiiVue's sagittal image too: the start guide dropped on
-        # its "L1" lands the selection's start in L1, where the canvas coronal view shows L1
+        # the range's guides are dragged on NiiVue's sagittal image: the start guide dropped on
+        # its "L1" puts the selection's start in L1 (the slices the series' meta gives L1)
+        key = page.get_attribute("#select-view", "data-loaded")
+        meta = httpx.get(f"{url}api/series/{key}/meta").json()
+        (l1_range,) = [(v["start"], v["end"]) for v in meta["suggestion"]["vertebrae"] if v["name"] == "L1"]
         guide = page.locator("#nv-overlay .guide.start[data-plane='2']").bounding_box()
         l1 = page.locator("#nv-overlay .vertebra[data-plane='2']", has_text="L1").bounding_box()
         page.mouse.move(guide["x"] + guide["width"] / 2, guide["y"] + guide["height"] / 2)
         page.mouse.down()
         page.mouse.move(guide["x"] + guide["width"] / 2, l1["y"] + l1["height"] / 2, steps=6)
         page.mouse.up()
-        on_canvas = page.locator("#coronal-wrap .guide.start").bounding_box()
-        l1_canvas = page.locator("#coronal-wrap .vertebra", has_text="L1").bounding_box()
-        y = on_canvas["y"] + on_canvas["height"] / 2
-        assert l1_canvas["y"] <= y <= l1_canvas["y"] + l1_canvas["height"], (y, l1_canvas)
+        selected = [int(x) for x in page.inner_text("#selection").split()[1].split("-")]
+        assert min(l1_range) <= min(selected) <= max(l1_range), (selected, l1_range)
         moved_guide = page.locator("#nv-overlay .guide.start[data-plane='2']").bounding_box()
         y = moved_guide["y"] + moved_guide["height"] / 2
         assert l1["y"] <= y <= l1["y"] + l1["height"], (y, l1)
@@ -600,7 +607,11 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         assert counts()[0] > 0
         page.locator("#nv-canvas").screenshot(path=str(ARTIFACTS / "31-niivue-mask.png"))
 
-        # an HU-limited muscle stroke across the spine reaches the layer; bone stays unlabelled
+        # an HU-limited muscle stroke across the spine, painted on NiiVue's axial tile (labelling:
+        # the session's slice alone, in a taller frame)
+        assert "labelling" in (page.get_attribute("#nv-panel .nv-box", "class") or "")
+        assert page.locator("#ct-canvas").is_hidden()
+        page.screenshot(path=str(ARTIFACTS / "31-niivue-labelling-page.png"), full_page=True)
         k0 = int(page.inner_text("#slice-name").split()[-1])
         image = hu[k0]
         r = int(np.argmax((image > 150).sum(axis=1)))
@@ -608,26 +619,9 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         c0, c1 = int(line.min()) - 8, int(line.max()) + 8
         page.check("input[name=cls][value='1']")
         page.fill("#brush-size", "1")
-        page.mouse.move(*_point(page, "#ov-canvas", r, c0, rows, cols))
-        page.mouse.down()
-        page.mouse.move(*_point(page, "#ov-canvas", r, c1, rows, cols), steps=12)
-        page.mouse.up()
-        page.wait_for_function("() => document.getElementById('dirty').textContent !== ''")
-        page.wait_for_timeout(300)
-        painted = _labels(url, sid, 0, (rows, cols))
-        assert np.all(painted[r, c0 : c1 + 1][image[r, c0 : c1 + 1] > 150] == 0)
-        after = [sum(int((lab == c).sum()) for lab in [painted, *labels[1:]]) for c in (1, 2, 3)]
-        assert after != [sum(int((lab == c).sum()) for lab in labels) for c in (1, 2, 3)]
-        assert counts() == after
-        page.keyboard.press("Control+z")
-        page.wait_for_function(
-            f"() => document.getElementById('nv-panel').dataset.drawCounts !== '{','.join(map(str, after))}'"
-        )
-        assert counts() == [sum(int((lab == c).sum()) for lab in labels) for c in (1, 2, 3)]
-        page.locator("#nv-canvas").screenshot(path=str(ARTIFACTS / "32-niivue-stroke-undone.png"))
 
-        # the same stroke painted on NiiVue's axial tile: the same rules (bone stays unlabelled,
-        # other classes kept, only the stroke's rows change), one undo step, the layer follows
+        # the stroke follows the brush rules (bone stays unlabelled, other classes kept, only the
+        # stroke's rows change), is one undo step, and the drawing layer follows
         page.locator("#nv-canvas").scroll_into_view_if_needed()
         page.wait_for_selector("#nv-panel[data-axial-tile]")
         tile = [float(x) for x in page.get_attribute("#nv-panel", "data-axial-tile").split(",")]
@@ -763,7 +757,20 @@ def test_niivue_renders_the_series_and_the_mask_layer(server: tuple[str, object,
         page.keyboard.press("0")  # the pointer is on NiiVue: its zoom and pan reset
         page.wait_for_selector("#nv-panel[data-zoom='1.000']")
         assert readout_at(x0, y0)[1:] == (k_nv, row0, col0)
+
+        # save: the session's labels, as NiiVue showed them, come back through the site loader
+        session_labels = [_labels(url, sid, i, (rows, cols)) for i in range(n)]
+        page.fill("#height", "1.70")
+        page.click("#save")
+        page.wait_for_function("() => document.getElementById('save-status').textContent.startsWith('Saved')")
+        page.screenshot(path=str(ARTIFACTS / "38-niivue-saved.png"))
     assert not errors, errors
+    from common.dataset import load_site, load_slice
+
+    dataset = load_site(site)
+    assert len(dataset.rows) == n
+    for i in range(n):
+        assert np.array_equal(load_slice(dataset, i).label, session_labels[i]), i
 
 
 def test_niivue_is_shown_where_webgl2_runs_on_a_gpu_and_not_on_a_software_gl(

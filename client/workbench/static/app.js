@@ -258,7 +258,7 @@ async function loadSeries(key) {
     `${S.meta.spacing_mm.map((v) => v.toFixed(2)).join(" x ")} mm ${S.meta.note ? "- " + S.meta.note : ""}`);
 }
 
-// ------------------------------------------------------------------ NiiVue (prototype, ?viewer=niivue)
+// ------------------------------------------------------------------ NiiVue (the viewer where WebGL2 runs on a GPU)
 async function startNiivue() {
   const { createNiivueView, NIIVUE_VERSION } = await import("./nvview.js");
   const panel = $("nv-panel");
@@ -444,7 +444,7 @@ async function segmentSelected() {
   }
   S.session = session; S.labels = labels; S.hu = hu;
   S.undo = []; S.redo = []; S.pos = 0; setDirty(false);
-  if (S.nv) { S.nv.setLayout("axial"); S.nv.clearLabels(); syncLabels(); $("nv-overlay").replaceChildren(); }
+  if (S.nv) { nvLayout("axial"); S.nv.clearLabels(); syncLabels(); $("nv-overlay").replaceChildren(); }
   const m = $("method");
   m.textContent = S.session.method === "fallback" ? S.session.method_label : `Pre-segmented by ${S.session.method_label}`;
   m.className = `method ${S.session.method}`;
@@ -535,6 +535,12 @@ function sizeOutline() {
   o.style.width = `${((2 * r) / s.cols) * 100}%`;
   o.style.height = `${((2 * r) / s.rows) * 100}%`;
   o.className = `brush-outline c${currentClass()}${currentTool() === "eraser" ? " eraser" : ""}`;
+}
+// NiiVue's layout: the three planes while selecting, the session's axial slice alone (in a
+// taller frame: NiiVue follows its size) while labelling.
+function nvLayout(layout) {
+  document.querySelector("#nv-panel .nv-box").classList.toggle("labelling", layout === "axial");
+  S.nv.setLayout(layout);
 }
 // NiiVue's 2-D zoom (Ctrl+wheel or +/- with the pointer on it; 0 resets), shown in #nv-zoom.
 function nvZoom(factor) {
@@ -775,6 +781,8 @@ window.addEventListener("beforeunload", (ev) => {
   ev.returnValue = "";
 });
 window.addEventListener("DOMContentLoaded", () => {
+  // NiiVue is the viewer: its panel on top of both views, the canvas views hidden (style.css)
+  if (NIIVUE) document.querySelector("main").prepend($("nv-panel"));
   setupSelectionViews();
   setupPainting();
   $("mode-range").addEventListener("click", () => setMode("range"));
@@ -783,7 +791,7 @@ window.addEventListener("DOMContentLoaded", () => {
   $("segment").addEventListener("click", guard(segmentSelected));
   $("back").addEventListener("click", () => {
     $("label-view").hidden = true; $("select-view").hidden = false;
-    if (S.nv) { S.nv.setLayout("multiplanar"); nvCursor(S.cursor); }
+    if (S.nv) { nvLayout("multiplanar"); nvCursor(S.cursor); }
     redrawAll();
   });
   for (const b of document.querySelectorAll(".preset")) {

@@ -216,6 +216,7 @@ export async function createNiivueView(canvas, meta, hu, wl, onLocation) {
     },
     /** "multiplanar" (selecting) or "axial" (labelling: one large tile to paint on). */
     setLayout(layout) {
+      nv.resizeListener(); // the frame's size may have changed with the layout: follow it now
       nv.setSliceType(layout === "axial" ? SLICE_TYPE.AXIAL : SLICE_TYPE.MULTIPLANAR);
     },
     /** The labels' opacity (0..1) and which classes (a Set of 1-3) show, as the canvas overlay's
