@@ -181,6 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", default="abcd", help="which arms to run, by letter (default all four)")
+    parser.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        choices=OTHER_KEYS,
+        help="leave this hospital out of every arm (an ablation: which convention costs what)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -191,7 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return list(demo_slices(_profile(key), slices=args.slices, size=args.size, seed=100 + i))
 
     reference = [Site(k, _samples(hospital(k, i))) for i, k in enumerate(REFERENCE_KEYS)]
-    others_raw = [(k, _samples(hospital(k, 10 + i))) for i, k in enumerate(OTHER_KEYS)]
+    others_raw = [
+        (k, _samples(hospital(k, 10 + i))) for i, k in enumerate(OTHER_KEYS) if k not in args.without
+    ]
     plain = [Site(k, s) for k, s in others_raw]
     aware, weighted, plans = [], [], {}
     for site in [*reference, *plain]:
