@@ -14,8 +14,8 @@ const $ = (id) => document.getElementById(id);
 const COLOURS = { 1: [230, 60, 60], 2: [245, 200, 40], 3: [40, 190, 170] };
 const CLASS_NAMES = { 1: "Muscle", 2: "SAT", 3: "VAT" };
 const PAGE = 5;
-// NiiVue (nvview.js, loaded only then) under the canvas views where the browser has WebGL2 on a
-// GPU, or when asked for with `?viewer=niivue` (viewer_choice.js; `?viewer=canvas`: never).
+// The viewer: NiiVue (nvview.js, loaded only then) where the browser has WebGL2 on a GPU or with
+// `?viewer=niivue`, else the canvas views (viewer_choice.js; `?viewer=canvas`: always them).
 const VIEWER = chooseViewer(new URLSearchParams(window.location.search).get("viewer"), webgl2Renderer());
 const NIIVUE = VIEWER.viewer === "niivue";
 document.body.dataset.viewer = VIEWER.viewer;
@@ -49,6 +49,7 @@ const labelling = () => !$("label-view").hidden && S.session !== null;
 // A window change redraws NiiVue's whole volume (seconds on a software GL): while the window
 // changes (a drag, keys), NiiVue waits, and takes the latest window once it has settled.
 const NV_WINDOW_SETTLE_MS = 250;
+const nvWindowLabel = () => `${Math.round(S.wl.width)},${Math.round(S.wl.level)}`; // #nv-panel[data-window]
 let nvWindowTimer = null;
 function nvWindowLater() {
   clearTimeout(nvWindowTimer);
@@ -56,7 +57,7 @@ function nvWindowLater() {
     if (!S.nv) return;
     const panel = $("nv-panel");
     if (S.nv.setWindow(S.wl)) panel.dataset.windowRefreshes = String(Number(panel.dataset.windowRefreshes || 0) + 1);
-    panel.dataset.window = `${Math.round(S.wl.width)},${Math.round(S.wl.level)}`;
+    panel.dataset.window = nvWindowLabel();
   }, NV_WINDOW_SETTLE_MS);
 }
 function showWindow() {
@@ -278,7 +279,7 @@ async function startNiivue() {
   panel.dataset.niivue = NIIVUE_VERSION;
   panel.dataset.gl = S.nv.gl2 ? "webgl2" : "none";
   S.nv.setWindow(S.wl); // the window NiiVue loaded with (in the header): no refresh
-  panel.dataset.window = `${Math.round(S.wl.width)},${Math.round(S.wl.level)}`;
+  panel.dataset.window = nvWindowLabel();
   panel.dataset.windowRefreshes = "0";
   nvCursor(S.cursor);
   syncLabels();
@@ -639,33 +640,31 @@ function setupPainting() {
     const [, ny, nx] = S.meta.shape;
     showHU(S.vol[(at.k * ny + at.row) * nx + at.col], `slice ${at.k}, row ${at.row}, col ${at.col}`);
   });
-  // Shift+drag or middle-drag on NiiVue: pan its 2-D views (as on the canvas views)
-  nvBox.addEventListener("pointerdown", (ev) => {
-    if (!S.nv || !(ev.button === 1 || (ev.button === 0 && ev.shiftKey))) return;
+  // A drag on NiiVue that NiiVue never sees (capture phase): `onMove(e)` until the button is up.
+  const nvDrag = (ev, onMove) => {
     ev.preventDefault(); ev.stopPropagation();
     nvBox.setPointerCapture(ev.pointerId);
-    const pan = S.nv.panFrom(ev.clientX, ev.clientY);
-    const move = (e) => { e.stopPropagation(); pan(e.clientX, e.clientY); };
+    const move = (e) => { e.stopPropagation(); onMove(e); };
     const up = () => { nvBox.removeEventListener("pointermove", move, true); nvBox.removeEventListener("pointerup", up, true); };
     nvBox.addEventListener("pointermove", move, true);
     nvBox.addEventListener("pointerup", up, true);
-  }, true);
-  // right-drag on NiiVue: the workbench's window/level (one model for every view)
+  };
   nvBox.addEventListener("pointerdown", (ev) => {
-    if (!S.nv || ev.button !== 2) return;
-    ev.preventDefault(); ev.stopPropagation();
-    nvBox.setPointerCapture(ev.pointerId);
-    let lx = ev.clientX, ly = ev.clientY;
-    const move = (e) => {
-      e.stopPropagation();
-      const dx = e.clientX - lx, dy = e.clientY - ly; lx = e.clientX; ly = e.clientY;
-      S.wl.width = Math.max(1, S.wl.width + dx * 4);
-      S.wl.level += dy * 2;
-      redrawAll();
-    };
-    const up = () => { nvBox.removeEventListener("pointermove", move, true); nvBox.removeEventListener("pointerup", up, true); };
-    nvBox.addEventListener("pointermove", move, true);
-    nvBox.addEventListener("pointerup", up, true);
+    if (!S.nv) return;
+    if (ev.button === 1 || (ev.button === 0 && ev.shiftKey)) {
+      // Shift+drag or middle-drag: pan its 2-D views (as on the canvas views)
+      const pan = S.nv.panFrom(ev.clientX, ev.clientY);
+      nvDrag(ev, (e) => pan(e.clientX, e.clientY));
+    } else if (ev.button === 2) {
+      // right-drag: the workbench's window/level (one model for every view)
+      let lx = ev.clientX, ly = ev.clientY;
+      nvDrag(ev, (e) => {
+        const dx = e.clientX - lx, dy = e.clientY - ly; lx = e.clientX; ly = e.clientY;
+        S.wl.width = Math.max(1, S.wl.width + dx * 4);
+        S.wl.level += dy * 2;
+        redrawAll();
+      });
+    }
   }, true);
   nvBox.addEventListener("contextmenu", (ev) => ev.preventDefault());
   // Ctrl+wheel zooms NiiVue's 2-D views (about its crosshair); while labelling, its wheel pages

@@ -1,6 +1,6 @@
 // NiiVue (WebGL2) multiplanar view of the loaded series with the session's mask as its drawing
-// layer, linked to the canvas views (viewport.js), which stay on the page and carry every control.
-// Shown where WebGL2 runs on a GPU, or with `?viewer=niivue` (viewer_choice.js, docs/WORKBENCH.md).
+// layer: the workbench's viewer where WebGL2 runs on a GPU, or with `?viewer=niivue`
+// (viewer_choice.js, docs/WORKBENCH.md); elsewhere the canvas views (viewport.js) are.
 //
 // The volume goes to NiiVue as a NIfTI-1 built here from the int16 HU the server already sends,
 // stored in RAS voxel order with a diagonal affine so that NiiVue never reorients it: voxel
@@ -69,6 +69,12 @@ export function toRas(shape, flips, k, row, col) {
   return [flips.flipCol ? nx - 1 - col : col, flips.flipRow ? ny - 1 - row : row, flips.flipZ ? nz - 1 - k : k];
 }
 
+/** The workbench's {k, row, col} of the RAS voxel (i, j, kz): the same flips, undone. */
+export function fromRas(shape, flips, i, j, kz) {
+  const [col, row, k] = toRas(shape, flips, kz, j, i); // each flip is its own inverse
+  return { k, row, col };
+}
+
 /**
  * Start NiiVue on `canvas`. Returns null for a series that is not axis-aligned.
  * `onLocation({k, row, col, hu, programmatic})` is called when NiiVue's crosshair moves: a click in
@@ -93,6 +99,11 @@ export async function createNiivueView(canvas, meta, hu, wl, onLocation) {
   nv.createEmptyDrawing();
   nv.setDrawOpacity(0.5);
   const [nz, ny, nx] = meta.shape;
+  /** A client point (CSS pixels) in NiiVue's canvas pixels. */
+  const toCanvas = (clientX, clientY) => {
+    const rect = canvas.getBoundingClientRect(), scale = canvas.width / rect.width;
+    return [(clientX - rect.left) * scale, (clientY - rect.top) * scale];
+  };
   const view = {
     nv, flips, programmatic: false,
     gl2: nv.gl instanceof WebGL2RenderingContext,
@@ -168,8 +179,7 @@ export async function createNiivueView(canvas, meta, hu, wl, onLocation) {
      * tile layout, 2-D zoom and pan are followed.
      */
     pointerToPixel(clientX, clientY) {
-      const rect = canvas.getBoundingClientRect(), scale = canvas.width / rect.width;
-      const frac = nv.canvasPos2frac([(clientX - rect.left) * scale, (clientY - rect.top) * scale]);
+      const frac = nv.canvasPos2frac(toCanvas(clientX, clientY));
       if (!(frac[0] >= 0 && frac[1] >= 0 && frac[0] <= 1 && frac[1] <= 1)) return null;
       const fi = frac[0] * nx, fj = frac[1] * ny; // voxel-centre coordinates, as +0.5 pixels
       return [flips.flipCol ? nx - fi : fi, flips.flipRow ? ny - fj : fj];
@@ -179,16 +189,10 @@ export async function createNiivueView(canvas, meta, hu, wl, onLocation) {
      * tiles (its zoom and pan followed), or null off the images.
      */
     voxelAt(clientX, clientY) {
-      const rect = canvas.getBoundingClientRect(), scale = canvas.width / rect.width;
-      const frac = nv.canvasPos2frac([(clientX - rect.left) * scale, (clientY - rect.top) * scale]);
+      const frac = nv.canvasPos2frac(toCanvas(clientX, clientY));
       if (!frac.every((f) => f >= 0 && f <= 1)) return null;
-      const i = Math.min(nx - 1, Math.floor(frac[0] * nx)), j = Math.min(ny - 1, Math.floor(frac[1] * ny));
-      const kz = Math.min(nz - 1, Math.floor(frac[2] * nz));
-      return {
-        k: flips.flipZ ? nz - 1 - kz : kz,
-        row: flips.flipRow ? ny - 1 - j : j,
-        col: flips.flipCol ? nx - 1 - i : i,
-      };
+      const voxel = (f, n) => Math.min(n - 1, Math.floor(f * n));
+      return fromRas(meta.shape, flips, voxel(frac[0], nx), voxel(frac[1], ny), voxel(frac[2], nz));
     },
     /** NiiVue's 2-D zoom (1 = whole image). */
     zoom() { return nv.scene.pan2Dxyzmm[3]; },
@@ -205,10 +209,9 @@ export async function createNiivueView(canvas, meta, hu, wl, onLocation) {
      * views so that the point under the pointer at the start follows it (NiiVue's own pan rule).
      */
     panFrom(clientX, clientY) {
-      const rect = canvas.getBoundingClientRect(), scale = canvas.width / rect.width;
-      const at = nv.scene.pan2Dxyzmm.slice(), x0 = (clientX - rect.left) * scale, y0 = (clientY - rect.top) * scale;
+      const at = nv.scene.pan2Dxyzmm.slice(), [x0, y0] = toCanvas(clientX, clientY);
       return (x, y) => {
-        const end = nv.screenXY2mm((x - rect.left) * scale, (y - rect.top) * scale);
+        const end = nv.screenXY2mm(...toCanvas(x, y));
         const start = nv.screenXY2mm(x0, y0, end[3]);
         if (![...end.slice(0, 3), ...start.slice(0, 3)].every(Number.isFinite)) return;
         nv.setPan2Dxyzmm([0, 1, 2].map((a) => at[a] + at[3] * (end[a] - start[a])).concat(at[3]));
@@ -238,9 +241,7 @@ export async function createNiivueView(canvas, meta, hu, wl, onLocation) {
     },
   };
   nv.onLocationChange = (msg) => {
-    const [i, j, kz] = msg.vox;
-    const col = flips.flipCol ? nx - 1 - i : i, row = flips.flipRow ? ny - 1 - j : j;
-    const k = flips.flipZ ? nz - 1 - kz : kz;
+    const { k, row, col } = fromRas(meta.shape, flips, ...msg.vox);
     if (k < 0 || row < 0 || col < 0 || k >= nz || row >= ny || col >= nx) return;
     onLocation({ k, row, col, hu: msg.values.length ? msg.values[0].value : null, programmatic: view.programmatic });
   };
