@@ -17,6 +17,8 @@ import secrets
 from pathlib import Path
 from typing import Final
 
+from common.errors import SiteFolderError
+
 SECRET_FILE: Final = ".group-secret"
 
 
@@ -24,7 +26,15 @@ def read_secret(site_dir: Path) -> bytes | None:
     """The site's secret, or None when it has none (or an unusable one) yet."""
     path = site_dir / SECRET_FILE
     if path.is_file():
-        text = path.read_text(encoding="ascii").strip()
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise SiteFolderError(
+                path,
+                f"cannot be read as this site's group secret ({err}); every patient group in "
+                "manifest.csv depends on it: restore it from a backup, or, for a site whose manifest "
+                "you will rebuild with `sarcofed site init --force`, delete it",
+            ) from err
         if len(text) >= 32:
             return text.encode("ascii")
     return None
