@@ -13,15 +13,23 @@ Builds a temporary site of ``--slices`` 512 x 512 slices, then times per slice:
 
 Each is timed twice: ``today`` (fp32, contiguous memory: the path before issue 16, and the
 reference ``common.device.REFERENCE``) and ``after`` (the ``auto`` inference path of
-``common.device.resolve_compute`` on this machine, e.g. ``cpu fp32 channels_last``), and the
-run prints site evaluation throughput (end-to-end slices/s) today vs after. A short training
+``common.device.resolve_compute`` on this machine for ``--slices`` slices, e.g. ``cpu fp32
+onnxruntime`` from 32 slices where ONNX Runtime is installed, else ``cpu fp32 channels_last``),
+and the run prints site evaluation throughput (end-to-end slices/s) today vs after; ``after``'s
+end to end includes its ONNX export. ``--also`` times more paths (``torch-cl``: channels_last
+PyTorch, ``bf16``: bf16 autocast) for the table.
+
+The arithmetic bound: the network's GFLOP per slice (``torch.utils.flop_counter``), a 4096 x
+4096 fp32 matmul's GFLOP/s on the same threads (what this CPU sustains), and the GFLOP/s each
+path's forward reaches; from them, the fastest an fp32 forward could be here. A short training
 comparison follows: ``--train-steps`` steps of batch ``--batch-size`` at ``--train-size`` px,
 fp32 contiguous vs the ``auto`` training path (e.g. ``cpu bf16 channels_last``), ms per step.
 
 Goals: read + pre + post + metrics < 10% of forward; end-to-end / forward <= 1.10; after >= 2x
 today's slices/s (issue 16). Timings on a shared machine are noisy: compare ratios from the same run.
 
-    python bench/bench_evaluation.py --slices 8 --threads 2
+    python bench/bench_evaluation.py --slices 32 --threads 2 --also torch-cl
+    python bench/bench_evaluation.py --slices 8 --threads 2          # below 32 slices: PyTorch
     python bench/bench_evaluation.py --slices 2 --size 64 --encoder resnet18 --train-steps 1  # smoke
 """
 
@@ -39,13 +47,18 @@ import torch
 from common.dataset import LoadedSlice, iter_slices, load_site
 from common.device import REFERENCE, Compute, inference, resolve_compute
 from common.evaluation import evaluate_site, score_slice
-from common.inference import predict_masks
+from common.inference import Segmenter, predict_masks
 from common.loss import SeedLoss
 from common.model import LoadedModel, ModelSpec, build_model, load_model, save_model
 from common.preprocess import logits_to_native, to_model_input
 from protocols.protocol import HuRanges
 
 PATHS = ("today", "after")
+#: more paths ``--also`` can time: name -> the Compute
+EXTRA: dict[str, Compute] = {
+    "torch-cl": Compute("cpu", "fp32", True),
+    "bf16": Compute("cpu", "bf16", True),
+}
 
 
 def _make_site(root: Path, n: int, size: int) -> Path:
@@ -73,11 +86,13 @@ def main() -> None:
     parser.add_argument("--encoder", default="resnet34")
     parser.add_argument("--train-steps", type=int, default=3, help="training steps per path; 0: none")
     parser.add_argument("--train-size", type=int, default=None, help="training input size (default --size)")
+    parser.add_argument("--also", nargs="*", default=[], choices=sorted(EXTRA), help="more paths to time")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     n = args.slices
-    computes = {"today": REFERENCE, "after": resolve_compute(purpose="inference")}
+    computes = {"today": REFERENCE, "after": resolve_compute(purpose="inference").for_slices(n)}
+    computes |= {name: EXTRA[name] for name in args.also}
 
     with tempfile.TemporaryDirectory(prefix="sarcofed-bench-") as tmp:
         tmp_path = Path(tmp)
@@ -98,13 +113,14 @@ def main() -> None:
             raise SystemExit(f"expected {n} usable slices, got {len(slices)}")
 
         totals: dict[str, dict[str, float]] = {}
-        for name in PATHS:
+        for name in computes:
             totals[name] = {"read": t_read} | _inference_times(
                 loaded, slices, site_root, model_path, computes[name], args.batch_size
             )
         del slices
 
     _report(args, t_load, totals, computes)
+    _roofline(args, totals, computes)
     if args.train_steps > 0:
         _train_report(args)
 
@@ -120,8 +136,9 @@ def _inference_times(
     """Seconds of preprocess, forward, postprocess, predict_masks, metrics and end to end on ``compute``."""
     images = [s.ct.hu for s in slices]
     spec, net = loaded.spec, loaded.model
-    compute.prepare(net)
-    predict_masks(net, spec, images, batch_size=batch_size, compute=compute)  # warm-up at the real shapes
+    segment, t_build = _timed(Segmenter.build, net, spec, compute, slices=len(images))
+    segment(images[:batch_size], batch_size=batch_size)  # warm-up at the real shapes
+    forward = segment.forward  # type: ignore[attr-defined]
     t_pre = t_forward = t_post = 0.0
     with inference(compute):
         for i in range(0, len(images), batch_size):
@@ -132,7 +149,7 @@ def _inference_times(
             )
             t_pre += time.perf_counter() - start
             start = time.perf_counter()
-            logits = net(batch).float()
+            logits = forward(batch).float()
             t_forward += time.perf_counter() - start
             start = time.perf_counter()
             for lg, hu in zip(logits, chunk, strict=True):
@@ -156,7 +173,7 @@ def _inference_times(
         lambda: evaluate_site(load_site(site_root), model_path, batch_size=batch_size, compute=compute)
     )
     return {"preprocess": t_pre, "forward": t_forward, "postprocess": t_post,
-            "predict": t_predict, "metrics": t_metrics, "e2e": t_e2e}  # fmt: skip
+            "predict": t_predict, "metrics": t_metrics, "e2e": t_e2e, "build": t_build}  # fmt: skip
 
 
 def _report(
@@ -170,10 +187,11 @@ def _report(
     print(f"{args.threads} threads, batch {args.batch_size}")
     print(f"model load          {t_load * 1000:8.1f} ms (once)")
     per_path = {}
-    for name in PATHS:
-        per = {key: seconds / n * 1000 for key, seconds in totals[name].items()}
+    for name in computes:
+        per = {key: seconds / n * 1000 for key, seconds in totals[name].items() if key != "build"}
         per_path[name] = per
         print(f"-- {name}: {computes[name].label()}")
+        print(f"{'build (once)':<19} {totals[name]['build'] * 1000:8.1f} ms (the ONNX export, if any)")
         for key, ms in per.items():
             print(f"{key:<19} {ms:8.1f} ms/slice  {1000 / ms:8.2f} slices/s")
         overhead = per["read"] + per["preprocess"] + per["postprocess"] + per["metrics"]
@@ -181,13 +199,50 @@ def _report(
         print(f"read + pre + post + metrics = {overhead:.1f} ms/slice = {share:.1%} of forward (goal < 10%)")
         print(f"end-to-end / forward = {per['e2e'] / per['forward']:.3f} (goal <= 1.10)")
         print(f"end-to-end / predict_masks = {per['e2e'] / per['predict']:.3f}")
-    today, after = (1000 / per_path[name]["e2e"] for name in PATHS)
+    today = 1000 / per_path["today"]["e2e"]
+    for name in computes:
+        if name == "today":
+            continue
+        other = 1000 / per_path[name]["e2e"]
+        goal = " (goal >= 2x)" if name == "after" else ""
+        print(
+            f"site evaluation: today {today:.2f} slices/s, {name} {other:.2f} slices/s "
+            f"= {other / today:.2f}x{goal}; forward alone: {name} / today time = "
+            f"{per_path[name]['forward'] / per_path['today']['forward']:.3f}"
+        )
+
+
+def _roofline(
+    args: argparse.Namespace, totals: dict[str, dict[str, float]], computes: dict[str, Compute]
+) -> None:
+    """GFLOP per slice, the fp32 GFLOP/s a big matmul sustains here, and what each forward reaches."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = ModelSpec(encoder=args.encoder, image_size=args.size)
+    net = build_model(spec).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        net(torch.zeros(1, spec.in_channels, args.size, args.size))
+    gflop = counter.get_total_flops() / 1e9
+    side = 4096
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    a @ b  # warm-up
+    _, seconds = _timed(lambda: [a @ b for _ in range(5)])
+    peak = 2 * side**3 * 5 / seconds / 1e9
+    print(f"arithmetic: {gflop:.1f} GFLOP per slice (convolutions); fp32 {side}^2 matmul {peak:.0f} GFLOP/s")
+    for name in computes:
+        forward_s = totals[name]["forward"] / args.slices
+        print(f"  {name} ({computes[name].label()}): forward {gflop / forward_s:.0f} GFLOP/s")
+    best = max([peak] + [gflop / (totals[name]["forward"] / args.slices) for name in computes])
+    rest = (totals["today"]["e2e"] - totals["today"]["forward"]) / args.slices * 1000
+    today_ms = totals["today"]["e2e"] / args.slices * 1000
+    bound_ms = gflop / best * 1000
+    need_ms = today_ms / 2 - rest
     print(
-        f"site evaluation: today {today:.2f} slices/s, after {after:.2f} slices/s "
-        f"= {after / today:.2f}x (goal >= 2x)"
+        f"at the best fp32 rate seen here ({best:.0f} GFLOP/s) a forward takes {bound_ms:.0f} ms per slice; "
+        f"with today's {rest:.0f} ms of the rest, end to end {today_ms / (bound_ms + rest):.2f}x today's. "
+        f"2x needs a {need_ms:.0f} ms forward: {gflop / need_ms * 1000:.0f} GFLOP/s"
     )
-    forward_today, forward_after = (per_path[name]["forward"] for name in PATHS)
-    print(f"forward alone: after / today time = {forward_after / forward_today:.3f}")
 
 
 def _train_report(args: argparse.Namespace) -> None:

@@ -451,7 +451,7 @@ def evaluate_site(
     runs, which the payload's ``compute`` says (``None``: the model as it is, in fp32; the
     payload does not say).
     """
-    from common.inference import predict_masks  # torch: imported only when a model is run
+    from common.inference import Segmenter  # torch: imported only when a model is run
     from common.model import load_model
 
     get_cutoff_set(cutoff_set)
@@ -460,15 +460,13 @@ def evaluate_site(
     protocol = protocol or LabelProtocol()
     hu_ranges = protocol.hu_ranges
     loaded = load_model(model) if isinstance(model, Path | str) else model
-    if compute is not None:
-        compute.prepare(loaded.model)
+    total = site.n_listed if scope.rows is None else len(scope.rows)
+    segment = Segmenter.build(loaded.model, loaded.spec, compute, slices=total)
     run = _SiteRun(hu_ranges if harmonised else None, on_slice, apply=hu_ranges)
 
     def predict(batch: list[LoadedSlice]) -> None:
         try:
-            masks = predict_masks(
-                loaded.model, loaded.spec, [s.ct.hu for s in batch], batch_size=batch_size, compute=compute
-            )
+            masks = segment([s.ct.hu for s in batch], batch_size=batch_size)
         except Exception as exc:
             if len(batch) == 1:
                 log.warning("manifest row %s: prediction failed (%s)", batch[0].index, exc)
@@ -482,7 +480,6 @@ def evaluate_site(
             run.score(item, mask)
 
     batch: list[LoadedSlice] = []
-    total = site.n_listed if scope.rows is None else len(scope.rows)
     for item in _with_progress(iter_slices(site, rows=scope.rows), total, progress, "evaluate"):
         if isinstance(item, SliceError):
             run.exclude(item.reason)
@@ -506,7 +503,7 @@ def evaluate_site(
         harmonised=harmonised,
         scope=scope,
     )
-    used = compute.used if compute is not None else None
+    used = segment.compute.used if compute is not None else None
     return payload.model_copy(update={"compute": used}), run.records
 
 

@@ -20,6 +20,9 @@ Precision = Literal["fp32", "bf16", "fp16"]
 #: A request: a device or precision, or ``auto`` (the best the machine has).
 DeviceRequest = Literal["auto", "cpu", "cuda", "mps"]
 PrecisionRequest = Literal["auto", "fp32", "bf16", "fp16"]
+#: What runs the forward pass: PyTorch itself, or ONNX Runtime on a CPU (an export of the same
+#: network, fp32; ``common.onnx_forward``).
+Runtime = Literal["torch", "onnxruntime"]
 
 DEVICES: Final[tuple[str, ...]] = ("cpu", "cuda", "mps")
 PRECISIONS: Final[tuple[str, ...]] = ("fp32", "bf16", "fp16")
@@ -27,14 +30,17 @@ AUTO: Final = "auto"
 
 
 class ComputeUsed(Schema):
-    """What a site ran the model on: the device and the forward pass's precision."""
+    """What a site ran the model on: the device, the forward pass's precision and its runtime."""
 
     device: Device
     precision: Precision
+    runtime: Runtime = "torch"
 
     def label(self) -> str:
-        """``"cpu bf16"``: how the report names it."""
-        return f"{self.device} {self.precision}"
+        """``"cpu bf16"``, ``"cpu fp32 (ONNX Runtime)"``: how the report names it."""
+        return f"{self.device} {self.precision}" + (
+            " (ONNX Runtime)" if self.runtime == "onnxruntime" else ""
+        )
 
 
 __all__ = [
@@ -46,4 +52,5 @@ __all__ = [
     "DeviceRequest",
     "Precision",
     "PrecisionRequest",
+    "Runtime",
 ]

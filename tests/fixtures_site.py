@@ -91,7 +91,7 @@ def make_site(
             "image": ct.relative_to(root).as_posix(),
             "label": label.relative_to(root).as_posix(),
             "group": f"patient-{i % n_groups}",
-            "height_m": f"{1.60 + 0.05 * i:.2f}" if with_height else "",
+            "height_m": f"{1.60 + 0.05 * (i % 20):.2f}" if with_height else "",
             "sex": sex,
         }
         if with_reference:

@@ -19,6 +19,7 @@ from common.device import (
 from common.errors import SarcofedError
 from common.inference import predict_masks
 from common.model import ModelSpec, build_model, pack_state, unpack_state
+from common.onnx_forward import MIN_SLICES
 from common.training import ModelInputs, TrainConfig, train_local
 from common.training import training_compute as train_local_compute
 from protocols.study import StudyConfig
@@ -55,6 +56,48 @@ def test_a_named_request_is_kept_on_a_machine_that_can_run_it() -> None:
     assert choose_compute("auto", "fp16", GPU_BF16).precision == "fp16"
     # a precision asked for by name holds for inference too
     assert choose_compute("cpu", "bf16", CPU_BF16, purpose="inference").precision == "bf16"
+
+
+def test_cpu_fp32_inference_runs_on_onnx_runtime_where_installed_for_jobs_large_enough() -> None:
+    """ONNX Runtime is chosen for fp32 CPU inference only; a job below its slice count, training,
+    bf16 and GPUs stay on PyTorch; and the reply says which ran."""
+    ort = Capabilities(cpu_bf16=True, onnxruntime=True)
+    chosen = choose_compute("auto", "auto", ort, purpose="inference")
+    assert chosen.runtime == "onnxruntime" and chosen.runtime_min_slices == MIN_SLICES > 1
+    assert chosen.for_slices(MIN_SLICES) == chosen
+    assert chosen.for_slices(MIN_SLICES - 1) == Compute("cpu", "fp32", True)
+    assert chosen.used.runtime == "onnxruntime" and chosen.used.label() == "cpu fp32 (ONNX Runtime)"
+    assert chosen.for_slices(1).used.label() == "cpu fp32"
+    assert choose_compute("cpu", "fp32", ort, purpose="inference").runtime == "onnxruntime"
+    assert choose_compute("auto", "auto", ort).runtime == "torch"  # training
+    assert choose_compute("cpu", "bf16", ort, purpose="inference").runtime == "torch"
+    gpu = Capabilities(cuda=True, cuda_bf16=True, onnxruntime=True)
+    assert choose_compute("auto", "auto", gpu, purpose="inference").runtime == "torch"
+    assert choose_compute("auto", "auto", CPU_BF16, purpose="inference").runtime == "torch"  # not installed
+    with pytest.raises(ComputeUnavailable, match="CPU in fp32 only"):
+        Compute("cpu", "bf16", True, runtime="onnxruntime")
+
+
+def test_a_model_onnx_cannot_take_is_segmented_by_pytorch_and_the_reply_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import common.onnx_forward
+    from common.inference import Segmenter
+
+    def broken_export(*args: object) -> bytes:
+        raise RuntimeError("Exporting the operator 'aten::fancy' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(common.onnx_forward, "export_onnx", broken_export)
+    monkeypatch.setattr(common.onnx_forward, "onnxruntime_available", lambda: True)
+    spec = ModelSpec(encoder="resnet18", image_size=64)
+    model = build_model(spec)
+    asked = Compute("cpu", "fp32", True, runtime="onnxruntime")
+    with caplog.at_level("WARNING", logger="common.onnx_forward"):
+        segment = Segmenter.build(model, spec, asked, slices=40)
+    assert segment.compute == asked.with_torch() and segment.compute.used.runtime == "torch"
+    assert "aten::fancy" in caplog.text and "segmenting with PyTorch" in caplog.text
+    masks = segment([np.zeros((64, 64), np.float32)])
+    assert masks[0].shape == (64, 64)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +145,9 @@ def test_a_dp_sgd_site_trains_and_says_fp32_whatever_is_asked() -> None:
     policy = SitePolicy(dp_sgd=DpSgd(enabled=True))
     study = StudyConfig.from_run_config({"compute.device": "cpu"})
     assert site_compute({}, study, "training", policy) == Compute("cpu", "fp32", False)
-    assert site_compute({}, study, "inference", policy) == Compute("cpu", "fp32", True)
+    inference = site_compute({}, study, "inference", policy)
+    assert inference.with_torch() == Compute("cpu", "fp32", True)
+    assert inference.runtime == ("onnxruntime" if probe_capabilities().onnxruntime else "torch")
     assert train_local_compute(Compute("cpu", "bf16", True), private=True) == Compute("cpu", "fp32", False)
 
 

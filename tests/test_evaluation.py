@@ -267,6 +267,18 @@ def _fake_model_modules(monkeypatch: pytest.MonkeyPatch, predict: object) -> Non
     )
     inference_mod = types.ModuleType("common.inference")
     inference_mod.predict_masks = predict  # type: ignore[attr-defined]
+
+    class Segmenter:  # common.inference.Segmenter's surface: built once, called per batch
+        compute = None
+
+        @classmethod
+        def build(cls, model: object, spec: object, compute: object, *, slices: int) -> Segmenter:
+            return cls()
+
+        def __call__(self, images: list[np.ndarray], *, batch_size: int = 4) -> list:
+            return predict(None, None, images, batch_size=batch_size)  # type: ignore[operator]
+
+    inference_mod.Segmenter = Segmenter  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "common.model", model_mod)
     monkeypatch.setitem(sys.modules, "common.inference", inference_mod)
 
