@@ -127,7 +127,7 @@ def withhold_conventions(
     anatomy), and the names of those withheld (the reply is then marked ``convention-withheld``)."""
     out = dict(metrics)
     withheld = []
-    for name in keys.CONVENTION_ADJUSTMENTS:
+    for name in keys.CONVENTION_TALLIES:
         share_key, slices_key = keys.convention_keys(name)
         if share_key not in out and slices_key not in out:
             continue

@@ -61,6 +61,18 @@ CONVENTION_WITHHELD: Final = "convention-withheld"
 #: The adjustments convention-aware training may make to a site's targets (common.label_conventions):
 #: relabelled by the protocol's HU ranges, IMAT holes filled, a tight-contour band, a muscle group.
 CONVENTION_ADJUSTMENTS: Final[tuple[str, ...]] = ("hu_range", "imat_holes", "boundary", "psoas", "paraspinal")
+#: What a convention-aware training reply accounts for, adjustment by adjustment: the adjustments,
+#: plus ``contour``, the relabelling part of ``boundary`` (the muscle a tight contour left out,
+#: regrown to the tissue edge), whose pixels still teach; ``boundary``'s own share is then the
+#: pixels it ignores.
+CONVENTION_TALLIES: Final[tuple[str, ...]] = (
+    "hu_range",
+    "imat_holes",
+    "boundary",
+    "contour",
+    "psoas",
+    "paraspinal",
+)
 #: The adjustments that ignore pixels (the others relabel them): their shares are labelled pixels
 #: that teach nothing, so a convention-aware site's FedAvg weight shrinks by them
 #: (``server.training.training_weight``).
@@ -111,7 +123,7 @@ TRAIN_METRIC_KEYS: Final[tuple[str, ...]] = (
     DP_DELTA,
     CONVENTION_AWARE,
     CONVENTION_WITHHELD,
-    *(key for adjustment in CONVENTION_ADJUSTMENTS for key in convention_keys(adjustment)),
+    *(key for adjustment in CONVENTION_TALLIES for key in convention_keys(adjustment)),
     *(convention_declared_key(adjustment) for adjustment in CONVENTION_ADJUSTMENTS),
 )
 

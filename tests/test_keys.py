@@ -26,7 +26,7 @@ def test_training_metric_keys_are_the_wire_names() -> None:
         "convention-withheld",
         *(
             f"convention-{name}-{part}"
-            for name in ("hu_range", "imat_holes", "boundary", "psoas", "paraspinal")
+            for name in ("hu_range", "imat_holes", "boundary", "contour", "psoas", "paraspinal")
             for part in ("share", "slices")
         ),
         *(
@@ -34,7 +34,7 @@ def test_training_metric_keys_are_the_wire_names() -> None:
             for name in ("hu_range", "imat_holes", "boundary", "psoas", "paraspinal")
         ),
     )
-    assert len(set(keys.TRAIN_METRIC_KEYS)) == len(keys.TRAIN_METRIC_KEYS) == 29 + 2 * len(METRIC_CLASSES)
+    assert len(set(keys.TRAIN_METRIC_KEYS)) == len(keys.TRAIN_METRIC_KEYS) == 31 + 2 * len(METRIC_CLASSES)
     # what a site withholds with a too small validation split: every per-slice validation sum
     assert set(keys.VAL_METRIC_KEYS) == {"val-loss", "val-loss-sum"} | {
         f"val-{cls}-{part}" for cls in METRIC_CLASSES for part in ("intersection", "union")

@@ -7,7 +7,7 @@ import pytest
 
 from common.demo.hospitals import SITE_PROFILES, demo_slices
 from common.demo.structures import Structure
-from common.label_conventions import adjust_slice, plan_conventions
+from common.label_conventions import adjust_slice, contour_erosion_px, plan_conventions
 from common.training import TrainSample
 from protocols.protocol import LabelProtocol
 
@@ -64,6 +64,32 @@ def test_boundary_ignores_a_thin_wall_muscle_a_tight_contour_erased_but_not_a_di
     assert not out.ignore[0:3].any()  # labelled fat keeps teaching fat
 
 
+def test_a_contour_drawn_two_pixels_tight_is_measured_and_the_muscle_regrown_to_its_edge() -> None:
+    """A muscle of muscle density in fat, labelled 2 cross steps inside its edge: the erosion is
+    measured as 2, the label regrown to exactly the muscle (never into the fat), and only the
+    ring just outside the edge ignored; the regrown pixels are tallied apart from the ignored."""
+    from scipy import ndimage
+
+    hu = np.full((24, 24), -100.0)
+    rows, cols = np.indices((24, 24))
+    # a disc in cross steps: eroded, then regrown, it is itself again
+    muscle = np.abs(rows - 12) + np.abs(cols - 11) <= 7
+    hu[muscle] = 45.0
+    label = ndimage.binary_erosion(muscle, iterations=2).astype(np.uint8)  # the tight contour
+    sample = TrainSample(hu=hu, label=label, group="p", spacing_mm=SPACING)
+    assert contour_erosion_px([sample]) == 2
+    assert contour_erosion_px([TrainSample(hu=hu, label=muscle.astype(np.uint8), group="p")]) == 0
+
+    out = adjust_slice(hu, SPACING, label, ["boundary"], erosion_px=2)
+    assert np.array_equal(out.label == 1, muscle)
+    ring = ndimage.binary_dilation(muscle) & ~muscle
+    assert np.array_equal(out.ignore, ring)
+    assert out.changed_px == {"contour": int(muscle.sum() - label.sum()), "boundary": int(ring.sum())}
+    # measured without the regrowth (erosion 0), the band of 3 steps is ignored and nothing relabelled
+    band = adjust_slice(hu, SPACING, label, ["boundary"])
+    assert np.array_equal(band.label, label) and band.ignore.sum() > out.ignore.sum()
+
+
 def test_a_group_left_out_on_a_slice_without_a_spine_ignores_all_unlabelled_muscle_density() -> None:
     """No spine, no regions: the group cannot be placed, so no such pixel may teach background."""
     hu = np.full((16, 16), -100.0)
@@ -99,7 +125,10 @@ def test_the_audit_of_each_demo_convention_asks_for_its_adjustment_and_the_kept_
     slices, samples = _samples(key)
     plan = plan_conventions(samples, samples[:2])
     assert plan.adjustments == adjustments
-    assert set(plan.tally.shares()) == set(adjustments) and plan.tally.n_slices == len(samples)
+    tight = key == "contours drawn 2 px tight"
+    assert contour_erosion_px(samples) == (2 if tight else 0)
+    assert set(plan.tally.shares()) == set(adjustments) | ({"contour"} if tight else set())
+    assert plan.tally.n_slices == len(samples)
     assert len(plan.val) == 2 and plan.val[0].ignore is not None
     wrong_raw = sum(int(np.count_nonzero(s.label != s.reference)) for s in slices)
     wrong_kept = sum(
@@ -113,6 +142,8 @@ def test_the_audit_of_each_demo_convention_asks_for_its_adjustment_and_the_kept_
     # measured: 0.000 (psoas, paraspinal), 0.010 (IMAT), 0.012 (tight: the abdominal wall that a
     # tight contour erases altogether is ignored too; 0.38 before it was)
     assert wrong_kept <= 0.05 * wrong_raw, (wrong_kept, wrong_raw)
+    if tight:  # measured: 14% of its labelled pixels regrown, 25% ignored (44% ignored before)
+        assert plan.tally.shares()["boundary"] < 0.3 and plan.tally.shares()["contour"] > 0.1
     ignored_share = sum(int(a.ignore.sum()) for a in plan.train) / sum(a.ignore.size for a in plan.train)
     assert ignored_share <= 0.1  # the rest of the image still teaches
     if key == "psoas left out":  # the reference's psoas is ignored entirely, other muscle kept

@@ -467,10 +467,13 @@ def test_a_convention_aware_site_weighs_by_the_share_of_its_labels_that_teach() 
     psoas_share, _ = keys.convention_keys("psoas")
     band_share, _ = keys.convention_keys("boundary")
     relabel_share, _ = keys.convention_keys("hu_range")
+    regrown_share, _ = keys.convention_keys("contour")
     aware = {keys.NUM_EXAMPLES: 10.0, keys.CONVENTION_AWARE: 1.0}
     assert training_weight(aware) == 10.0  # nothing adjusted
     assert training_weight({**aware, psoas_share: 0.25, band_share: 0.15}) == pytest.approx(6.0)
     assert training_weight({**aware, relabel_share: 0.3}) == 10.0
+    # regrown muscle (a tight contour's) teaches: only the ignored ring counts
+    assert training_weight({**aware, regrown_share: 0.3, band_share: 0.1}) == pytest.approx(9.0)
     assert training_weight({**aware, band_share: 1.4}) == 0.0  # never negative
     assert training_weight({keys.NUM_EXAMPLES: 10.0, psoas_share: 0.5}) == 10.0  # not convention-aware
 

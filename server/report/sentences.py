@@ -73,11 +73,12 @@ def training_release_notes(report: StudyReport) -> list[str]:
     return notes
 
 
-#: How the report names each convention-aware adjustment (protocols.keys.CONVENTION_ADJUSTMENTS).
+#: How the report names each convention-aware adjustment (protocols.keys.CONVENTION_TALLIES).
 _ADJUSTMENT_WORDS = {
     "hu_range": "relabelled by the protocol's HU ranges",
     "imat_holes": "intramuscular-fat holes relabelled muscle",
     "boundary": "tight-contour band ignored",
+    "contour": "muscle a tight contour left out regrown to the tissue edge",
     "psoas": "psoas region ignored",
     "paraspinal": "paraspinal region ignored",
 }
@@ -86,7 +87,7 @@ _ADJUSTMENT_WORDS = {
 def convention_note(site: str, metrics: dict[str, float]) -> str:
     """One site's convention-aware training in words, from its (last) training reply."""
     parts, unconfirmed = [], []
-    for name in keys.CONVENTION_ADJUSTMENTS:
+    for name in keys.CONVENTION_TALLIES:
         share_key, slices_key = keys.convention_keys(name)
         declared = bool(metrics.get(keys.convention_declared_key(name)))
         if share_key in metrics:
