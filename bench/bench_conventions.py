@@ -21,7 +21,10 @@ Four arms, one run, same recipe, same initial weights, same rounds x local epoch
   from ``client.site_tasks.convention_metrics``): slices x the share of labelled pixels that
   still teach.
 
-``--arms acd`` runs only those arms.
+``--arms acd`` runs only those arms. ``--alone KEY`` instead trains that one hospital alone
+three ways (its own labels, its convention-aware targets, and the reference-convention labels
+the demo drew for the same images) and scores each on the held-out hospital: what the
+adjustment teaches, against what the truth would.
 
 The federation runs in-process (``common.training.train_local`` per site, FedAvg of the state
 dicts weighted by training slices, as Flower's FedAvg does): Flower per arm would triple the
@@ -36,6 +39,7 @@ over height squared, cm^2/m^2).
 
     python bench/bench_conventions.py          # 128 px sites, 96 px model, 12 slices/site, 12 x 3 epochs
     python bench/bench_conventions.py --json   # the table as JSON
+    python bench/bench_conventions.py --slices 32 --alone "contours drawn 2 px tight"
 """
 
 from __future__ import annotations
@@ -188,6 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=OTHER_KEYS,
         help="leave this hospital out of every arm (an ablation: which convention costs what)",
     )
+    parser.add_argument(
+        "--alone",
+        choices=OTHER_KEYS,
+        default=None,
+        help="train this hospital alone: own labels, convention-aware targets, reference labels",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -223,6 +233,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for letter, (name, sites) in zip("abcd", every.items(), strict=True)
         if letter in args.arms
     }
+    if args.alone is not None:
+        own = hospital(args.alone, 10 + OTHER_KEYS.index(args.alone))
+        adjusted = next(s for s in aware if s.name == args.alone)
+        truth = [replace(t, label=s.reference) for t, s in zip(_samples(own), own, strict=True)]
+        arms = {
+            f"{args.alone} alone, own labels": [Site(args.alone, _samples(own))],
+            f"{args.alone} alone, convention-aware": [adjusted],
+            f"{args.alone} alone, reference labels": [Site(args.alone, truth)],
+        }
     results: dict[str, Scores] = {}
     seconds: dict[str, float] = {}
     for name, sites in arms.items():
