@@ -394,30 +394,22 @@ def plan_conventions(
             if erosion
             else "inside the edge by no measurable width: band ignored",
         )
+
+    def targets_of(sample: TrainSample, what: str, i: int, frame: BodyFrame | None = None) -> SliceTargets:
+        spacing = _spacing(sample, what, i)
+        return adjust_slice(
+            sample.hu, spacing, sample.label, adjustments, protocol, frame=frame, erosion_px=erosion
+        )
+
     tally = ConventionTally()
     adjusted_train = []
     for i, (sample, frame) in enumerate(zip(train, frames, strict=True)):
-        targets = adjust_slice(
-            sample.hu,
-            _spacing(sample, "training", i),
-            sample.label,
-            adjustments,
-            protocol,
-            frame=frame,
-            erosion_px=erosion,
-        )
+        targets = targets_of(sample, "training", i, frame)
         tally.add(sample.label, targets)
         adjusted_train.append(replace(sample, label=targets.label, ignore=targets.ignore))
     adjusted_val = []
     for i, sample in enumerate(val):
-        targets = adjust_slice(
-            sample.hu,
-            _spacing(sample, "validation", i),
-            sample.label,
-            adjustments,
-            protocol,
-            erosion_px=erosion,
-        )
+        targets = targets_of(sample, "validation", i)
         adjusted_val.append(replace(sample, label=targets.label, ignore=targets.ignore))
     if adjustments:
         log.info(
