@@ -112,7 +112,7 @@ class Compute:
         """The compute for segmenting ``count`` slices: PyTorch when they are too few to pay for
         the ONNX export (``runtime_min_slices``)."""
         if self.runtime != "torch" and count < self.runtime_min_slices:
-            return replace(self, runtime="torch", runtime_min_slices=0)
+            return self.with_torch()
         return self
 
     def with_torch(self) -> Compute:

@@ -389,10 +389,11 @@ def plan_conventions(
     erosion = contour_erosion_px(train, protocol) if "boundary" in adjustments else 0
     if "boundary" in adjustments:
         log.info(
-            "convention-aware training: muscle contours drawn %s",
-            f"{erosion} px inside the edge: regrown"
+            "convention-aware training: this site's muscle contours are drawn inside the tissue edge; %s",
+            f"by {erosion} px, so its muscle labels are grown back {erosion} px to the edge"
             if erosion
-            else "inside the edge by no measurable width: band ignored",
+            else f"by a width its images do not show, so the {BAND_PX}-px band around them is "
+            "left out of training",
         )
 
     def targets_of(sample: TrainSample, what: str, i: int, frame: BodyFrame | None = None) -> SliceTargets:

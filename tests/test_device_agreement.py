@@ -21,7 +21,6 @@ from common.device import REFERENCE, Compute, resolve_compute
 from common.evaluation import evaluate_site
 from common.inference import predict_masks
 from common.model import LoadedModel, ModelSpec, build_model, weights_hash
-from common.onnx_forward import onnxruntime_available
 from common.training import TrainConfig, TrainSample, train_local
 from protocols.payloads import EvaluationPayload
 
@@ -80,7 +79,6 @@ def test_auto_cpu_inference_agrees_with_the_fp32_reference(trained: tuple[Loaded
     _agrees_with_the_reference(*trained, fast)
 
 
-@pytest.mark.skipif(not onnxruntime_available(), reason="ONNX Runtime is not installed")
 def test_onnx_runtime_inference_agrees_with_the_fp32_reference(
     trained: tuple[LoadedModel, list[Path]],
 ) -> None:
