@@ -19,7 +19,10 @@ Four arms, one run, same recipe, same initial weights, same rounds x local epoch
 - (d) ``convention-aware, weighted``: (c) with each site weighted as the coordinator weighs
   a convention-aware reply now (``server.training.training_weight`` on the reply's metrics
   from ``client.site_tasks.convention_metrics``): slices x the share of labelled pixels that
-  still teach.
+  still teach;
+- (e) ``all, reference labels``: FedAvg over all five, each on the reference-convention labels
+  the demo drew for its own images (what the hospitals would teach if they all labelled by the
+  protocol): the bound for (c) and (d), which (a) is not.
 
 ``--arms acd`` runs only those arms. ``--alone KEY`` instead trains that one hospital alone
 three ways (its own labels, its convention-aware targets, and the reference-convention labels
@@ -78,7 +81,13 @@ HELD_OUT_SCANNER = ScannerProfile(
 )
 REFERENCE_KEYS = ("reference-like", "reference-like, noisy scanner")
 OTHER_KEYS = ("psoas left out", "IMAT included in muscle", "contours drawn 2 px tight")
-ARMS = ("reference only", "plain, all", "convention-aware, all", "convention-aware, weighted")
+ARMS = (
+    "reference only",
+    "plain, all",
+    "convention-aware, all",
+    "convention-aware, weighted",
+    "all, reference labels",
+)
 
 
 def _profile(key: str) -> SiteProfile:
@@ -184,7 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--arms", default="abcd", help="which arms to run, by letter (default all four)")
+    parser.add_argument(
+        "--arms",
+        default="abcd",
+        help="which arms to run, by letter (default abcd; e: every hospital on the reference labels "
+        "the demo drew for its images, the bound no convention adjustment can pass)",
+    )
     parser.add_argument(
         "--without",
         action="append",
@@ -198,6 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="train this hospital alone: own labels, convention-aware targets, reference labels",
     )
+    parser.add_argument(
+        "--truth-at",
+        action="append",
+        default=[],
+        choices=OTHER_KEYS,
+        help="this hospital trains on the reference labels of its images in arms (c) and (d): "
+        "how much of the gap to (e) its adjustments leave",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -208,12 +230,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return list(demo_slices(_profile(key), slices=args.slices, size=args.size, seed=100 + i))
 
     reference = [Site(k, _samples(hospital(k, i))) for i, k in enumerate(REFERENCE_KEYS)]
-    others_raw = [
-        (k, _samples(hospital(k, 10 + i))) for i, k in enumerate(OTHER_KEYS) if k not in args.without
+    others_slices = [(k, hospital(k, 10 + i)) for i, k in enumerate(OTHER_KEYS) if k not in args.without]
+    plain = [Site(k, _samples(s)) for k, s in others_slices]
+    oracle = [*reference] + [
+        Site(k, [replace(t, label=d.reference) for t, d in zip(_samples(s), s, strict=True)])
+        for k, s in others_slices
     ]
-    plain = [Site(k, s) for k, s in others_raw]
+    truth = {site.name: site for site in oracle}
     aware, weighted, plans = [], [], {}
     for site in [*reference, *plain]:
+        if site.name in args.truth_at:
+            plans[site.name] = ((), {"reference labels": 1.0})
+            aware.append(truth[site.name])
+            weighted.append(truth[site.name])
+            continue
         plan = plan_conventions(site.samples, [], ALBERTA)
         plans[site.name] = (plan.adjustments, {k: round(v, 3) for k, v in plan.tally.shares().items()})
         aware.append(Site(site.name, plan.train))
@@ -227,10 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = TrainConfig(local_epochs=args.local_epochs, lr=1e-3, optimizer="adam", seed=args.seed)
     torch.manual_seed(args.seed)
     init = {k: v.clone() for k, v in build_model(spec).state_dict().items()}
-    every = dict(zip(ARMS, (reference, [*reference, *plain], aware, weighted), strict=True))
+    every = dict(zip(ARMS, (reference, [*reference, *plain], aware, weighted, oracle), strict=True))
     arms = {
         name: sites
-        for letter, (name, sites) in zip("abcd", every.items(), strict=True)
+        for letter, (name, sites) in zip("abcde", every.items(), strict=True)
         if letter in args.arms
     }
     if args.alone is not None:

@@ -144,6 +144,23 @@ def test_bench_conventions_fedavg_weights_by_training_slices_and_rounds_integer_
     assert out["n"].dtype == torch.int64 and int(out["n"]) == 3  # 0.25 * 1 + 0.75 * 4 = 3.25 -> 3
 
 
+def test_bench_conventions_with_every_hospital_on_its_truth_is_the_reference_labels_arm(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--truth-at`` puts a convention hospital on the reference labels of its images in the
+    convention-aware arm; with all three there, that arm is arm (e), weight for weight."""
+    from bench_conventions import OTHER_KEYS, main
+
+    truth = [arg for key in OTHER_KEYS for arg in ("--truth-at", key)]
+    small = ["--size", "96", "--model-size", "64", "--slices", "6", "--held-out-slices", "3"]
+    assert main([*small, "--rounds", "1", "--local-epochs", "1", "--arms", "de", *truth, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert all(out["adjustments"][key] == [[], {"reference labels": 1.0}] for key in OTHER_KEYS)
+    aware, bound = out["arms"]["convention-aware, weighted"], out["arms"]["all, reference labels"]
+    aware.pop("seconds"), bound.pop("seconds")
+    assert aware == bound
+
+
 def test_bench_gpu_runs_an_epoch_and_inference_on_any_device(capsys: pytest.CaptureFixture[str]) -> None:
     """bench_gpu.py is for a machine with a CUDA GPU (issue 16); its smoke form runs anywhere, so
     the one device call a session may get does not fail on a typo."""
