@@ -108,6 +108,7 @@ def assert_the_seeds_story(report: StudyReport, study: StudyConfig) -> None:
     assert external.results.harmonised_scores is not None and internal.results.harmonised_scores is not None
 
 
+@pytest.mark.timeout(1500)  # its own flwr run waits up to 1200 s; the suite-wide 900 s cut it first
 def test_the_demo_study_tells_the_seeds_story_survives_a_broken_site_and_resumes(
     tmp_path: Path, flower_home: dict[str, str]
 ) -> None:
