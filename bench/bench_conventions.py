@@ -232,9 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference = [Site(k, _samples(hospital(k, i))) for i, k in enumerate(REFERENCE_KEYS)]
     others_slices = [(k, hospital(k, 10 + i)) for i, k in enumerate(OTHER_KEYS) if k not in args.without]
     plain = [Site(k, _samples(s)) for k, s in others_slices]
-    oracle = [*reference] + [
-        Site(k, [replace(t, label=d.reference) for t, d in zip(_samples(s), s, strict=True)])
-        for k, s in others_slices
+    oracle = [
+        *reference,
+        *(
+            Site(k, [replace(t, label=d.reference) for t, d in zip(_samples(s), s, strict=True)])
+            for k, s in others_slices
+        ),
     ]
     truth = {site.name: site for site in oracle}
     aware, weighted, plans = [], [], {}
