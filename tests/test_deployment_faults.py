@@ -19,6 +19,7 @@ import json
 import os
 import time
 import tomllib
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,9 @@ def test_training_resumes_from_its_checkpoint_after_the_superlink_restarts(tmp_p
         assert weights_hash(final.state_dict) == rounds[-1]["weights_hash"]
         report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
         assert [r["round"] for r in report["training"]] == list(range(1, NUM_ROUNDS + 1))
+        # every round started from the weights the previous round produced, across the resume too
+        for previous, record in pairwise(report["training"]):
+            assert record["start_weights_hash"] == previous["weights_hash"], (previous, record)
         assert all(p.popen.poll() is None for p in nodes)
         assert dep.coordinator_log is not None
         ends = [

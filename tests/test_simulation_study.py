@@ -8,16 +8,16 @@ the seed's other hospital. ``report.json`` tells the seed's story: the internal 
 reaches muscle IoU >= 0.9 on >= 80% of its slices, the psoas hospital drops, and its finding
 (psoas left out) is attributed to its labelling, not to the model; the reference-convention
 hospitals have no such finding. The broken hospital fails with its reason and training goes
-on; the report's seed tables equal a recomputation from per-slice metrics at the sites. Then
-the stopped study is resumed for one more round from its checkpoint.
+on; the report's seed tables equal a recomputation from per-slice metrics at the sites.
+(Resuming a study from its checkpoint is tested on the deployment engine, where a SuperLink
+restart stops it: tests/test_deployment_faults.py. Here it cost one more round and a second
+validation of every site, about a sixth of CI's slowest test.)
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterator
-from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -109,7 +109,7 @@ def assert_the_seeds_story(report: StudyReport, study: StudyConfig) -> None:
 
 
 @pytest.mark.timeout(1500)  # its own flwr run waits up to 1200 s; the suite-wide 900 s cut it first
-def test_the_demo_study_tells_the_seeds_story_survives_a_broken_site_and_resumes(
+def test_the_demo_study_tells_the_seeds_story_and_survives_a_broken_site(
     tmp_path: Path, flower_home: dict[str, str]
 ) -> None:
     demo_dir = tmp_path / "sites"
@@ -180,26 +180,6 @@ def test_the_demo_study_tells_the_seeds_story_survives_a_broken_site_and_resumes
     assert (run_dir / "report.html").exists() and (
         run_dir / "tables" / "pooled_internal_iou_bins.csv"
     ).exists()
-
-    # Resume: one more round continues from the checkpoint, weights from the last round.
-    weights_before = report.training[-1].weights_hash
-    second = flwr_run(
-        ROOT,
-        run_config=config | {"study.num-rounds": rounds + 1, "study.resume": True},
-        federation_config={"num-supernodes": 4},
-        env=flower_home,
-        timeout=900,
-    )
-    assert second.ok, second.output[-4000:]
-    logged = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in logged] == list(range(1, rounds + 2))
-    resumed = StudyReport.model_validate_json((run_dir / "report.json").read_text())
-    assert [r.round for r in resumed.training] == list(range(1, rounds + 2))
-    assert resumed.training[rounds - 1].weights_hash == weights_before
-    assert resumed.training[rounds].weights_hash != weights_before
-    # Every round started from the weights the previous round produced, across the resume too.
-    for before, after in pairwise(resumed.training):
-        assert after.start_weights_hash == before.weights_hash
 
 
 def test_sites_slower_than_the_round_timeout_are_reported_with_the_reason(
