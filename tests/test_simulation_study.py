@@ -10,8 +10,8 @@ reaches muscle IoU >= 0.9 on >= 80% of its slices, the psoas hospital drops, and
 hospitals have no such finding. The broken hospital fails with its reason and training goes
 on; the report's seed tables equal a recomputation from per-slice metrics at the sites.
 (Resuming a study from its checkpoint is tested on the deployment engine, where a SuperLink
-restart stops it: tests/test_deployment_faults.py. Here it cost one more round and a second
-validation of every site, about a sixth of CI's slowest test.)
+restart stops it: tests/test_deployment_faults.py. Here it cost one more training round and a
+second validation of every site, in CI's slowest test.)
 """
 
 from __future__ import annotations
