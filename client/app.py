@@ -22,6 +22,7 @@ from client import site_tasks
 from client.guard import AUDIT_UNAVAILABLE, SiteGuard, SiteRefusal, open_guard
 from client.redact import machine_paths
 from common.dataset import SiteDataset, load_site
+from common.device import use_assigned_cpus
 from common.errors import SarcofedError
 from protocols import keys
 from protocols.study import StudyConfig
@@ -56,6 +57,7 @@ def _handle(msg: Message, context: Context, task_default: str) -> Message:
     config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
     task = str(config.get(keys.TASK, task_default))
     guard: SiteGuard | None = None
+    use_assigned_cpus()
     try:
         study = _study(context, config)
         site_dir = site_tasks.resolve_site_dir(dict(context.node_config), study)
