@@ -21,8 +21,8 @@ from flwr.clientapp import ClientApp
 from client import site_tasks
 from client.guard import AUDIT_UNAVAILABLE, SiteGuard, SiteRefusal, open_guard
 from client.redact import machine_paths
+from common.cpu_threads import use_assigned_cpus
 from common.dataset import SiteDataset, load_site
-from common.device import use_assigned_cpus
 from common.errors import SarcofedError
 from protocols import keys
 from protocols.study import StudyConfig

@@ -296,30 +296,3 @@ __all__ = [
     "probe_capabilities",
     "resolve_compute",
 ]
-
-
-def use_assigned_cpus() -> int:
-    """Give PyTorch the CPUs Flower's simulation engine reserved for this ClientApp; returns the
-    thread count now in use.
-
-    The simulation engine runs each ClientApp in a Ray actor reserved ``client-resources``
-    ``num_cpus`` CPUs (2 by default), but Ray starts its worker processes with
-    ``OMP_NUM_THREADS=1``, so PyTorch trained on one of them and the others sat idle (the demo
-    study on 2 cores: one core at 99%). Outside Ray (the deployment engine, site commands)
-    nothing changes: PyTorch's own default (the machine's cores) stands.
-    """
-    import sys
-
-    ray = sys.modules.get("ray")
-    threads = torch.get_num_threads()
-    if ray is None or not ray.is_initialized():
-        return threads
-    try:
-        assigned = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
-    except Exception as err:  # an older or newer Ray without this API: leave PyTorch as it is
-        log.debug("Ray's assigned resources are unavailable (%s); PyTorch keeps %d thread(s)", err, threads)
-        return threads
-    if assigned > threads:
-        torch.set_num_threads(assigned)
-        log.info("simulation: PyTorch uses the %d CPU(s) Ray reserved for this ClientApp", assigned)
-    return torch.get_num_threads()
