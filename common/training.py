@@ -58,8 +58,6 @@ class TrainConfig(TrainSection):
 
     #: FedProx: adds ``mu / 2 * ||w - w_global||^2`` when > 0 (needs ``global_state``).
     proximal_mu: float = Field(0.0, ge=0)
-    #: random left-right flip and a shift of up to 1/16 of the image (same for image and mask).
-    augment: bool = False
     max_grad_norm: float | None = Field(None, gt=0)
 
     @classmethod

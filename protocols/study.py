@@ -95,6 +95,10 @@ class TrainSection(_Section):
     #: (the seed: 370 of 1,850 slices).
     test_fraction: float = Field(0.2, ge=0, lt=1)
     seed: int = 0
+    #: each training slice is flipped left-right (p = 0.5) and shifted by up to 1/16 of the image,
+    #: mask with image. The seed trained on its 1,480 real slices without augmentation; the demo's
+    #: ~20 slices per hospital need it to generalise to held-out patients (tests/test_simulation_study.py).
+    augment: bool = False
     #: each training site audits its labels against the study protocol and trains on the
     #: protocol: pixels its convention got wrong are relabelled (HU-defined) or ignored by the
     #: loss (docs/CONVENTIONS.md). Off: the seed's plain loss on the site's labels.
@@ -225,6 +229,10 @@ DEMO_STUDY: Final[Mapping[str, Scalar]] = MappingProxyType(
         "train.local-epochs": 8,
         "train.lr": 0.001,
         "train.optimizer": "adam",
+        # ~20 training slices per hospital: without flips and shifts the model fits them (muscle IoU
+        # 0.92-0.98) and drops to 0.87 on the noisy hospital's held-out patients; with them, the
+        # internal test split reaches IoU >= 0.9 on 18/18 slices in bf16, 16/18 in fp32 (was 14/18)
+        "train.augment": True,
         "train.test-fraction": 0.25,  # >= 5 test slices at each training hospital (min-slices)
     }
 )

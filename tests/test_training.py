@@ -25,16 +25,23 @@ SPEC = ModelSpec(encoder="resnet18", image_size=64)
 
 def test_train_config_is_the_study_train_section_plus_local_settings() -> None:
     study = StudyConfig.from_run_config(
-        {"train.lr": 0.01, "train.batch-size": 2, "train.optimizer": "adam", "train.local-epochs": 3}
+        {
+            "train.lr": 0.01,
+            "train.batch-size": 2,
+            "train.optimizer": "adam",
+            "train.local-epochs": 3,
+            "train.augment": True,
+        }
     )
     config = TrainConfig.from_study(study.train, proximal_mu=0.1)
     assert config.model_dump(include=set(TrainSection.model_fields)) == study.train.model_dump()
-    assert (config.proximal_mu, config.augment, config.max_grad_norm) == (0.1, False, None)
+    # augmentation is the study's choice (the demo study sets it), carried to every site's trainer
+    assert (config.proximal_mu, config.augment, config.max_grad_norm) == (0.1, True, None)
+    assert TrainSection().augment is False  # the seed's recipe: no augmentation
     # the recipe's defaults are the study's (one owner), only the site-local settings are added
     assert TrainConfig() == TrainConfig.from_study(TrainSection())
     assert set(TrainConfig.model_fields) - set(TrainSection.model_fields) == {
         "proximal_mu",
-        "augment",
         "max_grad_norm",
     }
     with pytest.raises(ValidationError):
