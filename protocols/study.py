@@ -243,6 +243,11 @@ DEMO_STUDY: Final[Mapping[str, Scalar]] = MappingProxyType(
 RECIPE_SECTIONS: Final = ("model", "train")
 
 
+def _as_typed(value: Scalar) -> str:
+    """A run-config value as a coordinator types it: booleans ``true``/``false`` (TOML), the rest as is."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def recipe_note(study: StudyConfig) -> str | None:
     """The report's note on how the study's model and training differ from the study defaults
     (the seed's model and recipe), with both values; ``None`` when they do not differ.
@@ -253,7 +258,9 @@ def recipe_note(study: StudyConfig) -> str | None:
     """
     defaults, used = StudyConfig().to_flat(), study.to_flat()
     keys = [k for k in used if k.split(".")[0] in RECIPE_SECTIONS or k == "study.num-rounds"]
-    changed = [f"{k} {used[k]} (default {defaults[k]})" for k in keys if used[k] != defaults[k]]
+    changed = [
+        f"{k} {_as_typed(used[k])} (default {_as_typed(defaults[k])})" for k in keys if used[k] != defaults[k]
+    ]
     if not changed:
         return None
     return "model and training differ from the study defaults (the seed's recipe): " + ", ".join(changed)

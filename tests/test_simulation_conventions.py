@@ -115,7 +115,7 @@ def test_a_psoas_excluding_site_trains_convention_aware_and_the_model_still_lear
         assert reference[keys.CONVENTION_AWARE] == 1.0
         assert not [k for k in reference if k.endswith("-share")]
     report = StudyReport.model_validate_json((run_dir / "report.json").read_text())
-    assert "train.convention-aware True (default False)" in " ".join(report.notes)
+    assert "train.convention-aware true (default false)" in " ".join(report.notes)
     assert (
         f"{NO_PSOAS}: trained convention-aware (train.convention-aware): psoas region ignored"
         in (run_dir / "report.md").read_text()
