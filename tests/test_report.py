@@ -296,7 +296,10 @@ def test_report_without_usable_site_still_writes_every_format(tmp_path: Path) ->
 
 def test_summary_lines() -> None:
     lines = summary_lines(study_report())
-    assert lines[0].startswith("study demo-study (run 42): evaluate, model f00dfeed1234")
+    assert lines[0].startswith("study demo-study (run 42): train + evaluate, model f00dfeed1234")
+    # an evaluate-only study (no training rounds) is not announced as trained
+    evaluate_only = summary_lines(study_report(with_training=False))
+    assert evaluate_only[0].startswith("study demo-study (run 42): evaluate,")
     assert "training: 3 round(s), last round 3 pooled val loss 0.450" in lines
     assert "hospital-a: ok, internal, 10/12 test-split slices, muscle IoU >= 0.9 in 8/10 (80%)" in lines
     assert (

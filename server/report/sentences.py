@@ -124,8 +124,10 @@ def summary_lines(report: StudyReport) -> list[str]:
     what it was scored on, then each pooled group (internal and external apart)."""
     groups = report_groups(report)
     payloads = {site: p for g in groups for site, p in g.payloads.items()}
+    # report.task is the validation's; a study that trained first says so (it is not an evaluate-only run)
+    what = f"train + {report.task}" if report.training else report.task
     lines = [
-        f"study {report.study_name} (run {report.run_id}): {report.task}, "
+        f"study {report.study_name} (run {report.run_id}): {what}, "
         f"model {(report.model_hash or 'none')[:12]}, SMI cut-offs {report.cutoff_set}"
     ]
     if report.training:
